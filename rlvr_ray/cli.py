@@ -1,0 +1,190 @@
+"""The ``rlvr-ray`` command: scan, sql, summary (and lab, report, watch when installed).
+
+rlvr-ray scan SWEEP.yaml --out results/
+rlvr-ray scan --base BASE --run grpo=RUN_DIR --run sft=SFT_DIR --out results/
+rlvr-ray summary --out results/
+rlvr-ray sql "SELECT * FROM run_sparsity" --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "results"
+
+
+def _add_scan(sub) -> None:
+    p = sub.add_parser("scan", help="scan base vs fine-tuned checkpoints into a results directory",
+                       description="Scan a sweep (YAML) or one base with --run NAME=PATH runs.")  # fmt: skip
+    p.add_argument("sweep", nargs="?", help="sweep YAML file (groups: name, base, runs)")
+    p.add_argument("--base", help="base checkpoint (quick form, instead of a sweep file)")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=PATH",
+                   help="a run of the quick form; repeatable. NAME may carry ':ALGORITHM'")  # fmt: skip
+    p.add_argument("--group", default="default", help="group name of the quick form (default: default)")  # fmt: skip
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory or s3:// URI (default: {DEFAULT_OUT})")  # fmt: skip
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)")  # fmt: skip
+    p.add_argument("--workers", type=int, help="number of actors (default: one per GPU, else one per CPU)")  # fmt: skip
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPU share per actor (default: 1 when the cluster has GPUs, else 0)")  # fmt: skip
+    p.add_argument("--unit-mb", type=int, default=256, help="target size of a work unit across all checkpoints, MiB (default: 256)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="redo units already done")
+    p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
+    p.add_argument("--rank-k", type=int, default=64, help="k of the rank-k reconstruction (default: 64)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.5, help="share of weights in M_princ and M_low (default: 0.5)")  # fmt: skip
+    p.add_argument("--spectral-k", type=int, default=64, help="top-k singular subspaces compared (default: 64)")  # fmt: skip
+    p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
+    p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
+    p.set_defaults(func=_scan)
+
+
+def _sweep_from_args(args):
+    from rlvr_ray.engine.config import SweepError, load_sweep, sweep_from_dict
+
+    params = {"geometry": not args.no_geometry, "rank_k": args.rank_k, "alpha": args.alpha,
+              "spectral_k": args.spectral_k, "svd_embeddings": args.svd_embeddings}  # fmt: skip
+    if args.sweep and (args.base or args.run):
+        raise SweepError("give a sweep file or --base/--run, not both")
+    if args.sweep:
+        sweep = load_sweep(args.sweep)
+        return sweep.model_copy(update={"params": sweep.params.model_copy(update=params)})
+    if not args.base or not args.run:
+        raise SweepError("scan needs a sweep file, or --base PATH with at least one --run NAME=PATH")  # fmt: skip
+    runs = []
+    for spec in args.run:
+        if "=" not in spec:
+            raise SweepError(f"--run {spec!r}: expected NAME=PATH (or NAME:ALGORITHM=PATH)")
+        name, path = spec.split("=", 1)
+        name, _, algo = name.partition(":")
+        runs.append({"name": name, "checkpoint": path, **({"algorithm": algo} if algo else {})})
+    data = {"groups": [{"name": args.group, "base": args.base, "runs": runs}], "params": params}
+    return sweep_from_dict(data, Path.cwd(), "(command line)")
+
+
+def _scan(args) -> int:
+    from rlvr_ray.engine.config import SweepError
+    from rlvr_ray.engine.driver import run_scan
+
+    try:
+        sweep = _sweep_from_args(args)
+    except SweepError as e:
+        print(f"rlvr-ray: error: {e}", file=sys.stderr)
+        return 2
+    res = run_scan(sweep, args.out, address=args.address, workers=args.workers,
+                   num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
+                   force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20)  # fmt: skip
+    for msg in res.errors + res.warnings:
+        print(f"rlvr-ray: {msg}", file=sys.stderr)
+    for msg in res.skipped[:20]:
+        print(f"rlvr-ray: skipped {msg}", file=sys.stderr)
+    if len(res.skipped) > 20:
+        print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
+              "(SELECT * FROM tensors WHERE status NOT IN ('ok', 'vocab_resized'))", file=sys.stderr)  # fmt: skip
+    print(f"scanned {res.n_tensors} tensors in {res.n_units} units "
+          f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read, "
+          f"{res.seconds:.1f} s -> {res.out}")  # fmt: skip
+    if res.scan_ids:
+        _print_summary(res.out)
+    return res.exit_code
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=None) -> None:
+    stream = stream or sys.stdout
+    if fmt == "csv":
+        w = csv.writer(stream)
+        w.writerow(cols)
+        w.writerows(rows)
+    elif fmt == "json":
+        json.dump([dict(zip(cols, r, strict=True)) for r in rows], stream, default=str, indent=1)
+        stream.write("\n")
+    else:
+        cells = [[_fmt(v) for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+        stream.write("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")  # fmt: skip
+        stream.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")  # fmt: skip
+
+
+def _query(out: str, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    from rlvr_ray.io import catalog
+
+    con = catalog.connect(out)
+    try:
+        cur = con.execute(sql, params or [])
+        return [d[0] for d in cur.description], cur.fetchall()
+    finally:
+        con.close()
+
+
+def _print_summary(out: str, fmt: str = "table") -> None:
+    from rlvr_ray.io.summary import SUMMARY_SECTIONS
+
+    for title, sql in SUMMARY_SECTIONS:
+        cols, rows = _query(out, sql)
+        if rows:
+            if fmt == "table":
+                print(f"\n{title}")
+            print_rows(cols, rows, fmt)
+
+
+def _sql(args) -> int:
+    import duckdb
+
+    try:
+        cols, rows = _query(args.out, args.query)
+    except (duckdb.Error, FileNotFoundError) as e:
+        print(f"rlvr-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print_rows(cols, rows, args.format)
+    return 0
+
+
+def _summary(args) -> int:
+    try:
+        _print_summary(args.out, args.format)
+    except FileNotFoundError as e:
+        print(f"rlvr-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlvr-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_scan(sub)
+    p = sub.add_parser("sql", help="run SQL over a results directory's atlas")
+    p.add_argument("query", help='SQL, e.g. "SELECT * FROM run_sparsity"')
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=_sql)
+    p = sub.add_parser("summary", help="print the headline table of a results directory")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=_summary)
+    # optional subcommands: each module has add_parser(subparsers)
+    for mod in ("rlvr_ray.lab.cli", "rlvr_ray.report.cli", "rlvr_ray.hub.cli", "rlvr_ray.demo"):
+        try:
+            importlib.import_module(mod).add_parser(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The sweep: one validated, frozen description of what to scan and with which parameters.
+
+A sweep file (YAML) has ``groups:``; a group is one base checkpoint and its runs. Relative
+checkpoint paths are resolved against the sweep file's directory. Errors name the field.
+
+    groups:
+      - name: qwen2-lab
+        base: qwen2/base
+        runs:
+          - {name: grpo-s1, checkpoint: qwen2/runs/grpo-s1/step-0060, algorithm: grpo, step: 60}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")
+
+
+class SweepError(ValueError):
+    """A malformed sweep; the message names the file and the field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Run(_Frozen):
+    """One fine-tuned checkpoint of a group's base."""
+
+    name: str = Field(description="unique within the group: letters, digits, . _ @ + = -")
+    checkpoint: str = Field(description="HF directory, .safetensors file or hf://org/name@rev")
+    algorithm: str | None = Field(None, description="grpo, dapo, reinforce++, ppo, dpo, sft, ...")
+    step: int | None = Field(None, ge=0, description="training step of this checkpoint")
+    dataset: str | None = None
+    seed: int | None = None
+    series: str | None = Field(None, description="groups the steps of one training run")
+    consistency: bool = Field(True, description="include in the group's cross-run consistency")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"run name {v!r} must match {_NAME.pattern}")
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algo(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+
+class Group(_Frozen):
+    """A base checkpoint and its runs; the unit of cross-run consistency."""
+
+    name: str
+    base: str
+    runs: tuple[Run, ...] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"group name {v!r} must match {_NAME.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> Group:
+        names = [r.name for r in self.runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate run names in group {self.name!r}: {dup}")
+        return self
+
+
+class Params(_Frozen):
+    """Statistics parameters; part of the scan id, so changing one makes a new scan."""
+
+    geometry: bool = Field(True, description="principal overlaps, NSS and principal angles")
+    rank_k: int = Field(64, ge=1, description="k of the rank-k reconstruction for M_princ")
+    alpha: float = Field(0.5, gt=0, lt=1, description="share of entries in M_princ / M_low")
+    spectral_k: int = Field(64, ge=1, description="top-k singular subspaces compared")
+    max_svd_numel: int = Field(
+        64 * 1024 * 1024, ge=1, description="tensors larger than this skip SVD (embeddings)"
+    )
+    svd_embeddings: bool = Field(False, description="decompose embed/lm_head too")
+    map_size: int = Field(64, ge=1, le=512, description="pooled mask/consensus map side")
+
+
+class Sweep(_Frozen):
+    groups: tuple[Group, ...] = Field(min_length=1)
+    params: Params = Params()
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> Sweep:
+        names = [g.name for g in self.groups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate group names: {dup}")
+        return self
+
+
+def _resolve(ref: str, root: Path) -> str:
+    if "://" in ref or Path(ref).expanduser().is_absolute():
+        return ref
+    return str((root / ref).resolve())
+
+
+def _format(e: ValidationError, source: str) -> str:
+    errs = e.errors()
+    parts = []
+    for err in errs[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
+    return f"sweep {source}: " + "; ".join(parts) + more
+
+
+def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
+    """Validate a parsed sweep; relative checkpoint paths are taken from ``root``."""
+    if not isinstance(data, dict):
+        raise SweepError(f"sweep {source}: expected a mapping with 'groups:', got {type(data).__name__}")  # fmt: skip
+    try:
+        sweep = Sweep.model_validate(data)
+    except ValidationError as e:
+        raise SweepError(_format(e, source)) from None
+    groups = tuple(
+        g.model_copy(update={
+            "base": _resolve(g.base, root),
+            "runs": tuple(r.model_copy(update={"checkpoint": _resolve(r.checkpoint, root)})
+                          for r in g.runs),
+        })
+        for g in sweep.groups
+    )  # fmt: skip
+    return sweep.model_copy(update={"groups": groups})
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"sweep {path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return sweep_from_dict(data, path.parent.resolve(), str(path))

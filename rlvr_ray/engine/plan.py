@@ -1,0 +1,138 @@
+"""Planning: open a group's checkpoints (headers only), name the scan, cut it into work units.
+
+A unit is a contiguous run of tensors of ONE group, processed across ALL the group's checkpoints
+by one actor, so cross-run statistics see every run and the base tensor is read once. The cut
+depends only on the headers and ``unit_bytes``, so the same scan always has the same units and
+a retried or resumed unit rewrites exactly its own parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from rlvr_ray import __version__
+from rlvr_ray.engine.config import Group, Params
+from rlvr_ray.io.checkpoint import Checkpoint
+from rlvr_ray.io.families import family_for
+
+MIN_UNITS = 16  # small models still spread over several actors
+SCHEMA_VERSION = 1  # bump when a statistic's definition changes: old scan ids stop matching
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    ref: str
+    fingerprint: str
+    algorithm: str | None = None
+    step: int | None = None
+    dataset: str | None = None
+    seed: int | None = None
+    series: str | None = None
+    consistency: bool = True
+
+    def labels(self) -> dict:
+        return {"algorithm": self.algorithm, "step": self.step, "dataset": self.dataset,
+                "seed": self.seed, "series": self.series or self.name}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    role: str
+    layer: int | None
+    depth: float | None
+    nbytes: int  # summed over the base and every run that has it
+
+
+@dataclass(frozen=True)
+class Unit:
+    scan_id: str
+    index: int
+    group: str
+    family: str
+    base_ref: str
+    base_fingerprint: str
+    runs: tuple[RunSpec, ...]
+    tensors: tuple[TensorSpec, ...]
+    params: Params
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    scan_id: str
+    group: Group
+    family: str
+    base: Checkpoint
+    runs: tuple[RunSpec, ...]
+    units: tuple[Unit, ...]
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(u.tensors) for u in self.units)
+
+
+def natural_key(name: str) -> list:
+    """Sort key: digit runs compare as numbers (layers.2 before layers.10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Params,
+                unit_bytes: int) -> str:  # fmt: skip
+    key = {
+        "v": SCHEMA_VERSION, "group": group, "base": base_fp, "unit_bytes": unit_bytes,
+        "runs": [[r.name, r.fingerprint, r.labels(), r.consistency] for r in runs],
+        "params": params.model_dump(),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cut(tensors: list[TensorSpec], unit_bytes: int) -> list[list[TensorSpec]]:
+    """Contiguous, byte-balanced pieces: about max(total / unit_bytes, MIN_UNITS) of them."""
+    total = sum(t.nbytes for t in tensors)
+    target = min(len(tensors), max(math.ceil(total / max(unit_bytes, 1)), MIN_UNITS))
+    if target <= 1:
+        return [tensors] if tensors else []
+    pieces: list[list[TensorSpec]] = [[]]
+    done = 0
+    for t in tensors:
+        # close the current piece once it has reached its share of the bytes
+        if pieces[-1] and done >= total * len(pieces) / target:
+            pieces.append([])
+        pieces[-1].append(t)
+        done += t.nbytes
+    return pieces
+
+
+def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpoint]],
+               params: Params, unit_bytes: int) -> GroupPlan:  # fmt: skip
+    """Units for one group whose checkpoints opened (runs that failed to open are left out)."""
+    fam = family_for(base.config)
+    names = set(base.entries)
+    for _, ck in runs:
+        names.update(ck.entries)
+    specs = []
+    for name in sorted(names, key=natural_key):
+        info = fam.classify(name)
+        nbytes = sum(ck.entries[name].nbytes for ck in [base, *(c for _, c in runs)]
+                     if name in ck.entries)  # fmt: skip
+        specs.append(TensorSpec(name, info.role, info.layer, info.depth, nbytes))
+    run_specs = tuple(r for r, _ in runs)
+    sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
+    units = tuple(
+        Unit(sid, i, group.name, fam.name, base.ref, base.fingerprint, run_specs, tuple(p), params)
+        for i, p in enumerate(cut(specs, unit_bytes))
+    )
+    return GroupPlan(sid, group, fam.name, base, run_specs, units)
+
+
+def version() -> str:
+    return __version__

@@ -1,0 +1,286 @@
+"""The scan worker: a plain class that scans one work unit and writes its Parquet parts.
+
+It becomes a Ray actor only at the edge (``rlvr_ray.engine.driver``); tests call it directly.
+For each tensor of the unit it reads the base once and every run's copy (so at most
+(runs + 1) x the tensor's bytes are resident), then walks the rows in chunks: per-run mask
+statistics and the cross-run consensus are accumulated chunk by chunk, so scratch memory is a
+chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`` says why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
+from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
+from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
+from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
+from rlvr_ray.stats.masks import (
+    MaskAccumulator,
+    MaskStats,
+    as_matrix,
+    bf16_bits,
+    bin_edges,
+    gini,
+    nonfinite_count,
+)  # fmt: skip
+
+#: status -> meaning (also in the README's table docs)
+STATUSES = {
+    "ok": "compared",
+    "vocab_resized": "first dimension differs (resized vocabulary): the common rows compared",
+    "missing_in_run": "tensor not in the run",
+    "missing_in_base": "tensor in the run but not in the base",
+    "shape_mismatch": "shapes differ beyond the first dimension; not compared",
+    "unsupported_dtype": "not a float tensor; not compared",
+    "nonfinite": "NaN or Inf in base or run; not compared",
+    "read_error": "the tensor's bytes could not be read",
+}
+COMPARED = ("ok", "vocab_resized")
+
+
+@dataclass
+class _Compared:
+    run: int
+    bits: torch.Tensor  # [rows, cols] int16
+    rounded: bool
+    status: str = "ok"
+    message: str | None = None
+
+
+@dataclass
+class _Out:
+    tensors: list[dict] = field(default_factory=list)
+    consistency: list[dict] = field(default_factory=list)
+    pieces: dict[str, list[pa.Table]] = field(default_factory=dict)
+    n_bytes: int = 0
+
+    def add(self, table: str, data: pa.Table) -> None:
+        self.pieces.setdefault(table, []).append(data)
+
+
+def _profile(unit: Unit, run: str, tensor: str, axis: str, ratio: torch.Tensor, col: str) -> pa.Table:  # fmt: skip
+    n = ratio.numel()
+    cols = {"scan_id": [unit.scan_id] * n, "group_name": [unit.group] * n}
+    if run is not None:
+        cols["run"] = [run] * n
+    cols |= {"tensor": [tensor] * n, "axis": [axis] * n,
+             "idx": np.arange(n, dtype=np.int32), col: ratio.cpu().numpy().astype(np.float32)}  # fmt: skip
+    return pa.table(cols)
+
+
+def _map_row(unit: Unit, run: str, tensor: str, kind: str, pooled: torch.Tensor) -> dict:
+    return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": tensor,
+            "kind": kind, "map_rows": pooled.shape[0], "map_cols": pooled.shape[1],
+            "values": pooled.flatten().float().tolist()}  # fmt: skip
+
+
+class ScanWorker:
+    """Scans work units of any group; keeps opened checkpoint headers between units."""
+
+    def __init__(self, out: str, device: str | None = None, threads: int | None = None):
+        self.results = ResultsDir(out)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads:
+            torch.set_num_threads(threads)
+        self._open: dict[str, Checkpoint] = {}
+
+    def checkpoint(self, ref: str) -> Checkpoint:
+        if ref not in self._open:
+            self._open[ref] = open_checkpoint(ref, fingerprint=False)
+        return self._open[ref]
+
+    def ping(self) -> str:
+        return str(self.device)
+
+    def run_unit(self, unit: Unit) -> dict:
+        """Scan every tensor of ``unit``, write its parts, mark it done; -> a small report."""
+        t0 = time.perf_counter()
+        base = self.checkpoint(unit.base_ref)
+        runs = [self.checkpoint(r.ref) for r in unit.runs]
+        out = _Out()
+        for spec in unit.tensors:
+            self._scan_tensor(unit, spec, base, runs, out)
+        part = f"{unit.scan_id}-{unit.index:05d}"
+        for table, schema in TABLES.items():
+            if table == "tensors":
+                data = pa.Table.from_pylist(out.tensors, schema=schema)
+            elif table == "consistency":
+                data = pa.Table.from_pylist(out.consistency, schema=schema)
+            elif table == "maps":
+                data = pa.Table.from_pylist([r for t in out.pieces.get("maps", []) for r in t], schema=schema)  # fmt: skip
+            else:
+                pieces = [p.cast(schema) for p in out.pieces.get(table, [])]
+                data = pa.concat_tables(pieces) if pieces else schema.empty_table()
+            self.results.write_table(table, part, data)
+        statuses: dict[str, int] = {}
+        for row in out.tensors:
+            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+        report = {
+            "scan_id": unit.scan_id, "unit": unit.index, "group": unit.group,
+            "n_tensors": len(unit.tensors), "n_bytes": out.n_bytes, "statuses": statuses,
+            "seconds": round(time.perf_counter() - t0, 3), "device": str(self.device),
+            "skipped": [f"{r['run']}/{r['tensor']}: {r['status']}: {r['message']}"
+                        for r in out.tensors if r["status"] not in COMPARED][:50],
+        }  # fmt: skip
+        self.results.mark_unit_done(unit.scan_id, unit.index, report)
+        return report
+
+    # -- one tensor ---------------------------------------------------------------------------
+
+    def _row(self, unit: Unit, spec: TensorSpec, run: RunSpec, **kw) -> dict:
+        row = {"scan_id": unit.scan_id, "group_name": unit.group, "run": run.name,
+               **run.labels(), "family": unit.family, "tensor": spec.name, "layer": spec.layer,
+               "depth": spec.depth, "role": spec.role, "geometry_status": None}  # fmt: skip
+        row.update(kw)
+        return row
+
+    def _skip(self, unit, spec, run, status, message, out, **kw) -> None:
+        out.tensors.append(self._row(unit, spec, run, status=status, message=message, **kw))
+
+    def _read(self, ck: Checkpoint, name: str, out: _Out) -> torch.Tensor:
+        out.n_bytes += ck.entries[name].nbytes
+        return ck.read(name, self.device)
+
+    def _scan_tensor(self, unit: Unit, spec: TensorSpec, base: Checkpoint,
+                     runs: list[Checkpoint], out: _Out) -> None:  # fmt: skip
+        name = spec.name
+        e0 = base.entries.get(name)
+        if e0 is None:
+            for r, ck in zip(unit.runs, runs, strict=True):
+                if name in ck.entries:
+                    self._skip(unit, spec, r, "missing_in_base",
+                               f"tensor {name} is in run {r.name} but not in the base", out)  # fmt: skip
+            return
+        if e0.dtype not in FLOAT_DTYPES:
+            for r in unit.runs:
+                self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
+            return
+        try:
+            bits0, rounded0 = bf16_bits(self._read(base, name, out))
+        except CheckpointError as e:
+            for r in unit.runs:
+                self._skip(unit, spec, r, "read_error", str(e), out)
+            return
+        bits0 = as_matrix(bits0)
+        bad = nonfinite_count(bits0)
+        if bad:
+            msg = f"checkpoint {unit.base_ref}, tensor {name}: {bad} NaN/Inf values in the base"
+            for r in unit.runs:
+                self._skip(unit, spec, r, "nonfinite", msg, out)
+            return
+        compared = self._load_runs(unit, spec, base, runs, bits0, out)
+        full = [c for c in compared if c.status == "ok"]
+        resized = [c for c in compared if c.status == "vocab_resized"]
+        stats = self._chunk_pass(unit, spec, bits0, full, out)
+        for c in resized:
+            stats.update(self._chunk_pass(unit, spec, bits0[: c.bits.shape[0]], [c], out,
+                                          consistency=False))  # fmt: skip
+        for c in compared:
+            self._emit_run(unit, spec, e0.dtype, runs[c.run].entries[name].dtype, rounded0, c,
+                           stats[c.run], bits0, out)  # fmt: skip
+
+    def _load_runs(self, unit, spec, base, runs, bits0, out) -> list[_Compared]:
+        name, e0 = spec.name, base.entries[spec.name]
+        compared = []
+        for i, (r, ck) in enumerate(zip(unit.runs, runs, strict=True)):
+            e1 = ck.entries.get(name)
+            where = f"checkpoint {r.ref}, tensor {name}"
+            if e1 is None:
+                self._skip(unit, spec, r, "missing_in_run", f"{where}: not in the run", out)
+                continue
+            if e1.dtype not in FLOAT_DTYPES:
+                self._skip(unit, spec, r, "unsupported_dtype", f"{where}: dtype {e1.dtype}", out)
+                continue
+            status, message = "ok", None
+            if e1.shape != e0.shape:
+                if len(e1.shape) == len(e0.shape) >= 2 and e1.shape[1:] == e0.shape[1:]:
+                    status = "vocab_resized"
+                    message = (f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}; "
+                               f"compared the common {min(e0.shape[0], e1.shape[0])} rows")  # fmt: skip
+                else:
+                    self._skip(unit, spec, r, "shape_mismatch",
+                               f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
+                    continue
+            try:
+                bits1, rounded = bf16_bits(self._read(ck, name, out))
+            except CheckpointError as e:
+                self._skip(unit, spec, r, "read_error", str(e), out)
+                continue
+            bits1 = as_matrix(bits1)
+            bad = nonfinite_count(bits1)
+            if bad:
+                self._skip(unit, spec, r, "nonfinite", f"{where}: {bad} NaN/Inf values", out)
+                continue
+            if status == "vocab_resized":
+                bits1 = bits1[: min(bits0.shape[0], bits1.shape[0])]
+            compared.append(_Compared(i, bits1, rounded, status, message))
+        return compared
+
+    def _chunk_pass(self, unit: Unit, spec: TensorSpec, bits0: torch.Tensor,
+                    comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
+        """Row-chunked pass over base + runs -> {run index: (MaskStats, base sumsq)}."""
+        if not comp:
+            return {}
+        rows, cols = bits0.shape
+        is_matrix = spec.nbytes > 0 and rows > 1
+        map_size = unit.params.map_size if is_matrix else None
+        edges = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
+        accs = [MaskAccumulator(rows, cols, ULP_BIN_EDGES, self.device, map_size) for _ in comp]
+        members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
+        cons = None
+        if consistency and len(members) >= 2:
+            cons = ConsistencyAccumulator(len(members), rows, cols, self.device,
+                                          accs[0].map_col_edges)  # fmt: skip
+        base_ss = 0.0
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            c0 = bits0[a:b]
+            base_ss += float(c0.view(torch.bfloat16).to(torch.float64).square().sum())
+            masks = [acc.add(c0, c.bits[a:b]) for acc, c in zip(accs, comp, strict=True)]
+            if cons is not None:
+                cons.add([masks[k] for k in members])
+        if cons is not None:
+            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members],
+                                   cons.finish(), is_matrix, out)  # fmt: skip
+        return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
+
+    def _emit_run(self, unit, spec, dtype0, dtype1, rounded0, c: _Compared, stats, bits0, out):
+        ms, base_ss = stats
+        ms: MaskStats
+        r = unit.runs[c.run]
+        rows, cols = c.bits.shape
+        is_matrix = rows > 1
+        row = self._row(
+            unit, spec, r, rows=rows, cols=cols, numel=ms.numel, dtype_base=dtype0,
+            dtype_run=dtype1, rounded_to_bf16=bool(rounded0 or c.rounded),
+            n_changed=ms.n_changed, update_density=ms.update_density,
+            stripe_row=gini(ms.row_ratio) if is_matrix else None,
+            stripe_col=gini(ms.col_ratio) if is_matrix else None,
+            ulp1_share=ms.ulp1_share, ulp_hist=ms.ulp_hist, ulp_max=ms.ulp_max,
+            rel_frob=(ms.update_sumsq / base_ss) ** 0.5 if base_ss > 0 else None,
+            max_abs_update=ms.max_abs_update, status=c.status, message=c.message,
+        )  # fmt: skip
+        out.tensors.append(row)
+        if is_matrix:
+            out.add("profiles", _profile(unit, r.name, spec.name, "row", ms.row_ratio, "ratio"))
+            out.add("profiles", _profile(unit, r.name, spec.name, "col", ms.col_ratio, "ratio"))
+            out.add("maps", [_map_row(unit, r.name, spec.name, "mask", ms.pooled)])
+
+    def _emit_consistency(self, unit, spec, numel, members, cs: ConsistencyStats, is_matrix, out):
+        out.consistency.append({
+            "scan_id": unit.scan_id, "group_name": unit.group, "tensor": spec.name,
+            "family": unit.family, "layer": spec.layer, "depth": spec.depth, "role": spec.role,
+            "numel": numel, "n_runs": cs.n_runs, "runs": [unit.runs[c.run].name for c in members],
+            "mean_jaccard": cs.mean_jaccard, "jaccard_baseline": cs.jaccard_baseline,
+            "consensus_counts": cs.consensus_counts, "status": "ok",
+        })  # fmt: skip
+        if is_matrix:
+            out.add("consensus_profiles", _profile(unit, None, spec.name, "row", cs.row_consensus, "consensus"))  # fmt: skip
+            out.add("consensus_profiles", _profile(unit, None, spec.name, "col", cs.col_consensus, "consensus"))  # fmt: skip
+            out.add("maps", [_map_row(unit, "*", spec.name, "consensus", cs.pooled)])

@@ -1,0 +1,73 @@
+"""Family recognition and the tensor-name -> (role, layer, depth) map, driven by families.json.
+
+Qwen2/Qwen3, Llama, Mistral (and other Llama-like families) share one naming scheme, so they
+share one entry; a new family is a new JSON entry, not new code. Unknown names get role
+``other`` and are still scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router", "embed",
+         "lm_head", "norm", "bias", "other")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor sits in its model: canonical role, layer index, relative depth in [0, 1]."""
+
+    role: str
+    layer: int | None
+    depth: float | None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the config's model_type, e.g. "qwen2" (or "unknown")
+    layer_re: re.Pattern
+    roles: tuple[tuple[re.Pattern, str], ...]
+    n_layers: int | None
+
+    def classify(self, tensor: str) -> TensorInfo:
+        role = next((r for pat, r in self.roles if pat.search(tensor)), "other")
+        m = self.layer_re.search(tensor)
+        layer = int(m.group(1)) if m else None
+        depth = None
+        if layer is not None:
+            n = self.n_layers if self.n_layers else layer + 1
+            depth = layer / (n - 1) if n > 1 else 0.0
+        return TensorInfo(role, layer, depth)
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict:
+    text = resources.files("rlvr_ray.io").joinpath("families.json").read_text()
+    return json.loads(text)
+
+
+def family_for(config: dict | None) -> Family:
+    """Pick the family entry for a parsed ``config.json`` (None or unknown -> the default)."""
+    table = _table()
+    config = config or {}
+    model_type = str(config.get("model_type") or "").lower()
+    entry_name = table["default"]
+    for name, entry in table["families"].items():
+        if model_type in entry["model_types"]:
+            entry_name = name
+            break
+    entry = table["families"][entry_name]
+    text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    n_layers = next(
+        (int(c[k]) for c in (config, text_cfg) for k in entry["n_layers_keys"] if k in c), None
+    )
+    return Family(
+        name=model_type or "unknown",
+        layer_re=re.compile(entry["layer"]),
+        roles=tuple((re.compile(p), r) for p, r in entry["roles"]),
+        n_layers=n_layers,
+    )

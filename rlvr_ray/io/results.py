@@ -1,0 +1,102 @@
+"""The results directory: atomic, deterministic Parquet parts and unit completion markers.
+
+Layout (a local path, or a pyarrow-supported URI such as ``s3://bucket/prefix``)::
+
+    tables/<table>/<scan_id>-<unit>.parquet   per-unit parts (scan tables: <scan_id>.parquet)
+    units/<scan_id>/<unit>.json               written last: the unit is complete
+    cache/<base fingerprint>/...              reusable base decompositions
+    atlas.duckdb                              DuckDB catalog (rlvr_ray.io.catalog)
+
+A part is written to a temporary name and renamed into place (object stores: one PUT, which is
+atomic), under a name fixed by the work unit, so a retried unit replaces its own parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rlvr_ray.io.schema import ALL_TABLES
+
+
+class ResultsDir:
+    """A results directory on the local disk or any pyarrow filesystem."""
+
+    def __init__(self, uri: str | Path):
+        uri = str(uri)
+        if "://" in uri and not uri.startswith("file://"):
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            self.local = False
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
+            self.local = True
+        self.uri = uri if not self.local else self.root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def ensure(self) -> None:
+        for table in ALL_TABLES:
+            self.fs.create_dir(self.path("tables", table), recursive=True)
+        self.fs.create_dir(self.path("units"), recursive=True)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def _put(self, final: str, write) -> None:
+        if self.local:
+            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(final)}"
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                write(tmp)
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            write(final)
+
+    def write_table(self, table: str, part: str, data: pa.Table) -> str:
+        """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet."""
+        data = data.cast(ALL_TABLES[table]) if data.schema != ALL_TABLES[table] else data
+        final = self.path("tables", table, f"{part}.parquet")
+        self._put(final, lambda p: pq.write_table(data, p, filesystem=self.fs, compression="zstd"))
+        return final
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        final = self.path(rel)
+        body = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+        def write(p: str) -> None:
+            with self.fs.open_output_stream(p) as f:
+                f.write(body)
+
+        self.fs.create_dir(os.path.dirname(final), recursive=True)
+        self._put(final, write)
+
+    def read_json(self, rel: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def parts(self, table: str) -> list[str]:
+        sel = pafs.FileSelector(self.path("tables", table), allow_not_found=True)
+        return sorted(
+            i.path for i in self.fs.get_file_info(sel)
+            if i.path.endswith(".parquet") and not os.path.basename(i.path).startswith(".")
+        )  # fmt: skip
+
+    def unit_done(self, scan_id: str, unit: int) -> bool:
+        return self.exists("units", scan_id, f"{unit:05d}.json")
+
+    def mark_unit_done(self, scan_id: str, unit: int, report: dict) -> None:
+        self.write_json(f"units/{scan_id}/{unit:05d}.json", report)

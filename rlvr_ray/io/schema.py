@@ -1,0 +1,188 @@
+"""Arrow schemas of every output table, declared once.
+
+Writers, DuckDB views, the report and the tests import these; nothing else spells a column.
+The README's "Tables" section documents each column; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: Edges of the ULP-steps histogram of changed coordinates: bin b holds steps in
+#: [ULP_BIN_EDGES[b], ULP_BIN_EDGES[b + 1]); the last bin is open-ended.
+ULP_BIN_EDGES: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17, 65)
+
+_LABELS = [
+    pa.field("algorithm", pa.string()),
+    pa.field("step", pa.int64()),
+    pa.field("dataset", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("series", pa.string()),
+]
+
+SCANS = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("base_ref", pa.string()),
+        pa.field("base_fingerprint", pa.string()),
+        pa.field("family", pa.string()),
+        pa.field("n_runs", pa.int64()),
+        pa.field("runs", pa.list_(pa.string())),
+        pa.field("params", pa.string()),  # JSON of the statistics parameters
+        pa.field("n_units", pa.int64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("rlvr_ray_version", pa.string()),
+    ]
+)
+
+CHECKPOINTS = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),  # the base's row has is_base = true
+        pa.field("is_base", pa.bool_()),
+        pa.field("ref", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("family", pa.string()),
+        *_LABELS,
+        pa.field("consistency", pa.bool_()),
+        pa.field("n_tensors", pa.int64()),
+        pa.field("n_bytes", pa.int64()),
+        pa.field("dtypes", pa.string()),  # comma-separated storage dtypes seen
+    ]
+)
+
+TENSORS = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        *_LABELS,
+        pa.field("family", pa.string()),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("layer", pa.int32()),
+        pa.field("depth", pa.float64()),  # layer / (n_layers - 1); null if not in a layer
+        pa.field("role", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("cols", pa.int64()),
+        pa.field("numel", pa.int64()),  # coordinates compared
+        pa.field("dtype_base", pa.string()),
+        pa.field("dtype_run", pa.string()),
+        pa.field("rounded_to_bf16", pa.bool_()),
+        pa.field("n_changed", pa.int64()),
+        pa.field("update_density", pa.float64()),
+        pa.field("stripe_row", pa.float64()),  # Gini coefficient of the row update ratios
+        pa.field("stripe_col", pa.float64()),  # Gini coefficient of the column update ratios
+        pa.field("ulp1_share", pa.float64()),  # share of changes that moved exactly 1 ULP
+        pa.field("ulp_hist", pa.list_(pa.int64())),  # counts per ULP_BIN_EDGES bin
+        pa.field("ulp_max", pa.int64()),
+        pa.field("rel_frob", pa.float64()),  # ||W1 - W0||_F / ||W0||_F
+        pa.field("max_abs_update", pa.float64()),
+        pa.field("status", pa.string()),  # see rlvr_ray.engine.worker.STATUSES
+        pa.field("message", pa.string()),
+        # geometry (null when not computed; geometry_status says why)
+        pa.field("geometry_status", pa.string()),
+        pa.field("overlap_princ", pa.float64()),
+        pa.field("overlap_low", pa.float64()),
+        pa.field("overlap_princ_not_low", pa.float64()),
+        pa.field("princ_density", pa.float64()),
+        pa.field("low_density", pa.float64()),
+        pa.field("princ_not_low_density", pa.float64()),
+        pa.field("nss", pa.float64()),
+        pa.field("max_angle_left", pa.float64()),
+        pa.field("max_angle_right", pa.float64()),
+        pa.field("rank_k", pa.int64()),
+        pa.field("spectral_k", pa.int64()),
+    ]
+)
+
+PROFILES = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("axis", pa.string(), nullable=False),  # 'row' | 'col'
+        pa.field("idx", pa.int32(), nullable=False),
+        pa.field("ratio", pa.float32()),  # share of that row's (column's) coordinates changed
+    ]
+)
+
+CONSISTENCY = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("family", pa.string()),
+        pa.field("layer", pa.int32()),
+        pa.field("depth", pa.float64()),
+        pa.field("role", pa.string()),
+        pa.field("numel", pa.int64()),
+        pa.field("n_runs", pa.int64()),
+        pa.field("runs", pa.list_(pa.string())),
+        pa.field("mean_jaccard", pa.float64()),
+        pa.field("jaccard_baseline", pa.float64()),
+        pa.field(
+            "consensus_counts", pa.list_(pa.int64())
+        ),  # [c] = coords changed by exactly c runs
+        pa.field("status", pa.string()),
+    ]
+)
+
+CONSENSUS_PROFILES = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("axis", pa.string(), nullable=False),
+        pa.field("idx", pa.int32(), nullable=False),
+        pa.field("consensus", pa.float32()),  # mean of C_ij over the row (column)
+    ]
+)
+
+SPECTRA = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("i", pa.int32(), nullable=False),
+        pa.field("sigma_base", pa.float64()),
+        pa.field("sigma_run", pa.float64()),
+        pa.field("angle_left", pa.float64()),
+        pa.field("angle_right", pa.float64()),
+    ]
+)
+
+MAPS = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),  # '*' for the consensus map
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # 'mask' | 'consensus'
+        pa.field("map_rows", pa.int32()),
+        pa.field("map_cols", pa.int32()),
+        pa.field("values", pa.list_(pa.float32())),  # row-major pooled update density
+    ]
+)
+
+#: table name -> schema; the order is the write order of a unit (tensors last).
+TABLES: dict[str, pa.Schema] = {
+    "profiles": PROFILES,
+    "consensus_profiles": CONSENSUS_PROFILES,
+    "consistency": CONSISTENCY,
+    "spectra": SPECTRA,
+    "maps": MAPS,
+    "tensors": TENSORS,
+}
+
+#: tables written once per scan rather than per unit
+SCAN_TABLES: dict[str, pa.Schema] = {"scans": SCANS, "checkpoints": CHECKPOINTS}
+
+ALL_TABLES: dict[str, pa.Schema] = {**SCAN_TABLES, **TABLES}
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
