@@ -1,0 +1,156 @@
+"""ScanWorker without Ray: exact per-tensor answers from numpy, and a status for every defect."""
+
+from itertools import combinations
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rlvr_ray.engine.config import Group, Params, Run
+from rlvr_ray.engine.plan import RunSpec, plan_group
+from rlvr_ray.engine.worker import ScanWorker
+from rlvr_ray.io.checkpoint import open_checkpoint
+from rlvr_ray.io.schema import ULP_BIN_EDGES
+from rlvr_ray.io.synth import bf16_bits_to_f64, write_checkpoint
+
+
+def scan(tmp_path, base, runs: dict, params=None, consistency=None):
+    """Plan one group and run every unit in-process; -> DuckDB connection over the parts."""
+    cks = []
+    for name, path in runs.items():
+        ck = open_checkpoint(str(path))
+        flag = True if consistency is None else name in consistency
+        cks.append((RunSpec(name, str(path), ck.fingerprint, consistency=flag), ck))
+    group = Group(name="g", base=str(base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()])  # fmt: skip
+    plan = plan_group(group, open_checkpoint(str(base)), cks, params or Params(geometry=False), 1 << 28)  # fmt: skip
+    out = tmp_path / "out"
+    worker = ScanWorker(str(out))
+    reports = [worker.run_unit(u) for u in plan.units]
+    con = duckdb.connect()
+    for t in ["tensors", "profiles", "consistency", "maps", "consensus_profiles"]:
+        con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{out}/tables/{t}/*.parquet')")
+    return con, reports, plan
+
+
+def np_mask(b0, b1):
+    return (b0 != b1) & (((b0 | b1) & 0x7FFF) != 0)
+
+
+def test_every_tensor_matches_numpy(qwen_family, tmp_path):
+    fam = qwen_family
+    con, reports, plan = scan(tmp_path, fam.base, fam.runs)
+    assert len(plan.units) >= 16 and sum(r["n_tensors"] for r in reports) == len(fam.bits["base"])
+    rows = con.execute("SELECT run, tensor, n_changed, numel, update_density, ulp1_share, ulp_hist,"
+                       " rel_frob, max_abs_update, status FROM tensors").fetchall()  # fmt: skip
+    assert len(rows) == 4 * len(fam.bits["base"])
+    for run, tensor, n_changed, numel, dens, ulp1, hist, rel, mx, status in rows:
+        b0, b1 = fam.bits["base"][tensor], fam.bits[run][tensor]
+        m = np_mask(b0, b1)
+        assert status == "ok" and numel == b0.size and n_changed == int(m.sum())
+        assert dens == pytest.approx(m.mean(), rel=1e-12)
+        key = lambda b: np.where(b >= 0x8000, -(b.astype(np.int64) & 0x7FFF), b.astype(np.int64))  # noqa: E731
+        s = np.abs(key(b1) - key(b0))[m]
+        assert ulp1 == pytest.approx((s == 1).mean(), rel=1e-12)
+        edges = list(ULP_BIN_EDGES) + [1 << 30]
+        assert hist == [int(((s >= a) & (s < b)).sum()) for a, b in zip(edges, edges[1:])]
+        d = bf16_bits_to_f64(b1) - bf16_bits_to_f64(b0)
+        w0 = bf16_bits_to_f64(b0)
+        assert rel == pytest.approx(np.sqrt((d**2).sum() / (w0**2).sum()), rel=1e-9)
+        assert mx == np.abs(d).max()
+    roles = dict(con.execute("SELECT DISTINCT tensor, role FROM tensors").fetchall())
+    assert roles["model.layers.1.self_attn.q_proj.weight"] == "q"
+    assert roles["model.layers.1.self_attn.q_proj.bias"] == "bias"
+    assert roles["model.layers.0.mlp.down_proj.weight"] == "down"
+    assert roles["model.embed_tokens.weight"] == "embed" and roles["lm_head.weight"] == "lm_head"
+    assert roles["model.norm.weight"] == "norm"
+
+
+def test_profiles_and_consistency_match_numpy(qwen_family, tmp_path):
+    fam = qwen_family
+    con, _, _ = scan(tmp_path, fam.base, fam.runs, consistency={"grpo-a", "grpo-b", "dapo"})
+    name = "model.layers.1.mlp.gate_proj.weight"
+    m = {
+        r: np_mask(fam.bits["base"][name], fam.bits[r][name]) for r in ["grpo-a", "grpo-b", "dapo"]
+    }
+    ratios = con.execute("SELECT ratio FROM profiles WHERE run = 'grpo-b' AND tensor = ? "
+                         "AND axis = 'col' ORDER BY idx", [name]).fetchall()  # fmt: skip
+    np.testing.assert_allclose([r[0] for r in ratios], m["grpo-b"].mean(axis=0), rtol=1e-6)
+    n_runs, runs, counts, mj, base = con.execute(
+        "SELECT n_runs, runs, consensus_counts, mean_jaccard, jaccard_baseline FROM consistency "
+        "WHERE tensor = ?", [name]).fetchone()  # fmt: skip
+    assert n_runs == 3 and sorted(runs) == sorted(m)
+    total = sum(m.values())
+    assert counts == [int((total == c).sum()) for c in range(4)]
+    pairs = list(combinations(m.values(), 2))
+    assert mj == pytest.approx(
+        np.mean([(a & b).sum() / (a | b).sum() for a, b in pairs]), rel=1e-12
+    )
+    p = {k: v.mean() for k, v in m.items()}
+    ref = np.mean([a * b / (a + b - a * b) for a, b in combinations(p.values(), 2)])
+    assert base == pytest.approx(ref, rel=1e-12)
+    assert mj > base  # the planted stripes are shared across runs
+    kinds = con.execute("SELECT kind, count(*) FROM maps WHERE tensor = ? GROUP BY kind ORDER BY kind", [name]).fetchall()  # fmt: skip
+    assert kinds == [("consensus", 1), ("mask", 4)]
+
+
+@pytest.fixture
+def defects(tmp_path, llama_family):
+    """Runs with one defect each, derived from the llama family's bits."""
+    bits = {k: v.copy() for k, v in llama_family.bits["grpo"].items()}
+    base = llama_family.base
+    root = tmp_path / "defects"
+    q = "model.layers.0.self_attn.q_proj.weight"
+    out = {}
+    b = dict(bits)
+    b.pop(q)
+    out["missing"] = write_checkpoint(root / "missing", b, "llama", 3)
+    b = dict(bits)
+    b[q] = bits[q][:, :16].copy()
+    out["shape"] = write_checkpoint(root / "shape", b, "llama", 3)
+    b = dict(bits)
+    b["model.embed_tokens.weight"] = np.concatenate([bits["model.embed_tokens.weight"]] * 2)
+    out["vocab"] = write_checkpoint(root / "vocab", b, "llama", 3)
+    b = dict(bits)
+    b[q] = bits[q].copy()
+    b[q][3, 3] = 0x7FC0  # NaN
+    out["nan"] = write_checkpoint(root / "nan", b, "llama", 3)
+    out["same"] = write_checkpoint(root / "same", llama_family.bits["base"], "llama", 3)
+    # an fp32 copy of the grpo run: compared after rounding to bf16, identical answers
+    d = root / "fp32"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 3}')
+    f32 = {k: torch.from_numpy(bf16_bits_to_f64(v).astype(np.float32)) for k, v in bits.items()}
+    f32["extra.counter"] = torch.arange(3)
+    save_file(f32, str(d / "model.safetensors"))
+    out["fp32"] = d
+    out["grpo"] = llama_family.runs["grpo"]
+    return base, out
+
+
+def test_statuses_for_defective_runs(defects, tmp_path):
+    base, runs = defects
+    con, reports, _ = scan(tmp_path, base, runs)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    st = dict(con.execute("SELECT run, status FROM tensors WHERE tensor = ?", [q]).fetchall())
+    assert st == {"missing": "missing_in_run", "shape": "shape_mismatch", "vocab": "ok",
+                  "nan": "nonfinite", "same": "ok", "fp32": "ok", "grpo": "ok"}  # fmt: skip
+    msg = con.execute("SELECT message FROM tensors WHERE run = 'nan' AND tensor = ?", [q]).fetchone()[0]  # fmt: skip
+    assert "1 NaN/Inf" in msg and q in msg and "nan" in msg
+    emb = con.execute("SELECT run, status, rows, n_changed, message FROM tensors "
+                      "WHERE tensor = 'model.embed_tokens.weight' ORDER BY run").fetchall()  # fmt: skip
+    vocab = [r for r in emb if r[0] == "vocab"][0]
+    grpo = [r for r in emb if r[0] == "grpo"][0]
+    assert vocab[1] == "vocab_resized" and vocab[2] == grpo[2] and vocab[3] == grpo[3]
+    assert "common 80 rows" in vocab[4]
+    same = con.execute("SELECT sum(n_changed) FROM tensors WHERE run = 'same'").fetchone()[0]
+    assert same == 0
+    a = con.execute("SELECT tensor, n_changed, rounded_to_bf16 FROM tensors WHERE run = 'fp32' "
+                    "AND status = 'ok' ORDER BY tensor").fetchall()  # fmt: skip
+    b = con.execute("SELECT tensor, n_changed FROM tensors WHERE run = 'grpo' ORDER BY tensor").fetchall()  # fmt: skip
+    assert [(t, n) for t, n, _ in a] == b and all(r for _, _, r in a)
+    extra = con.execute("SELECT status, message FROM tensors WHERE tensor = 'extra.counter'").fetchone()  # fmt: skip
+    assert extra[0] == "missing_in_base"
+    skipped = [s for r in reports for s in r["skipped"]]
+    assert any(s.startswith("shape/") and "shape_mismatch" in s for s in skipped)
