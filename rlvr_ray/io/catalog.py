@@ -101,6 +101,11 @@ VIEWS: dict[str, str] = {
         SELECT group_name, any_value(n_runs) AS n_runs, avg(mean_jaccard) AS mean_jaccard,
                avg(jaccard_baseline) AS jaccard_baseline
         FROM consistency WHERE mean_jaccard IS NOT NULL GROUP BY group_name""",
+    # the Hub watch: the latest decision about each (repo, commit) it has seen
+    "watch": """
+        SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (
+          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM watch_all)
+        WHERE rn = 1""",
 }
 
 

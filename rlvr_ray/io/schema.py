@@ -168,6 +168,26 @@ MAPS = pa.schema(
     ]
 )
 
+#: one row per (Hub repo, commit) the watch looked at and what it decided; history is kept
+#: (the ``watch`` view keeps the latest row of each (repo, sha)).
+WATCH = pa.schema(
+    [
+        pa.field("repo", pa.string(), nullable=False),  # Hub repo id of the candidate
+        pa.field("sha", pa.string(), nullable=False),  # commit sha
+        pa.field("base", pa.string()),  # Hub repo id of the base it was compared with
+        pa.field("created", pa.timestamp("us", tz="UTC")),  # repo creation on the Hub
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("rl_evidence", pa.string()),  # why it looks like RL (tags, card), or null
+        pa.field("status", pa.string()),  # 'scanned' | 'skipped' | 'failed'
+        pa.field("reason", pa.string()),  # why skipped / failed
+        pa.field("attempt", pa.int64()),  # 1 for the first try of this (repo, sha)
+        pa.field("group_name", pa.string()),
+        pa.field("run", pa.string()),
+        pa.field("scan_id", pa.string()),  # the scan that holds its rows, when scanned
+        pa.field("scanned_at", pa.timestamp("us", tz="UTC")),  # when the decision was made
+    ]
+)
+
 #: table name -> schema; the order is the write order of a unit (tensors last).
 TABLES: dict[str, pa.Schema] = {
     "profiles": PROFILES,
@@ -179,7 +199,7 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 #: tables written once per scan rather than per unit
-SCAN_TABLES: dict[str, pa.Schema] = {"scans": SCANS, "checkpoints": CHECKPOINTS}
+SCAN_TABLES: dict[str, pa.Schema] = {"scans": SCANS, "checkpoints": CHECKPOINTS, "watch": WATCH}
 
 ALL_TABLES: dict[str, pa.Schema] = {**SCAN_TABLES, **TABLES}
 

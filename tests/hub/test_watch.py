@@ -1,0 +1,122 @@
+"""The watch end to end: the real huggingface_hub client against the fake Hub, real local Ray,
+real scans; answers computed from the planted bit patterns."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+from hub.fake_hub import publish_family
+from rlvr_ray.hub.client import cache_dir
+from rlvr_ray.hub.watch import WatchConfig, watch_once
+
+
+def cfg(out, **kw) -> WatchConfig:
+    return WatchConfig(bases=("org/base",), out=str(out), retries=3, retry_wait=0.05,
+                       geometry=False, workers=1, **kw)  # fmt: skip
+
+
+def expected_changed(family, run: str) -> dict[str, int]:
+    return {k: int(np.count_nonzero(v != family.bits["base"][k]))
+            for k, v in family.bits[run].items()}  # fmt: skip
+
+
+def rows(out, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def watch_table(out) -> dict[str, tuple]:
+    got = rows(out, "SELECT repo, status, reason, attempt, scan_id, rl_evidence FROM watch")
+    return {r[0]: r[1:] for r in got}
+
+
+def test_watch_scans_new_rl_finetunes_once(hub, family, wide, ray_local, tmp_path):
+    publish_family(hub, family, wide)
+    out = tmp_path / "out"
+    rep = watch_once(cfg(out))
+    assert rep.exit_code == 0
+    w = watch_table(out)
+    assert set(w) == {"lab/q-grpo", "lab/q-sft", "lab/q-dapo", "lab/q-pickle", "lab/q-wide-grpo"}
+    assert w["lab/q-grpo"][0] == w["lab/q-dapo"][0] == "scanned"
+    assert w["lab/q-grpo"][4] == "tags: grpo, trl; name: grpo"
+    assert w["lab/q-dapo"][4] == "tags: dapo; name: dapo"  # from the card's tags
+    assert w["lab/q-sft"][:2] == ("skipped", "no RL evidence (tags, card or name)")
+    assert w["lab/q-pickle"][0] == "skipped" and "pickle-only repo (pytorch_model.bin)" in w["lab/q-pickle"][1]  # fmt: skip
+    assert w["lab/q-wide-grpo"][0] == "skipped"
+    assert "shape mismatch: tensor model.layers.0.mlp.down_proj.weight is [32, 80] here, [32, 64]" in w["lab/q-wide-grpo"][1]  # fmt: skip
+    # the atlas: exact per-tensor change counts of the two RL runs, under the base's group
+    for repo, run in (("lab__q-grpo", "grpo"), ("lab__q-dapo", "dapo")):
+        got = dict(rows(out, f"SELECT tensor, n_changed FROM tensors WHERE group_name = 'org__base' AND run = '{repo}'"))  # fmt: skip
+        assert got == expected_changed(family, run)
+    algos = dict(rows(out, "SELECT run, algorithm FROM run_sparsity"))
+    assert algos == {"lab__q-grpo": "grpo", "lab__q-dapo": "dapo"}
+    fps = dict(rows(out, "SELECT run, fingerprint FROM checkpoints"))
+    assert fps["base"] == f"hf:{hub.repos['org/base'].sha}"
+    assert fps["lab__q-grpo"] == f"hf:{hub.repos['lab/q-grpo'].sha}"
+    # nothing pickled was fetched; the misfit and the SFT run had no weights downloaded
+    assert not hub.hits(r"GET .*\.bin$")
+    assert not hub.hits(r"GET /lab/q-(wide-grpo|sft)/resolve/.*/model\.safetensors") or all(
+        "Range" in h or "range" in h for _, _, h in hub.hits(r"GET /lab/q-wide-grpo/resolve")
+    )
+    assert not (cache_dir() / "models--lab--q-grpo").exists()  # removed after the scan
+
+    # a new model is published: the next round scans it and only it
+    hub.publish("lab/q-late-grpo", family.runs["late"], tags=["grpo"], base="org/base")
+    hub.fail(r"GET /api/models/lab/q-late-grpo", 503, times=2)  # transient: retried
+    n_before = len(hub.requests)
+    rep = watch_once(cfg(out))
+    assert [c.repo for c in rep.decided] == ["lab/q-late-grpo"]
+    assert rep.decided[0].status == "scanned"
+    assert len(hub.hits(r"GET /api/models/lab/q-late-grpo/revision")) == 3  # 2 x 503, then ok
+    new = hub.requests[n_before:]
+    assert not [r for r in new if "/lab/q-grpo/" in r[1] or "/lab/q-dapo/" in r[1]]
+    got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__q-late-grpo'"))
+    assert got == expected_changed(family, "late")
+    assert len(rows(out, "SELECT * FROM run_sparsity")) == 3  # earlier runs kept
+    # a third round has nothing new to do
+    assert watch_once(cfg(out)).decided == []
+
+
+@pytest.mark.slow  # ~21 s: two scans plus the client's own 1 s resume waits
+def test_failures_are_recorded_and_retried_next_round(hub, family, wide, ray_local, tmp_path):
+    hub.publish("org/base", family.base)
+    hub.publish("lab/down-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
+    hub.publish("lab/cut-dapo", family.runs["dapo"], tags=["dapo"], base="org/base")
+    hub.fail(r"GET /api/models/lab/down-grpo/revision", 503, times=99)  # keeps failing
+    # the body of the download is cut twice (6 client attempts each with no byte received);
+    # the client gives up, our retry starts again and gets the whole file
+    hub.cut(r"GET /lab/cut-dapo/resolve/.*/model\.safetensors", times=6, after=0)
+    out = tmp_path / "out"
+    rep = watch_once(cfg(out))
+    assert rep.exit_code == 3
+    w = watch_table(out)
+    assert w["lab/down-grpo"][:1] == ("failed",) and "503" in w["lab/down-grpo"][1]
+    assert w["lab/down-grpo"][2] == 1
+    assert w["lab/cut-dapo"][0] == "scanned"  # the watch went on, the cut download was redone
+    got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__cut-dapo'"))
+    assert got == expected_changed(family, "dapo")
+    assert len(hub.hits(r"GET /api/models/lab/down-grpo/revision")) == 3
+    # the Hub recovers: the failed one is retried (attempt 2) and scanned; the other is not
+    hub.faults.clear()
+    rep = watch_once(cfg(out))
+    assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/down-grpo", "scanned", 2)]  # fmt: skip
+    assert watch_table(out)["lab/down-grpo"][:1] == ("scanned",)
+
+
+@pytest.mark.parametrize("keep", [True])
+def test_download_that_keeps_breaking_leaves_no_partial_file(hub, family, tmp_path, keep):
+    hub.publish("org/base", family.base)
+    hub.publish("lab/cut-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
+    hub.cut(r"GET /lab/cut-grpo/resolve/.*/model\.safetensors", times=999, after=0)
+    out = tmp_path / "out"
+    rep = watch_once(WatchConfig(("org/base",), str(out), retries=1, keep=keep, geometry=False))
+    (c,) = rep.decided
+    assert c.status == "failed" and c.reason.startswith("download: ")
+    snap = cache_dir() / "models--lab--cut-grpo" / "snapshots"
+    assert not list(snap.rglob("*.safetensors"))  # no half file where a reader would look
+    assert watch_table(out)["lab/cut-grpo"][0] == "failed"
