@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from rlvr_ray.report.data import NO_GEOMETRY, Scope, detail_tensors, rows, run_class
 from rlvr_ray.report.figures import (
@@ -82,6 +83,7 @@ def overlaps(con, sc: Scope) -> Section:
             ax.plot(x, [r[b] for r in rs], ls, color=color, alpha=0.35, lw=1)
         ax.set_title(title)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0, 0].set_ylabel("overlap with update mask")
     axs[0, 0].legend(title="bold: observed, faint: baseline", title_fontsize=7)
     fig.tight_layout()
@@ -125,6 +127,7 @@ def spectral(con, sc: Scope) -> Section:
                     label=" ".join(key))  # fmt: skip
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
     axs[0, 0].legend()
     fig.tight_layout()
@@ -167,7 +170,7 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
         for col, ls in (("angle_left", "-"), ("angle_right", ":")):
             a = np.array([r[col] or np.nan for r in rs], dtype=float)
             axs[0, 2].plot(i, a, ls, color=color, alpha=0.8)
-    axs[0, 1].set(yscale="log", xlabel="i", ylabel="|sigma_run - sigma_base| / sigma_base",
+    axs[0, 1].set(yscale="log", xlabel="i", ylabel=r"$|\sigma_{run} - \sigma_{base}|\ /\ \sigma_{base}$",
                   title="relative singular value shift")  # fmt: skip
     axs[0, 2].set(yscale="log", xlabel="i", ylabel="angle (rad)",
                   title="principal angles (solid: left, dotted: right)")  # fmt: skip
