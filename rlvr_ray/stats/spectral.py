@@ -1,0 +1,308 @@
+"""Spectral geometry of a fine-tuning update: normalized spectral shift and principal angles.
+
+Pure torch, device-agnostic (inputs on CUDA compute on CUDA). For base W0 [m, n] and run W1:
+
+- NSS = ||sigma(W1) - sigma(W0)||_2 / ||sigma(W0)||_2 over all min(m, n) singular values;
+- principal angles between the top-k left singular subspaces of W0 and W1, and between the
+  right ones (k = spectral_k, clipped), returned in descending order (largest first, like
+  ``scipy.linalg.subspace_angles``); small angles come from sines, never from arccos near 1.
+
+RL moves weights by 1-3 bf16 ULPs, so the signal is a relative change of ~1e-5 in sigma and
+angles down to 1e-6 rad. Everything below is float64, and the work is split so that a base is
+decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
+(`run_geometry`). Work in the frame where the matrix is tall (transpose if m < n), p = min(m, n):
+
+- sigma(W1) = sqrt(eigvalsh(W1^T W1)) (a gemm plus a p x p symmetric eigenvalue solve, about
+  3x cheaper than ``svdvals`` at 896 x 896 and ~30x at 4864 x 896 on CPU). The Gram squares the
+  condition number: sigma_i carries an absolute error of ~eps * sigma_max^2 / sigma_i, so a shift
+  of relative size 1e-5 is resolved to ~1e-11 * (sigma_max / sigma_i)^2 of itself; harmless for
+  trained weights (sigma_max / sigma_i < 1e3), not for near-singular matrices.
+- Top-k right subspace of W1: block Davidson on W1^T W1 seeded with the base's top
+  (k + buffer) right singular vectors, with the base eigenbasis as preconditioner (W1^T W1 is
+  nearly diagonal in it). Each step is certified by the Davis-Kahan bound
+  ||sin Theta|| <= ||R||_F / (theta_k - lambda_{k+1}), lambda from the eigvalsh above; it stops
+  once the bound is below 1e-3 of the largest angle (or 1e-10 rad, or the rounding floor), and
+  falls back to a full ``eigh`` otherwise. The bound also bounds the error of every angle, since
+  principal angles are 1-Lipschitz in the subspace; it is returned as `angle_error_bound`.
+- Top-k left subspace of W1 = span(W1 Q), Q the right basis; its error is at most the right one
+  times sigma_{k+1} / sigma_k.
+
+Accuracy measured against float64 ``torch.linalg.svd`` + ``scipy.linalg.subspace_angles``
+(tests/stats/test_spectral.py, benchmarks/geometry_math.py): on power-law spectra with 1-3 ULP
+updates on 40% of entries, max angles agree to <1e-6 relative and NSS to <1e-8 relative; a
+large SFT-like update (angles 0.1-1 rad) agrees to <1e-9 rad.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlvr_ray.stats.principal import low_magnitude_mask, mask_overlaps, top_fraction_mask
+
+_RTOL = 1e-3  # certified angle error target, relative to the largest angle
+_ATOL = 1e-10  # ... or absolute, in rad
+_MAX_ITER = 6  # Davidson expansions before falling back to a full eigh
+_FLOOR = 64.0  # rounding-floor multiple (of eps * sqrt(p) * lambda_max) counted as converged
+
+
+def _oriented(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Matrix [m, n] -> (float64 view [max(m, n), min(m, n)], transposed?)."""
+    w = w.to(torch.float64)
+    return (w.T, True) if w.shape[0] < w.shape[1] else (w, False)
+
+
+def _eig_desc(g: torch.Tensor, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Symmetric [p, p] float64 -> (eigenvalues [p] descending, eigenvectors [p, p] or None)."""
+    if vectors:
+        lam, v = torch.linalg.eigh(g)
+        return lam.flip(0), v.flip(1).contiguous()
+    return torch.linalg.eigvalsh(g).flip(0), None
+
+
+def _sqrt_clamped(lam: torch.Tensor) -> torch.Tensor:
+    return lam.clamp(min=0.0).sqrt()
+
+
+def principal_angles(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """Orthonormal bases qa, qb [n, k] -> float64 angles [k] between their spans, descending.
+
+    Angles up to pi/4 are asin of the singular values of qb - qa (qa^T qb) (the component of
+    span(qb) orthogonal to span(qa)); larger ones are acos of the singular values of qa^T qb.
+    """
+    if qa.shape != qb.shape:
+        raise ValueError(f"bases must have the same shape, got {qa.shape} and {qb.shape}")
+    c = qa.T @ qb
+    cos = torch.linalg.svdvals(c).flip(0)  # ascending cosines = descending angles
+    sin = torch.linalg.svdvals(qb - qa @ c)  # descending
+    from_sin = torch.asin(sin.clamp(max=1.0))
+    from_cos = torch.acos(cos.clamp(-1.0, 1.0))
+    return torch.where(sin * sin <= 0.5, from_sin, from_cos)
+
+
+def normalized_spectral_shift(sigma0: torch.Tensor, sigma1: torch.Tensor) -> float:
+    """Singular values [p] (descending) of W0 and W1 -> ||s1 - s0||_2 / ||s0||_2 (NaN if s0 = 0)."""
+    s0, s1 = sigma0.to(torch.float64), sigma1.to(torch.float64)
+    norm0 = float(torch.linalg.vector_norm(s0))
+    return float(torch.linalg.vector_norm(s1 - s0)) / norm0 if norm0 > 0 else math.nan
+
+
+def _max_sine(q: torch.Tensor, v_k: torch.Tensor) -> float:
+    """Orthonormal [p, k] x2 -> sine of the largest principal angle between the spans."""
+    return float(torch.linalg.matrix_norm(q - v_k @ (v_k.T @ q), ord=2))
+
+
+def _davidson_step(
+    s: torch.Tensor, gs: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rayleigh-Ritz on span(s) [p, d] with gs = G s -> (Ritz vectors [p, k], values [k], R)."""
+    h = s.T @ gs
+    theta, y = _eig_desc((h + h.T) / 2, vectors=True)
+    theta, y = theta[:k], y[:, :k]
+    q = s @ y
+    return q, theta, gs @ y - q * theta
+
+
+def top_subspace(
+    g: torch.Tensor, lam: torch.Tensor, v0: torch.Tensor, lam0: torch.Tensor, k: int
+) -> tuple[torch.Tensor, float]:
+    """Top-k eigenvectors of a Gram matrix near a known one, with a certified error bound.
+
+    g: W1^T W1 [p, p] float64; lam: its eigenvalues [p], descending; v0: eigenvectors [p, p] of
+    the base Gram (columns by descending eigenvalue lam0 [p]). Returns (q [p, k] orthonormal
+    basis of the top-k invariant subspace of g, bound on the sine of its largest angle to the
+    exact one). Block Davidson seeded with v0[:, :2k], preconditioned by v0 diag(theta - lam0)^-1
+    v0^T; full eigh when 2k >= p or when the bound does not converge.
+    """
+    p = g.shape[0]
+    seed = min(p, 2 * k)
+    gap = float(lam[k - 1] - lam[k]) if k < p else math.inf
+    floor = _FLOOR * torch.finfo(torch.float64).eps * math.sqrt(p) * float(lam[0])
+    if seed < p and gap > 0:
+        s = v0[:, :seed]
+        gs = g @ s
+        previous = math.inf
+        for _ in range(_MAX_ITER):
+            q, theta, res = _davidson_step(s, gs, k)
+            res_norm = float(torch.linalg.matrix_norm(res))
+            sep = float(theta[-1] - lam[k])
+            bound = res_norm / sep if sep > 0 else math.inf
+            target = max(_RTOL * _max_sine(q, v0[:, :k]), _ATOL)
+            if bound <= target or (sep > 0.5 * gap and res_norm <= floor):
+                return q, bound
+            if not bound < 0.1 * previous:  # not a small perturbation of the base: use eigh
+                break
+            previous = bound
+            denom = theta - lam0[:, None]  # [p, k]; rows < seed are already in span(s)
+            denom = torch.where(denom.abs() < 1e-3 * gap, 1e-3 * gap, denom)
+            c = (v0.T @ res) / denom
+            c[:seed] = 0.0
+            t = v0 @ c
+            for _ in range(2):  # project out span(s) twice: classical Gram-Schmidt is not enough
+                t = t - s @ (s.T @ t)
+                t = torch.linalg.qr(t).Q
+            s, gs = torch.cat([s, t], 1), torch.cat([gs, g @ t], 1)
+    lam_full, v = _eig_desc(g, vectors=True)
+    q = v[:, :k]
+    res_norm = float(torch.linalg.matrix_norm(g @ q - q * lam_full[:k]))
+    return q, (res_norm / gap if k < p and gap > 0 else (0.0 if k >= p else math.inf))
+
+
+@dataclass(frozen=True)
+class BaseGeometry:
+    """What per-run work needs from a base tensor W0 [m, n], decomposed once (p = min(m, n)).
+
+    Spectral fields live in the tall frame (W0 itself, or W0^T when m < n: `transposed`).
+    sigma: float64 [p] all singular values, descending. v: float64 [p, p] right singular
+    vectors of the tall frame (columns by descending sigma). u: float64 [max(m, n), spectral_k]
+    orthonormal basis of the top left singular subspace of the tall frame. princ_mask,
+    low_mask: BoolTensor [m, n] (original frame).
+    """
+
+    sigma: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor
+    princ_mask: torch.Tensor
+    low_mask: torch.Tensor
+    rank_k: int
+    spectral_k: int
+    alpha: float
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.princ_mask.shape)
+
+    @property
+    def sigma_base(self) -> torch.Tensor:
+        """float64 [spectral_k]: the top singular values of W0."""
+        return self.sigma[: self.spectral_k]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat dict of tensors (scalars as 0-d tensors), e.g. for a safetensors cache file."""
+        return {
+            "sigma": self.sigma.contiguous(),
+            "v": self.v.contiguous(),
+            "u": self.u.contiguous(),
+            "princ_mask": self.princ_mask.contiguous(),
+            "low_mask": self.low_mask.contiguous(),
+            "rank_k": torch.tensor(self.rank_k, dtype=torch.int64),
+            "spectral_k": torch.tensor(self.spectral_k, dtype=torch.int64),
+            "alpha": torch.tensor(self.alpha, dtype=torch.float64),
+            "transposed": torch.tensor(self.transposed, dtype=torch.bool),
+        }
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> BaseGeometry:
+        """Inverse of `to_tensors`."""
+        return cls(
+            sigma=d["sigma"],
+            v=d["v"],
+            u=d["u"],
+            princ_mask=d["princ_mask"],
+            low_mask=d["low_mask"],
+            rank_k=int(d["rank_k"]),
+            spectral_k=int(d["spectral_k"]),
+            alpha=float(d["alpha"]),
+            transposed=bool(d["transposed"]),
+        )
+
+
+@dataclass(frozen=True)
+class RunGeometry:
+    """Geometry of one run against its base. Overlaps are NaN when the run changed nothing.
+
+    sigma_run: float64 [spectral_k] top singular values of W1; angle_left, angle_right: float64
+    [spectral_k] principal angles (rad, descending) between the top-spectral_k left (right)
+    singular subspaces of W0 and W1; angle_error_bound: certified bound (rad) on the absolute
+    error of every angle.
+    """
+
+    overlap_princ: float
+    overlap_low: float
+    overlap_princ_not_low: float
+    princ_density: float
+    low_density: float
+    princ_not_low_density: float
+    nss: float
+    max_angle_left: float
+    max_angle_right: float
+    spectral_k: int
+    rank_k: int
+    sigma_run: torch.Tensor
+    angle_left: torch.Tensor
+    angle_right: torch.Tensor
+    angle_error_bound: float
+
+
+def _check_matrix(w: torch.Tensor, what: str) -> None:
+    if w.ndim != 2 or w.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty matrix, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{what} has NaN or Inf entries")
+
+
+def base_geometry(
+    w0: torch.Tensor, rank_k: int = 64, alpha: float = 0.5, spectral_k: int = 64
+) -> BaseGeometry:
+    """Base weights [m, n] (bf16 or any float dtype) -> BaseGeometry, on w0's device.
+
+    rank_k and spectral_k are clipped to [1, min(m, n)]. Raises ValueError for a non-matrix
+    (e.g. a 1-D norm vector) or non-finite weights.
+    """
+    _check_matrix(w0, "base tensor")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    w, transposed = _oriented(w0)
+    p = w.shape[1]
+    rank_k, spectral_k = max(1, min(rank_k, p)), max(1, min(spectral_k, p))
+    lam, v = _eig_desc(w.T @ w, vectors=True)
+    wv = w @ v[:, : max(rank_k, spectral_k)]  # columns u_i * sigma_i
+    u = torch.linalg.qr(wv[:, :spectral_k]).Q.contiguous()
+    w0k = wv[:, :rank_k] @ v[:, :rank_k].T
+    w0k = w0k.T if transposed else w0k
+    return BaseGeometry(
+        sigma=_sqrt_clamped(lam),
+        v=v,
+        u=u,
+        princ_mask=top_fraction_mask(w0k.abs(), alpha),
+        low_mask=low_magnitude_mask(w0, alpha),
+        rank_k=rank_k,
+        spectral_k=spectral_k,
+        alpha=alpha,
+        transposed=transposed,
+    )
+
+
+def run_geometry(base: BaseGeometry, w1: torch.Tensor, mask: torch.Tensor) -> RunGeometry:
+    """BaseGeometry, run weights W1 [m, n] (any float dtype), update mask M (BoolTensor [m, n])
+    -> RunGeometry, computed on the base's device."""
+    _check_matrix(w1, "run tensor")
+    if tuple(w1.shape) != base.shape or tuple(mask.shape) != base.shape:
+        raise ValueError(
+            f"shape mismatch: base {base.shape}, run {tuple(w1.shape)}, mask {tuple(mask.shape)}"
+        )
+    device, k = base.sigma.device, base.spectral_k
+    w, _ = _oriented(w1.to(device))
+    g = w.T @ w
+    lam, _ = _eig_desc(g, vectors=False)
+    sigma = _sqrt_clamped(lam)
+    q, bound = top_subspace(g, lam, base.v, base.sigma.square(), k)
+    u1 = torch.linalg.qr(w @ q).Q
+    tall_right = principal_angles(base.v[:, :k], q)
+    tall_left = principal_angles(base.u, u1)
+    right, left = (tall_left, tall_right) if base.transposed else (tall_right, tall_left)
+    return RunGeometry(
+        **mask_overlaps(base.princ_mask, base.low_mask, mask.to(device)),
+        nss=normalized_spectral_shift(base.sigma, sigma),
+        max_angle_left=float(left[0]),
+        max_angle_right=float(right[0]),
+        spectral_k=k,
+        rank_k=base.rank_k,
+        sigma_run=sigma[:k],
+        angle_left=left,
+        angle_right=right,
+        angle_error_bound=bound,
+    )

@@ -1,0 +1,174 @@
+"""NSS and principal angles against a float64 numpy SVD + scipy.linalg.subspace_angles."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlvr_ray.stats.spectral import (
+    BaseGeometry,
+    base_geometry,
+    normalized_spectral_shift,
+    principal_angles,
+    run_geometry,
+    top_subspace,
+)
+
+
+def _powerlaw_bf16(m: int, n: int, seed: int) -> torch.Tensor:
+    """bf16 [m, n] with singular values ~ (i + 1)^-0.6 + 0.05, like trained weights."""
+    gen = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, p, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, p, generator=gen, dtype=torch.float64)).Q
+    s = torch.arange(1, p + 1, dtype=torch.float64) ** -0.6 + 0.05
+    w = (u * s) @ v.T
+    return (w * (0.02 / w.pow(2).mean().sqrt())).to(torch.bfloat16)
+
+
+def _ulp_update(w0: torch.Tensor, seed: int, share: float = 0.4) -> torch.Tensor:
+    """Move `share` of the bf16 entries by +-1..3 ULPs (raw bit-pattern steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = w0.view(torch.int16)
+    pick = (torch.rand(w0.shape, generator=gen) < share) & ((bits & 0x7FFF) > 8)
+    steps = torch.randint(1, 4, w0.shape, generator=gen, dtype=torch.int16)
+    sign = torch.where(torch.rand(w0.shape, generator=gen) < 0.5, -1, 1).to(torch.int16)
+    return torch.where(pick, bits + sign * steps, bits).view(torch.bfloat16)
+
+
+def _reference(w0: torch.Tensor, w1: torch.Tensor, k: int):
+    """float64 numpy SVD of the decoded bf16 values -> (nss, sigma1, angles left, right)."""
+    u0, s0, vh0 = np.linalg.svd(w0.double().numpy(), full_matrices=False)
+    u1, s1, vh1 = np.linalg.svd(w1.double().numpy(), full_matrices=False)
+    nss = np.linalg.norm(s1 - s0) / np.linalg.norm(s0)
+    left = scipy.linalg.subspace_angles(u0[:, :k], u1[:, :k])
+    right = scipy.linalg.subspace_angles(vh0[:k].T, vh1[:k].T)
+    return nss, s1[:k], left, right
+
+
+def _check_against_reference(w0, w1, k, angle_rtol, nss_rtol):
+    base = base_geometry(w0, rank_k=8, spectral_k=k)
+    out = run_geometry(base, w1, w1.view(torch.int16) != w0.view(torch.int16))
+    nss, s1, left, right = _reference(w0, w1, k)
+    assert out.nss == pytest.approx(nss, rel=nss_rtol)
+    assert out.max_angle_left == pytest.approx(left[0], rel=angle_rtol)
+    assert out.max_angle_right == pytest.approx(right[0], rel=angle_rtol)
+    tol = out.angle_error_bound + 1e-12
+    np.testing.assert_allclose(out.angle_left.numpy(), left, rtol=0, atol=tol)
+    np.testing.assert_allclose(out.angle_right.numpy(), right, rtol=0, atol=tol)
+    np.testing.assert_allclose(out.sigma_run.numpy(), s1, rtol=1e-12)
+    return out
+
+
+def test_principal_angles_tiny_known_angles():
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 10, generator=gen, dtype=torch.float64))
+    qa, perp = q[:, :5], q[:, 5:]
+    theta = torch.tensor([1e-9, 1e-7, 1e-5, 3e-3, 0.2], dtype=torch.float64)
+    qb = qa * theta.cos() + perp * theta.sin()
+    got = principal_angles(qa, qb)
+    np.testing.assert_allclose(got.numpy(), theta.flip(0).numpy(), rtol=1e-9)
+    ref = scipy.linalg.subspace_angles(qa.numpy(), qb.numpy())
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6)
+    naive = torch.acos((qa.T @ qb).diagonal().clamp(max=1)).min()  # what arccos would give
+    assert abs(float(naive) - 1e-9) > 1e-9
+
+
+def test_principal_angles_large_known_angles():
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(50, 8, generator=gen, dtype=torch.float64))
+    theta = torch.tensor([0.1, 0.7, 0.9, 1.5], dtype=torch.float64)
+    qb = q[:, :4] * theta.cos() + q[:, 4:] * theta.sin()
+    got = principal_angles(q[:, :4], qb)
+    np.testing.assert_allclose(got.numpy(), [1.5, 0.9, 0.7, 0.1], rtol=1e-12)
+
+
+def test_nss_hand_example():
+    s0 = torch.tensor([3.0, 4.0])
+    s1 = torch.tensor([3.0, 4.5])
+    assert normalized_spectral_shift(s0, s1) == pytest.approx(0.1)
+    assert math.isnan(normalized_spectral_shift(torch.zeros(2), s1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "k"), [((192, 192), 16), ((320, 96), 24), ((48, 256), 16), ((96, 160), 40)]
+)
+def test_ulp_update_matches_float64_reference(shape, k):
+    w0 = _powerlaw_bf16(*shape, seed=10)
+    w1 = _ulp_update(w0, seed=11)
+    out = _check_against_reference(w0, w1, k, angle_rtol=1e-4, nss_rtol=1e-6)
+    assert 1e-6 < out.nss < 1e-3  # an RL-sized shift: the test is not vacuous
+    assert out.angle_error_bound < 1e-3 * out.max_angle_right
+
+
+def test_sft_like_update_matches_reference():
+    w0 = _powerlaw_bf16(160, 128, seed=20)
+    gen = torch.Generator().manual_seed(21)
+    w1 = (w0.double() + 0.006 * torch.randn(160, 128, generator=gen, dtype=torch.float64)).to(
+        torch.bfloat16
+    )
+    out = _check_against_reference(w0, w1, 16, angle_rtol=1e-9, nss_rtol=1e-9)
+    assert 0.1 < out.max_angle_right < 1.5
+    assert out.nss > 1e-2
+
+
+def test_top_subspace_davidson_is_certified():
+    w0 = _powerlaw_bf16(256, 256, seed=30).double()
+    w1 = _ulp_update(w0.to(torch.bfloat16), seed=31).double()
+    lam0, v0 = torch.linalg.eigh(w0.T @ w0)
+    lam0, v0 = lam0.flip(0), v0.flip(1)
+    g = w1.T @ w1
+    lam, v = torch.linalg.eigh(g)
+    lam, v = lam.flip(0), v.flip(1)
+    q, bound = top_subspace(g, lam, v0, lam0, 32)
+    exact_err = float(principal_angles(v[:, :32], q)[0])
+    assert exact_err <= bound < 1e-3 * float(principal_angles(v0[:, :32], q)[0])
+    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(32), atol=1e-13)
+
+
+def test_identical_run_and_empty_mask():
+    w0 = _powerlaw_bf16(128, 96, seed=40)
+    out = run_geometry(base_geometry(w0, spectral_k=8), w0, torch.zeros(128, 96, dtype=torch.bool))
+    assert out.nss < 1e-14  # eigh (base) and eigvalsh (run) round differently
+    assert out.max_angle_left < 1e-10 and out.max_angle_right < 1e-10
+    assert math.isnan(out.overlap_princ) and math.isnan(out.overlap_low)
+    assert out.princ_density == 0.5 and out.low_density == 0.5
+
+
+def test_clipping_and_bad_input():
+    w0 = _powerlaw_bf16(6, 20, seed=50)
+    base = base_geometry(w0)
+    assert (base.rank_k, base.spectral_k, base.sigma_base.shape) == (6, 6, (6,))
+    out = run_geometry(base, _ulp_update(w0, seed=51), torch.ones(6, 20, dtype=torch.bool))
+    assert out.max_angle_right > 0.0 and out.max_angle_left < 1e-12  # left space is all of R^6
+    with pytest.raises(ValueError):
+        base_geometry(torch.ones(10))
+    with pytest.raises(ValueError):
+        base_geometry(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError):
+        run_geometry(base, torch.ones(20, 6), torch.ones(20, 6, dtype=torch.bool))
+
+
+def test_serialization_round_trip(tmp_path):
+    w0 = _powerlaw_bf16(80, 120, seed=60)
+    w1 = _ulp_update(w0, seed=61)
+    mask = w1.view(torch.int16) != w0.view(torch.int16)
+    base = base_geometry(w0, rank_k=7, alpha=0.3, spectral_k=9)
+    save_file(base.to_tensors(), tmp_path / "base.safetensors")
+    restored = BaseGeometry.from_tensors(load_file(tmp_path / "base.safetensors"))
+    assert (restored.rank_k, restored.spectral_k, restored.alpha) == (7, 9, 0.3)
+    assert restored.transposed and restored.shape == (80, 120)
+    a, b = run_geometry(base, w1, mask), run_geometry(restored, w1, mask)
+    assert a.nss == b.nss and a.overlap_princ == b.overlap_princ
+    assert torch.equal(a.angle_left, b.angle_left) and torch.equal(a.angle_right, b.angle_right)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(896, 896), (4864, 896), (896, 4864)])
+def test_real_shapes_match_reference(shape):
+    w0 = _powerlaw_bf16(*shape, seed=70)
+    w1 = _ulp_update(w0, seed=71)
+    _check_against_reference(w0, w1, 64, angle_rtol=1e-4, nss_rtol=1e-6)
