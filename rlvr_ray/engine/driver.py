@@ -1,9 +1,11 @@
 """The driver: plan every group, run the units on Ray actors, write scan tables and the catalog.
 
-Actors are :class:`~rlvr_ray.engine.worker.ScanWorker` made remote here, one per GPU when the
-cluster has GPUs, else one per CPU. A unit whose actor dies is retried by Ray on a restarted
-actor (units are idempotent: fixed part names), and a scan that was interrupted resumes: units
-with a completion marker are skipped unless ``force``.
+Actors are :class:`~rlvr_ray.engine.worker.ScanWorker` made remote here, spread over the
+cluster's nodes: one per GPU when the cluster has GPUs (``gpus_per_worker`` for fractions), else
+one per CPU, each asking for ``memory_gb`` of Ray's memory resource when given (units whose
+largest tensor would not fit are refused by name). A unit whose actor, process or node dies is
+run again on a fresh actor (units are idempotent: fixed part names), and a scan that was
+interrupted resumes: units with a completion marker are skipped unless ``force``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -18,15 +21,18 @@ import pyarrow as pa
 
 from rlvr_ray import __version__
 from rlvr_ray.engine.config import Params, Sweep
-from rlvr_ray.engine.plan import GroupPlan, RunSpec, Unit, plan_group
+from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
 from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.results import ResultsDir, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, SCANS
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
+MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
+PLACEMENT_TIMEOUT_S = 300  # no actor at all could be placed for this long: give up
+SCRATCH_COPIES = 12  # geometry: float64 W0 and W1 (4 + 4 copies) and SVD factors
 
 
 @dataclass
@@ -41,6 +47,8 @@ class ScanResult:
     errors: list[str] = field(default_factory=list)  # checkpoints/units that were skipped
     skipped: list[str] = field(default_factory=list)  # tensors that could not be compared
     warnings: list[str] = field(default_factory=list)
+    units: list[dict] = field(default_factory=list)  # unit reports (with node_id and pid)
+    retried: list[str] = field(default_factory=list)  # units run again after a lost actor
 
     @property
     def exit_code(self) -> int:
@@ -100,65 +108,188 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level="WARNING")  # fmt: skip
     return True
 
 
-def _actors(out: str, n_units: int, workers: int | None, gpus_per_worker: float | None):
+class _Worker(ScanWorker):
+    """The actor: a ScanWorker whose unit reports say where they ran (node, process)."""
+
+    def run_unit(self, unit: Unit) -> dict:
+        import ray
+
+        rep = super().run_unit(unit)
+        return rep | {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+@dataclass
+class Placement:
+    """What each actor asks of Ray, and how many actors to start."""
+
+    n_actors: int
+    options: dict
+
+    @classmethod
+    def for_cluster(cls, out: str, n_units: int, workers: int | None,
+                    gpus_per_worker: float | None, memory_gb: float | None) -> Placement:  # fmt: skip
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = res.get("GPU", 0)
+        if gpus_per_worker is None:
+            gpus_per_worker = 1.0 if gpus else 0.0
+        opts: dict = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        if gpus_per_worker:
+            n = workers or int(gpus / gpus_per_worker)
+            opts["num_gpus"] = gpus_per_worker
+        else:
+            n = workers or int(res.get("CPU", 1))
+            if memory_gb:  # as many actors as the cluster's memory holds, if fewer than CPUs
+                n = min(n, int(res.get("memory", 0) / (memory_gb * 2**30)) or 1)
+        if memory_gb:
+            opts["memory"] = int(memory_gb * 2**30)
+        env = storage_env(out)
+        if env:  # actor-level env_vars merge with the job's runtime_env (working_dir kept)
+            opts["runtime_env"] = {"env_vars": env}
+        return cls(max(1, min(n, n_units)), opts)
+
+
+def _report(rep: dict, unit: Unit, result: ScanResult, on_unit) -> None:
+    result.n_bytes += rep["n_bytes"]
+    result.skipped += rep["skipped"]
+    result.units.append(rep)
+    if on_unit is not None:
+        on_unit(rep)
+
+
+def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
+               progress: Progress, on_unit=None) -> None:  # fmt: skip
+    """Run ``todo`` on a pool of actors; a unit whose actor or node died goes back in the queue
+    and runs again on a fresh actor (its parts have fixed names, so nothing is duplicated)."""
     import ray
+    from ray.exceptions import ActorUnschedulableError, RayActorError, WorkerCrashedError
 
-    res = ray.cluster_resources()
-    gpus = res.get("GPU", 0)
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus else 0.0
-    if gpus_per_worker:
-        n = workers or int(gpus / gpus_per_worker)
-        opts = {"num_gpus": gpus_per_worker, "num_cpus": 1}
-    else:
-        n = workers or int(res.get("CPU", 1))
-        opts = {"num_cpus": 1}
-    n = max(1, min(n, n_units))
-    cls = ray.remote(max_restarts=4, max_task_retries=4)(ScanWorker)
-    threads = None if gpus_per_worker else 1
-    return [cls.options(**opts).remote(out, None, threads) for _ in range(n)]
+    lost_errors = (RayActorError, WorkerCrashedError, ActorUnschedulableError)
+    cls = ray.remote(max_restarts=0, max_task_retries=0)(_Worker)
+    threads = None if place.options.get("num_gpus") else 1
 
+    def start():  # a new actor is usable once its ping returns
+        a = cls.options(**place.options).remote(out, None, threads)
+        starting[a.ping.remote()] = a
 
-def _run_units(todo: list[Unit], out: str, result: ScanResult, workers, gpus_per_worker,
-               progress: Progress) -> None:  # fmt: skip
-    import ray
-
-    actors = _actors(out, len(todo), workers, gpus_per_worker)
     queue = sorted(todo, key=lambda u: -u.nbytes)  # largest first balances the tail
-    running = {}
-    for a in actors:
-        if queue:
-            u = queue.pop(0)
-            running[a.run_unit.remote(u)] = (a, u)
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1)
+    attempts: dict[tuple[str, int], int] = {}
+    running: dict = {}  # task ref -> (actor, unit)
+    starting: dict = {}  # ping ref -> actor
+    idle: list = []
+    actors: list = []
+    for _ in range(place.n_actors):
+        start()
+    waiting_since = time.monotonic()
+    while queue or running:
+        for a in idle[:]:
+            if queue:
+                idle.remove(a)
+                u = queue.pop(0)
+                running[a.run_unit.remote(u)] = (a, u)
+        if not running and not starting:
+            start()
+        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=10)
+        if not ready:
+            if not running and time.monotonic() - waiting_since > PLACEMENT_TIMEOUT_S:
+                for u in queue:
+                    result.errors.append(f"group {u.group}: unit {u.index} not run: no actor "
+                                         f"could be placed in {PLACEMENT_TIMEOUT_S} s "
+                                         f"(asked for {place.options})")  # fmt: skip
+                queue.clear()
+            continue
         ref = ready[0]
+        waiting_since = time.monotonic()
+        if ref in starting:
+            a = starting.pop(ref)
+            try:
+                ray.get(ref)
+                actors.append(a)
+                idle.append(a)
+            except lost_errors:
+                pass  # died before it started; the loop starts another if none is left
+            continue
         actor, unit = running.pop(ref)
+        key = (unit.scan_id, unit.index)
         try:
-            rep = ray.get(ref)
-            result.n_bytes += rep["n_bytes"]
-            result.skipped += rep["skipped"]
+            _report(ray.get(ref), unit, result, on_unit)
+            idle.append(actor)
+        except lost_errors as e:  # the actor, its process or its node is gone: run it again
+            attempts[key] = attempts.get(key, 0) + 1
+            ray.kill(actor, no_restart=True)
+            if attempts[key] < MAX_ATTEMPTS:
+                result.retried.append(f"group {unit.group}: unit {unit.index}: {type(e).__name__}")  # fmt: skip
+                queue.insert(0, unit)
+                start()
+                continue
+            result.errors.append(f"group {unit.group}: unit {unit.index} failed {MAX_ATTEMPTS} "
+                                 f"times; last: {type(e).__name__}")  # fmt: skip
+            start()
         except Exception as e:  # a bug or an unreadable input: record, keep going
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             result.errors.append(f"group {unit.group}: unit {unit.index} failed: {msg}")
+            idle.append(actor)
         progress.update(len(unit.tensors), unit.nbytes)
-        if queue:
-            u = queue.pop(0)
-            running[actor.run_unit.remote(u)] = (actor, u)
-    for a in actors:
-        ray.kill(a)
+    for a in [*actors, *starting.values()]:
+        ray.kill(a, no_restart=True)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
+    """Bytes an actor needs for one tensor: every checkpoint's copy ((runs + 1) x its bytes,
+    resident together) plus scratch: chunked masks and, with geometry, the float64 SVD of one
+    copy (estimated as SCRATCH_COPIES x one copy's bytes)."""
+    one = spec.nbytes / max(n_copies, 1)
+    scratch = SCRATCH_COPIES if params.geometry else 2
+    return int(spec.nbytes + scratch * one)
+
+
+def over_budget(units: list[Unit], memory_gb: float) -> tuple[list[Unit], list[str]]:
+    """Split ``units`` into those that fit ``memory_gb`` per actor and errors for the rest.
+
+    An actor holds one tensor at a time, so a unit needs what its largest tensor needs; a
+    tensor cannot be split (its statistics need every run's copy together), so a unit with a
+    tensor over the budget is refused, named, and left for a rerun with a larger budget.
+    """
+    budget = memory_gb * 2**30
+    fit, errors = [], []
+    for u in units:
+        need, spec = max(((tensor_memory(t, len(u.runs) + 1, u.params), t) for t in u.tensors),
+                         key=lambda x: x[0])  # fmt: skip
+        if need <= budget:
+            fit.append(u)
+            continue
+        copies = len(u.runs) + 1
+        errors.append(
+            f"group {u.group}: unit {u.index} refused: tensor {spec.name} needs {_size(need)} "
+            f"({copies} copies x {_size(spec.nbytes / copies)} + scratch) > --memory-gb "
+            f"{memory_gb:g}; rerun with a larger --memory-gb (done units are kept)")  # fmt: skip
+    return fit, errors
 
 
 def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int | None = None,
              num_cpus: int | None = None, gpus_per_worker: float | None = None,
              force: bool = False, progress: str | None = None,
-             unit_bytes: int = DEFAULT_UNIT_BYTES) -> ScanResult:  # fmt: skip
-    """Scan every group of ``sweep`` into the results directory ``out``."""
+             unit_bytes: int = DEFAULT_UNIT_BYTES, memory_gb: float | None = None,
+             on_unit: Callable[[dict], None] | None = None) -> ScanResult:  # fmt: skip
+    """Scan every group of ``sweep`` into the results directory ``out`` (a path or a URI).
+
+    ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
+    more are refused (see :func:`over_budget`). ``on_unit``: called in the driver with each
+    finished unit's report (``node_id``, ``pid``, ``seconds``, ...).
+    """
     t0 = time.perf_counter()
     results = ResultsDir(out)
     results.ensure()
@@ -185,11 +316,16 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
                 todo.append(u)
             else:
                 result.n_units_resumed += 1
+    if memory_gb:
+        todo, refused = over_budget(todo, memory_gb)
+        result.errors += refused
     if todo:
         started = _init_ray(address, num_cpus)
         prog = Progress(sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo), progress)
         try:
-            _run_units(todo, results.uri, result, workers, gpus_per_worker, prog)
+            place = Placement.for_cluster(results.uri, len(todo), workers, gpus_per_worker,
+                                          memory_gb)  # fmt: skip
+            _run_units(todo, results.uri, result, place, prog, on_unit)
         finally:
             prog.close()
             if started:

@@ -7,8 +7,15 @@ Layout (a local path, or a pyarrow-supported URI such as ``s3://bucket/prefix``)
     cache/<base fingerprint>/...              reusable base decompositions
     atlas.duckdb                              DuckDB catalog (rlvr_ray.io.catalog)
 
-A part is written to a temporary name and renamed into place (object stores: one PUT, which is
-atomic), under a name fixed by the work unit, so a retried unit replaces its own parts.
+A part is written to a temporary name and renamed into place (object stores: serialized in
+memory, then one PUT, which is atomic), under a name fixed by the work unit, so a retried unit
+replaces its own parts.
+
+Object storage: any URI pyarrow understands. S3 and S3-compatible stores (MinIO, Ceph, moto)
+take their settings from the usual AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION, and AWS_ENDPOINT_URL for a custom endpoint) or from the URI itself:
+``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``. The URI travels to the Ray
+workers unchanged; :func:`storage_env` lists the non-secret variables the driver forwards.
 """
 
 from __future__ import annotations
@@ -23,6 +30,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rlvr_ray.io.schema import ALL_TABLES
+
+#: settings forwarded to Ray workers so they reach the same store as the driver. Secrets are
+#: not: runtime_env is visible in the dashboard; give nodes credentials their own way (instance
+#: profile, IRSA, a Kubernetes secret in the pod env).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_EC2_METADATA_DISABLED")  # fmt: skip
+
+
+def storage_env(uri: str) -> dict[str, str]:
+    """Object-store settings of this process that workers writing to ``uri`` need."""
+    if "://" not in uri or uri.startswith("file://"):
+        return {}
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 class ResultsDir:
@@ -43,9 +63,12 @@ class ResultsDir:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def ensure(self) -> None:
-        for table in ALL_TABLES:
-            self.fs.create_dir(self.path("tables", table), recursive=True)
-        self.fs.create_dir(self.path("units"), recursive=True)
+        try:
+            for table in ALL_TABLES:
+                self.fs.create_dir(self.path("tables", table), recursive=True)
+            self.fs.create_dir(self.path("units"), recursive=True)
+        except OSError as e:
+            raise OSError(f"results {self.uri}: cannot create the results directory: {e}") from None
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -61,20 +84,33 @@ class ResultsDir:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            write(final)
+            # serialize locally first: a failure mid-write never leaves a partial object
+            buf = pa.BufferOutputStream()
+            write(buf)
+            body = buf.getvalue()
+            with self.fs.open_output_stream(final) as f:
+                f.write(body)
 
     def write_table(self, table: str, part: str, data: pa.Table) -> str:
         """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet."""
         data = data.cast(ALL_TABLES[table]) if data.schema != ALL_TABLES[table] else data
         final = self.path("tables", table, f"{part}.parquet")
-        self._put(final, lambda p: pq.write_table(data, p, filesystem=self.fs, compression="zstd"))
+        self._put(
+            final,
+            lambda p: pq.write_table(
+                data, p, filesystem=self.fs if isinstance(p, str) else None, compression="zstd"
+            ),
+        )
         return final
 
     def write_json(self, rel: str, obj: dict) -> None:
         final = self.path(rel)
         body = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
 
-        def write(p: str) -> None:
+        def write(p) -> None:
+            if not isinstance(p, str):  # an in-memory stream (object storage)
+                p.write(body)
+                return
             with self.fs.open_output_stream(p) as f:
                 f.write(body)
 

@@ -1,0 +1,82 @@
+"""Faults on a real local Ray (fast): an actor process killed mid-scan, a memory budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
+
+from rlvr_ray.engine.config import sweep_from_dict
+from rlvr_ray.engine.driver import Placement, run_scan
+
+UNIT_BYTES = 1 << 10  # tiny units: the scan has many of them (MIN_UNITS or more)
+
+
+@pytest.fixture(scope="module")
+def clean(qwen_family, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("clean") / "results"
+    sweep = sweep_from_dict(sweep_dict(qwen_family), out.parent)
+    res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES)
+    assert res.exit_code == 0 and not res.retried
+    return sweep, out, res
+
+
+def test_clean_run_matches_the_planted_bits(clean, qwen_family):
+    _, out, res = clean
+    assert res.n_units >= 16
+    assert changed_in(out) == expected_changed(qwen_family)
+    assert {r["pid"] for r in res.units} and all(r["node_id"] for r in res.units)
+
+
+def test_actor_process_killed_mid_scan_is_retried_with_identical_results(clean, tmp_path):
+    sweep, clean_out, clean_res = clean
+    killed = []
+
+    def kill_third(rep: dict) -> None:
+        # the actor that just reported is about to get its next unit: SIGKILL its process
+        if len(killed) == 0 and rep["unit"] is not None and len(seen) == 2:
+            os.kill(rep["pid"], signal.SIGKILL)
+            killed.append(rep["pid"])
+        seen.append(rep["unit"])
+
+    seen: list[int] = []
+    out = tmp_path / "results"
+    res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, on_unit=kill_third)
+    assert killed and res.retried, "the kill should have cost a unit"
+    assert res.exit_code == 0 and not res.errors
+    assert sorted(seen) == list(range(clean_res.n_units))  # each unit reported exactly once
+    assert killed[0] not in {r["pid"] for r in res.units[3:]}  # later units ran elsewhere
+    assert_same_results(out, clean_out)
+
+
+def test_memory_budget_refuses_units_by_tensor_and_a_rerun_finishes(clean, qwen_family, tmp_path):
+    sweep, clean_out, clean_res = clean
+    # qwen2 tiny: embed/lm_head are 96 x 32 bf16 = 6144 B per copy, 5 copies (base + 4 runs),
+    # scratch 2 copies without geometry -> 7 x 6144 = 43008 B; the MLP 64 x 32 -> 28672 B
+    budget = 40000 / 2**30
+    out = tmp_path / "results"
+    res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, memory_gb=budget)
+    refused = [e for e in res.errors if "refused" in e]
+    assert len(refused) == 2 and res.exit_code == 3
+    assert any("tensor model.embed_tokens.weight needs 42.0 KiB (5 copies x 6.0 KiB + scratch)"
+               in e for e in refused)  # fmt: skip
+    assert any("tensor lm_head.weight needs 42.0 KiB" in e for e in refused)
+    done = {t for _, t in changed_in(out)}
+    assert "lm_head.weight" not in done and "model.layers.1.mlp.down_proj.weight" in done
+    again = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES)
+    assert again.exit_code == 0 and again.n_units_resumed == clean_res.n_units - 2
+    assert_same_results(out, clean_out)
+
+
+def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-forwarded")
+    p = Placement.for_cluster("s3://bucket/x", 100, None, None, 0.5)
+    assert p.n_actors == 2  # 2 CPUs, no GPU
+    assert p.options["memory"] == 2**29 and p.options["scheduling_strategy"] == "SPREAD"
+    assert "num_gpus" not in p.options
+    assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+    local = Placement.for_cluster("/tmp/x", 1, None, None, None)
+    assert local.n_actors == 1 and "runtime_env" not in local.options
