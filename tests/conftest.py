@@ -29,7 +29,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
     yield ray
     if os.environ.get("RLVR_RAY_KEEP_RAY") != "1":
