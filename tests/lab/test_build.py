@@ -1,0 +1,141 @@
+"""The tiny lab: real HF bf16 checkpoints, a valid sweep, fp32 masters, caching, determinism."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from rlvr_ray.lab import build, cli
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory) -> Path:
+    """The tiny preset for all three architectures (a few seconds)."""
+    out = tmp_path_factory.mktemp("lab")
+    build.build_lab(out, preset="tiny", log=lambda _: None)
+    return out
+
+
+def _header(path: Path) -> dict[str, torch.dtype]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+
+
+def test_sweep_names_existing_checkpoints_with_labels(lab):
+    sweep = yaml.safe_load((lab / "sweep.yaml").read_text())
+    assert [g["name"] for g in sweep["groups"]] == ["qwen2-lab", "llama-lab", "mistral-lab"]
+    for group in sweep["groups"]:
+        assert (lab / group["base"] / "model.safetensors").is_file()
+        names = [r["name"] for r in group["runs"]]
+        assert len(names) == len(set(names)) == 5 * 3
+        algos = {r["algorithm"] for r in group["runs"]}
+        assert algos == {"grpo", "dapo", "reinforce++", "sft"}
+        for r in group["runs"]:
+            assert (lab / r["checkpoint"] / "config.json").is_file()
+            assert r["checkpoint"].endswith(f"step-{r['step']:04d}")
+            final = "@" not in r["name"]
+            assert r["consistency"] == (final and r["algorithm"] != "sft")
+            assert r["name"] == (r["series"] if final else f"{r['series']}@{r['step']}")
+        assert {r["dataset"] for r in group["runs"] if r["algorithm"] == "grpo"} == {
+            "arith-a",
+            "arith-b",
+        }
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mistral"])
+def test_checkpoints_are_bf16_hf_directories(lab, arch):
+    config = json.loads((lab / arch / "base" / "config.json").read_text())
+    assert config["model_type"] == arch and config["tie_word_embeddings"] is False
+    assert config["head_dim"] >= 16
+    for ckpt in [lab / arch / "base", lab / arch / "runs" / "grpo-s2" / "step-0003"]:
+        dtypes = _header(ckpt)
+        assert set(dtypes.values()) == {"BF16"}
+        assert "lm_head.weight" in dtypes and "model.embed_tokens.weight" in dtypes
+        assert "model.layers.0.self_attn.q_proj.weight" in dtypes
+        assert ("model.layers.0.self_attn.q_proj.bias" in dtypes) == (arch == "qwen2")
+
+
+def test_fp32_masters_round_to_the_bf16_checkpoints(lab):
+    run = lab / "qwen2" / "runs" / "grpo-s1"
+    for step in ("step-0001", "step-0002", "step-0003"):
+        assert set(_header(run / "master_fp32" / step).values()) == {"F32"}
+        with (
+            safe_open(str(run / "master_fp32" / step / "model.safetensors"), "pt") as fm,
+            safe_open(str(run / step / "model.safetensors"), "pt") as fb,
+        ):
+            for k in fm.keys():  # noqa: SIM118
+                assert torch.equal(fm.get_tensor(k).to(torch.bfloat16), fb.get_tensor(k))
+
+
+def test_runs_start_from_the_bf16_base_and_move(lab):
+    with (
+        safe_open(str(lab / "llama" / "base" / "model.safetensors"), "pt") as fb,
+        safe_open(
+            str(lab / "llama" / "runs" / "sft-s5" / "step-0003" / "model.safetensors"), "pt"
+        ) as fr,
+    ):
+        changed = sum(int((fb.get_tensor(k) != fr.get_tensor(k)).sum()) for k in fb.keys())  # noqa: SIM118
+    assert changed > 0
+
+
+def test_curves_and_logs(lab):
+    curve = json.loads((lab / "mistral" / "curves" / "dapo-s3.json").read_text())["points"]
+    assert [p["step"] for p in curve] == [0, 1, 2, 3]
+    assert all(0.0 <= p["mean_reward"] <= 1.0 for p in curve[1:])
+    assert all(p["accuracy"] is not None for p in curve)
+    log = json.loads((lab / "mistral" / "runs" / "dapo-s3" / "train_log.json").read_text())
+    assert log["algorithm"] == "dapo" and log["saved_steps"] == [1, 2, 3]
+
+
+def test_second_build_is_cached(lab):
+    sweep = lab / "sweep.yaml"
+    before = {p: p.stat().st_mtime_ns for p in lab.rglob("*.safetensors")}
+    t0 = time.perf_counter()
+    assert build.build_lab(lab, preset="tiny") == sweep
+    assert time.perf_counter() - t0 < 1.0
+    assert {p: p.stat().st_mtime_ns for p in lab.rglob("*.safetensors")} == before
+
+
+def test_same_settings_give_identical_bytes(lab, tmp_path):
+    build.build_lab(tmp_path, preset="tiny", archs=("llama",), log=lambda _: None)
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "llama").rglob("*.safetensors"))
+    assert len(files) == 1 + 5 * 3 + 3  # base, 5 runs x 3 steps, 3 fp32 masters
+    for rel in files:
+        assert (tmp_path / rel).read_bytes() == (lab / rel).read_bytes(), rel
+
+
+def test_changed_settings_rebuild_and_remove_old_outputs(tmp_path):
+    build.build_lab(
+        tmp_path, preset="tiny", archs=("mistral",), rl_steps=1, sft_steps=1, log=lambda _: None
+    )
+    build.build_lab(
+        tmp_path, preset="tiny", archs=("qwen2",), rl_steps=1, sft_steps=1, log=lambda _: None
+    )
+    assert not (tmp_path / "mistral").exists() and (tmp_path / "qwen2" / "base").is_dir()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"]["archs"] == ["qwen2"]
+
+
+def test_cli_subcommand_reuses_the_cached_build(lab, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["lab", "--out", str(lab), "--preset", "tiny"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(lab / "sweep.yaml")
+    bad = parser.parse_args(["lab", "--out", str(lab), "--archs", "gpt2"])
+    assert bad.func(bad) == 2
+
+
+def test_importing_the_lab_does_not_import_transformers():
+    code = "import sys, rlvr_ray.lab, rlvr_ray.lab.cli; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
