@@ -36,13 +36,18 @@ from rlvr_ray.io.schema import ALL_TABLES
 #: profile, IRSA, a Kubernetes secret in the pod env).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_EC2_METADATA_DISABLED")  # fmt: skip
+#: forwarded only when RLVR_RAY_FORWARD_AWS_CREDENTIALS=1 (a single-user cluster, a test)
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def storage_env(uri: str) -> dict[str, str]:
     """Object-store settings of this process that workers writing to ``uri`` need."""
     if "://" not in uri or uri.startswith("file://"):
         return {}
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    names = FORWARDED_ENV
+    if os.environ.get("RLVR_RAY_FORWARD_AWS_CREDENTIALS") == "1":
+        names += CREDENTIAL_ENV
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 class ResultsDir:

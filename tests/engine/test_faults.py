@@ -9,7 +9,8 @@ import pytest
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
 
 from rlvr_ray.engine.config import sweep_from_dict
-from rlvr_ray.engine.driver import Placement, run_scan
+from rlvr_ray.engine.driver import Placement, _open_group, over_budget, run_scan
+from rlvr_ray.engine.plan import plan_group
 
 UNIT_BYTES = 1 << 10  # tiny units: the scan has many of them (MIN_UNITS or more)
 
@@ -51,6 +52,7 @@ def test_actor_process_killed_mid_scan_is_retried_with_identical_results(clean, 
     assert_same_results(out, clean_out)
 
 
+@pytest.mark.slow
 def test_memory_budget_refuses_units_by_tensor_and_a_rerun_finishes(clean, qwen_family, tmp_path):
     sweep, clean_out, clean_res = clean
     # qwen2 tiny: embed/lm_head are 96 x 32 bf16 = 6144 B per copy, 5 copies (base + 4 runs),
@@ -80,3 +82,17 @@ def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local
     assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
     local = Placement.for_cluster("/tmp/x", 1, None, None, None)
     assert local.n_actors == 1 and "runtime_env" not in local.options
+
+
+def test_over_budget_names_the_tensor_that_cannot_fit(qwen_family, tmp_path):
+    sweep = sweep_from_dict(sweep_dict(qwen_family, geometry=True), tmp_path)
+    errors: list[str] = []
+    base, runs = _open_group(sweep.groups[0], errors)
+    plan = plan_group(sweep.groups[0], base, runs, sweep.params, UNIT_BYTES)
+    # geometry on: 5 copies + 12 scratch copies; embed/lm_head 6144 B -> 17 x 6144 = 104448 B,
+    # the next largest (gate/up/down 4096 B) -> 69632 B
+    fit, refused = over_budget(list(plan.units), 100_000 / 2**30)
+    assert len(refused) == 2 and len(fit) == len(plan.units) - 2
+    assert "tensor model.embed_tokens.weight needs 102.0 KiB (5 copies x 6.0 KiB + scratch)" in refused[0] + refused[1]  # fmt: skip
+    fit, refused = over_budget(list(plan.units), 104448 / 2**30)
+    assert not refused and len(fit) == len(plan.units)
