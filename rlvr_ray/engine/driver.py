@@ -107,7 +107,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         return False
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level="WARNING")
-    else:
+    else:  # "local": a new Ray even when `ray start` left one recorded on this machine
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  logging_level="WARNING")  # fmt: skip
     return True
