@@ -43,6 +43,8 @@ STATUSES = {
     "read_error": "the tensor's bytes could not be read",
 }
 COMPARED = ("ok", "vocab_resized")
+#: elements per row chunk: scratch stays cache-sized and float32 0/1 sums stay exact (< 2^24)
+CHUNK_NUMEL = 1 << 20
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ScanWorker:
         if threads:
             torch.set_num_threads(threads)
         self._open: dict[str, Checkpoint] = {}
+        self._bufs: dict[int, torch.Tensor] = {}
 
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
@@ -144,9 +147,17 @@ class ScanWorker:
     def _skip(self, unit, spec, run, status, message, out, **kw) -> None:
         out.tensors.append(self._row(unit, spec, run, status=status, message=message, **kw))
 
-    def _read(self, ck: Checkpoint, name: str, out: _Out) -> torch.Tensor:
+    def _read(self, ck: Checkpoint, name: str, out: _Out, slot: int) -> torch.Tensor:
+        """Read into buffer ``slot`` (0: base, i + 1: run i), reused from tensor to tensor:
+        at most (runs + 1) x the largest tensor stays allocated, and no page faults."""
         out.n_bytes += ck.entries[name].nbytes
-        return ck.read(name, self.device)
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < ck.entries[name].nbytes:
+            self._bufs[slot] = buf = None  # free the old one before allocating
+            buf = torch.empty(ck.entries[name].nbytes, dtype=torch.uint8,
+                              pin_memory=self.device.type == "cuda")  # fmt: skip
+            self._bufs[slot] = buf
+        return ck.read(name, self.device, buf)
 
     def _scan_tensor(self, unit: Unit, spec: TensorSpec, base: Checkpoint,
                      runs: list[Checkpoint], out: _Out) -> None:  # fmt: skip
@@ -163,7 +174,7 @@ class ScanWorker:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
         try:
-            bits0, rounded0 = bf16_bits(self._read(base, name, out))
+            bits0, rounded0 = bf16_bits(self._read(base, name, out, 0))
         except CheckpointError as e:
             for r in unit.runs:
                 self._skip(unit, spec, r, "read_error", str(e), out)
@@ -209,7 +220,7 @@ class ScanWorker:
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
             try:
-                bits1, rounded = bf16_bits(self._read(ck, name, out))
+                bits1, rounded = bf16_bits(self._read(ck, name, out, i + 1))
             except CheckpointError as e:
                 self._skip(unit, spec, r, "read_error", str(e), out)
                 continue
@@ -231,13 +242,16 @@ class ScanWorker:
         rows, cols = bits0.shape
         is_matrix = spec.nbytes > 0 and rows > 1
         map_size = unit.params.map_size if is_matrix else None
-        edges = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
+        bins = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
+        step = max(1, CHUNK_NUMEL // max(cols, 1))  # rows per chunk; chunks never straddle a bin
+        edges = sorted(
+            {*bins, *(r for a, b in zip(bins[:-1], bins[1:]) for r in range(a, b, step))}
+        )
         accs = [MaskAccumulator(rows, cols, ULP_BIN_EDGES, self.device, map_size) for _ in comp]
         members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
         cons = None
         if consistency and len(members) >= 2:
-            cons = ConsistencyAccumulator(len(members), rows, cols, self.device,
-                                          accs[0].map_col_edges)  # fmt: skip
+            cons = ConsistencyAccumulator(len(members), rows, cols, self.device, map_size)
         base_ss = 0.0
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             c0 = bits0[a:b]

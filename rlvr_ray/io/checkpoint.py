@@ -156,12 +156,16 @@ class Checkpoint:
     def n_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor in its stored dtype (a fresh CPU buffer, then ``device``)."""
+    def read(self, name: str, device: str | torch.device = "cpu",
+             buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Read one tensor in its stored dtype into ``buf`` (a uint8 CPU tensor of at least its
+        size, reused to spare page faults) or a fresh buffer; then move it to ``device``."""
         e = self.entries[name]
         dtype, _ = DTYPES[e.dtype]
         pin = torch.device(device).type == "cuda"
-        buf = torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=pin)
+        if buf is None or buf.numel() < e.nbytes:
+            buf = torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = buf[: e.nbytes]
         with open(e.file, "rb", buffering=0) as f:
             f.seek(e.start)
             got = f.readinto(buf.numpy()) if e.nbytes else 0

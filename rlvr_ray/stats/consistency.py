@@ -1,9 +1,9 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
-Pure torch. For R <= JOINT_MAX_RUNS the runs' masks are packed into one integer code per
-coordinate and a single bincount gives their joint distribution, from which the consensus
-histogram, every pairwise intersection and every mask size follow exactly: O(R) passes instead
-of O(R^2) pairwise ANDs. Larger R falls back to pairwise ANDs.
+Pure torch. A chunk's R masks are stacked as a float32 matrix M [R, n]; one matrix product
+M M^T gives every pairwise intersection and every mask size (exact: 0/1 sums below 2^24, and
+chunks are kept far below that), and the consensus histogram comes from R clamp-sums. No bool
+tensors or bincounts: those are slow, unvectorized passes on CPU.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from itertools import combinations
 
 import torch
 
-from rlvr_ray.stats.masks import bin_edges, block_sizes, pool_vector
-
-JOINT_MAX_RUNS = 12
+from rlvr_ray.stats.masks import RowBinPool, bin_edges
 
 
 @dataclass
@@ -55,65 +53,42 @@ class ConsistencyAccumulator:
     """Consumes the R runs' masks of a [rows, cols] tensor in consecutive row chunks."""
 
     def __init__(self, n_runs: int, rows: int, cols: int, device=None,
-                 map_col_edges: list[int] | None = None):  # fmt: skip
+                 map_size: int | None = None):  # fmt: skip
         self.R, self.rows, self.cols = n_runs, rows, cols
-        self.joint = n_runs <= JOINT_MAX_RUNS
-        nbins = 2**n_runs if self.joint else n_runs + 1
-        self.hist = torch.zeros(nbins, dtype=torch.int64, device=device)
+        self.ge = torch.zeros(n_runs, dtype=torch.int64, device=device)  # [k-1]: count >= k
         self.inter = torch.zeros(n_runs, n_runs, dtype=torch.int64, device=device)
         self.row_sum = torch.zeros(rows, dtype=torch.int64, device=device)
         self.col_sum = torch.zeros(cols, dtype=torch.int64, device=device)
-        self.map_col_edges = map_col_edges
-        self.map_rows: list[torch.Tensor] = []
+        col_edges = bin_edges(cols, min(map_size, cols)) if map_size else None
+        self.pool = RowBinPool(rows, map_size, col_edges, n_runs) if map_size else None
         self.next_row = 0
 
     def add(self, masks: list[torch.Tensor]) -> None:
-        """The next chunk: R BoolTensors [r, cols], one per run, same rows."""
+        """The next chunk: R 0/1 tensors (bool or integer) [r, cols], one per run, same rows."""
         r0, r = self.next_row, masks[0].shape[0]
-        if self.joint:
-            dt = torch.int16 if self.R < 16 else torch.int32
-            code = torch.zeros(masks[0].shape, dtype=dt, device=masks[0].device)
-            for i, m in enumerate(masks):
-                code |= m.to(dt) << i
-            self.hist += torch.bincount(code.flatten().to(torch.int64), minlength=len(self.hist))
-            count = torch.zeros_like(code, dtype=torch.uint8)
-            for m in masks:
-                count += m
-        else:
-            count = torch.zeros(masks[0].shape, dtype=torch.uint8, device=masks[0].device)
-            for m in masks:
-                count += m
-            self.hist += torch.bincount(count.flatten().to(torch.int64), minlength=self.R + 1)
-            for a, b in combinations(range(self.R), 2):
-                self.inter[a, b] += (masks[a] & masks[b]).sum()
-            for a, m in enumerate(masks):
-                self.inter[a, a] += m.sum()
-        self.row_sum[r0 : r0 + r] = count.sum(1, dtype=torch.int64)
-        col = count.sum(0, dtype=torch.int64)
+        m = torch.stack([x.reshape(-1) for x in masks]).float()  # [R, n]
+        self.inter += (m @ m.T).round_().to(torch.int64)
+        count = m.sum(0)  # [n]: how many runs changed each coordinate (exact small ints)
+        self.ge += torch.stack([(count - (k - 1)).clamp_(0, 1).sum() for k in range(1, self.R + 1)]).to(torch.int64)  # fmt: skip
+        count = count.view(r, self.cols)
+        self.row_sum[r0 : r0 + r] = count.sum(1).to(torch.int64)
+        col = count.sum(0).to(torch.int64)
         self.col_sum += col
-        if self.map_col_edges is not None:
-            self.map_rows.append(pool_vector(col, self.map_col_edges))
+        if self.pool is not None:
+            self.pool.add(r0, r, col)
         self.next_row += r
 
     def finish(self) -> ConsistencyStats:
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
-        R, hist = self.R, self.hist.cpu()
-        if self.joint:
-            codes = torch.arange(len(hist))
-            bits = torch.stack([(codes >> i) & 1 for i in range(R)])  # [R, 2^R]
-            counts = torch.zeros(R + 1, dtype=torch.int64).index_add_(0, bits.sum(0), hist)
-            inter = (bits[:, None, :] * bits[None, :, :] * hist).sum(-1)  # [R, R]
-        else:
-            counts, inter = hist, self.inter.cpu()
-        pooled = None
-        if self.map_col_edges is not None:
-            block = block_sizes(bin_edges(self.rows, len(self.map_rows)), self.map_col_edges)
-            pooled = torch.stack(self.map_rows).cpu() / (block * R)
+        R, numel = self.R, self.rows * self.cols
+        ge = [numel, *(int(x) for x in self.ge.tolist()), 0]  # count >= k for k = 0..R+1
+        inter = self.inter.cpu()
+        pooled = self.pool.finish() if self.pool is not None else None
         return ConsistencyStats(
             n_runs=R,
-            numel=self.rows * self.cols,
-            consensus_counts=[int(x) for x in counts.tolist()],
+            numel=numel,
+            consensus_counts=[ge[c] - ge[c + 1] for c in range(R + 1)],
             sizes=[int(inter[i, i]) for i in range(R)],
             intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
             row_consensus=self.row_sum.to(torch.float64) / (R * self.cols),

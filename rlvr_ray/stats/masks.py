@@ -26,7 +26,11 @@ def bf16_bits(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def nonfinite_count(bits: torch.Tensor) -> int:
     """Number of Inf/NaN entries in int16 bf16 patterns [...]."""
-    return int(((bits & _EXP) == _EXP).sum())
+    # exponent bits all ones <=> (bits & 0x7FFF) >= 0x7F80; a max is one fast pass
+    mag = bits & _MAG
+    if mag.numel() == 0 or int(mag.max()) < _EXP:
+        return 0
+    return int((mag >= _EXP).sum())
 
 
 def update_mask(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,86 @@ def pool_vector(counts: torch.Tensor, edges: list[int]) -> torch.Tensor:
     return c[e[1:]] - c[e[:-1]]
 
 
+def _chunk_stats_exact(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
+    """Int16 patterns [r, c] x2 -> (mask uint8 [r, c], row counts [r], col counts [c], ULP
+    histogram [len(edges)], max ULP steps, sum of squared updates (float64), max |update|).
+
+    Handles every case (sign flips, +0/-0) through int32 ordered keys."""
+    steps = ulp_steps(b0, b1)
+    m8 = steps.clamp_max(1).to(torch.uint8)
+    hist = _hist(steps, edges)
+    d = (
+        b1.view(torch.bfloat16).to(torch.float64) - b0.view(torch.bfloat16).to(torch.float64)
+    ).flatten()
+    lo, hi = torch.aminmax(d)
+    return (m8, m8.sum(1, dtype=torch.int64), m8.sum(0, dtype=torch.int64), hist, steps.max(),
+            torch.dot(d, d), torch.maximum(-lo, hi))  # fmt: skip
+
+
+def _hist(steps: torch.Tensor, edges: tuple[int, ...]) -> torch.Tensor:
+    """Counts of steps in [edges[b], edges[b + 1]) (last bin open) -> int64 [len(edges)].
+
+    count(steps >= e) is the sum of clamp(steps - (e - 1), 0, 1) over float32 (one upcast,
+    then vectorized float ops; a float32 sum of 0/1 is exact below 2^24 elements, and chunks
+    are kept far below that)."""
+    sf = steps.float()
+    ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges]).to(torch.int64)
+    return ge - torch.cat([ge[1:], ge.new_zeros(1)])
+
+
+def _counts(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 tensor [r, c] -> (row sums [r], col sums [c]) as int64 (float32 sums: exact)."""
+    mf = m.float()
+    return mf.sum(1).to(torch.int64), mf.sum(0).to(torch.int64)
+
+
+def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
+    """See ``_chunk_stats_exact``; same answers, faster when no coordinate changed sign.
+
+    When b0 and b1 have the same sign bit everywhere, |b1 - b0| in int16 IS the number of
+    representable values between them (sign-magnitude patterns are monotone within a sign),
+    so the pass stays in 16-bit integers and float32, with no int32 keys, no bool tensors and
+    no selects (each of those costs a slow, unvectorized pass on CPU). A chunk with any sign
+    change (including +0 <-> -0) takes the exact path."""
+    if b0.numel() == 0 or int((b0 ^ b1).min()) < 0:
+        return _chunk_stats_exact(b0, b1, edges)
+    steps = (b1 - b0).abs_()
+    m = steps.clamp_max(1)
+    rows, cols = _counts(m)
+    # bf16 -> fp32 is exact, and so is the difference of two same-sign bf16 values whose
+    # exponents differ by at most 15 (fp32 has 16 more significand bits); further apart, the
+    # fp32 rounding (relative 2^-24) is far below anything these statistics resolve
+    d = (b1.view(torch.bfloat16).float() - b0.view(torch.bfloat16).float()).flatten()
+    lo, hi = torch.aminmax(d)
+    dd = d.double()
+    return (m.to(torch.uint8), rows, cols, _hist(steps, edges), steps.max(), torch.dot(dd, dd),
+            torch.maximum(-lo, hi).double())  # fmt: skip
+
+
+class RowBinPool:
+    """Sums per-chunk column counts into a [row bins, col bins] grid of mean densities."""
+
+    def __init__(self, rows: int, map_size: int, col_edges: list[int], scale: float = 1.0):
+        self.row_edges = bin_edges(rows, min(map_size, rows))
+        self.col_edges, self.scale = col_edges, scale
+        self.done: list[torch.Tensor] = []
+        self.current: torch.Tensor | None = None
+
+    def add(self, r0: int, r: int, col_counts: torch.Tensor) -> None:
+        b = len(self.done)
+        if r0 < self.row_edges[b] or r0 + r > self.row_edges[b + 1]:
+            raise ValueError(f"chunk rows {r0}..{r0 + r} straddle map row bin {b}")
+        pooled = pool_vector(col_counts, self.col_edges)
+        self.current = pooled if self.current is None else self.current + pooled
+        if r0 + r == self.row_edges[b + 1]:
+            self.done.append(self.current)
+            self.current = None
+
+    def finish(self) -> torch.Tensor:
+        """-> float64 [row bins, col bins]: mean of the counted 0/1 values per block / scale."""
+        return torch.stack(self.done).cpu() / (block_sizes(self.row_edges, self.col_edges) * self.scale)  # fmt: skip
+
+
 @dataclass
 class MaskStats:
     """Per (run, tensor) mask statistics; ratios are float64 vectors on the input's device."""
@@ -109,65 +193,52 @@ class MaskStats:
 class MaskAccumulator:
     """Consumes a [rows, cols] tensor pair in consecutive row chunks; ``finish`` -> MaskStats.
 
-    With ``map_size`` set, each chunk must be exactly one row bin of ``bin_edges(rows,
-    map_rows)`` and the pooled density map is built on the way (no full-size float copy).
+    With ``map_size`` set, the pooled density map is built on the way (no full-size copy);
+    chunks must then not straddle the row bins ``bin_edges(rows, min(map_size, rows))``.
     """
 
     def __init__(self, rows: int, cols: int, ulp_edges: tuple[int, ...], device=None,
                  map_size: int | None = None):  # fmt: skip
         self.rows, self.cols = rows, cols
-        self.edges = torch.tensor(ulp_edges, dtype=torch.int32, device=device)
+        if tuple(ulp_edges[:2]) != (1, 2):
+            raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
+        self.edges_t = tuple(ulp_edges)
         self.row_counts = torch.zeros(rows, dtype=torch.int64, device=device)
         self.col_counts = torch.zeros(cols, dtype=torch.int64, device=device)
         self.hist = torch.zeros(len(ulp_edges), dtype=torch.int64, device=device)
-        self.ulp1 = self.ulp_max = self.n_changed = 0
+        self.ulp_max = 0
         self.update_sumsq = self.max_abs = 0.0
         self.next_row = 0
         self.map_col_edges = bin_edges(cols, min(map_size, cols)) if map_size else None
-        self.map_rows: list[torch.Tensor] = []
+        self.pool = RowBinPool(rows, map_size, self.map_col_edges) if map_size else None
 
     def add(self, bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
         """Chunk [r, cols] int16 patterns x2 (the next r rows) -> its mask BoolTensor[r, cols]."""
         r0, r = self.next_row, bits0.shape[0]
-        mask = update_mask(bits0, bits1)
-        counts = mask.sum(1)
+        mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.edges_t)
         self.row_counts[r0 : r0 + r] = counts
-        col = mask.sum(0)
         self.col_counts += col
-        if self.map_col_edges is not None:
-            self.map_rows.append(pool_vector(col, self.map_col_edges))
-        n = int(counts.sum())
-        if n:
-            b0, b1 = bits0[mask], bits1[mask]
-            steps = ulp_steps(b0, b1)
-            self.hist += torch.bincount(torch.bucketize(steps, self.edges, right=True) - 1,
-                                        minlength=len(self.edges))  # fmt: skip
-            self.ulp1 += int((steps == 1).sum())
-            self.ulp_max = max(self.ulp_max, int(steps.max()))
-            d = b1.view(torch.bfloat16).to(torch.float64) - b0.view(torch.bfloat16).to(
-                torch.float64
-            )
-            self.update_sumsq += float(d.square().sum())
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
-        self.n_changed += n
+        if self.pool is not None:
+            self.pool.add(r0, r, col)
+        self.hist += hist
+        self.ulp_max = max(self.ulp_max, int(smax))
+        self.update_sumsq += float(ss)
+        self.max_abs = max(self.max_abs, float(amax))
         self.next_row += r
         return mask
 
     def finish(self) -> MaskStats:
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
-        pooled = None
-        if self.map_col_edges is not None:
-            row_edges = bin_edges(self.rows, len(self.map_rows))
-            block = block_sizes(row_edges, self.map_col_edges)
-            pooled = torch.stack(self.map_rows).cpu() / block
+        pooled = self.pool.finish() if self.pool is not None else None
+        hist = [int(x) for x in self.hist.tolist()]
         return MaskStats(
             numel=self.rows * self.cols,
-            n_changed=self.n_changed,
+            n_changed=sum(hist),
             row_ratio=self.row_counts.to(torch.float64) / self.cols,
             col_ratio=self.col_counts.to(torch.float64) / self.rows,
-            ulp_hist=[int(x) for x in self.hist.tolist()],
-            ulp1=self.ulp1,
+            ulp_hist=hist,
+            ulp1=hist[0],
             ulp_max=self.ulp_max,
             update_sumsq=self.update_sumsq,
             max_abs_update=self.max_abs,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_ray.stats.consistency import JOINT_MAX_RUNS, ConsistencyAccumulator, consistency
+from rlvr_ray.stats.consistency import ConsistencyAccumulator, consistency
 
 
 def np_reference(masks):
@@ -25,7 +25,7 @@ def np_reference(masks):
     return counts, np.mean(js), np.mean(bs), count
 
 
-@pytest.mark.parametrize("R", [2, 3, 5, JOINT_MAX_RUNS + 1])
+@pytest.mark.parametrize("R", [2, 3, 5, 13])
 def test_consistency_matches_numpy(R):
     rng = np.random.default_rng(R)
     pref = rng.random((40, 1)) * rng.random((1, 30))  # shared stripes: above-chance overlap
