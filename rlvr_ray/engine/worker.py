@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlvr_ray.engine.geometry import BaseCache, row_columns, skip_reason, spectra_rows
 from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir
@@ -29,7 +30,9 @@ from rlvr_ray.stats.masks import (
     bin_edges,
     gini,
     nonfinite_count,
-)  # fmt: skip
+    update_mask,
+)
+from rlvr_ray.stats.spectral import run_geometry  # fmt: skip
 
 #: status -> meaning (also in the README's table docs)
 STATUSES = {
@@ -93,6 +96,7 @@ class ScanWorker:
             torch.set_num_threads(threads)
         self._open: dict[str, Checkpoint] = {}
         self._bufs: dict[int, torch.Tensor] = {}
+        self.cache = BaseCache(self.results)
 
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
@@ -193,9 +197,34 @@ class ScanWorker:
         for c in resized:
             stats.update(self._chunk_pass(unit, spec, bits0[: c.bits.shape[0]], [c], out,
                                           consistency=False))  # fmt: skip
+        geo = self._geometry(unit, spec, e0.shape, bits0, compared, out)
         for c in compared:
             self._emit_run(unit, spec, e0.dtype, runs[c.run].entries[name].dtype, rounded0, c,
-                           stats[c.run], bits0, out)  # fmt: skip
+                           stats[c.run], geo.get(c.run, {}), out)  # fmt: skip
+
+    def _geometry(self, unit: Unit, spec: TensorSpec, shape, bits0, compared, out) -> dict:
+        """{run index: geometry columns}; the base is decomposed (or fetched) once for all."""
+        reason = skip_reason(unit.params, spec.role, tuple(shape))
+        if reason is not None:
+            return {c.run: {"geometry_status": reason} for c in compared}
+        cols: dict[int, dict] = {}
+        base = None
+        for c in compared:
+            if c.status != "ok":
+                cols[c.run] = {"geometry_status": f"skipped_{c.status}"}
+                continue
+            try:
+                if base is None:
+                    base = self.cache.get(unit.base_fingerprint, bits0, unit.params)
+                mask = update_mask(bits0, c.bits)
+                g = run_geometry(base, c.bits.view(torch.bfloat16), mask)
+            except (ValueError, RuntimeError) as e:  # e.g. a degenerate matrix: keep the row
+                cols[c.run] = {"geometry_status": f"error: {str(e).splitlines()[0][:200]}"}
+                continue
+            cols[c.run] = row_columns(g)
+            out.add("spectra", spectra_rows(unit.scan_id, unit.group, unit.runs[c.run].name,
+                                            spec.name, base, g))  # fmt: skip
+        return cols
 
     def _load_runs(self, unit, spec, base, runs, bits0, out) -> list[_Compared]:
         name, e0 = spec.name, base.entries[spec.name]
@@ -264,7 +293,7 @@ class ScanWorker:
                                    cons.finish(), is_matrix, out)  # fmt: skip
         return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
 
-    def _emit_run(self, unit, spec, dtype0, dtype1, rounded0, c: _Compared, stats, bits0, out):
+    def _emit_run(self, unit, spec, dtype0, dtype1, rounded0, c: _Compared, stats, geo, out):
         ms, base_ss = stats
         ms: MaskStats
         r = unit.runs[c.run]
@@ -278,7 +307,7 @@ class ScanWorker:
             stripe_col=gini(ms.col_ratio) if is_matrix else None,
             ulp1_share=ms.ulp1_share, ulp_hist=ms.ulp_hist, ulp_max=ms.ulp_max,
             rel_frob=(ms.update_sumsq / base_ss) ** 0.5 if base_ss > 0 else None,
-            max_abs_update=ms.max_abs_update, status=c.status, message=c.message,
+            max_abs_update=ms.max_abs_update, status=c.status, message=c.message, **geo,
         )  # fmt: skip
         out.tensors.append(row)
         if is_matrix:

@@ -108,9 +108,9 @@ class ResultsDir:
         )
         return final
 
-    def write_json(self, rel: str, obj: dict) -> None:
+    def write_bytes(self, rel: str, body: bytes) -> None:
+        """Write ``body`` to ``rel`` atomically (temporary name + rename; object stores: a PUT)."""
         final = self.path(rel)
-        body = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
 
         def write(p) -> None:
             if not isinstance(p, str):  # an in-memory stream (object storage)
@@ -121,6 +121,9 @@ class ResultsDir:
 
         self.fs.create_dir(os.path.dirname(final), recursive=True)
         self._put(final, write)
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str) -> dict | None:
         try:

@@ -1,0 +1,91 @@
+"""The worker's geometry stage: which tensors get SVD-based statistics, the base decomposition
+cache, and the rows the stage adds (tensors columns, the spectra table).
+
+The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: singular values and vectors,
+principal and low-magnitude masks) is computed once per tensor per scan and reused for every
+run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
+hash of the base tensor's bytes and the parameters, so a later scan of a new run against a base
+already seen does not decompose it again (and a stale entry can never be used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from rlvr_ray.engine.config import Params
+from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
+
+GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
+EMBEDDING_ROLES = ("embed", "lm_head")
+
+
+def skip_reason(params: Params, role: str, shape: tuple[int, ...]) -> str | None:
+    """None if the tensor gets geometry, else the geometry_status saying why not."""
+    if not params.geometry:
+        return "disabled"
+    if len(shape) != 2:
+        return "skipped_vector" if len(shape) < 2 else "skipped_not_matrix"
+    if role in EMBEDDING_ROLES and not params.svd_embeddings:
+        return "skipped_embedding"
+    if shape[0] * shape[1] > params.max_svd_numel:
+        return "skipped_size"
+    return None
+
+
+class BaseCache:
+    """Base decompositions by (base fingerprint, tensor bytes, parameters), on the results fs."""
+
+    def __init__(self, results: ResultsDir):
+        self.results = results
+        self.hits = self.misses = 0
+
+    def _key(self, bits0: torch.Tensor, params: Params) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(bits0.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"v{GEOMETRY_VERSION}:{params.rank_k}:{params.alpha}:{params.spectral_k}".encode())
+        return h.hexdigest()
+
+    def get(self, base_fp: str, bits0: torch.Tensor, params: Params) -> BaseGeometry:
+        """bits0: int16 bf16 patterns [m, n] of the base tensor -> its BaseGeometry."""
+        fp = base_fp.replace(":", "-").replace("/", "-") or "unknown"
+        rel = f"cache/{fp}/{self._key(bits0, params)}.safetensors"
+        path = self.results.path(rel)
+        try:
+            with self.results.fs.open_input_stream(path) as f:
+                d = st_load(f.read())
+            self.hits += 1
+            return BaseGeometry.from_tensors({k: v.to(bits0.device) for k, v in d.items()})
+        except (FileNotFoundError, OSError):
+            pass
+        self.misses += 1
+        geo = base_geometry(bits0.view(torch.bfloat16), params.rank_k, params.alpha, params.spectral_k)  # fmt: skip
+        blob = st_save({k: v.detach().cpu().contiguous() for k, v in geo.to_tensors().items()})
+        self.results.write_bytes(rel, blob)
+        return geo
+
+
+def row_columns(g: RunGeometry) -> dict:
+    """The tensors-table columns of one run's geometry."""
+    return {"geometry_status": "ok", "overlap_princ": g.overlap_princ, "overlap_low": g.overlap_low,
+            "overlap_princ_not_low": g.overlap_princ_not_low, "princ_density": g.princ_density,
+            "low_density": g.low_density, "princ_not_low_density": g.princ_not_low_density,
+            "nss": g.nss, "max_angle_left": g.max_angle_left, "max_angle_right": g.max_angle_right,
+            "rank_k": g.rank_k, "spectral_k": g.spectral_k}  # fmt: skip
+
+
+def spectra_rows(scan_id: str, group: str, run: str, tensor: str, base: BaseGeometry,
+                 g: RunGeometry) -> pa.Table:  # fmt: skip
+    """Spectra rows: i-th largest singular value of base and run; i-th largest angles."""
+    k = g.spectral_k
+    return pa.table({
+        "scan_id": [scan_id] * k, "group_name": [group] * k, "run": [run] * k,
+        "tensor": [tensor] * k, "i": pa.array(range(k), pa.int32()),
+        "sigma_base": base.sigma_base.cpu().numpy(), "sigma_run": g.sigma_run.cpu().numpy(),
+        "angle_left": g.angle_left.cpu().numpy(), "angle_right": g.angle_right.cpu().numpy(),
+    })  # fmt: skip

@@ -1,0 +1,77 @@
+"""The worker's geometry stage against float64 numpy/scipy, and the base decomposition cache."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from rlvr_ray.engine.config import Params
+from rlvr_ray.engine.worker import ScanWorker
+from rlvr_ray.io.synth import bf16_bits_to_f64
+
+from .test_worker import np_mask, scan
+
+
+def top_alpha(score, alpha):
+    """Reference tie rule: exactly floor(alpha * n + 0.5) entries, ties to the lower flat index."""
+    flat = score.ravel()
+    k = int(np.floor(alpha * flat.size + 0.5))
+    order = np.lexsort((np.arange(flat.size), -flat))  # score descending, index ascending
+    out = np.zeros(flat.size, bool)
+    out[order[:k]] = True
+    return out.reshape(score.shape)
+
+
+def test_geometry_columns_match_float64_reference(qwen_family, tmp_path):
+    fam = qwen_family
+    params = Params(rank_k=4, spectral_k=6, alpha=0.5)
+    con, _, plan = scan(tmp_path, fam.base, {"sft": fam.runs["sft"], "grpo-a": fam.runs["grpo-a"]}, params)  # fmt: skip
+    name = "model.layers.1.mlp.gate_proj.weight"  # [64, 32]
+    for run in ["sft", "grpo-a"]:
+        row = con.execute(
+            "SELECT geometry_status, overlap_princ, princ_density, overlap_low, low_density, "
+            "overlap_princ_not_low, nss, max_angle_left, max_angle_right, spectral_k, rank_k "
+            "FROM tensors WHERE run = ? AND tensor = ?", [run, name]).fetchone()  # fmt: skip
+        b0, b1 = fam.bits["base"][name], fam.bits[run][name]
+        w0, w1 = bf16_bits_to_f64(b0), bf16_bits_to_f64(b1)
+        m = np_mask(b0, b1)
+        u0, s0, vt0 = np.linalg.svd(w0)
+        u1, s1, vt1 = np.linalg.svd(w1)
+        princ = top_alpha(np.abs((u0[:, :4] * s0[:4]) @ vt0[:4]), 0.5)
+        low = top_alpha(-np.abs(w0), 0.5)
+        assert row[0] == "ok" and row[9:] == (6, 4)
+        assert row[1] == pytest.approx((princ & m).sum() / m.sum(), abs=1e-12)
+        assert row[2] == pytest.approx(princ.mean(), abs=1e-12)
+        assert row[3] == pytest.approx((low & m).sum() / m.sum(), abs=1e-12)
+        assert row[4] == pytest.approx(low.mean(), abs=1e-12)
+        assert row[5] == pytest.approx((princ & ~low & m).sum() / m.sum(), abs=1e-12)
+        assert row[6] == pytest.approx(np.linalg.norm(s1 - s0) / np.linalg.norm(s0), rel=1e-3)
+        left = scipy.linalg.subspace_angles(u0[:, :6], u1[:, :6]).max()
+        right = scipy.linalg.subspace_angles(vt0[:6].T, vt1[:6].T).max()
+        assert row[7] == pytest.approx(left, rel=1e-2, abs=1e-9)
+        assert row[8] == pytest.approx(right, rel=1e-2, abs=1e-9)
+    spectra = con.execute("SELECT i, sigma_base, sigma_run FROM read_parquet(?) WHERE run = 'sft' "
+                          "AND tensor = ? ORDER BY i", [str(tmp_path / "out/tables/spectra/*.parquet"), name]).fetchall()  # fmt: skip
+    s0 = np.linalg.svd(bf16_bits_to_f64(fam.bits["base"][name]), compute_uv=False)
+    s1 = np.linalg.svd(bf16_bits_to_f64(fam.bits["sft"][name]), compute_uv=False)
+    np.testing.assert_allclose([r[1] for r in spectra], s0[:6], rtol=1e-9)
+    np.testing.assert_allclose([r[2] for r in spectra], s1[:6], rtol=1e-9)
+    statuses = dict(con.execute("SELECT tensor, geometry_status FROM tensors WHERE run = 'sft'").fetchall())  # fmt: skip
+    assert statuses["model.norm.weight"] == "skipped_vector"
+    assert statuses["model.embed_tokens.weight"] == "skipped_embedding"
+    assert statuses["model.layers.0.self_attn.q_proj.bias"] == "skipped_vector"
+
+
+def test_base_decompositions_are_cached_across_scans(qwen_family, tmp_path):
+    fam = qwen_family
+    params = Params(rank_k=4, spectral_k=6)
+    _, _, plan = scan(tmp_path, fam.base, {"grpo-a": fam.runs["grpo-a"]}, params)
+    # a new scan (another run) of the same base in the same results directory: no new SVDs
+    _, _, plan2 = scan(tmp_path, fam.base, {"dapo": fam.runs["dapo"]}, params)
+    assert plan2.scan_id != plan.scan_id
+    w = ScanWorker(str(tmp_path / "out"))
+    for u in plan2.units:
+        w.run_unit(u)
+    n_matrices = sum(1 for k, v in fam.bits["base"].items() if v.ndim == 2 and "embed" not in k and "lm_head" not in k)  # fmt: skip
+    assert (w.cache.hits, w.cache.misses) == (n_matrices, 0)
+    cached = list((tmp_path / "out" / "cache").rglob("*.safetensors"))
+    assert len(cached) == n_matrices
