@@ -168,6 +168,7 @@ def build_lab(
     rl_steps: int | None = None,
     sft_steps: int | None = None,
     seed: int = 0,
+    threads: int | None = None,
     force: bool = False,
     settings: LabSettings | None = None,
     log: Log | None = None,
@@ -187,6 +188,7 @@ def build_lab(
         rl_steps=rl_steps,
         sft_steps=sft_steps,
         seed=seed,
+        threads=threads,
     )
     log = log or (lambda msg: print(msg, file=sys.stderr))
     key, sweep = settings_key(s), out / "sweep.yaml"
@@ -195,12 +197,12 @@ def build_lab(
     if cached and json.loads(manifest.read_text()).get("key") == key:
         return sweep
     _clear_previous(out)
-    t0, threads = time.perf_counter(), torch.get_num_threads()
+    t0, prev_threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:
         families = {arch: build_family(out, arch, s, log) for arch in s.archs}
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(prev_threads)
     import yaml
 
     sweep.write_text(yaml.safe_dump({"groups": sweep_groups(s, families)}, sort_keys=False))

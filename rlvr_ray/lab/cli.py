@@ -43,30 +43,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--hidden",
         type=int,
         default=None,
-        help=f"model width in units, a multiple of 32 (default: {d.hidden})",
+        help=f"model width in units, a multiple of 32 (default: the preset's; {d.hidden} in default)",
     )
     p.add_argument(
-        "--layers", type=int, default=None, help=f"transformer blocks (default: {d.layers})"
+        "--layers",
+        type=int,
+        default=None,
+        help=f"transformer blocks (default: the preset's; {d.layers} in default)",
     )
     p.add_argument(
         "--pretrain-steps",
         type=int,
         default=None,
-        help=f"maximum pretraining optimizer steps (default: {d.pretrain_steps})",
+        help=f"maximum pretraining optimizer steps (default: the preset's; {d.pretrain_steps} in default)",
     )
     p.add_argument(
         "--rl-steps",
         type=int,
         default=None,
-        help=f"rollout steps per RL run (default: {d.rl_steps})",
+        help=f"rollout steps per RL run (default: the preset's; {d.rl_steps} in default)",
     )
     p.add_argument(
         "--sft-steps",
         type=int,
         default=None,
-        help=f"optimizer steps of the SFT run (default: {d.sft_steps})",
+        help=f"optimizer steps of the SFT run (default: the preset's; {d.sft_steps} in default)",
     )
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch CPU threads; part of the cache key (default: {d.threads})",
+    )
     p.add_argument(
         "--force",
         action="store_true",

@@ -78,7 +78,7 @@ class LabSettings:
     eval_size: int = 512
     eval_every: int = 10  # steps between greedy evaluations (pretraining, RL and SFT)
     n_saves: int = 3  # checkpoints per run, evenly spaced, the last at the final step
-    threads: int = 2
+    threads: int = 1  # torch CPU threads; 2+ spin badly when other jobs share the cores
     seed: int = 0
     runs: tuple[RunSpec, ...] = field(default=DEFAULT_RUNS)
 
@@ -123,7 +123,6 @@ PRESETS: dict[str, LabSettings] = {
         pool_size=64,
         eval_size=64,
         eval_every=40,
-        threads=1,
     ),
 }
 
