@@ -31,6 +31,7 @@ def _add_scan(sub) -> None:
     p.add_argument("--workers", type=int, help="number of actors (default: one per GPU, else one per CPU)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.add_argument("--gpus-per-worker", type=float, help="GPU share per actor (default: 1 when the cluster has GPUs, else 0)")  # fmt: skip
+    p.add_argument("--memory-gb", type=float, help="memory per actor, GiB (Ray's memory resource); units that need more are refused (default: no limit)")  # fmt: skip
     p.add_argument("--unit-mb", type=int, default=256, help="target size of a work unit across all checkpoints, MiB (default: 256)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo units already done")
     p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
@@ -76,7 +77,8 @@ def _scan(args) -> int:
         return 2
     res = run_scan(sweep, args.out, address=args.address, workers=args.workers,
                    num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
-                   force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20)  # fmt: skip
+                   force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
+                   memory_gb=args.memory_gb)  # fmt: skip
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
     for msg in res.skipped[:20]:
@@ -160,7 +162,11 @@ def _summary(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlvr-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rlvr-ray",
+        description="Where fine-tuning moved a model's bf16 weights: scan checkpoints on Ray, "
+        "query the Parquet/DuckDB atlas, report, watch the Hub.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_scan(sub)
     p = sub.add_parser("sql", help="run SQL over a results directory's atlas")
@@ -173,12 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=_summary)
     # optional subcommands: each module has add_parser(subparsers)
-    for mod in ("rlvr_ray.lab.cli", "rlvr_ray.report.cli", "rlvr_ray.hub.cli", "rlvr_ray.demo"):
+    for name, mod in OPTIONAL_COMMANDS.items():
         try:
             importlib.import_module(mod).add_parser(sub)
-        except ImportError:
-            pass
+        except ImportError as e:  # a missing extra: the command explains instead of vanishing
+            p = sub.add_parser(name, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e, name=name: _unavailable(name, e))
     return parser
+
+
+OPTIONAL_COMMANDS = {"lab": "rlvr_ray.lab.cli", "report": "rlvr_ray.report.cli",
+                     "watch": "rlvr_ray.hub.cli", "demo": "rlvr_ray.demo"}  # fmt: skip
+
+
+def _unavailable(name: str, e: ImportError) -> int:
+    print(f"rlvr-ray: error: `{name}` is unavailable here ({e}); install the extras, e.g. "
+          "pip install 'rlvr-ray[lab,report]'", file=sys.stderr)  # fmt: skip
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
