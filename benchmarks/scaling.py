@@ -69,8 +69,9 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="rlvr-scaling-"))
     try:
         sweep = build(root, args.layers, args.geometry)
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-                 logging_level="ERROR")  # a new Ray, even if `ray start` left one here
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR"
+        )  # a new Ray, even if `ray start` left one here
         print(f"cpus {os.cpu_count()} (Ray: {args.num_cpus}), load average at start "
               f"{os.getloadavg()[0]:.1f}, layers {args.layers}, geometry {args.geometry}")  # fmt: skip
         rows = []
