@@ -75,10 +75,14 @@ def _scan(args) -> int:
     except SweepError as e:
         print(f"rlvr-ray: error: {e}", file=sys.stderr)
         return 2
-    res = run_scan(sweep, args.out, address=args.address, workers=args.workers,
-                   num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
-                   force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
-                   memory_gb=args.memory_gb)  # fmt: skip
+    try:
+        res = run_scan(sweep, args.out, address=args.address, workers=args.workers,
+                       num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
+                       force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
+                       memory_gb=args.memory_gb)  # fmt: skip
+    except OSError as e:  # an unreachable store, a missing bucket, a read-only directory
+        print(f"rlvr-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
     for msg in res.skipped[:20]:
