@@ -15,10 +15,16 @@ Defaults are chosen for realism at toy scale, not for a wanted answer:
   (GRPO loss / REINFORCE++ reward), clip 0.2 (DAPO 0.2 / 0.28), 150 steps;
 - SFT: lr 1e-5 (10x RL), 10% warm-up then constant, batch 128 correct answers, 150 steps.
 
-What moves the figures most: ``rl_lr`` x ``rl_steps`` (bf16 sparsity of RL falls from ~0.5 at
-1e-6 to ~0.25 at 3e-6 and ~0.12 at 1e-5 after 150 steps) and ``sft_lr``. The ``tiny`` preset is
-a smoke test: its learning rates are raised (RL 1e-4, SFT 1e-3) so that three steps visibly
-change weights; its figures mean nothing.
+What moves the figures most (measured on default-size qwen2 bases, 150 steps each): the learning
+rate. bf16 sparsity of GRPO is ~0.45 at lr 1e-6, ~0.25 at 3e-6, ~0.12 at 1e-5; SFT's is ~0.08
+at 1e-5, ~0.13 at 3e-6 and ~0.23 at 1e-6, so at equal lr and steps RL stays about twice as
+sparse as SFT, and the realistic 10x lr gap widens that to ~6x. Sparsity falls with steps
+(GRPO ~0.72 / 0.55 / 0.45 at steps 50 / 100 / 150): real runs of thousands of steps would sit
+lower. AdamW moves ~99.9% of the fp32 master coordinates in every run: which moves show in the
+checkpoint is decided by bf16 rounding (the precision gate).
+
+The ``tiny`` preset is a smoke test: its learning rates are raised (RL 1e-4, SFT 1e-3) so that
+three steps visibly change weights; its figures mean nothing.
 """
 
 from __future__ import annotations
