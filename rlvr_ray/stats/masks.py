@@ -92,24 +92,27 @@ def _chunk_stats_exact(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...
 
     Handles every case (sign flips, +0/-0) through int32 ordered keys."""
     steps = ulp_steps(b0, b1)
-    m8 = steps.clamp_max(1).to(torch.uint8)
-    hist = _hist(steps, edges)
-    d = (
-        b1.view(torch.bfloat16).to(torch.float64) - b0.view(torch.bfloat16).to(torch.float64)
-    ).flatten()
+    m = steps.clamp_max(1)
+    rows, cols = _counts(m)
+    d0 = b0.view(torch.bfloat16).to(torch.float64)
+    d = (b1.view(torch.bfloat16).to(torch.float64) - d0).flatten()
     lo, hi = torch.aminmax(d)
-    return (m8, m8.sum(1, dtype=torch.int64), m8.sum(0, dtype=torch.int64), hist, steps.max(),
-            torch.dot(d, d), torch.maximum(-lo, hi))  # fmt: skip
+    smax = int(steps.max())
+    return (m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(d, d),
+            torch.maximum(-lo, hi))  # fmt: skip
 
 
-def _hist(steps: torch.Tensor, edges: tuple[int, ...]) -> torch.Tensor:
+def _hist(steps: torch.Tensor, edges: tuple[int, ...], smax: int) -> torch.Tensor:
     """Counts of steps in [edges[b], edges[b + 1]) (last bin open) -> int64 [len(edges)].
 
     count(steps >= e) is the sum of clamp(steps - (e - 1), 0, 1) over float32 (one upcast,
     then vectorized float ops; a float32 sum of 0/1 is exact below 2^24 elements, and chunks
-    are kept far below that)."""
-    sf = steps.float()
-    ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges]).to(torch.int64)
+    are kept far below that). Edges above ``smax`` (the largest step) count nothing: skipped."""
+    ge = torch.zeros(len(edges), dtype=torch.int64, device=steps.device)
+    live = [i for i, e in enumerate(edges) if e <= smax]
+    if live:
+        sf = steps.float()
+        ge[: len(live)] = torch.stack([(sf - (edges[i] - 1)).clamp_(0, 1).sum() for i in live]).to(torch.int64)  # fmt: skip
     return ge - torch.cat([ge[1:], ge.new_zeros(1)])
 
 
@@ -138,7 +141,8 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
     d = (b1.view(torch.bfloat16).float() - b0.view(torch.bfloat16).float()).flatten()
     lo, hi = torch.aminmax(d)
     dd = d.double()
-    return (m.to(torch.uint8), rows, cols, _hist(steps, edges), steps.max(), torch.dot(dd, dd),
+    smax = int(steps.max())
+    return (m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(dd, dd),
             torch.maximum(-lo, hi).double())  # fmt: skip
 
 
