@@ -10,13 +10,16 @@ entries) and optionally one SFT-like run (timed apart), then prints per tensor a
   (full SVD of the decoded bf16 values, angles from the SVD vectors with the stable sine formula
   of ``scipy.linalg.subspace_angles``).
 
-On MKL CPUs ``torch.linalg.svd`` of a tall row-major float64 matrix (4864x896) is ~15x slower
-than of its transpose, so the straightforward time is reported twice: as stored ("naive") and
-in the faster orientation ("naive-T"). "naive" is timed once per distinct shape and multiplied by
-the number of SVDs of that shape (an SVD's time depends on the shape, not the values);
-"naive-T" is measured for every pair, interleaved with ours, and also gives the reference values.
+Which orientation MKL's float64 ``svd`` prefers for a tall row-major matrix depends on the
+threading: on 2 loaded cores 4864x896 took 22 s as stored and 1.4 s transposed, single-threaded
+0.9 s and 4 s. So the straightforward time is reported as stored ("naive", one SVD timed per
+shape and multiplied by the number of SVDs of that shape: the time depends on the shape, not
+the values), with tall matrices transposed ("naive-T", measured for every pair, interleaved
+with ours; it also gives the reference values), and as the faster of the two per shape
+("best"). Timings default to one thread (``--threads``), because two MKL threads on cores
+shared with other jobs made every timing 10-30x slower and erratic.
 
-Run (CPU, ~3 minutes on 2 cores):
+Run (CPU, ~3 minutes; ~1 minute of it ours and the straightforward method each):
     .venv/bin/python benchmarks/geometry_math.py --layers 1
     .venv/bin/python benchmarks/geometry_math.py --layers 2 --sft   # plus one SFT-like run
 GPU: add ``--device cuda`` (the reference stays on CPU float64).
@@ -109,18 +112,20 @@ def main() -> None:
     ap.add_argument("--spectral-k", type=int, default=64, help="angle subspace rank (64)")
     ap.add_argument("--device", default="cpu", help="device for our method (default cpu)")
     ap.add_argument("--davidson", action="store_true", help="eigvalsh + Davidson, not eigh")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1; 0: default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     t_base = t_run = t_ref = t_sft = t_sft_ref = 0.0
+    ref_by_shape: dict[tuple[int, int], float] = {}
+    ours_by_shape: dict[tuple[int, int], float] = {}
     n_pairs: dict[tuple[int, int], int] = {}
     worst = {"rl": [0.0, 0.0, 0.0], "sft": [0.0, 0.0, 0.0]}
     print(
         f"{'tensor':<16}{'naive-T s':>10}{'ours s':>8}{'(base':>7}{'+ runs)':>8}{'ratio':>7}"
-        f"{'nss':>10}{'max_left':>10}{'max_right':>10}"
+        f"{'last run: nss':>14}{'max_left':>10}{'max_right':>10}"
     )
     for layer in range(args.layers):
         for role, shape in SHAPES.items():
@@ -142,20 +147,34 @@ def main() -> None:
                 for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
                     worst[kind][i] = max(worst[kind][i], abs(a - b) / abs(b))
             t_base, t_run, t_ref = t_base + tb, t_run + tr_sum, t_ref + tref_sum
+            ref_by_shape[shape] = ref_by_shape.get(shape, 0.0) + tref_sum
+            ours_by_shape[shape] = ours_by_shape.get(shape, 0.0) + tb + tr_sum
             print(
                 f"{layer}.{role:<14}{tref_sum:10.2f}{tb + tr_sum:8.2f}{tb:7.2f}{tr_sum:8.2f}"
-                f"{tref_sum / (tb + tr_sum):7.1f}{out.nss:10.2e}"
+                f"{tref_sum / (tb + tr_sum):7.1f}{out.nss:14.2e}"
                 f"{out.max_angle_left:10.2e}{out.max_angle_right:10.2e}",
                 flush=True,
             )
-    naive = sum(2 * pairs * naive_svd_time(shape) for shape, pairs in n_pairs.items())
+    stored = {shape: 2 * pairs * naive_svd_time(shape) for shape, pairs in n_pairs.items()}
+    naive = sum(stored.values())
+    print(f"\n{'shape':<12}{'naive s':>9}{'naive-T s':>10}{'ours s':>8}{'vs best':>8}")
+    for shape, t in stored.items():
+        t_ours = ours_by_shape[shape]
+        best_shape = min(t, ref_by_shape[shape])
+        print(
+            f"{shape[0]}x{shape[1]:<7}{t:9.2f}{ref_by_shape[shape]:10.2f}{t_ours:8.2f}"
+            f"{best_shape / t_ours:7.1f}x"
+        )
+    best = sum(min(t, ref_by_shape[shape]) for shape, t in stored.items())
     ours = t_base + t_run
     print(f"\nnaive   float64 torch.linalg.svd of base and run per pair, as stored: {naive:7.1f} s")
-    print(f"naive-T the same in the faster orientation (measured, interleaved) : {t_ref:7.1f} s")
+    print(f"naive-T the same, tall matrices transposed (measured, interleaved)  : {t_ref:7.1f} s")
+    print(f"best    the faster of the two for each shape                        : {best:7.1f} s")
+    print(f"ours    base_geometry {t_base:.1f} s + run_geometry {t_run:.1f} s = {ours:.1f} s")
     print(
-        f"ours    base_geometry {t_base:.1f} s + run_geometry {t_run:.1f} s        = {ours:7.1f} s"
+        f"speed-up: {naive / ours:.1f}x vs naive, {t_ref / ours:.1f}x vs naive-T, "
+        f"{best / ours:.1f}x vs best"
     )
-    print(f"speed-up: {naive / ours:.1f}x vs naive, {t_ref / ours:.1f}x vs naive-T")
     if args.sft:
         print(
             f"SFT-like runs (not in the totals above): ours {t_sft:.1f} s, naive-T {t_sft_ref:.1f} s"

@@ -39,14 +39,15 @@ def top_fraction_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
     threshold = torch.kthvalue(flat, numel - count + 1).values  # the count-th largest score
     above = flat > threshold
     tied = flat == threshold
-    need = count - int(above.sum())
+    need = count - int(torch.count_nonzero(above))
     take = tied & (torch.cumsum(tied, 0) <= need)
     return (above | take).reshape(score.shape)
 
 
 def low_magnitude_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Base weights [m, n] (any float dtype) -> BoolTensor [m, n]: bottom alpha of |W0|."""
-    return top_fraction_mask(-w0.to(torch.float64).abs(), alpha)
+    exact = torch.float32 if w0.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    return top_fraction_mask(-w0.to(exact).abs(), alpha)
 
 
 def rank_k_reconstruction(w0: torch.Tensor, v_k: torch.Tensor) -> torch.Tensor:
@@ -73,13 +74,13 @@ def principal_mask(w0: torch.Tensor, rank_k: int = 64, alpha: float = 0.5) -> to
 
 def density(mask: torch.Tensor) -> float:
     """BoolTensor [...] -> share of True entries (NaN for an empty tensor)."""
-    return float(mask.sum()) / mask.numel() if mask.numel() else math.nan
+    return int(torch.count_nonzero(mask)) / mask.numel() if mask.numel() else math.nan
 
 
 def overlap(mask_star: torch.Tensor, mask: torch.Tensor) -> float:
     """BoolTensor [m, n] x2 -> |M* & M| / |M|; NaN when M is empty. Baseline: density(M*)."""
-    changed = int(mask.sum())
-    return int((mask_star & mask).sum()) / changed if changed else math.nan
+    changed = int(torch.count_nonzero(mask))
+    return int(torch.count_nonzero(mask_star & mask)) / changed if changed else math.nan
 
 
 def mask_overlaps(princ: torch.Tensor, low: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
