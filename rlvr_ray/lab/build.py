@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +121,27 @@ def build_family(out: Path, arch: str, s: LabSettings, log: Log) -> dict[str, An
     return {"pretrain": pre, "runs": runs}
 
 
+def _family_in_process(out: Path, arch: str, s: LabSettings) -> dict[str, Any]:
+    torch.set_num_threads(s.threads)
+    return build_family(out, arch, s, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _build_families(out: Path, s: LabSettings, log: Log, jobs: int | None) -> dict[str, dict]:
+    """Train every architecture's family, ``jobs`` at a time (processes: one GIL each)."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(s.archs)))
+    if jobs == 1:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(s.threads)
+        try:
+            return {arch: build_family(out, arch, s, log) for arch in s.archs}
+        finally:
+            torch.set_num_threads(prev)
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/Ray state in the children
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {arch: pool.submit(_family_in_process, out, arch, s) for arch in s.archs}
+        return {arch: f.result() for arch, f in futures.items()}
+
+
 def sweep_groups(s: LabSettings, families: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The sweep YAML's ``groups``: one per arch, one entry per saved step of every run."""
     groups = []
@@ -172,11 +196,14 @@ def build_lab(
     force: bool = False,
     settings: LabSettings | None = None,
     log: Log | None = None,
+    jobs: int | None = None,
 ) -> Path:
     """Build (or reuse) the lab under ``out``; returns the path of its sweep YAML.
 
     ``settings`` replaces ``preset`` and the keyword overrides when given. The build is skipped
-    when ``out/manifest.json`` records the same settings key, unless ``force``.
+    when ``out/manifest.json`` records the same settings key, unless ``force``. ``jobs``
+    families train at once in separate processes (default: one per CPU core, at most one per
+    architecture); each family is seeded on its own, so the checkpoints do not depend on it.
     """
     out = Path(out)
     s = settings or lab_settings(
@@ -197,12 +224,8 @@ def build_lab(
     if cached and json.loads(manifest.read_text()).get("key") == key:
         return sweep
     _clear_previous(out)
-    t0, prev_threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(s.threads)
-    try:
-        families = {arch: build_family(out, arch, s, log) for arch in s.archs}
-    finally:
-        torch.set_num_threads(prev_threads)
+    t0 = time.perf_counter()
+    families = _build_families(out, s, log, jobs)
     import yaml
 
     sweep.write_text(yaml.safe_dump({"groups": sweep_groups(s, families)}, sort_keys=False))

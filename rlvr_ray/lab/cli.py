@@ -77,6 +77,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"torch CPU threads; part of the cache key (default: {d.threads})",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="families trained at once, one process each (default: CPU cores, at most one per "
+        "architecture); the checkpoints do not depend on it",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="rebuild even when the manifest says this build exists (default: off)",
@@ -101,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
             rl_steps=args.rl_steps,
             sft_steps=args.sft_steps,
             seed=args.seed,
+            threads=args.threads,
             force=args.force,
+            jobs=args.jobs,
         )
     except ValueError as err:
         print(f"rlvr-ray lab: error: {err}", file=sys.stderr)

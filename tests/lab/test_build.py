@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 def lab(tmp_path_factory) -> Path:
     """The tiny preset for all three architectures (a few seconds)."""
     out = tmp_path_factory.mktemp("lab")
-    build.build_lab(out, preset="tiny", log=lambda _: None)
+    build.build_lab(out, preset="tiny", log=lambda _: None, jobs=2)  # two processes
     return out
 
 
@@ -106,7 +106,8 @@ def test_second_build_is_cached(lab):
 
 
 def test_same_settings_give_identical_bytes(lab, tmp_path):
-    build.build_lab(tmp_path, preset="tiny", archs=("llama",), log=lambda _: None)
+    """... whether the families trained in parallel processes (the fixture) or in this one."""
+    build.build_lab(tmp_path, preset="tiny", archs=("llama",), log=lambda _: None, jobs=1)
     files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "llama").rglob("*.safetensors"))
     assert len(files) == 1 + 5 * 3 + 3  # base, 5 runs x 3 steps, 3 fp32 masters
     for rel in files:
