@@ -30,8 +30,34 @@ def _planted_sweep(root: Path) -> Path:
     return path
 
 
+HEADLINE = [
+    ("RL vs SFT, final checkpoints: sparsity (share of bf16 weights bitwise unchanged), share of "
+     "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
+     "baseline 0.5 each), median NSS and median max principal angle (rad)", """
+     WITH runs AS (SELECT group_name, run, series, step FROM checkpoints WHERE NOT is_base),
+          last AS (SELECT group_name, series, max(step) AS step FROM runs GROUP BY ALL),
+          final AS (SELECT s.* FROM summary s JOIN runs r USING (group_name, run)
+                    LEFT JOIN last l ON l.group_name = r.group_name AND l.series = r.series
+                    WHERE r.step IS NULL OR r.step = l.step)
+     SELECT group_name, algorithm, count(*) AS runs, round(avg(sparsity), 3) AS sparsity,
+            round(avg(ulp1_share), 3) AS ulp1_share, round(avg(overlap_princ), 3) AS overlap_princ,
+            round(avg(overlap_low), 3) AS overlap_low, avg(median_nss) AS nss,
+            avg(median_max_angle) AS max_angle
+     FROM final GROUP BY group_name, algorithm
+     ORDER BY group_name, algorithm = 'sft', algorithm"""),
+    ("Cross-run consistency of the RL runs' update masks: mean pairwise Jaccard vs the "
+     "independent-Bernoulli baseline", """
+     SELECT group_name, n_runs, round(mean_jaccard, 3) AS mean_jaccard,
+            round(jaccard_baseline, 3) AS baseline,
+            round(mean_jaccard / jaccard_baseline, 2) AS lift
+     FROM group_summary ORDER BY group_name"""),
+]  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
-    from rlvr_ray.cli import main
+    from rlvr_ray.cli import _query, print_rows
+    from rlvr_ray.engine.config import load_sweep
+    from rlvr_ray.engine.driver import run_scan
 
     out = Path(args.out)
     if args.planted:
@@ -44,13 +70,22 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(f"building the lab families in {out / 'lab'} (cached after the first run) ...")
         sweep = build_lab(out / "lab", preset=args.preset)
-    argv = ["scan", str(sweep), "--out", str(out / "results")]
-    if args.num_cpus:
-        argv += ["--num-cpus", str(args.num_cpus)]
-    code = main(argv)
-    print(f'\nquery it:  rlvr-ray sql "SELECT * FROM run_sparsity" --out {out / "results"}')
-    print(f"open it:   duckdb {out / 'results' / 'atlas.duckdb'}")
-    return code
+    results = out / "results"
+    print(f"scanning {sweep} on an embedded Ray ...")
+    res = run_scan(load_sweep(sweep), str(results), num_cpus=args.num_cpus)
+    for msg in res.errors + res.warnings:
+        print(f"rlvr-ray: {msg}", file=sys.stderr)
+    print(f"scanned {res.n_tensors} tensors ({res.n_units_resumed} of {res.n_units} units "
+          f"already done) in {res.seconds:.1f} s")  # fmt: skip
+    for title, sql in HEADLINE:
+        cols, rows = _query(str(results), sql)
+        print(f"\n{title}")
+        print_rows(cols, rows)
+    print(f"\nevery run:  rlvr-ray summary --out {results}")
+    print(f'query it:   rlvr-ray sql "SELECT * FROM run_sparsity" --out {results}')
+    print(f"report:     rlvr-ray report --out {results}")
+    print(f"open it:    duckdb {results / 'atlas.duckdb'}")
+    return res.exit_code
 
 
 def add_parser(sub) -> None:

@@ -31,7 +31,7 @@ decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
   At p = 896 it measured no faster than ``eigh`` on CPU; it is kept for larger p and GPUs.
 
 Accuracy measured against float64 ``torch.linalg.svd`` of the decoded bf16 values and the
-sine formula of ``scipy.linalg.subspace_angles`` (benchmarks/geometry_math.py, Qwen2-0.5B
+sine formula of ``scipy.linalg.subspace_angles`` (benchmarks/geometry.py, Qwen2-0.5B
 shapes, power-law spectra, 1-3 ULP updates on 40% of entries, angles 1e-2..7e-2 rad, NSS ~1e-4):
 max angles within 5e-12 relative, NSS within 1.2e-12 relative; SFT-like update (angles 0.5-1.5
 rad, NSS ~0.1): 1e-13. The Davidson path stops at its certificate, ~5e-8 relative.

@@ -20,8 +20,8 @@ one timed SVD of the transposed view ("best"). Timings default to one thread (``
 shared with other jobs made every timing 10-30x slower and erratic.
 
 Run (CPU, ~3 minutes; ~1 minute of it ours and the straightforward method each):
-    .venv/bin/python benchmarks/geometry_math.py --layers 1
-    .venv/bin/python benchmarks/geometry_math.py --layers 2 --sft   # plus one SFT-like run
+    .venv/bin/python benchmarks/geometry.py --layers 1
+    .venv/bin/python benchmarks/geometry.py --layers 2 --sft   # plus one SFT-like run
 GPU: add ``--device cuda`` (the reference stays on CPU float64).
 """
 
