@@ -25,6 +25,18 @@ class SweepError(ValueError):
     """A malformed sweep; the message names the file and the field."""
 
 
+def _check_name(v: str, what: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(f"{what} name {v!r} must match {_NAME.pattern}")
+    return v
+
+
+def _no_duplicates(names: list[str], what: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what}: {dup}")
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,9 +56,7 @@ class Run(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"run name {v!r} must match {_NAME.pattern}")
-        return v
+        return _check_name(v, "run")
 
     @field_validator("algorithm")
     @classmethod
@@ -64,16 +74,11 @@ class Group(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"group name {v!r} must match {_NAME.pattern}")
-        return v
+        return _check_name(v, "group")
 
     @model_validator(mode="after")
     def _unique_runs(self) -> Group:
-        names = [r.name for r in self.runs]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate run names in group {self.name!r}: {dup}")
+        _no_duplicates([r.name for r in self.runs], f"run names in group {self.name!r}")
         return self
 
 
@@ -97,10 +102,7 @@ class Sweep(_Frozen):
 
     @model_validator(mode="after")
     def _unique_groups(self) -> Sweep:
-        names = [g.name for g in self.groups]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate group names: {dup}")
+        _no_duplicates([g.name for g in self.groups], "group names")
         return self
 
 
