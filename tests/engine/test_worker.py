@@ -34,6 +34,11 @@ def scan(tmp_path, base, runs: dict, params=None, consistency=None):
     return con, reports, plan
 
 
+def np_gini(x):
+    """Mean-absolute-difference form: sum_ij |xi - xj| / (2 n^2 mean)."""
+    return np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
+
+
 def np_mask(b0, b1):
     return (b0 != b1) & (((b0 | b1) & 0x7FFF) != 0)
 
@@ -43,9 +48,9 @@ def test_every_tensor_matches_numpy(qwen_family, tmp_path):
     con, reports, plan = scan(tmp_path, fam.base, fam.runs)
     assert len(plan.units) >= 16 and sum(r["n_tensors"] for r in reports) == len(fam.bits["base"])
     rows = con.execute("SELECT run, tensor, n_changed, numel, update_density, ulp1_share, ulp_hist,"
-                       " rel_frob, max_abs_update, status FROM tensors").fetchall()  # fmt: skip
+                       " rel_frob, max_abs_update, status, stripe_row, stripe_col FROM tensors").fetchall()  # fmt: skip
     assert len(rows) == 4 * len(fam.bits["base"])
-    for run, tensor, n_changed, numel, dens, ulp1, hist, rel, mx, status in rows:
+    for run, tensor, n_changed, numel, dens, ulp1, hist, rel, mx, status, s_row, s_col in rows:
         b0, b1 = fam.bits["base"][tensor], fam.bits[run][tensor]
         m = np_mask(b0, b1)
         assert status == "ok" and numel == b0.size and n_changed == int(m.sum())
@@ -59,6 +64,11 @@ def test_every_tensor_matches_numpy(qwen_family, tmp_path):
         w0 = bf16_bits_to_f64(b0)
         assert rel == pytest.approx(np.sqrt((d**2).sum() / (w0**2).sum()), rel=1e-9)
         assert mx == np.abs(d).max()
+        if b0.ndim == 2:  # stripe scores: Gini of the row / column update ratios
+            assert s_row == pytest.approx(np_gini(m.mean(axis=1)), rel=1e-9)
+            assert s_col == pytest.approx(np_gini(m.mean(axis=0)), rel=1e-9)
+        else:
+            assert s_row is None and s_col is None
     roles = dict(con.execute("SELECT DISTINCT tensor, role FROM tensors").fetchall())
     assert roles["model.layers.1.self_attn.q_proj.weight"] == "q"
     assert roles["model.layers.1.self_attn.q_proj.bias"] == "bias"
