@@ -35,9 +35,9 @@ def _add_scan(sub) -> None:
     p.add_argument("--unit-mb", type=int, default=256, help="target size of a work unit across all checkpoints, MiB (default: 256)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo units already done")
     p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
-    p.add_argument("--rank-k", type=int, default=64, help="k of the rank-k reconstruction (default: 64)")  # fmt: skip
-    p.add_argument("--alpha", type=float, default=0.5, help="share of weights in M_princ and M_low (default: 0.5)")  # fmt: skip
-    p.add_argument("--spectral-k", type=int, default=64, help="top-k singular subspaces compared (default: 64)")  # fmt: skip
+    p.add_argument("--rank-k", type=int, help="k of the rank-k reconstruction (default: the sweep's, else 64)")  # fmt: skip
+    p.add_argument("--alpha", type=float, help="share of weights in M_princ and M_low (default: the sweep's, else 0.5)")  # fmt: skip
+    p.add_argument("--spectral-k", type=int, help="top-k singular subspaces compared (default: the sweep's, else 64)")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
     p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
     p.set_defaults(func=_scan)
@@ -46,13 +46,20 @@ def _add_scan(sub) -> None:
 def _sweep_from_args(args):
     from rlvr_ray.engine.config import SweepError, load_sweep, sweep_from_dict
 
-    params = {"geometry": not args.no_geometry, "rank_k": args.rank_k, "alpha": args.alpha,
-              "spectral_k": args.spectral_k, "svd_embeddings": args.svd_embeddings}  # fmt: skip
+    # flags given on the command line override the sweep file's params; absent ones do not
+    params = {k: v for k, v in {"rank_k": args.rank_k, "alpha": args.alpha,
+                                "spectral_k": args.spectral_k}.items() if v is not None}  # fmt: skip
+    if args.no_geometry:
+        params["geometry"] = False
+    if args.svd_embeddings:
+        params["svd_embeddings"] = True
     if args.sweep and (args.base or args.run):
         raise SweepError("give a sweep file or --base/--run, not both")
     if args.sweep:
         sweep = load_sweep(args.sweep)
-        return sweep.model_copy(update={"params": sweep.params.model_copy(update=params)})
+        merged = {**sweep.params.model_dump(), **params}
+        return sweep_from_dict({"groups": [g.model_dump() for g in sweep.groups], "params": merged},
+                               Path(args.sweep).parent.resolve(), args.sweep)  # fmt: skip
     if not args.base or not args.run:
         raise SweepError("scan needs a sweep file, or --base PATH with at least one --run NAME=PATH")  # fmt: skip
     runs = []

@@ -148,3 +148,19 @@ def test_summary_and_sql_formats(two_families, capsys):
     assert capsys.readouterr().out.split() == ["run", "grpo", "ppo"]
     assert main(["sql", "SELECT nope FROM summary", "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cli_flags_override_sweep_params_only_when_given(tmp_path):
+    from rlvr_ray.cli import _sweep_from_args, build_parser
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"groups": [{"name": "g", "base": "b", "runs": [
+        {"name": "r", "checkpoint": "c"}]}], "params": {"rank_k": 8, "alpha": 0.25}}))  # fmt: skip
+    s = _sweep_from_args(build_parser().parse_args(["scan", str(f)]))
+    assert (s.params.rank_k, s.params.alpha, s.params.geometry) == (8, 0.25, True)
+    s = _sweep_from_args(build_parser().parse_args(["scan", str(f), "--rank-k", "16", "--no-geometry"]))  # fmt: skip
+    assert (s.params.rank_k, s.params.alpha, s.params.geometry) == (16, 0.25, False)
+    assert s.groups[0].base == str(tmp_path / "b")
+    bad = build_parser().parse_args(["scan", str(f), "--alpha", "2"])
+    with pytest.raises(SweepError, match="params.alpha"):
+        _sweep_from_args(bad)
