@@ -95,7 +95,7 @@ def train_run(
     _write_json(fam / "curves" / f"{run.name}.json", {"run": run.name, "points": curve})
     _write_json(run_dir / "train_log.json", entry)
     log(
-        f"  {run.name}: acc {entry['base_accuracy']:.3f} -> {entry['final_accuracy']:.3f} "
+        f"{fam.name}/{run.name}: acc {entry['base_accuracy']:.3f} -> {entry['final_accuracy']:.3f} "
         f"({entry['wall_s']:.0f} s)"
     )
     return entry
