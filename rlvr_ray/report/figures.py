@@ -181,8 +181,14 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
                  [g, [t for _, t in tensors]])  # fmt: skip
     if not found:
         return None
-    runs = sorted({(_algo(r["algorithm"]) == "sft", r["step"] or -1, r["run"])
-                   for r in found if r["kind"] == "mask"})  # fmt: skip
+    # the runs of the consensus (final RL checkpoints) first, then SFT, then earlier steps
+    members = {r for (r,) in con.execute(
+        "SELECT DISTINCT unnest(runs) FROM consistency WHERE group_name = ?", [g]).fetchall()}  # fmt: skip
+
+    def rank(r: dict) -> int:
+        return 0 if r["run"] in members else 1 if _algo(r["algorithm"]) == "sft" else 2
+
+    runs = sorted({(rank(r), -(r["step"] or 0), r["run"]) for r in found if r["kind"] == "mask"})
     shown = [r for *_, r in runs][:MAX_MAP_RUNS]
     lines = shown + (["*"] if any(r["kind"] == "consensus" for r in found) else [])
     means: dict[tuple[int, int], float] = {}
