@@ -49,15 +49,69 @@ COMPARED = ("ok", "vocab_resized")
 #: elements per row chunk: scratch stays in L2 (measured best of 2^16..2^20 on a 2 MiB L2)
 #: and float32 0/1 sums stay exact (< 2^24)
 CHUNK_NUMEL = 1 << 18
+#: tensors this large (bytes) that get no SVD are streamed rather than read whole
+STREAM_MIN_BYTES = 16 << 20
 
 
 @dataclass
 class _Compared:
     run: int
-    bits: torch.Tensor  # [rows, cols] int16
+    src: _Source  # the run's rows (common rows only when the vocabulary was resized)
     rounded: bool
     status: str = "ok"
     message: str | None = None
+
+
+class _NonFinite(Exception):
+    """A chunk of ``src`` (the base's or a run's source) held NaN/Inf."""
+
+    def __init__(self, src: _Source):
+        super().__init__(src.name)
+        self.src = src
+
+
+class _Source:
+    """One checkpoint's tensor as int16 bf16 patterns [rows, cols], row range by row range.
+
+    Either read whole into a reused buffer (tensors that get geometry, and small ones), or
+    streamed: each row range read from the file when asked for, so a huge tensor (an
+    embedding) costs (runs + 1) chunks of memory instead of (runs + 1) tensors."""
+
+    def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
+                 out: _Out, limit: int | None = None):  # fmt: skip
+        e = ck.entries[name]
+        self.worker, self.ck, self.name, self.slot, self.out = worker, ck, name, slot, out
+        rows = e.shape[0] if len(e.shape) >= 2 else 1
+        self.shape = (min(rows, limit) if limit is not None else rows, e.numel // max(rows, 1))
+        self.rounded = e.dtype != "BF16"
+        self.full: torch.Tensor | None = None
+        if not stream:
+            out.n_bytes += e.nbytes
+            raw = ck.read(name, worker.device, worker.buffer(("full", slot), e.nbytes))
+            self.full = as_matrix(bf16_bits(raw)[0])[: self.shape[0]]
+
+    def head(self, n: int) -> _Source:
+        """The first n rows (a resized vocabulary's common rows), sharing what was read."""
+        other = object.__new__(_Source)
+        other.__dict__.update(self.__dict__)
+        other.shape = (min(n, self.shape[0]), self.shape[1])
+        other.full = self.full[:n] if self.full is not None else None
+        return other
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        if self.full is not None:
+            return self.full[a:b]
+        e = self.ck.entries[self.name]
+        nbytes = (b - a) * self.shape[1] * (e.nbytes // max(e.numel, 1))
+        self.out.n_bytes += nbytes
+        buf = self.worker.buffer(("chunk", self.slot), nbytes)
+        return as_matrix(bf16_bits(self.ck.read_rows(self.name, a, b, self.worker.device, buf))[0])
+
+    def nonfinite(self) -> int:
+        """NaN/Inf count over the whole tensor (only asked for on the error path)."""
+        step = max(1, CHUNK_NUMEL // max(self.shape[1], 1))
+        return sum(nonfinite_count(self.rows(a, min(a + step, self.shape[0])))
+                   for a in range(0, self.shape[0], step))  # fmt: skip
 
 
 @dataclass
@@ -152,17 +206,16 @@ class ScanWorker:
     def _skip(self, unit, spec, run, status, message, out, **kw) -> None:
         out.tensors.append(self._row(unit, spec, run, status=status, message=message, **kw))
 
-    def _read(self, ck: Checkpoint, name: str, out: _Out, slot: int) -> torch.Tensor:
-        """Read into buffer ``slot`` (0: base, i + 1: run i), reused from tensor to tensor:
-        at most (runs + 1) x the largest tensor stays allocated, and no page faults."""
-        out.n_bytes += ck.entries[name].nbytes
-        buf = self._bufs.get(slot)
-        if buf is None or buf.numel() < ck.entries[name].nbytes:
-            self._bufs[slot] = buf = None  # free the old one before allocating
-            buf = torch.empty(ck.entries[name].nbytes, dtype=torch.uint8,
-                              pin_memory=self.device.type == "cuda")  # fmt: skip
-            self._bufs[slot] = buf
-        return ck.read(name, self.device, buf)
+    def buffer(self, key, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` for ``key`` (("full" | "chunk", slot); slot 0:
+        the base, i + 1: run i), reused from tensor to tensor: no page faults, and at most
+        (runs + 1) x the largest tensor read whole (+ (runs + 1) chunks) stays allocated."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._bufs[key] = buf = None  # free the old one before allocating
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._bufs[key] = buf
+        return buf
 
     def _scan_tensor(self, unit: Unit, spec: TensorSpec, base: Checkpoint,
                      runs: list[Checkpoint], out: _Out) -> None:  # fmt: skip
@@ -178,32 +231,42 @@ class ScanWorker:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
+        # huge tensors that get no SVD are streamed row range by row range
+        stream = (skip_reason(unit.params, spec.role, e0.shape) is not None
+                  and e0.nbytes >= STREAM_MIN_BYTES)  # fmt: skip
         try:
-            bits0, rounded0 = bf16_bits(self._read(base, name, out, 0))
+            src0 = _Source(self, base, name, 0, stream, out)
         except CheckpointError as e:
             for r in unit.runs:
                 self._skip(unit, spec, r, "read_error", str(e), out)
             return
-        bits0 = as_matrix(bits0)
-        bad = nonfinite_count(bits0)
-        if bad:
-            msg = f"checkpoint {unit.base_ref}, tensor {name}: {bad} NaN/Inf values in the base"
-            for r in unit.runs:
-                self._skip(unit, spec, r, "nonfinite", msg, out)
-            return
-        compared = self._load_runs(unit, spec, base, runs, bits0, out)
-        full = [c for c in compared if c.status == "ok"]
-        resized = [c for c in compared if c.status == "vocab_resized"]
-        stats = self._chunk_pass(unit, spec, bits0, full, out)
-        for c in resized:
-            stats.update(self._chunk_pass(unit, spec, bits0[: c.bits.shape[0]], [c], out,
-                                          consistency=False))  # fmt: skip
-        geo = self._geometry(unit, spec, e0.shape, bits0, compared, out)
+        compared = self._load_runs(unit, spec, base, runs, src0, stream, out)
+        while True:  # a run found to hold NaN/Inf mid-pass is dropped and the pass redone
+            try:
+                stats = self._chunk_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)  # fmt: skip
+                for c in compared:
+                    if c.status == "vocab_resized":
+                        stats.update(self._chunk_pass(unit, spec, src0.head(c.src.shape[0]), [c],
+                                                      out, consistency=False))  # fmt: skip
+                break
+            except _NonFinite as nf:
+                if nf.src is src0:
+                    msg = (f"checkpoint {unit.base_ref}, tensor {name}: {src0.nonfinite()} NaN/Inf "
+                           "values in the base")  # fmt: skip
+                    for c in compared:
+                        self._skip(unit, spec, unit.runs[c.run], "nonfinite", msg, out)
+                    return
+                c = next(c for c in compared if c.src is nf.src)
+                r = unit.runs[c.run]
+                self._skip(unit, spec, r, "nonfinite", f"checkpoint {r.ref}, tensor {name}: "
+                           f"{c.src.nonfinite()} NaN/Inf values", out)  # fmt: skip
+                compared.remove(c)
+        geo = self._geometry(unit, spec, e0.shape, src0, compared, out)
         for c in compared:
-            self._emit_run(unit, spec, e0.dtype, runs[c.run].entries[name].dtype, rounded0, c,
-                           stats[c.run], geo.get(c.run, {}), out)  # fmt: skip
+            self._emit_run(unit, spec, e0.dtype, runs[c.run].entries[name].dtype, src0.rounded,
+                           c, stats[c.run], geo.get(c.run, {}), out)  # fmt: skip
 
-    def _geometry(self, unit: Unit, spec: TensorSpec, shape, bits0, compared, out) -> dict:
+    def _geometry(self, unit: Unit, spec: TensorSpec, shape, src0: _Source, compared, out) -> dict:
         """{run index: geometry columns}; the base is decomposed (or fetched) once for all."""
         reason = skip_reason(unit.params, spec.role, tuple(shape))
         if reason is not None:
@@ -216,9 +279,9 @@ class ScanWorker:
                 continue
             try:
                 if base is None:
-                    base = self.cache.get(unit.base_fingerprint, bits0, unit.params)
-                mask = update_mask(bits0, c.bits)
-                g = run_geometry(base, c.bits.view(torch.bfloat16), mask)
+                    base = self.cache.get(unit.base_fingerprint, src0.full, unit.params)
+                mask = update_mask(src0.full, c.src.full)
+                g = run_geometry(base, c.src.full.view(torch.bfloat16), mask)
             except (ValueError, RuntimeError) as e:  # e.g. a degenerate matrix: keep the row
                 cols[c.run] = {"geometry_status": f"error: {str(e).splitlines()[0][:200]}"}
                 continue
@@ -227,7 +290,7 @@ class ScanWorker:
                                             spec.name, base, g))  # fmt: skip
         return cols
 
-    def _load_runs(self, unit, spec, base, runs, bits0, out) -> list[_Compared]:
+    def _load_runs(self, unit, spec, base, runs, src0: _Source, stream: bool, out) -> list[_Compared]:  # fmt: skip
         name, e0 = spec.name, base.entries[spec.name]
         compared = []
         for i, (r, ck) in enumerate(zip(unit.runs, runs, strict=True)):
@@ -239,37 +302,31 @@ class ScanWorker:
             if e1.dtype not in FLOAT_DTYPES:
                 self._skip(unit, spec, r, "unsupported_dtype", f"{where}: dtype {e1.dtype}", out)
                 continue
-            status, message = "ok", None
+            status, message, limit = "ok", None, None
             if e1.shape != e0.shape:
                 if len(e1.shape) == len(e0.shape) >= 2 and e1.shape[1:] == e0.shape[1:]:
-                    status = "vocab_resized"
+                    status, limit = "vocab_resized", min(e0.shape[0], e1.shape[0])
                     message = (f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}; "
-                               f"compared the common {min(e0.shape[0], e1.shape[0])} rows")  # fmt: skip
+                               f"compared the common {limit} rows")  # fmt: skip
                 else:
                     self._skip(unit, spec, r, "shape_mismatch",
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
             try:
-                bits1, rounded = bf16_bits(self._read(ck, name, out, i + 1))
+                src = _Source(self, ck, name, i + 1, stream, out, limit)
             except CheckpointError as e:
                 self._skip(unit, spec, r, "read_error", str(e), out)
                 continue
-            bits1 = as_matrix(bits1)
-            bad = nonfinite_count(bits1)
-            if bad:
-                self._skip(unit, spec, r, "nonfinite", f"{where}: {bad} NaN/Inf values", out)
-                continue
-            if status == "vocab_resized":
-                bits1 = bits1[: min(bits0.shape[0], bits1.shape[0])]
-            compared.append(_Compared(i, bits1, rounded, status, message))
+            compared.append(_Compared(i, src, src.rounded, status, message))
         return compared
 
-    def _chunk_pass(self, unit: Unit, spec: TensorSpec, bits0: torch.Tensor,
+    def _chunk_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
                     comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
-        """Row-chunked pass over base + runs -> {run index: (MaskStats, base sumsq)}."""
+        """Row-chunked pass over base + runs -> {run index: (MaskStats, base sumsq)}; raises
+        _NonFinite at the first chunk holding NaN/Inf (nothing is emitted before the end)."""
         if not comp:
             return {}
-        rows, cols = bits0.shape
+        rows, cols = src0.shape
         is_matrix = spec.nbytes > 0 and rows > 1
         map_size = unit.params.map_size if is_matrix else None
         bins = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
@@ -284,9 +341,16 @@ class ScanWorker:
             cons = ConsistencyAccumulator(len(members), rows, cols, self.device, map_size)
         base_ss = 0.0
         for a, b in zip(edges[:-1], edges[1:], strict=True):
-            c0 = bits0[a:b]
+            c0 = src0.rows(a, b)
+            if nonfinite_count(c0):
+                raise _NonFinite(src0)
             base_ss += float(c0.view(torch.bfloat16).to(torch.float64).square().sum())
-            masks = [acc.add(c0, c.bits[a:b]) for acc, c in zip(accs, comp, strict=True)]
+            masks = []
+            for acc, c in zip(accs, comp, strict=True):
+                c1 = c.src.rows(a, b)
+                if nonfinite_count(c1):
+                    raise _NonFinite(c.src)
+                masks.append(acc.add(c0, c1))
             if cons is not None:
                 cons.add([masks[k] for k in members])
         if cons is not None:
@@ -298,7 +362,7 @@ class ScanWorker:
         ms, base_ss = stats
         ms: MaskStats
         r = unit.runs[c.run]
-        rows, cols = c.bits.shape
+        rows, cols = c.src.shape
         is_matrix = rows > 1
         row = self._row(
             unit, spec, r, rows=rows, cols=cols, numel=ms.numel, dtype_base=dtype0,

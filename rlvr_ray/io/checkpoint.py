@@ -161,17 +161,28 @@ class Checkpoint:
         """Read one tensor in its stored dtype into ``buf`` (a uint8 CPU tensor of at least its
         size, reused to spare page faults) or a fresh buffer; then move it to ``device``."""
         e = self.entries[name]
-        dtype, _ = DTYPES[e.dtype]
+        rows = e.shape[0] if len(e.shape) >= 2 else 1
+        return self.read_rows(name, 0, rows, device, buf)
+
+    def read_rows(self, name: str, a: int, b: int, device: str | torch.device = "cpu",
+                  buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Rows [a, b) of a tensor's first dimension, shape [b - a, *shape[1:]] (a 0-d or 1-D
+        tensor counts as one row: the whole of it)."""
+        e = self.entries[name]
+        dtype, size = DTYPES[e.dtype]
+        shape = e.shape if len(e.shape) >= 2 else (1, *e.shape)
+        row_bytes = math.prod(shape[1:]) * size
+        nbytes = (b - a) * row_bytes
         pin = torch.device(device).type == "cuda"
-        if buf is None or buf.numel() < e.nbytes:
-            buf = torch.empty(e.nbytes, dtype=torch.uint8, pin_memory=pin)
-        buf = buf[: e.nbytes]
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        buf = buf[:nbytes]
         with open(e.file, "rb", buffering=0) as f:
-            f.seek(e.start)
-            got = f.readinto(buf.numpy()) if e.nbytes else 0
-        if got != e.nbytes:
-            _fail(self.ref, f"short read ({got} of {e.nbytes} bytes)", Path(e.file).name, name)
-        t = buf.view(dtype).reshape(e.shape)
+            f.seek(e.start + a * row_bytes)
+            got = f.readinto(buf.numpy()) if nbytes else 0
+        if got != nbytes:
+            _fail(self.ref, f"short read ({got} of {nbytes} bytes)", Path(e.file).name, name)
+        t = buf.view(dtype).reshape((b - a, *shape[1:]) if len(e.shape) >= 2 else e.shape)
         return t.to(device, non_blocking=pin) if pin else t
 
 

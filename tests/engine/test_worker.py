@@ -16,6 +16,16 @@ from rlvr_ray.io.schema import ULP_BIN_EDGES
 from rlvr_ray.io.synth import bf16_bits_to_f64, write_checkpoint
 
 
+@pytest.fixture(params=["whole", "streamed"], autouse=True)
+def read_mode(request, monkeypatch):
+    """Every test here runs twice: tensors read whole, and streamed row range by row range."""
+    from rlvr_ray.engine import worker
+
+    if request.param == "streamed":
+        monkeypatch.setattr(worker, "STREAM_MIN_BYTES", 0)
+    return request.param
+
+
 def scan(tmp_path, base, runs: dict, params=None, consistency=None):
     """Plan one group and run every unit in-process; -> DuckDB connection over the parts."""
     cks = []
