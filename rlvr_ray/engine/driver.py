@@ -23,7 +23,7 @@ from rlvr_ray import __version__
 from rlvr_ray.engine.config import Params, Sweep
 from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
-from rlvr_ray.engine.worker import ScanWorker
+from rlvr_ray.engine.worker import CHUNK_NUMEL, ScanWorker, streams
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir, storage_env
@@ -250,8 +250,12 @@ def _size(n: float) -> str:
 def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
     """Bytes an actor needs for one tensor: every checkpoint's copy ((runs + 1) x its bytes,
     resident together) plus scratch: chunked masks and, with geometry, the float64 SVD of one
-    copy (estimated as SCRATCH_COPIES x one copy's bytes)."""
+    copy (estimated as SCRATCH_COPIES x one copy's bytes). A streamed tensor (huge, no SVD)
+    needs (runs + 1) row chunks and chunk-sized scratch instead."""
     one = spec.nbytes / max(n_copies, 1)
+    if streams(params, spec.role, spec.shape, int(one)):
+        chunk = min(one, 8 * CHUNK_NUMEL)  # at most 8 bytes a weight (float64 storage)
+        return int(n_copies * chunk + 16 * 8 * CHUNK_NUMEL)
     scratch = SCRATCH_COPIES if params.geometry else 2
     return int(spec.nbytes + scratch * one)
 

@@ -47,6 +47,7 @@ class TensorSpec:
     layer: int | None
     depth: float | None
     nbytes: int  # summed over the base and every run that has it
+    shape: tuple[int, ...] = ()  # the base's (else the first run's that has it)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
         info = fam.classify(name)
         nbytes = sum(ck.entries[name].nbytes for ck in [base, *(c for _, c in runs)]
                      if name in ck.entries)  # fmt: skip
-        specs.append(TensorSpec(name, info.role, info.layer, info.depth, nbytes))
+        shape = next(ck.entries[name].shape for ck in [base, *(c for _, c in runs)]
+                     if name in ck.entries)  # fmt: skip
+        specs.append(TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape))
     run_specs = tuple(r for r, _ in runs)
     sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
     units = tuple(

@@ -53,6 +53,12 @@ CHUNK_NUMEL = 1 << 18
 STREAM_MIN_BYTES = 16 << 20
 
 
+def streams(params, role: str, shape: tuple[int, ...], nbytes: int) -> bool:
+    """Whether a tensor (one copy: ``nbytes``) is streamed row range by row range rather than
+    read whole: huge tensors that get no SVD (the driver's memory estimate uses this too)."""
+    return nbytes >= STREAM_MIN_BYTES and skip_reason(params, role, tuple(shape)) is not None
+
+
 @dataclass
 class _Compared:
     run: int
@@ -231,9 +237,7 @@ class ScanWorker:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
-        # huge tensors that get no SVD are streamed row range by row range
-        stream = (skip_reason(unit.params, spec.role, e0.shape) is not None
-                  and e0.nbytes >= STREAM_MIN_BYTES)  # fmt: skip
+        stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
         try:
             src0 = _Source(self, base, name, 0, stream, out)
         except CheckpointError as e:
