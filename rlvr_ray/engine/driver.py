@@ -56,12 +56,21 @@ class ScanResult:
         return 3 if self.errors or self.skipped else 0
 
 
+def pinned(ref: str, ck: Checkpoint) -> str:
+    """``hf://org/name[@branch]`` -> ``hf://org/name@<commit sha>`` once resolved, so every
+    worker opens the same commit from the cache (no Hub call, no race with a new push)."""
+    if ref.startswith("hf://") and ck.fingerprint.startswith("hf:"):
+        return f"hf://{ref[5:].split('@', 1)[0]}@{ck.fingerprint[3:]}"
+    return ref
+
+
 def _open_group(group, errors: list[str]) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
     try:
         base = open_checkpoint(group.base)
     except CheckpointError as e:
         errors.append(f"group {group.name}: base skipped: {e}")
         return None
+    base.ref = pinned(base.ref, base)
     runs = []
     for r in group.runs:
         try:
@@ -69,7 +78,8 @@ def _open_group(group, errors: list[str]) -> tuple[Checkpoint, list[tuple[RunSpe
         except CheckpointError as e:
             errors.append(f"group {group.name}: run {r.name} skipped: {e}")
             continue
-        spec = RunSpec(r.name, r.checkpoint, ck.fingerprint, r.algorithm, r.step, r.dataset,
+        ck.ref = pinned(r.checkpoint, ck)
+        spec = RunSpec(r.name, ck.ref, ck.fingerprint, r.algorithm, r.step, r.dataset,
                        r.seed, r.series, r.consistency)  # fmt: skip
         runs.append((spec, ck))
     return base, runs

@@ -99,3 +99,24 @@ def test_token_is_sent_but_never_printed(hub, family, wide, tmp_path, capsys, ca
     printed = capsys.readouterr()
     assert "503" in printed.out and secret not in printed.out + printed.err + caplog.text
     assert client.scrub(f"oops {secret} here") == "oops *** here"
+
+
+def test_scan_pins_branch_refs_to_the_resolved_commit(hub, family, tmp_path, ray_local):
+    """A scan of hf:// refs without a commit records (and hands its workers) the commit sha."""
+    import duckdb
+
+    from rlvr_ray.engine.config import sweep_from_dict
+    from rlvr_ray.engine.driver import run_scan
+
+    base = hub.publish("org/base", {p.name: p.read_bytes() for p in family.base.iterdir()})
+    run = hub.publish("lab/q-grpo", {p.name: p.read_bytes() for p in family.runs["grpo"].iterdir()})
+    sweep = {"groups": [{"name": "g", "base": "hf://org/base",
+                         "runs": [{"name": "grpo", "checkpoint": "hf://lab/q-grpo@main"}]}],
+             "params": {"geometry": False}}  # fmt: skip
+    res = run_scan(sweep_from_dict(sweep, tmp_path), str(tmp_path / "out"))
+    assert res.exit_code == 0
+    con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
+    refs = dict(con.execute("SELECT run, ref FROM checkpoints").fetchall())
+    assert refs == {"base": f"hf://org/base@{base.sha}", "grpo": f"hf://lab/q-grpo@{run.sha}"}
+    for repo in ("org/base", "lab/q-grpo"):
+        client.remove_download(repo)
