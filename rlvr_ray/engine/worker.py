@@ -1,8 +1,9 @@
 """The scan worker: a plain class that scans one work unit and writes its Parquet parts.
 
 It becomes a Ray actor only at the edge (``rlvr_ray.engine.driver``); tests call it directly.
-For each tensor of the unit it reads the base once and every run's copy (so at most
-(runs + 1) x the tensor's bytes are resident), then walks the rows in chunks: per-run mask
+For each tensor of the unit it reads the base once and every run's copy, whole (at most
+(runs + 1) x the tensor's bytes resident) or, for huge tensors that get no SVD, streamed row
+range by row range ((runs + 1) chunks); then it walks the rows in chunks: per-run mask
 statistics and the cross-run consensus are accumulated chunk by chunk, so scratch memory is a
 chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`` says why.
 """
@@ -30,6 +31,7 @@ from rlvr_ray.stats.masks import (
     bin_edges,
     gini,
     nonfinite_count,
+    sumsq,
     update_mask,
 )
 from rlvr_ray.stats.spectral import run_geometry  # fmt: skip
@@ -63,7 +65,6 @@ def streams(params, role: str, shape: tuple[int, ...], nbytes: int) -> bool:
 class _Compared:
     run: int
     src: _Source  # the run's rows (common rows only when the vocabulary was resized)
-    rounded: bool
     status: str = "ok"
     message: str | None = None
 
@@ -89,6 +90,7 @@ class _Source:
         self.worker, self.ck, self.name, self.slot, self.out = worker, ck, name, slot, out
         rows = e.shape[0] if len(e.shape) >= 2 else 1
         self.shape = (min(rows, limit) if limit is not None else rows, e.numel // max(rows, 1))
+        self.dtype = e.dtype  # storage dtype; anything but BF16 is rounded to bf16
         self.rounded = e.dtype != "BF16"
         self.full: torch.Tensor | None = None
         if not stream:
@@ -156,7 +158,7 @@ class ScanWorker:
         if threads:
             torch.set_num_threads(threads)
         self._open: dict[str, Checkpoint] = {}
-        self._bufs: dict[int, torch.Tensor] = {}
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
         self.cache = BaseCache(self.results)
 
     def checkpoint(self, ref: str) -> Checkpoint:
@@ -267,8 +269,7 @@ class ScanWorker:
                 compared.remove(c)
         geo = self._geometry(unit, spec, e0.shape, src0, compared, out)
         for c in compared:
-            self._emit_run(unit, spec, e0.dtype, runs[c.run].entries[name].dtype, src0.rounded,
-                           c, stats[c.run], geo.get(c.run, {}), out)  # fmt: skip
+            self._emit_run(unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out)
 
     def _geometry(self, unit: Unit, spec: TensorSpec, shape, src0: _Source, compared, out) -> dict:
         """{run index: geometry columns}; the base is decomposed (or fetched) once for all."""
@@ -321,7 +322,7 @@ class ScanWorker:
             except CheckpointError as e:
                 self._skip(unit, spec, r, "read_error", str(e), out)
                 continue
-            compared.append(_Compared(i, src, src.rounded, status, message))
+            compared.append(_Compared(i, src, status, message))
         return compared
 
     def _chunk_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
@@ -348,7 +349,7 @@ class ScanWorker:
             c0 = src0.rows(a, b)
             if nonfinite_count(c0):
                 raise _NonFinite(src0)
-            base_ss += float(c0.view(torch.bfloat16).to(torch.float64).square().sum())
+            base_ss += sumsq(c0)
             masks = []
             for acc, c in zip(accs, comp, strict=True):
                 c1 = c.src.rows(a, b)
@@ -362,15 +363,15 @@ class ScanWorker:
                                    cons.finish(), is_matrix, out)  # fmt: skip
         return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
 
-    def _emit_run(self, unit, spec, dtype0, dtype1, rounded0, c: _Compared, stats, geo, out):
+    def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):
         ms, base_ss = stats
         ms: MaskStats
         r = unit.runs[c.run]
         rows, cols = c.src.shape
         is_matrix = rows > 1
         row = self._row(
-            unit, spec, r, rows=rows, cols=cols, numel=ms.numel, dtype_base=dtype0,
-            dtype_run=dtype1, rounded_to_bf16=bool(rounded0 or c.rounded),
+            unit, spec, r, rows=rows, cols=cols, numel=ms.numel, dtype_base=src0.dtype,
+            dtype_run=c.src.dtype, rounded_to_bf16=src0.rounded or c.src.rounded,
             n_changed=ms.n_changed, update_density=ms.update_density,
             stripe_row=gini(ms.row_ratio) if is_matrix else None,
             stripe_col=gini(ms.col_ratio) if is_matrix else None,

@@ -13,7 +13,7 @@ from itertools import combinations
 
 import torch
 
-from rlvr_ray.stats.masks import RowBinPool, bin_edges
+from rlvr_ray.stats.masks import RowBinPool
 
 
 @dataclass
@@ -59,8 +59,7 @@ class ConsistencyAccumulator:
         self.inter = torch.zeros(n_runs, n_runs, dtype=torch.int64, device=device)
         self.row_sum = torch.zeros(rows, dtype=torch.int64, device=device)
         self.col_sum = torch.zeros(cols, dtype=torch.int64, device=device)
-        col_edges = bin_edges(cols, min(map_size, cols)) if map_size else None
-        self.pool = RowBinPool(rows, map_size, col_edges, n_runs) if map_size else None
+        self.pool = RowBinPool(rows, cols, map_size, n_runs) if map_size else None
         self.next_row = 0
 
     def add(self, masks: list[torch.Tensor]) -> None:

@@ -150,11 +150,13 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
 
 
 class RowBinPool:
-    """Sums per-chunk column counts into a [row bins, col bins] grid of mean densities."""
+    """Sums per-chunk column counts of a [rows, cols] tensor into a grid of at most
+    map_size x map_size blocks of mean densities (divided by ``scale``)."""
 
-    def __init__(self, rows: int, map_size: int, col_edges: list[int], scale: float = 1.0):
+    def __init__(self, rows: int, cols: int, map_size: int, scale: float = 1.0):
         self.row_edges = bin_edges(rows, min(map_size, rows))
-        self.col_edges, self.scale = col_edges, scale
+        self.col_edges = bin_edges(cols, min(map_size, cols))
+        self.scale = scale
         self.done: list[torch.Tensor] = []
         self.current: torch.Tensor | None = None
 
@@ -209,20 +211,19 @@ class MaskAccumulator:
         self.rows, self.cols = rows, cols
         if tuple(ulp_edges[:2]) != (1, 2):
             raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
-        self.edges_t = tuple(ulp_edges)
+        self.ulp_edges = tuple(ulp_edges)
         self.row_counts = torch.zeros(rows, dtype=torch.int64, device=device)
         self.col_counts = torch.zeros(cols, dtype=torch.int64, device=device)
         self.hist = torch.zeros(len(ulp_edges), dtype=torch.int64, device=device)
         self.ulp_max = 0
         self.update_sumsq = self.max_abs = 0.0
         self.next_row = 0
-        self.map_col_edges = bin_edges(cols, min(map_size, cols)) if map_size else None
-        self.pool = RowBinPool(rows, map_size, self.map_col_edges) if map_size else None
+        self.pool = RowBinPool(rows, cols, map_size) if map_size else None
 
     def add(self, bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
-        """Chunk [r, cols] int16 patterns x2 (the next r rows) -> its mask BoolTensor[r, cols]."""
+        """Chunk [r, cols] int16 patterns x2 (the next r rows) -> its 0/1 mask uint8 [r, cols]."""
         r0, r = self.next_row, bits0.shape[0]
-        mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.edges_t)
+        mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.ulp_edges)
         self.row_counts[r0 : r0 + r] = counts
         self.col_counts += col
         if self.pool is not None:
