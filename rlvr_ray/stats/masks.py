@@ -95,14 +95,18 @@ def _chunk_stats_exact(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...
 
     Handles every case (sign flips, +0/-0) through int32 ordered keys."""
     steps = ulp_steps(b0, b1)
-    m = steps.clamp_max(1)
-    rows, cols = _counts(m)
     d0 = b0.view(torch.bfloat16).to(torch.float64)
     d = (b1.view(torch.bfloat16).to(torch.float64) - d0).flatten()
     lo, hi = torch.aminmax(d)
+    return _assemble(steps, d, torch.maximum(-lo, hi), edges)
+
+
+def _assemble(steps: torch.Tensor, d: torch.Tensor, amax: torch.Tensor, edges: tuple[int, ...]):
+    """The chunk_stats tuple from ULP steps [r, c] and float64 updates d [r * c]."""
+    m = steps.clamp_max(1)
+    rows, cols = _counts(m)
     smax = int(steps.max())
-    return (m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(d, d),
-            torch.maximum(-lo, hi))  # fmt: skip
+    return m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(d, d), amax
 
 
 def _hist(steps: torch.Tensor, edges: tuple[int, ...], smax: int) -> torch.Tensor:
@@ -136,17 +140,12 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
     if b0.numel() == 0 or int((b0 ^ b1).min()) < 0:
         return _chunk_stats_exact(b0, b1, edges)
     steps = (b1 - b0).abs_()
-    m = steps.clamp_max(1)
-    rows, cols = _counts(m)
     # bf16 -> fp32 is exact, and so is the difference of two same-sign bf16 values whose
     # exponents differ by at most 15 (fp32 has 16 more significand bits); further apart, the
     # fp32 rounding (relative 2^-24) is far below anything these statistics resolve
     d = (b1.view(torch.bfloat16).float() - b0.view(torch.bfloat16).float()).flatten()
     lo, hi = torch.aminmax(d)
-    dd = d.double()
-    smax = int(steps.max())
-    return (m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(dd, dd),
-            torch.maximum(-lo, hi).double())  # fmt: skip
+    return _assemble(steps, d.double(), torch.maximum(-lo, hi).double(), edges)
 
 
 class RowBinPool:
