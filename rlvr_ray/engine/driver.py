@@ -165,7 +165,7 @@ class Placement:
         return cls(max(1, min(n, n_units)), opts)
 
 
-def _report(rep: dict, unit: Unit, result: ScanResult, on_unit) -> None:
+def _report(rep: dict, result: ScanResult, on_unit) -> None:
     result.n_bytes += rep["n_bytes"]
     result.skipped += rep["skipped"]
     result.units.append(rep)
@@ -228,7 +228,7 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         actor, unit = running.pop(ref)
         key = (unit.scan_id, unit.index)
         try:
-            _report(ray.get(ref), unit, result, on_unit)
+            _report(ray.get(ref), result, on_unit)
             idle.append(actor)
         except lost_errors as e:  # the actor, its process or its node is gone: run it again
             attempts[key] = attempts.get(key, 0) + 1

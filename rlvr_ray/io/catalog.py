@@ -141,16 +141,11 @@ VIEWS: dict[str, str] = {
 def _load(con: duckdb.DuckDBPyConnection, results: ResultsDir) -> None:
     for table, schema in ALL_TABLES.items():
         parts = results.parts(table)
-        name = f"{table}_all"
-        if parts:
-            ds = pads.dataset(parts, schema=schema, format="parquet", filesystem=results.fs)
-            con.register("_src", ds)
-            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _src")
-            con.unregister("_src")
-        else:
-            con.register("_src", schema.empty_table())
-            con.execute(f"CREATE TABLE {name} AS SELECT * FROM _src")
-            con.unregister("_src")
+        src = (pads.dataset(parts, schema=schema, format="parquet", filesystem=results.fs)
+               if parts else schema.empty_table())  # fmt: skip
+        con.register("_src", src)
+        con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _src")
+        con.unregister("_src")
 
 
 def build(con: duckdb.DuckDBPyConnection, results: ResultsDir) -> None:
