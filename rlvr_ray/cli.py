@@ -129,22 +129,12 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
             stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")  # fmt: skip
 
 
-def _query(out: str, sql: str, params=None) -> tuple[list[str], list[tuple]]:
-    from rlvr_ray.io import catalog
-
-    con = catalog.connect(out)
-    try:
-        cur = con.execute(sql, params or [])
-        return [d[0] for d in cur.description], cur.fetchall()
-    finally:
-        con.close()
-
-
 def _print_summary(out: str, fmt: str = "table") -> None:
+    from rlvr_ray.io import catalog
     from rlvr_ray.io.summary import SUMMARY_SECTIONS
 
     for title, sql in SUMMARY_SECTIONS:
-        cols, rows = _query(out, sql)
+        cols, rows = catalog.query(out, sql)
         if rows:
             if fmt == "table":
                 print(f"\n{title}")
@@ -154,8 +144,10 @@ def _print_summary(out: str, fmt: str = "table") -> None:
 def _sql(args) -> int:
     import duckdb
 
+    from rlvr_ray.io import catalog
+
     try:
-        cols, rows = _query(args.out, args.query)
+        cols, rows = catalog.query(args.out, args.query)
     except (duckdb.Error, FileNotFoundError) as e:
         print(f"rlvr-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

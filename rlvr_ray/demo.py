@@ -55,9 +55,10 @@ HEADLINE = [
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlvr_ray.cli import _query, print_rows
+    from rlvr_ray.cli import print_rows
     from rlvr_ray.engine.config import load_sweep
     from rlvr_ray.engine.driver import run_scan
+    from rlvr_ray.io import catalog
 
     out = Path(args.out)
     if args.planted:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"scanned {res.n_tensors} tensors ({res.n_units_resumed} of {res.n_units} units "
           f"already done) in {res.seconds:.1f} s")  # fmt: skip
     for title, sql in HEADLINE:
-        cols, rows = _query(str(results), sql)
+        cols, rows = catalog.query(str(results), sql)
         print(f"\n{title}")
         print_rows(cols, rows)
     print(f"\nevery run:  rlvr-ray summary --out {results}")

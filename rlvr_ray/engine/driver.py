@@ -354,13 +354,9 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
 
 
 def _identical_runs(out: str, scan_ids: list[str]) -> list[str]:
-    con = catalog.connect(out)
-    try:
-        rows = con.execute(
-            "SELECT group_name, run FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) "
-            "GROUP BY ALL HAVING sum(n_changed) = 0 AND count(*) FILTER "
-            "(WHERE status IN ('ok', 'vocab_resized')) > 0", [scan_ids]).fetchall()  # fmt: skip
-    finally:
-        con.close()
+    _, rows = catalog.query(
+        out, "SELECT group_name, run FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) "
+        "GROUP BY ALL HAVING sum(n_changed) = 0 AND count(*) FILTER "
+        "(WHERE status IN ('ok', 'vocab_resized')) > 0", [scan_ids])  # fmt: skip
     return [f"group {g}: run {r} is bitwise identical to its base in every compared tensor"
             for g, r in rows]  # fmt: skip

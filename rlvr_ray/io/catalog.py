@@ -192,3 +192,13 @@ def connect(out: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     build(con, results)
     return con
+
+
+def query(out: str | Path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    """Run ``sql`` on the atlas of ``out`` -> (column names, rows)."""
+    con = connect(out)
+    try:
+        cur = con.execute(sql, params or [])
+        return [d[0] for d in cur.description], cur.fetchall()
+    finally:
+        con.close()
