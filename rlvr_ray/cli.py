@@ -97,9 +97,10 @@ def _scan(args) -> int:
     if len(res.skipped) > 20:
         print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
               "(SELECT * FROM tensors WHERE status NOT IN ('ok', 'vocab_resized'))", file=sys.stderr)  # fmt: skip
+    rate = f" ({res.n_bytes / 1e9 / res.unit_seconds:.2f} GB/s)" if res.unit_seconds else ""
     print(f"scanned {res.n_tensors} tensors in {res.n_units} units "
-          f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read, "
-          f"{res.seconds:.1f} s -> {res.out}")  # fmt: skip
+          f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read in "
+          f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
     if res.scan_ids:
         _print_summary(res.out)
     return res.exit_code

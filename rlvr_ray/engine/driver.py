@@ -23,7 +23,7 @@ from rlvr_ray import __version__
 from rlvr_ray.engine.config import Params, Sweep
 from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
-from rlvr_ray.engine.worker import CHUNK_NUMEL, ScanWorker, streams
+from rlvr_ray.engine.worker import CHUNK_NUMEL, GPU_CHUNK_NUMEL, ScanWorker, streams
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir, storage_env
@@ -44,6 +44,7 @@ class ScanResult:
     n_tensors: int = 0
     n_bytes: int = 0
     seconds: float = 0.0
+    unit_seconds: float = 0.0  # from the first unit handed to an actor to the last one back
     errors: list[str] = field(default_factory=list)  # checkpoints/units that were skipped
     skipped: list[str] = field(default_factory=list)  # tensors that could not be compared
     warnings: list[str] = field(default_factory=list)
@@ -197,12 +198,14 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
     for _ in range(place.n_actors):
         start()
     waiting_since = time.monotonic()
+    first = None
     while queue or running:
         for a in idle[:]:
             if queue:
                 idle.remove(a)
                 u = queue.pop(0)
                 running[a.run_unit.remote(u)] = (a, u)
+                first = first or time.perf_counter()
         if not running and not starting:
             start()
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=10)
@@ -246,6 +249,7 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
             result.errors.append(f"group {unit.group}: unit {unit.index} failed: {msg}")
             idle.append(actor)
         progress.update(len(unit.tensors), unit.nbytes)
+        result.unit_seconds = time.perf_counter() - first
     for a in [*actors, *starting.values()]:
         ray.kill(a, no_restart=True)
 
@@ -264,7 +268,9 @@ def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
     needs (runs + 1) row chunks and chunk-sized scratch instead."""
     one = spec.nbytes / max(n_copies, 1)
     if streams(params, spec.role, spec.shape, int(one)):
-        chunk = min(one, 8 * CHUNK_NUMEL)  # at most 8 bytes a weight (float64 storage)
+        # read buffers of the larger (GPU) chunks, at most 8 bytes a weight (float64 storage);
+        # host scratch of CPU chunks (a GPU's scratch is on the GPU)
+        chunk = min(one, 8 * GPU_CHUNK_NUMEL)
         return int(n_copies * chunk + 16 * 8 * CHUNK_NUMEL)
     scratch = SCRATCH_COPIES if params.geometry else 2
     return int(spec.nbytes + scratch * one)

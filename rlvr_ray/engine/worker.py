@@ -22,16 +22,17 @@ from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
+from rlvr_ray.stats import kernels
 from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
 from rlvr_ray.stats.masks import (
     MaskAccumulator,
     MaskStats,
     as_matrix,
+    base_stats,
     bf16_bits,
     bin_edges,
     gini,
     nonfinite_count,
-    sumsq,
     update_mask,
 )
 from rlvr_ray.stats.spectral import run_geometry  # fmt: skip
@@ -51,6 +52,8 @@ COMPARED = ("ok", "vocab_resized")
 #: elements per row chunk: scratch stays in L2 (measured best of 2^16..2^20 on a 2 MiB L2)
 #: and float32 0/1 sums stay exact (< 2^24)
 CHUNK_NUMEL = 1 << 18
+#: on a GPU each chunk is a handful of kernel launches and host syncs: make them worth it
+GPU_CHUNK_NUMEL = 1 << 22
 #: tensors this large (bytes) that get no SVD are streamed rather than read whole
 STREAM_MIN_BYTES = 16 << 20
 
@@ -96,6 +99,7 @@ class _Source:
         if not stream:
             out.n_bytes += e.nbytes
             raw = ck.read(name, worker.device, worker.buffer(("full", slot), e.nbytes))
+            worker.copied(("full", slot))
             self.full = as_matrix(bf16_bits(raw)[0])[: self.shape[0]]
 
     def head(self, n: int) -> _Source:
@@ -113,11 +117,13 @@ class _Source:
         nbytes = (b - a) * self.shape[1] * (e.nbytes // max(e.numel, 1))
         self.out.n_bytes += nbytes
         buf = self.worker.buffer(("chunk", self.slot), nbytes)
-        return as_matrix(bf16_bits(self.ck.read_rows(self.name, a, b, self.worker.device, buf))[0])
+        rows = self.ck.read_rows(self.name, a, b, self.worker.device, buf)
+        self.worker.copied(("chunk", self.slot))
+        return as_matrix(bf16_bits(rows)[0])
 
     def nonfinite(self) -> int:
         """NaN/Inf count over the whole tensor (only asked for on the error path)."""
-        step = max(1, CHUNK_NUMEL // max(self.shape[1], 1))
+        step = max(1, self.worker.chunk_numel // max(self.shape[1], 1))
         return sum(nonfinite_count(self.rows(a, min(a + step, self.shape[0])))
                    for a in range(0, self.shape[0], step))  # fmt: skip
 
@@ -135,10 +141,10 @@ class _Out:
 
 def _profile(unit: Unit, run: str, tensor: str, axis: str, ratio: torch.Tensor, col: str) -> pa.Table:  # fmt: skip
     n = ratio.numel()
-    cols = {"scan_id": [unit.scan_id] * n, "group_name": [unit.group] * n}
+    cols = {"scan_id": pa.repeat(unit.scan_id, n), "group_name": pa.repeat(unit.group, n)}
     if run is not None:
-        cols["run"] = [run] * n
-    cols |= {"tensor": [tensor] * n, "axis": [axis] * n,
+        cols["run"] = pa.repeat(run, n)
+    cols |= {"tensor": pa.repeat(tensor, n), "axis": pa.repeat(axis, n),
              "idx": np.arange(n, dtype=np.int32), col: ratio.cpu().numpy().astype(np.float32)}  # fmt: skip
     return pa.table(cols)
 
@@ -159,6 +165,9 @@ class ScanWorker:
             torch.set_num_threads(threads)
         self._open: dict[str, Checkpoint] = {}
         self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+        self._copies: dict[tuple[str, int], torch.cuda.Event] = {}  # pinned buffer -> its copy
+        self.chunk_numel = CHUNK_NUMEL if self.device.type == "cpu" else GPU_CHUNK_NUMEL
+        kernels.warm(self.device)  # load the compiled kernels now, not in the first unit
         self.cache = BaseCache(self.results)
 
     def checkpoint(self, ref: str) -> Checkpoint:
@@ -217,13 +226,22 @@ class ScanWorker:
     def buffer(self, key, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of at least ``nbytes`` for ``key`` (("full" | "chunk", slot); slot 0:
         the base, i + 1: run i), reused from tensor to tensor: no page faults, and at most
-        (runs + 1) x the largest tensor read whole (+ (runs + 1) chunks) stays allocated."""
+        (runs + 1) x the largest tensor read whole (+ (runs + 1) chunks) stays allocated.
+        On a GPU it is pinned, and handed out only once its last copy to the device is done."""
+        if (event := self._copies.pop(key, None)) is not None:
+            event.synchronize()
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes:
             self._bufs[key] = buf = None  # free the old one before allocating
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             self._bufs[key] = buf
         return buf
+
+    def copied(self, key) -> None:
+        """Buffer ``key`` was just copied to the device, asynchronously: remember when it ends."""
+        if self.device.type == "cuda":
+            self._copies[key] = event = torch.cuda.Event()
+            event.record()
 
     def _scan_tensor(self, unit: Unit, spec: TensorSpec, base: Checkpoint,
                      runs: list[Checkpoint], out: _Out) -> None:  # fmt: skip
@@ -335,7 +353,7 @@ class ScanWorker:
         is_matrix = spec.nbytes > 0 and rows > 1
         map_size = unit.params.map_size if is_matrix else None
         bins = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
-        step = max(1, CHUNK_NUMEL // max(cols, 1))  # rows per chunk; chunks never straddle a bin
+        step = max(1, self.chunk_numel // max(cols, 1))  # rows per chunk; never straddle a bin
         edges = sorted(
             {*bins, *(r for a, b in zip(bins[:-1], bins[1:]) for r in range(a, b, step))}
         )
@@ -343,24 +361,30 @@ class ScanWorker:
         members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
         cons = None
         if consistency and len(members) >= 2:
-            cons = ConsistencyAccumulator(len(members), rows, cols, self.device, map_size)
+            cons = ConsistencyAccumulator(len(members), rows, cols, self.device)
+        bit = {k: i for i, k in enumerate(members)} if cons is not None else {}
         base_ss = 0.0
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             c0 = src0.rows(a, b)
-            if nonfinite_count(c0):
+            ss, nf = base_stats(c0)
+            if nf:
                 raise _NonFinite(src0)
-            base_ss += sumsq(c0)
-            masks = []
-            for acc, c in zip(accs, comp, strict=True):
-                c1 = c.src.rows(a, b)
-                if nonfinite_count(c1):
+            base_ss += ss
+            planes = cons.planes(b - a) if cons is not None else None
+            for k, (acc, c) in enumerate(zip(accs, comp, strict=True)):
+                if acc.add(c0, c.src.rows(a, b), planes, bit.get(k, -1)):
                     raise _NonFinite(c.src)
-                masks.append(acc.add(c0, c1))
             if cons is not None:
-                cons.add([masks[k] for k in members])
+                cons.add(planes)
         if cons is not None:
-            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members],
-                                   cons.finish(), is_matrix, out)  # fmt: skip
+            mem = [accs[k] for k in members]
+            pooled = ((sum(m.pool.sums() for m in mem), mem[0].pool.blocks()) if map_size
+                      else (None, None))  # fmt: skip
+            cs = cons.finish(
+                sum(m.row_counts for m in mem), sum(m.col_counts for m in mem), *pooled
+            )
+            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members], cs,
+                                   is_matrix, out)  # fmt: skip
         return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
 
     def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):

@@ -1,9 +1,13 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
-Pure torch. A chunk's R masks are stacked as a float32 matrix M [R, n]; one matrix product
-M M^T gives every pairwise intersection and every mask size (exact: 0/1 sums below 2^24, and
-chunks are kept far below that), and the consensus histogram comes from R clamp-sums. No bool
-tensors or bincounts: those are slow, unvectorized passes on CPU.
+Pure torch (plus the numba histogram kernel on CPU). The R masks of a chunk arrive as bit
+planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them, so no
+run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
+answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
+pairwise intersection a sum over the patterns holding those bits. Beyond 16 runs the planes are
+unpacked into a float32 0/1 matrix M [R, n] and one product M M^T gives every intersection
+(exact: 0/1 sums below 2^24, and chunks are kept far below that). Consensus profiles and maps
+are the members' own row/column counts summed, so they cost nothing here.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
+import numpy as np
 import torch
 
-from rlvr_ray.stats.masks import RowBinPool
+from rlvr_ray.stats import kernels
 
 
 @dataclass
@@ -50,49 +55,83 @@ class ConsistencyStats:
 
 
 class ConsistencyAccumulator:
-    """Consumes the R runs' masks of a [rows, cols] tensor in consecutive row chunks."""
+    """Consumes the R runs' masks of a [rows, cols] tensor, as bit planes, chunk by chunk."""
 
-    def __init__(self, n_runs: int, rows: int, cols: int, device=None,
-                 map_size: int | None = None):  # fmt: skip
+    #: up to this many runs the 2^R pattern histogram is used; beyond, M M^T
+    HIST_RUNS = 16
+
+    def __init__(self, n_runs: int, rows: int, cols: int, device=None):
         self.R, self.rows, self.cols = n_runs, rows, cols
-        self.ge = torch.zeros(n_runs, dtype=torch.int64, device=device)  # [k-1]: count >= k
-        self.inter = torch.zeros(n_runs, n_runs, dtype=torch.int64, device=device)
-        self.row_sum = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.col_sum = torch.zeros(cols, dtype=torch.int64, device=device)
-        self.pool = RowBinPool(rows, cols, map_size, n_runs) if map_size else None
+        self.device = torch.device(device or "cpu")
+        self.n_planes = (n_runs + 15) // 16
+        self.kernel = kernels.enabled(self.device)
+        self.by_hist = n_runs <= self.HIST_RUNS
+        if self.by_hist and self.kernel:  # interleaved copies unless that outgrows the L2
+            self.hist = np.zeros((4 if n_runs <= 12 else 1, 1 << n_runs), dtype=np.int64)
+        elif self.by_hist:
+            self.hist = torch.zeros(1 << n_runs, dtype=torch.int64, device=self.device)
+        else:
+            self.ge = torch.zeros(n_runs, dtype=torch.int64, device=self.device)  # [k-1]: >= k
+            self.inter = torch.zeros(n_runs, n_runs, dtype=torch.int64, device=self.device)
+        self._planes = torch.empty(0, dtype=torch.int16, device=self.device)
         self.next_row = 0
 
-    def add(self, masks: list[torch.Tensor]) -> None:
-        """The next chunk: R 0/1 tensors (bool or integer) [r, cols], one per run, same rows."""
-        r0, r = self.next_row, masks[0].shape[0]
-        m = torch.stack([x.reshape(-1) for x in masks]).float()  # [R, n]
-        self.inter += (m @ m.T).round_().to(torch.int64)
-        count = m.sum(0)  # [n]: how many runs changed each coordinate (exact small ints)
-        self.ge += torch.stack([(count - (k - 1)).clamp_(0, 1).sum() for k in range(1, self.R + 1)]).to(torch.int64)  # fmt: skip
-        count = count.view(r, self.cols)
-        self.row_sum[r0 : r0 + r] = count.sum(1).to(torch.int64)
-        col = count.sum(0).to(torch.int64)
-        self.col_sum += col
-        if self.pool is not None:
-            self.pool.add(r0, r, col)
+    def planes(self, r: int) -> list[torch.Tensor]:
+        """Zeroed int16 bit planes [r, cols] for the next r rows (scratch, reused)."""
+        n = r * self.cols
+        if self._planes.numel() < self.n_planes * n:
+            self._planes = torch.empty(self.n_planes * n, dtype=torch.int16, device=self.device)
+        flat = self._planes[: self.n_planes * n]
+        flat.zero_()
+        return [p.view(r, self.cols) for p in flat.split(n)]
+
+    def add(self, planes: list[torch.Tensor]) -> None:
+        """The next chunk's bit planes (each int16 [r, cols]), every run's bit set."""
+        r = planes[0].shape[0]
+        if self.by_hist and self.kernel:
+            kernels.plane_hist(np.ascontiguousarray(planes[0].numpy()).view(np.uint16), self.hist)
+        elif self.by_hist:
+            self.hist += torch.bincount((planes[0].to(torch.int32) & 0xFFFF).flatten(),
+                                        minlength=1 << self.R)  # fmt: skip
+        else:
+            m = torch.stack([(planes[k // 16] >> (k % 16)) & 1 for k in range(self.R)])
+            m = m.reshape(self.R, -1).float()  # [R, n]
+            self.inter += (m @ m.T).round_().to(torch.int64)
+            count = m.sum(0)  # [n]: how many runs changed each coordinate (exact small ints)
+            self.ge += torch.stack([(count - (k - 1)).clamp_(0, 1).sum() for k in range(1, self.R + 1)]).to(torch.int64)  # fmt: skip
         self.next_row += r
 
-    def finish(self) -> ConsistencyStats:
+    def _counts(self) -> tuple[list[int], np.ndarray]:
+        """-> (consensus counts [R + 1], intersections int64 [R, R] with the sizes on the diagonal)."""
+        R, numel = self.R, self.rows * self.cols
+        if not self.by_hist:
+            ge = [numel, *(int(x) for x in self.ge.tolist()), 0]  # count >= k for k = 0..R+1
+            return [ge[c] - ge[c + 1] for c in range(R + 1)], self.inter.cpu().numpy()
+        h = self.hist.sum(0) if self.kernel else self.hist.cpu().numpy()
+        bits = (np.arange(1 << R)[:, None] >> np.arange(R)) & 1  # [2^R, R]: runs in a pattern
+        # float64 BLAS is exact here: integer terms and sums below numel < 2^53
+        inter = np.rint((bits * h[:, None].astype(np.float64)).T @ bits).astype(np.int64)
+        counts = np.zeros(R + 1, dtype=np.int64)
+        np.add.at(counts, bits.sum(1), h)
+        return [int(x) for x in counts], inter
+
+    def finish(self, row_sum: torch.Tensor, col_sum: torch.Tensor,
+               pooled_sum: torch.Tensor | None = None, block: torch.Tensor | None = None) -> ConsistencyStats:  # fmt: skip
+        """The members' summed row counts [rows], column counts [cols] (int64) and, for a map,
+        summed pooled counts with the block sizes [map_rows, map_cols] -> ConsistencyStats."""
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
         R, numel = self.R, self.rows * self.cols
-        ge = [numel, *(int(x) for x in self.ge.tolist()), 0]  # count >= k for k = 0..R+1
-        inter = self.inter.cpu()
-        pooled = self.pool.finish() if self.pool is not None else None
+        counts, inter = self._counts()
         return ConsistencyStats(
             n_runs=R,
             numel=numel,
-            consensus_counts=[ge[c] - ge[c + 1] for c in range(R + 1)],
+            consensus_counts=counts,
             sizes=[int(inter[i, i]) for i in range(R)],
             intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
-            row_consensus=self.row_sum.to(torch.float64) / (R * self.cols),
-            col_consensus=self.col_sum.to(torch.float64) / (R * self.rows),
-            pooled=pooled,
+            row_consensus=row_sum.to(torch.float64) / (R * self.cols),
+            col_consensus=col_sum.to(torch.float64) / (R * self.rows),
+            pooled=pooled_sum / (block * R) if pooled_sum is not None else None,
         )
 
 
@@ -100,5 +139,9 @@ def consistency(masks: list[torch.Tensor]) -> ConsistencyStats:
     """Whole-tensor form: R BoolTensors [m, n] -> ConsistencyStats."""
     m2 = [m.reshape(m.shape[0], -1) if m.dim() > 1 else m.reshape(1, -1) for m in masks]
     acc = ConsistencyAccumulator(len(m2), *m2[0].shape, device=m2[0].device)
-    acc.add(m2)
-    return acc.finish()
+    planes = acc.planes(m2[0].shape[0])
+    for k, m in enumerate(m2):
+        planes[k // 16] |= m.to(torch.int16) << (k % 16)
+    acc.add(planes)
+    total = torch.stack([m.to(torch.int64) for m in m2]).sum(0)
+    return acc.finish(total.sum(1), total.sum(0))

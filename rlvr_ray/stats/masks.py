@@ -5,13 +5,18 @@ tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf1
 (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records that it was
 done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs more
 than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
+On CPU a chunk takes one fused pass (``kernels.pair_chunk``, numba); elsewhere, or with
+``RLVR_RAY_KERNELS=torch``, the torch ops below, which give the same answers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from rlvr_ray.stats import kernels
 
 _MAG = 0x7FFF  # magnitude bits of a bf16 pattern
 _EXP = 0x7F80  # exponent bits: all ones means Inf or NaN
@@ -55,6 +60,15 @@ def ulp_steps(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
 def sumsq(bits: torch.Tensor) -> float:
     """Sum of squares (float64) of the bf16 values in int16 patterns [...]."""
     return float(bits.view(torch.bfloat16).to(torch.float64).square().sum())
+
+
+def base_stats(bits: torch.Tensor) -> tuple[float, int]:
+    """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count)."""
+    if kernels.enabled(bits.device):
+        ss, nf = kernels.base_chunk(_np(bits))
+        return float(ss), int(nf)
+    nf = nonfinite_count(bits)
+    return (float("nan") if nf else sumsq(bits)), nf
 
 
 def gini(x: torch.Tensor) -> float | None:
@@ -150,12 +164,11 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
 
 class RowBinPool:
     """Sums per-chunk column counts of a [rows, cols] tensor into a grid of at most
-    map_size x map_size blocks of mean densities (divided by ``scale``)."""
+    map_size x map_size blocks of mean densities."""
 
-    def __init__(self, rows: int, cols: int, map_size: int, scale: float = 1.0):
+    def __init__(self, rows: int, cols: int, map_size: int):
         self.row_edges = bin_edges(rows, min(map_size, rows))
         self.col_edges = bin_edges(cols, min(map_size, cols))
-        self.scale = scale
         self.done: list[torch.Tensor] = []
         self.current: torch.Tensor | None = None
 
@@ -163,15 +176,23 @@ class RowBinPool:
         b = len(self.done)
         if r0 < self.row_edges[b] or r0 + r > self.row_edges[b + 1]:
             raise ValueError(f"chunk rows {r0}..{r0 + r} straddle map row bin {b}")
-        pooled = pool_vector(col_counts, self.col_edges)
-        self.current = pooled if self.current is None else self.current + pooled
+        # sum whole columns over the row bin; pool them into column bins once, at its end
+        self.current = col_counts.clone() if self.current is None else self.current.add_(col_counts)  # fmt: skip
         if r0 + r == self.row_edges[b + 1]:
-            self.done.append(self.current)
+            self.done.append(pool_vector(self.current, self.col_edges))
             self.current = None
 
+    def sums(self) -> torch.Tensor:
+        """-> float64 [row bins, col bins] (CPU): the counts summed per block."""
+        return torch.stack(self.done).cpu()
+
+    def blocks(self) -> torch.Tensor:
+        """-> float64 [row bins, col bins]: the element count of each block."""
+        return block_sizes(self.row_edges, self.col_edges)
+
     def finish(self) -> torch.Tensor:
-        """-> float64 [row bins, col bins]: mean of the counted 0/1 values per block / scale."""
-        return torch.stack(self.done).cpu() / (block_sizes(self.row_edges, self.col_edges) * self.scale)  # fmt: skip
+        """-> float64 [row bins, col bins]: mean of the counted 0/1 values per block."""
+        return self.sums() / self.blocks()
 
 
 @dataclass
@@ -218,27 +239,64 @@ class MaskAccumulator:
         self.update_sumsq = self.max_abs = 0.0
         self.next_row = 0
         self.pool = RowBinPool(rows, cols, map_size) if map_size else None
+        self.kernel = kernels.enabled(self.row_counts.device)
+        if self.kernel:  # the fused pass's histogram (>= counts) and per-chunk column counts
+            self._edges = kernels.padded_edges(self.ulp_edges)
+            self._ge = np.zeros(len(self._edges), dtype=np.int64)
+            self._col = torch.zeros(cols, dtype=torch.int64)
+            self._nop = np.zeros((1, 1), dtype=np.uint16)
 
-    def add(self, bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
-        """Chunk [r, cols] int16 patterns x2 (the next r rows) -> its 0/1 mask uint8 [r, cols]."""
+    def add(self, bits0: torch.Tensor, bits1: torch.Tensor,
+            planes: list[torch.Tensor] | None = None, bit: int = -1) -> int:  # fmt: skip
+        """The next r rows: int16 patterns [r, cols] x2 -> the NaN/Inf count of ``bits1``.
+
+        When it is not 0 the chunk's statistics are not meaningful (the caller drops the run).
+        With ``planes`` (int16 bit planes [r, cols] from ``ConsistencyAccumulator.planes``) and
+        ``bit`` >= 0, sets bit ``bit % 16`` of ``planes[bit // 16]`` where the weight changed."""
         r0, r = self.next_row, bits0.shape[0]
-        mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.ulp_edges)
-        self.row_counts[r0 : r0 + r] = counts
+        plane = planes[bit // 16] if planes is not None and bit >= 0 else None
+        if self.kernel:
+            col, smax, ss, amax, nf = self._add_kernel(bits0, bits1, plane, bit % 16)
+            if nf:
+                return nf
+        else:
+            nf = nonfinite_count(bits1)
+            if nf:
+                return nf
+            mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.ulp_edges)
+            self.row_counts[r0 : r0 + r] = counts
+            self.hist += hist
+            if plane is not None:
+                plane |= mask.to(torch.int16) << (bit % 16)
         self.col_counts += col
         if self.pool is not None:
             self.pool.add(r0, r, col)
-        self.hist += hist
         self.ulp_max = max(self.ulp_max, int(smax))
         self.update_sumsq += float(ss)
         self.max_abs = max(self.max_abs, float(amax))
         self.next_row += r
-        return mask
+        return 0
+
+    def _add_kernel(self, bits0, bits1, plane, bit):
+        """The fused CPU pass: fills row counts and the histogram in place."""
+        r0, r = self.next_row, bits0.shape[0]
+        col = self._col[: self.cols]
+        smax, ss, amax, nf = kernels.pair_chunk(
+            _np(bits0), _np(bits1), self._edges, self.row_counts[r0 : r0 + r].numpy(),
+            col.numpy(), self._ge, _np(plane).view(np.uint16) if plane is not None else self._nop,
+            bit if plane is not None else -1,
+        )  # fmt: skip
+        return col, smax, ss, np.int64(amax).view(np.float64), nf
 
     def finish(self) -> MaskStats:
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
         pooled = self.pool.finish() if self.pool is not None else None
-        hist = [int(x) for x in self.hist.tolist()]
+        if self.kernel:
+            ge = [int(x) for x in self._ge[: len(self.ulp_edges)]] + [0]
+            hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
+        else:
+            hist = [int(x) for x in self.hist.tolist()]
         return MaskStats(
             numel=self.rows * self.cols,
             n_changed=sum(hist),
@@ -251,6 +309,11 @@ class MaskAccumulator:
             max_abs_update=self.max_abs,
             pooled=pooled,
         )
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's numpy view, C-contiguous (a copy only if it was not)."""
+    return np.ascontiguousarray(t.numpy())
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

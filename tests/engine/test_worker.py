@@ -174,3 +174,15 @@ def test_statuses_for_defective_runs(defects, tmp_path):
     assert extra[0] == "missing_in_base"
     skipped = [s for r in reports for s in r["skipped"]]
     assert any(s.startswith("shape/") and "shape_mismatch" in s for s in skipped)
+
+
+def test_fused_kernels_and_torch_path_write_identical_tables(qwen_family, tmp_path, monkeypatch):
+    """The numba kernels (CPU default) and the torch ops (the GPU's path) agree column by column."""
+    from .tablecmp import assert_same_tables, scan_tables
+
+    monkeypatch.setenv("RLVR_RAY_KERNELS", "torch")
+    torch_path = scan_tables(qwen_family, tmp_path / "torch", "cpu")
+    monkeypatch.setenv("RLVR_RAY_KERNELS", "numba")
+    fused = scan_tables(qwen_family, tmp_path / "numba", "cpu")
+    worst = assert_same_tables(torch_path, fused)
+    assert worst["nss"] == 0.0  # geometry does not depend on the mask path at all

@@ -25,7 +25,7 @@ def np_reference(masks):
     return counts, np.mean(js), np.mean(bs), count
 
 
-@pytest.mark.parametrize("R", [2, 3, 5, 13])
+@pytest.mark.parametrize("R", [2, 3, 5, 13, 16, 17, 33])
 def test_consistency_matches_numpy(R):
     rng = np.random.default_rng(R)
     pref = rng.random((40, 1)) * rng.random((1, 30))  # shared stripes: above-chance overlap
@@ -46,8 +46,12 @@ def test_chunked_equals_whole():
     whole = consistency(masks)
     acc = ConsistencyAccumulator(4, 50, 20)
     for a in range(0, 50, 7):
-        acc.add([m[a : a + 7] for m in masks])
-    part = acc.finish()
+        planes = acc.planes(min(7, 50 - a))
+        for k, m in enumerate(masks):
+            planes[0] |= m[a : a + 7].to(torch.int16) << k
+        acc.add(planes)
+    total = torch.stack([m.long() for m in masks]).sum(0)
+    part = acc.finish(total.sum(1), total.sum(0))
     assert part.consensus_counts == whole.consensus_counts
     assert part.intersections == whole.intersections
 

@@ -1,0 +1,115 @@
+"""The fused CPU kernels against the torch path and an independent numpy computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlvr_ray.io.synth import bf16_bits_to_f64, f32_to_bf16_bits, move_ulps
+from rlvr_ray.stats import kernels
+from rlvr_ray.stats.consistency import ConsistencyAccumulator
+from rlvr_ray.stats.masks import MaskAccumulator, base_stats
+
+pytestmark = pytest.mark.skipif(kernels.njit is None, reason="numba is not installed")
+EDGES = (1, 2, 3, 4, 5, 9, 17, 65)
+
+
+def hard_pair(shape, seed):
+    """Base and run patterns with every hard case: sign flips, +0/-0, subnormals, huge steps."""
+    rng = np.random.default_rng(seed)
+    b0 = f32_to_bf16_bits(rng.standard_normal(shape).astype(np.float32) * 0.02)
+    b0.flat[::97] = 0x0000
+    b0.flat[1::97] = 0x8000
+    b0.flat[2::97] = 0x0001  # smallest subnormal
+    mask = rng.random(shape) < 0.35
+    steps = rng.choice([1, 1, 1, 2, 3, 4, 7, 12, 40, 300], size=shape) * rng.choice([-1, 1], size=shape)  # fmt: skip
+    b1 = move_ulps(b0, mask, steps)
+    b1.flat[::97] = 0x8000  # +0 -> -0: unchanged
+    b1.flat[3::89] ^= 0x8000  # sign flips of nonzero values
+    return b0, b1
+
+
+def accumulate(mode, monkeypatch, b0, b1, chunk_rows, map_size=8):
+    monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+    rows, cols = b0.shape
+    acc = MaskAccumulator(rows, cols, EDGES, map_size=map_size)
+    assert acc.kernel == (mode == "numba")
+    t0, t1 = torch.from_numpy(b0.view(np.int16)), torch.from_numpy(b1.view(np.int16))
+    planes_all = []
+    edges = sorted({*range(0, rows, chunk_rows), *acc.pool.row_edges})
+    for a, b in zip(edges[:-1], edges[1:]):
+        planes = [torch.zeros(b - a, cols, dtype=torch.int16)]
+        assert acc.add(t0[a:b], t1[a:b], planes, 5) == 0
+        planes_all.append(planes[0])
+    return acc, torch.cat(planes_all).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("shape,chunk_rows", [((64, 300), 7), ((5, 1030), 2), ((200, 17), 64)])
+def test_kernel_equals_torch_path_and_numpy(monkeypatch, shape, chunk_rows):
+    b0, b1 = hard_pair(shape, sum(shape))
+    ka, kplane = accumulate("numba", monkeypatch, b0, b1, chunk_rows)
+    ta, tplane = accumulate("torch", monkeypatch, b0, b1, chunk_rows)
+    k, t = ka.finish(), ta.finish()
+    # numpy reference: ordered keys, steps, float64 updates
+    key = lambda b: np.where(b >= 0x8000, -(b.astype(np.int64) & 0x7FFF), b.astype(np.int64))  # noqa: E731
+    s = np.abs(key(b1) - key(b0))
+    m = s != 0
+    ref_hist = [int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(EDGES, [*EDGES[1:], 1 << 40])]
+    d = bf16_bits_to_f64(b1) - bf16_bits_to_f64(b0)
+    for st in (k, t):
+        assert st.n_changed == int(m.sum())
+        assert st.ulp_hist == ref_hist
+        assert st.ulp_max == int(s.max())
+        assert st.max_abs_update == float(np.abs(d).max())
+        assert st.update_sumsq == pytest.approx(float((d * d).sum()), rel=1e-13)
+        np.testing.assert_array_equal(st.row_ratio.numpy(), m.mean(axis=1))
+        np.testing.assert_array_equal(st.col_ratio.numpy(), m.mean(axis=0))
+    assert torch.equal(k.pooled, t.pooled)
+    assert ref_hist[-1] > 0 and ref_hist[0] > 0  # the rare large-step loop was exercised
+    np.testing.assert_array_equal(kplane, m.astype(np.uint16) << 5)
+    np.testing.assert_array_equal(tplane, kplane)
+
+
+def test_nonfinite_run_is_reported(monkeypatch):
+    b0, b1 = hard_pair((6, 40), 1)
+    b1[2, 3] = 0x7FC0  # NaN
+    b1[4, 5] = 0xFF80  # -Inf
+    for mode in ("numba", "torch"):
+        monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+        acc = MaskAccumulator(6, 40, EDGES)
+        t0, t1 = torch.from_numpy(b0.view(np.int16)), torch.from_numpy(b1.view(np.int16))
+        assert acc.add(t0, t1) == 2
+
+
+def test_base_stats_both_paths(monkeypatch):
+    b0, _ = hard_pair((33, 70), 2)
+    b0[1, 1] = 0x7F80  # +Inf
+    t = torch.from_numpy(b0.view(np.int16))
+    for mode in ("numba", "torch"):
+        monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+        assert base_stats(t)[1] == 1
+    b0[1, 1] = 0
+    for mode in ("numba", "torch"):
+        monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+        ss, nf = base_stats(t)
+        assert nf == 0
+        assert ss == pytest.approx(float((bf16_bits_to_f64(b0) ** 2).sum()), rel=1e-13)
+
+
+@pytest.mark.parametrize("R", [3, 12, 13])
+def test_plane_histogram_both_paths(monkeypatch, R):
+    rng = np.random.default_rng(R)
+    masks = rng.random((R, 37, 29)) < 0.4
+    plane = sum(masks[k].astype(np.int64) << k for k in range(R)).astype(np.uint16)
+    got = {}
+    for mode in ("numba", "torch"):
+        monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+        acc = ConsistencyAccumulator(R, 37, 29)
+        for a in range(0, 37, 10):  # ragged chunks: the 4-way loop's tail too
+            acc.add([torch.from_numpy(plane[a : a + 10].view(np.int16).copy())])
+        got[mode] = acc._counts()
+    count = masks.sum(0)
+    want = [int((count == c).sum()) for c in range(R + 1)]
+    inter = np.einsum("aij,bij->ab", masks.astype(np.int64), masks.astype(np.int64))
+    for counts, got_inter in got.values():
+        assert counts == want
+        np.testing.assert_array_equal(got_inter, inter)
