@@ -1,23 +1,31 @@
 """Scan throughput and memory, side by side in one run, on real Qwen2-0.5B tensor shapes.
 
-    .venv/bin/python benchmarks/scan_throughput.py --layers 4            # ~3.3 GB of checkpoints
+    .venv/bin/python benchmarks/scan_throughput.py --layers 2            # ~3.0 GB of checkpoints
     .venv/bin/python benchmarks/scan_throughput.py --layers 24 --keep    # the whole 0.5B model
+    python benchmarks/scan_throughput.py --device cuda --kinds raw,worker,worker_cpu   # on a GPU
 
 Writes a base + 4 runs (bf16, planted 1-3 ULP updates on ~30% of weights) under --dir, then
 measures, each in a fresh subprocess so peak RSS is its own:
-  raw    a plain sequential read of every byte of the five checkpoints (page cache warm)
-  scan   `run_scan` on an embedded Ray (mask + consistency statistics, no geometry)
-  naive  load whole state dicts with safetensors.torch.load_file and compare tensor by tensor
-  worker one ScanWorker in one process, every unit (peak RSS vs (runs + 1) x largest tensor)
+  raw          a plain sequential read of every byte of the five checkpoints
+  scan         `run_scan` on an embedded Ray (mask + consistency statistics, no geometry);
+               reported end to end and for its units phase (first unit handed out to last
+               one back: the streaming throughput, without Ray's and the actors' start-up)
+  naive        load whole state dicts with safetensors.torch.load_file and compare
+  worker       one ScanWorker in one process, every unit, on --device (peak RSS vs the bound
+               (runs + 1) x largest tensor)
+  worker_torch the same on the CPU with the fused kernels off (RLVR_RAY_KERNELS=torch)
+  worker_cpu   the same on the CPU with the fused kernels (to set beside a --device cuda row)
 and prints the ratios. Targets: scan >= 0.5x raw read; scan faster than naive, bounded memory.
 Each is measured twice: page cache warm, and cold (the page cache dropped before each method,
 as a scan of checkpoints on disk meets them; needs root, else the cold rows are left out).
+Nothing here needs Ray but the scan row (--kinds without it runs where Ray is not installed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -45,6 +53,15 @@ def write_family(root: Path, layers: int) -> None:
                 b, mask, np.where(rng.random(b.shape, dtype=np.float32) < 0.5, -1, 1)
             )
         write_checkpoint(root / name, run, "qwen2", layers)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (bytes). VmHWM belongs to the process image, where
+    ru_maxrss also carries the peak of the parent that forked it across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def files(root: Path) -> list[Path]:
@@ -79,7 +96,7 @@ def child_naive(root: Path) -> dict:
     return {"seconds": time.perf_counter() - t}
 
 
-def child_scan(root: Path, out: Path, cpus: int) -> dict:
+def child_scan(root: Path, out: Path, cpus: int, device: str) -> dict:
     from rlvr_ray.engine.config import sweep_from_dict
     from rlvr_ray.engine.driver import run_scan
 
@@ -88,24 +105,33 @@ def child_scan(root: Path, out: Path, cpus: int) -> dict:
              "params": {"geometry": False}}  # fmt: skip
     t = time.perf_counter()
     res = run_scan(sweep_from_dict(sweep, root), str(out), num_cpus=cpus, force=True, progress="quiet")  # fmt: skip
-    return {"seconds": time.perf_counter() - t, "bytes": res.n_bytes, "errors": res.errors}
+    return {
+        "seconds": time.perf_counter() - t,
+        "bytes": res.n_bytes,
+        "errors": res.errors,
+        "unit_seconds": res.unit_seconds,
+    }
 
 
-def child_worker(root: Path, out: Path) -> dict:
+def child_worker(root: Path, out: Path, device: str) -> dict:
     from rlvr_ray.engine.config import Group, Params, Run
     from rlvr_ray.engine.plan import RunSpec, plan_group
     from rlvr_ray.engine.worker import ScanWorker
     from rlvr_ray.io.checkpoint import open_checkpoint
 
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    idle = peak_rss()
     base = open_checkpoint(str(root / "base"))
     runs = [(RunSpec(n, str(root / n), open_checkpoint(str(root / n)).fingerprint), open_checkpoint(str(root / n))) for n in RUNS]  # fmt: skip
     group = Group(name="w", base=str(root / "base"), runs=[Run(name=n, checkpoint=str(root / n)) for n in RUNS])  # fmt: skip
     plan = plan_group(group, base, runs, Params(geometry=False), 256 << 20)
-    w = ScanWorker(str(out), threads=1)
+    w = ScanWorker(str(out), device=device, threads=1)
     t = time.perf_counter()
     for u in plan.units:
         w.run_unit(u)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
     largest = max(e.nbytes for e in base.entries.values())
     return {"seconds": time.perf_counter() - t, "idle_rss": idle, "largest": largest}
 
@@ -120,72 +146,104 @@ def drop_page_cache() -> bool:
         return False
 
 
+KINDS = ("raw", "scan", "naive", "worker", "worker_torch", "worker_cpu")
+
+
 def run_child(kind: str, args) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        kind,
-        "--dir",
-        str(args.dir),
-        "--cpus",
-        str(args.cpus),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child", kind, "--dir", str(args.dir), "--cpus",
+           str(args.cpus), "--device", args.device]  # fmt: skip
+    env = dict(os.environ)
+    if kind == "worker_torch":
+        env["RLVR_RAY_KERNELS"] = "torch"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"{kind} failed:\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    if res.get("errors"):
+        raise SystemExit(f"{kind} failed: {res['errors']}")
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4, help="transformer layers (0.5B has 24; default 4)")  # fmt: skip
+    ap.add_argument("--layers", type=int, default=2, help="transformer layers (0.5B has 24; default 2)")  # fmt: skip
     ap.add_argument("--dir", type=Path, default=Path("bench-out/scan"), help="scratch directory")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs for the embedded Ray (default 2)")
+    ap.add_argument("--device", default="cpu", help="device of the worker row: cpu or cuda (default cpu)")  # fmt: skip
+    ap.add_argument("--kinds", default="raw,scan,naive,worker,worker_torch",
+                    help=f"comma-separated methods, of {','.join(KINDS)} (default: all but worker_cpu)")  # fmt: skip
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold page cache rows")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.dir = args.dir.resolve()
     ckpt, out = args.dir / "ckpt", args.dir / "results"
     if args.child:
         fn = {"raw": lambda: child_raw(ckpt), "naive": lambda: child_naive(ckpt),
-              "scan": lambda: child_scan(ckpt, out, args.cpus), "worker": lambda: child_worker(ckpt, out / "w")}  # fmt: skip
+              "scan": lambda: child_scan(ckpt, out, args.cpus, args.device),
+              "worker": lambda: child_worker(ckpt, out / "w", args.device),
+              "worker_torch": lambda: child_worker(ckpt, out / "w", "cpu"),
+              "worker_cpu": lambda: child_worker(ckpt, out / "w", "cpu")}  # fmt: skip
         res = fn[args.child]()
-        res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res["peak_rss"] = peak_rss()
         print(json.dumps(res))
         return
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)}; choose from {','.join(KINDS)}")
     if not (ckpt / RUNS[-1] / "model.safetensors").exists():
         t = time.perf_counter()
-        write_family(ckpt, args.layers)
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"import scan_throughput as s; from pathlib import Path; "
+                        f"s.write_family(Path({str(ckpt)!r}), {args.layers})"], check=True)  # fmt: skip
         print(f"wrote base + {len(RUNS)} runs in {time.perf_counter() - t:.0f} s")
     total = sum(f.stat().st_size for f in files(ckpt))
     gb = total / 1e9
-    print(f"\n{gb:.2f} GB in 5 checkpoints ({args.layers} layers of Qwen2-0.5B shapes), {args.cpus} CPUs")  # fmt: skip
-    kinds = ("raw", "scan", "naive", "worker")
+    print(f"\n{gb:.2f} GB in 5 checkpoints ({args.layers} layers of Qwen2-0.5B shapes), "
+          f"{args.cpus} CPUs for Ray, worker on {args.device}")  # fmt: skip
     run_child("raw", args)  # warm the page cache
     warm = {k: run_child(k, args) for k in kinds}
     cold = {}
-    for k in kinds:
+    for k in kinds if not args.no_cold else ():
         if not drop_page_cache():
             break
         cold[k] = run_child(k, args)
-    print(f"{'method':<8}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}")
+    print(f"{'method':<14}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}")
     for label, res in (("warm", warm), ("cold", cold)):
         for name, r in res.items():
-            print(f"{name:<8}{label:>6}{r['seconds']:>9.2f}{gb / r['seconds']:>8.2f}{r['peak_rss'] / 1e9:>13.2f}")  # fmt: skip
+            print(f"{name:<14}{label:>6}{r['seconds']:>9.2f}{gb / r['seconds']:>8.2f}{r['peak_rss'] / 1e9:>13.2f}")  # fmt: skip
+            if name == "scan":
+                u = r["unit_seconds"]
+                print(f"{'  units phase':<14}{label:>6}{u:>9.2f}{gb / u:>8.2f}")
     for label, res in (("warm", warm), ("cold", cold)):
-        if res:
-            raw, scan, naive, worker = (res[k] for k in kinds)
-            print(f"\n{label}: scan / raw read throughput {raw['seconds'] / scan['seconds']:.2f}x "
-                  f"(target >= 0.5x); one worker / raw {raw['seconds'] / worker['seconds']:.2f}x; "
-                  f"scan vs naive {naive['seconds'] / scan['seconds']:.2f}x faster; one worker vs "
-                  f"naive {naive['seconds'] / worker['seconds']:.2f}x faster")  # fmt: skip
-    worker, naive = warm["worker"], warm["naive"]
-    bound = (len(RUNS) + 1) * worker["largest"]
-    print(f"one worker, all units: peak RSS {worker['peak_rss'] / 1e9:.2f} GB "
-          f"= {worker['idle_rss'] / 1e9:.2f} GB interpreter + {(worker['peak_rss'] - worker['idle_rss']) / 1e9:.2f} GB; "
-          f"bound (runs + 1) x largest tensor = {bound / 1e9:.2f} GB")  # fmt: skip
-    print(f"naive peak RSS / worker peak RSS: {naive['peak_rss'] / worker['peak_rss']:.1f}x")
+        if not res or "raw" not in res:
+            continue
+        raw = res["raw"]["seconds"]
+        line = []
+        if "scan" in res:
+            scan = res["scan"]
+            line.append(f"scan units phase / raw read {raw / scan['unit_seconds']:.2f}x (target >= 0.5x), "
+                        f"end to end {raw / scan['seconds']:.2f}x")  # fmt: skip
+        for w in ("worker", "worker_cpu", "worker_torch"):
+            if w in res:
+                line.append(f"{w} / raw {raw / res[w]['seconds']:.2f}x")
+        if "naive" in res:
+            for k in ("scan", "worker"):
+                if k in res:
+                    line.append(f"{k} vs naive {res['naive']['seconds'] / res[k]['seconds']:.2f}x faster")  # fmt: skip
+        if "worker" in res and "worker_torch" in res:
+            line.append(f"fused kernels vs torch path {res['worker_torch']['seconds'] / res['worker']['seconds']:.2f}x")  # fmt: skip
+        if "worker" in res and "worker_cpu" in res:
+            line.append(f"{args.device} vs cpu worker {res['worker_cpu']['seconds'] / res['worker']['seconds']:.2f}x")  # fmt: skip
+        print(f"\n{label}: " + "; ".join(line))
+    if "worker" in warm:
+        worker = warm["worker"]
+        bound = (len(RUNS) + 1) * worker["largest"]
+        print(f"one worker, all units: peak RSS {worker['peak_rss'] / 1e9:.2f} GB "
+              f"= {worker['idle_rss'] / 1e9:.2f} GB interpreter + {(worker['peak_rss'] - worker['idle_rss']) / 1e9:.2f} GB; "
+              f"bound (runs + 1) x largest tensor = {bound / 1e9:.2f} GB")  # fmt: skip
+        if "naive" in warm:
+            print(f"naive peak RSS / worker peak RSS: {warm['naive']['peak_rss'] / worker['peak_rss']:.1f}x")  # fmt: skip
     if not args.keep:
         shutil.rmtree(args.dir)
 
