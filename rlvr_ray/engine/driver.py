@@ -23,7 +23,7 @@ from rlvr_ray import __version__
 from rlvr_ray.engine.config import Params, Sweep
 from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
-from rlvr_ray.engine.worker import CHUNK_NUMEL, GPU_CHUNK_NUMEL, ScanWorker, streams
+from rlvr_ray.engine.worker import CHUNK_NUMEL, STREAM_WINDOW_NUMEL, ScanWorker, streams
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir, storage_env
@@ -268,9 +268,9 @@ def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
     needs (runs + 1) row chunks and chunk-sized scratch instead."""
     one = spec.nbytes / max(n_copies, 1)
     if streams(params, spec.role, spec.shape, int(one)):
-        # read buffers of the larger (GPU) chunks, at most 8 bytes a weight (float64 storage);
-        # host scratch of CPU chunks (a GPU's scratch is on the GPU)
-        chunk = min(one, 8 * GPU_CHUNK_NUMEL)
+        # a read window per copy, at most 8 bytes a weight (float64 storage); host scratch of
+        # CPU chunks (a GPU's scratch is on the GPU)
+        chunk = min(one, 8 * STREAM_WINDOW_NUMEL)
         return int(n_copies * chunk + 16 * 8 * CHUNK_NUMEL)
     scratch = SCRATCH_COPIES if params.geometry else 2
     return int(spec.nbytes + scratch * one)

@@ -11,6 +11,7 @@ chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,10 @@ COMPARED = ("ok", "vocab_resized")
 CHUNK_NUMEL = 1 << 18
 #: on a GPU each chunk is a handful of kernel launches and host syncs: make them worth it
 GPU_CHUNK_NUMEL = 1 << 22
+#: a streamed tensor is read this many elements (of each copy) at a time
+STREAM_WINDOW_NUMEL = 1 << 22
+#: concurrent reads per worker: the base's and the runs' copies of a tensor
+IO_THREADS = 4
 #: tensors this large (bytes) that get no SVD are streamed rather than read whole
 STREAM_MIN_BYTES = 16 << 20
 
@@ -88,19 +93,30 @@ class _Source:
     embedding) costs (runs + 1) chunks of memory instead of (runs + 1) tensors."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
-                 out: _Out, limit: int | None = None):  # fmt: skip
+                 limit: int | None = None):  # fmt: skip
         e = ck.entries[name]
-        self.worker, self.ck, self.name, self.slot, self.out = worker, ck, name, slot, out
+        self.worker, self.ck, self.name, self.slot, self.stream = worker, ck, name, slot, stream
         rows = e.shape[0] if len(e.shape) >= 2 else 1
         self.shape = (min(rows, limit) if limit is not None else rows, e.numel // max(rows, 1))
         self.dtype = e.dtype  # storage dtype; anything but BF16 is rounded to bf16
         self.rounded = e.dtype != "BF16"
         self.full: torch.Tensor | None = None
-        if not stream:
-            out.n_bytes += e.nbytes
-            raw = ck.read(name, worker.device, worker.buffer(("full", slot), e.nbytes))
-            worker.copied(("full", slot))
-            self.full = as_matrix(bf16_bits(raw)[0])[: self.shape[0]]
+        self.window: tuple[int, int, torch.Tensor] | None = None  # streamed: rows read ahead
+
+    def load(self) -> int:
+        """Read the whole tensor unless it is streamed (any thread) -> bytes read."""
+        if self.stream:
+            return 0
+        nbytes = self.ck.entries[self.name].nbytes
+        raw = self.ck.read(self.name, self.worker.device, self.worker.buffer(("full", self.slot), nbytes))  # fmt: skip
+        self.worker.copied(("full", self.slot))
+        self.full = as_matrix(bf16_bits(raw)[0])[: self.shape[0]]
+        return nbytes
+
+    def nbytes(self, a: int, b: int) -> int:
+        """Bytes of rows [a, b) in the file."""
+        e = self.ck.entries[self.name]
+        return (b - a) * self.shape[1] * (e.nbytes // max(e.numel, 1))
 
     def head(self, n: int) -> _Source:
         """The first n rows (a resized vocabulary's common rows), sharing what was read."""
@@ -108,18 +124,30 @@ class _Source:
         other.__dict__.update(self.__dict__)
         other.shape = (min(n, self.shape[0]), self.shape[1])
         other.full = self.full[:n] if self.full is not None else None
+        other.window = None
         return other
 
     def rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as int16 patterns (any thread). A streamed source reads a window of
+        rows from a (at least STREAM_WINDOW_NUMEL elements) and serves chunks from it."""
         if self.full is not None:
             return self.full[a:b]
-        e = self.ck.entries[self.name]
-        nbytes = (b - a) * self.shape[1] * (e.nbytes // max(e.numel, 1))
-        self.out.n_bytes += nbytes
-        buf = self.worker.buffer(("chunk", self.slot), nbytes)
-        rows = self.ck.read_rows(self.name, a, b, self.worker.device, buf)
-        self.worker.copied(("chunk", self.slot))
-        return as_matrix(bf16_bits(rows)[0])
+        if self.window is None or not (self.window[0] <= a and b <= self.window[1]):
+            w = max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1))
+            end = min(a + w, self.shape[0])
+            buf = self.worker.buffer(("chunk", self.slot), self.nbytes(a, end))
+            data = self.ck.read_rows(self.name, a, end, self.worker.device, buf)
+            self.worker.copied(("chunk", self.slot))
+            self.window = (a, end, as_matrix(bf16_bits(data)[0]))
+        w0, _, data = self.window
+        return data[a - w0 : b - w0]
+
+    def needs_read(self, a: int, b: int) -> int:
+        """Bytes that serving rows [a, b) will read from the file (0: in memory already)."""
+        if self.full is not None or (self.window and self.window[0] <= a and b <= self.window[1]):
+            return 0
+        w = max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1))
+        return self.nbytes(a, min(a + w, self.shape[0]))
 
     def nonfinite(self) -> int:
         """NaN/Inf count over the whole tensor (only asked for on the error path)."""
@@ -158,8 +186,12 @@ def _map_row(unit: Unit, run: str, tensor: str, kind: str, pooled: torch.Tensor)
 class ScanWorker:
     """Scans work units of any group; keeps opened checkpoint headers between units."""
 
-    def __init__(self, out: str, device: str | None = None, threads: int | None = None):
+    def __init__(self, out: str, device: str | None = None, threads: int | None = None,
+                 io_threads: int = IO_THREADS):  # fmt: skip
         self.results = ResultsDir(out)
+        # the base's and every run's copy of a tensor are read side by side (readinto and the
+        # numba kernels release the GIL, so reads also overlap the statistics)
+        self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlvr-read")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads:
             torch.set_num_threads(threads)
@@ -168,6 +200,8 @@ class ScanWorker:
         self._copies: dict[tuple[str, int], torch.cuda.Event] = {}  # pinned buffer -> its copy
         self.chunk_numel = CHUNK_NUMEL if self.device.type == "cpu" else GPU_CHUNK_NUMEL
         kernels.warm(self.device)  # load the compiled kernels now, not in the first unit
+        if self.device.type == "cuda":  # create the CUDA context now too (~1 s)
+            torch.zeros(1, device=self.device)
         self.cache = BaseCache(self.results)
 
     def checkpoint(self, ref: str) -> Checkpoint:
@@ -258,13 +292,22 @@ class ScanWorker:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
         stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
-        try:
-            src0 = _Source(self, base, name, 0, stream, out)
-        except CheckpointError as e:
+        src0 = _Source(self, base, name, 0, stream)
+        compared = self._load_runs(unit, spec, base, runs, stream, out)
+        loads = [self.io.submit(s.load) for s in [src0, *(c.src for c in compared)]]
+        failed = {}
+        for src, f in zip([src0, *(c.src for c in compared)], loads, strict=True):
+            try:
+                out.n_bytes += f.result()
+            except CheckpointError as e:
+                failed[id(src)] = str(e)
+        if id(src0) in failed:
             for r in unit.runs:
-                self._skip(unit, spec, r, "read_error", str(e), out)
+                self._skip(unit, spec, r, "read_error", failed[id(src0)], out)
             return
-        compared = self._load_runs(unit, spec, base, runs, src0, stream, out)
+        for c in [c for c in compared if id(c.src) in failed]:
+            self._skip(unit, spec, unit.runs[c.run], "read_error", failed[id(c.src)], out)
+            compared.remove(c)
         while True:  # a run found to hold NaN/Inf mid-pass is dropped and the pass redone
             try:
                 stats = self._chunk_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)  # fmt: skip
@@ -313,7 +356,8 @@ class ScanWorker:
                                             spec.name, base, g))  # fmt: skip
         return cols
 
-    def _load_runs(self, unit, spec, base, runs, src0: _Source, stream: bool, out) -> list[_Compared]:  # fmt: skip
+    def _load_runs(self, unit, spec, base, runs, stream: bool, out) -> list[_Compared]:
+        """The runs' sources of a tensor (nothing read yet); rows for runs that cannot be."""
         name, e0 = spec.name, base.entries[spec.name]
         compared = []
         for i, (r, ck) in enumerate(zip(unit.runs, runs, strict=True)):
@@ -335,47 +379,52 @@ class ScanWorker:
                     self._skip(unit, spec, r, "shape_mismatch",
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
-            try:
-                src = _Source(self, ck, name, i + 1, stream, out, limit)
-            except CheckpointError as e:
-                self._skip(unit, spec, r, "read_error", str(e), out)
-                continue
-            compared.append(_Compared(i, src, status, message))
+            compared.append(_Compared(i, _Source(self, ck, name, i + 1, stream, limit), status, message))  # fmt: skip
         return compared
 
     def _chunk_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
                     comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
         """Row-chunked pass over base + runs -> {run index: (MaskStats, base sumsq)}; raises
-        _NonFinite at the first chunk holding NaN/Inf (nothing is emitted before the end)."""
+        _NonFinite for the base or the first run holding NaN/Inf (nothing is emitted before
+        the end; the caller drops that run and redoes the pass)."""
         if not comp:
             return {}
         rows, cols = src0.shape
         is_matrix = spec.nbytes > 0 and rows > 1
         map_size = unit.params.map_size if is_matrix else None
-        bins = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
-        step = max(1, self.chunk_numel // max(cols, 1))  # rows per chunk; never straddle a bin
-        edges = sorted(
-            {*bins, *(r for a, b in zip(bins[:-1], bins[1:]) for r in range(a, b, step))}
-        )
         accs = [MaskAccumulator(rows, cols, ULP_BIN_EDGES, self.device, map_size) for _ in comp]
+        step = max(1, self.chunk_numel // max(cols, 1))  # rows per chunk
+        if map_size and not accs[0].straddles:  # the fused CPU pass: chunks inside map rows
+            bins = bin_edges(rows, min(map_size, rows))
+            edges = sorted({*bins, *(r for a, b in zip(bins[:-1], bins[1:]) for r in range(a, b, step))})  # fmt: skip
+        else:
+            edges = [*range(0, rows, step), rows]
         members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
         cons = None
         if consistency and len(members) >= 2:
             cons = ConsistencyAccumulator(len(members), rows, cols, self.device)
         bit = {k: i for i, k in enumerate(members)} if cons is not None else {}
-        base_ss = 0.0
+        base_ss = base_nf = 0
+        sources = [src0, *(c.src for c in comp)]
+        for src in sources:  # a window may share its buffer with another pass's (head())
+            src.window = None
         for a, b in zip(edges[:-1], edges[1:], strict=True):
-            c0 = src0.rows(a, b)
+            c0, *c1 = self._rows(sources, a, b, out)
             ss, nf = base_stats(c0)
-            if nf:
-                raise _NonFinite(src0)
-            base_ss += ss
+            base_ss, base_nf = base_ss + ss, base_nf + nf
             planes = cons.planes(b - a) if cons is not None else None
-            for k, (acc, c) in enumerate(zip(accs, comp, strict=True)):
-                if acc.add(c0, c.src.rows(a, b), planes, bit.get(k, -1)):
-                    raise _NonFinite(c.src)
+            for k, (acc, x) in enumerate(zip(accs, c1, strict=True)):
+                acc.add(c0, x, planes, bit.get(k, -1))
             if cons is not None:
                 cons.add(planes)
+            if self.device.type == "cpu" and (base_nf or any(acc.nonfinite() for acc in accs)):
+                break  # stop early where checking is free; a GPU checks once, at the end
+        if int(base_nf):
+            raise _NonFinite(src0)
+        for acc, c in zip(accs, comp, strict=True):
+            if acc.nonfinite():
+                raise _NonFinite(c.src)
+        base_ss = float(base_ss)
         if cons is not None:
             mem = [accs[k] for k in members]
             pooled = ((sum(m.pool.sums() for m in mem), mem[0].pool.blocks()) if map_size
@@ -386,6 +435,14 @@ class ScanWorker:
             self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members], cs,
                                    is_matrix, out)  # fmt: skip
         return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
+
+    def _rows(self, sources: list[_Source], a: int, b: int, out: _Out) -> list[torch.Tensor]:
+        """Rows [a, b) of every source; streamed ones are read side by side."""
+        reads = [s.needs_read(a, b) for s in sources]
+        if sum(reads) == 0:
+            return [s.rows(a, b) for s in sources]
+        out.n_bytes += sum(reads)
+        return list(self.io.map(lambda s: s.rows(a, b), sources))
 
     def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):
         ms, base_ss = stats

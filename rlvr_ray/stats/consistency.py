@@ -90,9 +90,10 @@ class ConsistencyAccumulator:
         r = planes[0].shape[0]
         if self.by_hist and self.kernel:
             kernels.plane_hist(np.ascontiguousarray(planes[0].numpy()).view(np.uint16), self.hist)
-        elif self.by_hist:
-            self.hist += torch.bincount((planes[0].to(torch.int32) & 0xFFFF).flatten(),
-                                        minlength=1 << self.R)  # fmt: skip
+        elif self.by_hist:  # histc, unlike bincount, never waits for the host to size it
+            nb = 1 << self.R
+            p = (planes[0].to(torch.int32) & 0xFFFF).float()  # integers, exact in float32
+            self.hist += torch.histc(p, bins=nb, min=-0.5, max=nb - 0.5).round_().to(torch.int64)
         else:
             m = torch.stack([(planes[k // 16] >> (k % 16)) & 1 for k in range(self.R)])
             m = m.reshape(self.R, -1).float()  # [R, n]
@@ -129,8 +130,8 @@ class ConsistencyAccumulator:
             consensus_counts=counts,
             sizes=[int(inter[i, i]) for i in range(R)],
             intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
-            row_consensus=row_sum.to(torch.float64) / (R * self.cols),
-            col_consensus=col_sum.to(torch.float64) / (R * self.rows),
+            row_consensus=row_sum.cpu().to(torch.float64) / (R * self.cols),
+            col_consensus=col_sum.cpu().to(torch.float64) / (R * self.rows),
             pooled=pooled_sum / (block * R) if pooled_sum is not None else None,
         )
 

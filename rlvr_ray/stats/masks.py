@@ -11,6 +11,7 @@ On CPU a chunk takes one fused pass (``kernels.pair_chunk``, numba); elsewhere, 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,18 +58,13 @@ def ulp_steps(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
     return (ordered_key(bits1) - ordered_key(bits0)).abs()
 
 
-def sumsq(bits: torch.Tensor) -> float:
-    """Sum of squares (float64) of the bf16 values in int16 patterns [...]."""
-    return float(bits.view(torch.bfloat16).to(torch.float64).square().sum())
-
-
-def base_stats(bits: torch.Tensor) -> tuple[float, int]:
-    """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count)."""
+def base_stats(bits: torch.Tensor):
+    """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count): host
+    numbers on the fused CPU path, device scalars (no sync) on the torch path."""
     if kernels.enabled(bits.device):
         ss, nf = kernels.base_chunk(_np(bits))
         return float(ss), int(nf)
-    nf = nonfinite_count(bits)
-    return (float("nan") if nf else sumsq(bits)), nf
+    return bits.view(torch.bfloat16).double().square().sum(), ((bits & _MAG) >= _EXP).sum()
 
 
 def gini(x: torch.Tensor) -> float | None:
@@ -96,95 +92,86 @@ def block_sizes(row_edges: list[int], col_edges: list[int]) -> torch.Tensor:
     return r[:, None] * c[None, :]
 
 
-def pool_vector(counts: torch.Tensor, edges: list[int]) -> torch.Tensor:
-    """Sum a vector [n] over contiguous bins -> [len(edges) - 1] (float64)."""
-    c = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.float64)
-    e = torch.tensor(edges, device=counts.device)
-    return c[e[1:]] - c[e[:-1]]
+def pool_vector(counts: torch.Tensor, edges: list[int] | torch.Tensor) -> torch.Tensor:
+    """Sum [..., n] over contiguous bins of the last dimension -> [..., len(edges) - 1] (float64;
+    exact for integer counts below 2^53). Edges already on the device spare a host copy."""
+    c = counts.to(torch.float64).cumsum(-1)
+    c = torch.cat([c.new_zeros(*c.shape[:-1], 1), c], -1)
+    e = torch.as_tensor(edges, device=counts.device)
+    return c[..., e[1:]] - c[..., e[:-1]]
 
 
-def _chunk_stats_exact(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
-    """Int16 patterns [r, c] x2 -> (mask uint8 [r, c], row counts [r], col counts [c], ULP
-    histogram [len(edges)], max ULP steps, sum of squared updates (float64), max |update|).
+def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
+    """Int16 patterns [r, c] x2 and int32 ULP bin edges [k] on their device -> (0/1 float32
+    mask [r, c], counts of ULP steps >= each edge int64 [k], max ULP steps, sum of squared updates (float64), max |update|, NaN/Inf
+    count of b1): tensors on the inputs' device, and no host sync (a GPU runs ahead).
 
-    Handles every case (sign flips, +0/-0) through int32 ordered keys."""
+    The torch path (GPU, or CPU without numba): int32 ordered keys handle sign flips and
+    +0/-0; float64 differences of bf16 values are exact; float32 sums of 0/1 are exact below
+    2^24 elements, and chunks are kept below that."""
     steps = ulp_steps(b0, b1)
-    d0 = b0.view(torch.bfloat16).to(torch.float64)
-    d = (b1.view(torch.bfloat16).to(torch.float64) - d0).flatten()
-    lo, hi = torch.aminmax(d)
-    return _assemble(steps, d, torch.maximum(-lo, hi), edges)
-
-
-def _assemble(steps: torch.Tensor, d: torch.Tensor, amax: torch.Tensor, edges: tuple[int, ...]):
-    """The chunk_stats tuple from ULP steps [r, c] and float64 updates d [r * c]."""
-    m = steps.clamp_max(1)
-    rows, cols = _counts(m)
-    smax = int(steps.max())
-    return m.to(torch.uint8), rows, cols, _hist(steps, edges, smax), smax, torch.dot(d, d), amax
-
-
-def _hist(steps: torch.Tensor, edges: tuple[int, ...], smax: int) -> torch.Tensor:
-    """Counts of steps in [edges[b], edges[b + 1]) (last bin open) -> int64 [len(edges)].
-
-    count(steps >= e) is the sum of clamp(steps - (e - 1), 0, 1) over float32 (one upcast,
-    then vectorized float ops; a float32 sum of 0/1 is exact below 2^24 elements, and chunks
-    are kept far below that). Edges above ``smax`` (the largest step) count nothing: skipped."""
-    ge = torch.zeros(len(edges), dtype=torch.int64, device=steps.device)
-    live = [i for i, e in enumerate(edges) if e <= smax]
-    if live:
-        sf = steps.float()
-        ge[: len(live)] = torch.stack([(sf - (edges[i] - 1)).clamp_(0, 1).sum() for i in live]).to(torch.int64)  # fmt: skip
-    return ge - torch.cat([ge[1:], ge.new_zeros(1)])
-
-
-def _counts(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 tensor [r, c] -> (row sums [r], col sums [c]) as int64 (float32 sums: exact)."""
-    mf = m.float()
-    return mf.sum(1).to(torch.int64), mf.sum(0).to(torch.int64)
-
-
-def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: tuple[int, ...]):
-    """See ``_chunk_stats_exact``; same answers, faster when no coordinate changed sign.
-
-    When b0 and b1 have the same sign bit everywhere, |b1 - b0| in int16 IS the number of
-    representable values between them (sign-magnitude patterns are monotone within a sign),
-    so the pass stays in 16-bit integers and float32, with no int32 keys, no bool tensors and
-    no selects (each of those costs a slow, unvectorized pass on CPU). A chunk with any sign
-    change (including +0 <-> -0) takes the exact path."""
-    if b0.numel() == 0 or int((b0 ^ b1).min()) < 0:
-        return _chunk_stats_exact(b0, b1, edges)
-    steps = (b1 - b0).abs_()
-    # bf16 -> fp32 is exact, and so is the difference of two same-sign bf16 values whose
-    # exponents differ by at most 15 (fp32 has 16 more significand bits); further apart, the
-    # fp32 rounding (relative 2^-24) is far below anything these statistics resolve
-    d = (b1.view(torch.bfloat16).float() - b0.view(torch.bfloat16).float()).flatten()
-    lo, hi = torch.aminmax(d)
-    return _assemble(steps, d.double(), torch.maximum(-lo, hi).double(), edges)
+    m = steps.clamp(max=1).float()
+    ge = (steps.reshape(-1, 1) >= edges).sum(0)  # one launch for every edge
+    d = (b1.view(torch.bfloat16).double() - b0.view(torch.bfloat16).double()).flatten()
+    nf = ((b1 & _MAG) >= _EXP).sum()
+    if d.numel() == 0:
+        zero = d.new_zeros(())
+        return m, ge, steps.new_zeros(()), zero, zero, nf
+    return m, ge, steps.max(), torch.dot(d, d), d.abs().max(), nf
 
 
 class RowBinPool:
-    """Sums per-chunk column counts of a [rows, cols] tensor into a grid of at most
-    map_size x map_size blocks of mean densities."""
+    """Sums the column counts of consecutive row chunks of a [rows, cols] tensor into a grid
+    of at most map_size x map_size blocks (float64 sums on the chunks' device)."""
 
-    def __init__(self, rows: int, cols: int, map_size: int):
+    def __init__(self, rows: int, cols: int, map_size: int, device=None):
         self.row_edges = bin_edges(rows, min(map_size, rows))
         self.col_edges = bin_edges(cols, min(map_size, cols))
-        self.done: list[torch.Tensor] = []
-        self.current: torch.Tensor | None = None
+        self.grid = torch.zeros(len(self.row_edges) - 1, len(self.col_edges) - 1,
+                                dtype=torch.float64, device=device)  # fmt: skip
+        self._col_edges = torch.tensor(self.col_edges, device=device)  # copied to it once
+        self._bin, self._cols = -1, None  # column sums of the current row bin, not yet pooled
+        self._bin_of_row: torch.Tensor | None = None
+
+    def _row_bin(self, row: int) -> int:
+        return bisect.bisect_right(self.row_edges, row) - 1
 
     def add(self, r0: int, r: int, col_counts: torch.Tensor) -> None:
-        b = len(self.done)
-        if r0 < self.row_edges[b] or r0 + r > self.row_edges[b + 1]:
+        """Column counts [cols] of rows r0..r0 + r, which lie in one row bin."""
+        b = self._row_bin(r0)
+        if r0 + r > self.row_edges[b + 1]:
             raise ValueError(f"chunk rows {r0}..{r0 + r} straddle map row bin {b}")
-        # sum whole columns over the row bin; pool them into column bins once, at its end
-        self.current = col_counts.clone() if self.current is None else self.current.add_(col_counts)  # fmt: skip
-        if r0 + r == self.row_edges[b + 1]:
-            self.done.append(pool_vector(self.current, self.col_edges))
-            self.current = None
+        if b != self._bin:  # pool whole columns once a row bin is complete, not every chunk
+            self._flush()
+            self._bin, self._cols = b, col_counts.clone()
+        else:
+            self._cols += col_counts
+
+    def add_rows(self, r0: int, m: torch.Tensor) -> torch.Tensor:
+        """0/1 float32 rows [r, cols] from r0 (any row bins) -> their column counts (int64)."""
+        r = m.shape[0]
+        b0, b1 = self._row_bin(r0), self._row_bin(r0 + r - 1)
+        if b0 == b1:
+            col = m.sum(0).to(torch.int64)
+            self.add(r0, r, col)
+            return col
+        if self._bin_of_row is None:
+            sizes = torch.tensor(self.row_edges, device=m.device).diff()
+            self._bin_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=m.device), sizes)  # fmt: skip
+        seg = m.new_zeros(b1 - b0 + 1, m.shape[1]).index_add_(0, self._bin_of_row[r0 : r0 + r] - b0, m)  # fmt: skip
+        self._flush()
+        self.grid[b0 : b1 + 1] += pool_vector(seg, self._col_edges)
+        return seg.sum(0).to(torch.int64)
+
+    def _flush(self) -> None:
+        if self._cols is not None:
+            self.grid[self._bin] += pool_vector(self._cols, self._col_edges)
+            self._bin, self._cols = -1, None
 
     def sums(self) -> torch.Tensor:
         """-> float64 [row bins, col bins] (CPU): the counts summed per block."""
-        return torch.stack(self.done).cpu()
+        self._flush()
+        return self.grid.cpu()
 
     def blocks(self) -> torch.Tensor:
         """-> float64 [row bins, col bins]: the element count of each block."""
@@ -197,7 +184,8 @@ class RowBinPool:
 
 @dataclass
 class MaskStats:
-    """Per (run, tensor) mask statistics; ratios are float64 vectors on the input's device."""
+    """Per (run, tensor) mask statistics; ratios are float64 CPU vectors (divided on the CPU,
+    so that every device writes the same bits)."""
 
     numel: int
     n_changed: int
@@ -222,8 +210,9 @@ class MaskStats:
 class MaskAccumulator:
     """Consumes a [rows, cols] tensor pair in consecutive row chunks; ``finish`` -> MaskStats.
 
-    With ``map_size`` set, the pooled density map is built on the way (no full-size copy);
-    chunks must then not straddle the row bins ``bin_edges(rows, min(map_size, rows))``.
+    With ``map_size`` set, the pooled density map is built on the way (no full-size copy); on
+    the fused CPU path chunks must then not straddle the row bins
+    ``bin_edges(rows, min(map_size, rows))`` (``straddles`` says whether they may).
     """
 
     def __init__(self, rows: int, cols: int, ulp_edges: tuple[int, ...], device=None,
@@ -232,81 +221,86 @@ class MaskAccumulator:
         if tuple(ulp_edges[:2]) != (1, 2):
             raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
         self.ulp_edges = tuple(ulp_edges)
-        self.row_counts = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.col_counts = torch.zeros(cols, dtype=torch.int64, device=device)
-        self.hist = torch.zeros(len(ulp_edges), dtype=torch.int64, device=device)
-        self.ulp_max = 0
-        self.update_sumsq = self.max_abs = 0.0
+        dev = torch.device(device or "cpu")
+        self.row_counts = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.col_counts = torch.zeros(cols, dtype=torch.int64, device=dev)
         self.next_row = 0
-        self.pool = RowBinPool(rows, cols, map_size) if map_size else None
-        self.kernel = kernels.enabled(self.row_counts.device)
-        if self.kernel:  # the fused pass's histogram (>= counts) and per-chunk column counts
+        self.pool = RowBinPool(rows, cols, map_size, dev) if map_size else None
+        self.kernel = kernels.enabled(dev)
+        if self.kernel:  # host numbers; the fused pass's ">= edge" counts; per-chunk columns
             self._edges = kernels.padded_edges(self.ulp_edges)
             self._ge = np.zeros(len(self._edges), dtype=np.int64)
             self._col = torch.zeros(cols, dtype=torch.int64)
             self._nop = np.zeros((1, 1), dtype=np.uint16)
+            self._smax, self._ss, self._amax, self._nf = 0, 0.0, 0.0, 0
+        else:  # device scalars, read once in finish(): the chunks never wait for the host
+            self._edges_t = torch.tensor(self.ulp_edges, dtype=torch.int32, device=dev)
+            self._ge = torch.zeros(len(self.ulp_edges), dtype=torch.int64, device=dev)
+            self._smax = torch.zeros((), dtype=torch.int32, device=dev)
+            self._ss = torch.zeros((), dtype=torch.float64, device=dev)
+            self._amax = torch.zeros((), dtype=torch.float64, device=dev)
+            self._nf = torch.zeros((), dtype=torch.int64, device=dev)
+
+    @property
+    def straddles(self) -> bool:
+        """Whether a chunk may span several map row bins."""
+        return not self.kernel
 
     def add(self, bits0: torch.Tensor, bits1: torch.Tensor,
-            planes: list[torch.Tensor] | None = None, bit: int = -1) -> int:  # fmt: skip
-        """The next r rows: int16 patterns [r, cols] x2 -> the NaN/Inf count of ``bits1``.
-
-        When it is not 0 the chunk's statistics are not meaningful (the caller drops the run).
-        With ``planes`` (int16 bit planes [r, cols] from ``ConsistencyAccumulator.planes``) and
-        ``bit`` >= 0, sets bit ``bit % 16`` of ``planes[bit // 16]`` where the weight changed."""
+            planes: list[torch.Tensor] | None = None, bit: int = -1) -> None:  # fmt: skip
+        """The next r rows: int16 patterns [r, cols] x2. With ``planes`` (int16 bit planes
+        [r, cols] from ``ConsistencyAccumulator.planes``) and ``bit`` >= 0, sets bit
+        ``bit % 16`` of ``planes[bit // 16]`` where the weight changed. NaN/Inf in ``bits1``
+        is counted (``nonfinite``), and the statistics are then meaningless."""
         r0, r = self.next_row, bits0.shape[0]
         plane = planes[bit // 16] if planes is not None and bit >= 0 else None
         if self.kernel:
-            col, smax, ss, amax, nf = self._add_kernel(bits0, bits1, plane, bit % 16)
-            if nf:
-                return nf
+            col = self._col[: self.cols]
+            smax, ss, amax, nf = kernels.pair_chunk(
+                _np(bits0), _np(bits1), self._edges, self.row_counts[r0 : r0 + r].numpy(),
+                col.numpy(), self._ge, _np(plane).view(np.uint16) if plane is not None else self._nop,
+                bit % 16 if plane is not None else -1,
+            )  # fmt: skip
+            if self.pool is not None:
+                self.pool.add(r0, r, col)
+            self._smax = max(self._smax, int(smax))
+            self._ss += float(ss)
+            self._amax = max(self._amax, float(np.int64(amax).view(np.float64)))
+            self._nf += int(nf)
         else:
-            nf = nonfinite_count(bits1)
-            if nf:
-                return nf
-            mask, counts, col, hist, smax, ss, amax = chunk_stats(bits0, bits1, self.ulp_edges)
-            self.row_counts[r0 : r0 + r] = counts
-            self.hist += hist
+            m, ge, smax, ss, amax, nf = chunk_stats(bits0, bits1, self._edges_t)
+            self.row_counts[r0 : r0 + r] = m.sum(1).to(torch.int64)
+            col = self.pool.add_rows(r0, m) if self.pool is not None else m.sum(0).to(torch.int64)
             if plane is not None:
-                plane |= mask.to(torch.int16) << (bit % 16)
+                plane |= m.to(torch.int16) << (bit % 16)
+            self._ge += ge
+            torch.maximum(self._smax, smax, out=self._smax)
+            self._ss += ss
+            torch.maximum(self._amax, amax, out=self._amax)
+            self._nf += nf
         self.col_counts += col
-        if self.pool is not None:
-            self.pool.add(r0, r, col)
-        self.ulp_max = max(self.ulp_max, int(smax))
-        self.update_sumsq += float(ss)
-        self.max_abs = max(self.max_abs, float(amax))
         self.next_row += r
-        return 0
 
-    def _add_kernel(self, bits0, bits1, plane, bit):
-        """The fused CPU pass: fills row counts and the histogram in place."""
-        r0, r = self.next_row, bits0.shape[0]
-        col = self._col[: self.cols]
-        smax, ss, amax, nf = kernels.pair_chunk(
-            _np(bits0), _np(bits1), self._edges, self.row_counts[r0 : r0 + r].numpy(),
-            col.numpy(), self._ge, _np(plane).view(np.uint16) if plane is not None else self._nop,
-            bit if plane is not None else -1,
-        )  # fmt: skip
-        return col, smax, ss, np.int64(amax).view(np.float64), nf
+    def nonfinite(self) -> int:
+        """NaN/Inf values seen in the run's chunks so far."""
+        return int(self._nf)
 
     def finish(self) -> MaskStats:
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
         pooled = self.pool.finish() if self.pool is not None else None
-        if self.kernel:
-            ge = [int(x) for x in self._ge[: len(self.ulp_edges)]] + [0]
-            hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
-        else:
-            hist = [int(x) for x in self.hist.tolist()]
+        ge = [int(x) for x in self._ge[: len(self.ulp_edges)].tolist()] + [0]
+        hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
         return MaskStats(
             numel=self.rows * self.cols,
             n_changed=sum(hist),
-            row_ratio=self.row_counts.to(torch.float64) / self.cols,
-            col_ratio=self.col_counts.to(torch.float64) / self.rows,
+            row_ratio=self.row_counts.cpu().to(torch.float64) / self.cols,
+            col_ratio=self.col_counts.cpu().to(torch.float64) / self.rows,
             ulp_hist=hist,
             ulp1=hist[0],
-            ulp_max=self.ulp_max,
-            update_sumsq=self.update_sumsq,
-            max_abs_update=self.max_abs,
+            ulp_max=int(self._smax),
+            update_sumsq=float(self._ss),
+            max_abs_update=float(self._amax),
             pooled=pooled,
         )
 
