@@ -106,7 +106,10 @@ class ResultsDir:
         self._put(
             final,
             lambda p: pq.write_table(
-                data, p, filesystem=self.fs if isinstance(p, str) else None, compression="zstd",
+                data,
+                p,
+                filesystem=self.fs if isinstance(p, str) else None,
+                compression="zstd",
                 use_dictionary=strings,
             ),  # fmt: skip
         )

@@ -50,7 +50,8 @@ def update_mask(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
 def ordered_key(bits: torch.Tensor) -> torch.Tensor:
     """int16 patterns [...] -> int32 [...] that counts representable bf16 values (-0 -> 0)."""
     k = bits.to(torch.int32)
-    return torch.where(k < 0, -(k & _MAG), k)
+    sign = k >> 15  # 0 or -1: (m ^ sign) - sign is m or -m, with no select (slow on a CPU)
+    return ((k & _MAG) ^ sign) - sign
 
 
 def ulp_steps(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,11 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
     2^24 elements, and chunks are kept below that."""
     steps = ulp_steps(b0, b1)
     m = steps.clamp(max=1).float()
-    ge = (steps.reshape(-1, 1) >= edges).sum(0)  # one launch for every edge
+    if steps.is_cuda:  # one launch for every edge
+        ge = (steps.reshape(-1, 1) >= edges).sum(0)
+    else:  # on a CPU: a pass per edge, float32 clamp-sums (bool reductions are slow there)
+        sf = steps.float()
+        ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges.tolist()]).to(torch.int64)  # fmt: skip
     d = (b1.view(torch.bfloat16).double() - b0.view(torch.bfloat16).double()).flatten()
     nf = ((b1 & _MAG) >= _EXP).sum()
     if d.numel() == 0:
@@ -321,12 +326,17 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 def mask_stats(w0: torch.Tensor, w1: torch.Tensor, ulp_edges: tuple[int, ...] = (1, 2),
                map_size: int | None = None) -> MaskStats:  # fmt: skip
-    """Whole-tensor form: bf16-valued w0, w1 [m, n] -> MaskStats (chunked by map row bins)."""
+    """Whole-tensor form: bf16-valued w0, w1 [m, n] -> MaskStats (chunked: at most 4M
+    elements, never across map row bins)."""
     b0 = as_matrix(bf16_bits(w0)[0])
     b1 = as_matrix(bf16_bits(w1)[0])
     rows, cols = b0.shape
     acc = MaskAccumulator(rows, cols, ulp_edges, device=b0.device, map_size=map_size)
-    edges = bin_edges(rows, min(map_size, rows)) if map_size else [0, rows]
+    step = max(1, (1 << 22) // max(cols, 1))  # float32 0/1 sums stay exact (< 2^24)
+    edges = {*range(0, rows, step), rows}
+    if map_size:
+        edges |= {*bin_edges(rows, min(map_size, rows))}
+    edges = sorted(edges)
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         acc.add(b0[a:b], b1[a:b])
     return acc.finish()
