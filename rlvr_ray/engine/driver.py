@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -339,22 +340,32 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     if memory_gb:
         todo, refused = over_budget(todo, memory_gb)
         result.errors += refused
+    stopping = None
     if todo:
+        import ray
+
         started = _init_ray(address, num_cpus)
         prog = Progress(sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo), progress)
         try:
             place = Placement.for_cluster(results.uri, len(todo), workers, gpus_per_worker,
                                           memory_gb)  # fmt: skip
             _run_units(todo, results.uri, result, place, prog, on_unit)
-        finally:
+        except BaseException:
             prog.close()
             if started:
-                import ray
-
                 ray.shutdown()
-    if result.scan_ids:
-        catalog.refresh(results.uri)
-        result.warnings += _identical_runs(results.uri, result.scan_ids)
+            raise
+        prog.close()
+        if started:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
+            stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+            stopping.start()
+    try:
+        if result.scan_ids:
+            catalog.refresh(results.uri)
+            result.warnings += _identical_runs(results.uri, result.scan_ids)
+    finally:
+        if stopping is not None:
+            stopping.join()
     result.seconds = time.perf_counter() - t0
     return result
 
