@@ -1,7 +1,7 @@
 """Bitwise bf16 update masks and what they say: density, stripes, ULP steps, update norms.
 
-Pure torch. Weights are compared as raw 16-bit bf16 patterns (int16 views), never with a
-tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf16 first
+Torch, and the numba kernels on CPU. Weights are compared as raw 16-bit bf16 patterns (int16
+views), never with a tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf16 first
 (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records that it was
 done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs more
 than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
