@@ -1,11 +1,12 @@
 """The scan worker: a plain class that scans one work unit and writes its Parquet parts.
 
 It becomes a Ray actor only at the edge (``rlvr_ray.engine.driver``); tests call it directly.
-For each tensor of the unit it reads the base once and every run's copy, whole (at most
-(runs + 1) x the tensor's bytes resident) or, for huge tensors that get no SVD, streamed row
-range by row range ((runs + 1) chunks); then it walks the rows in chunks: per-run mask
-statistics and the cross-run consensus are accumulated chunk by chunk, so scratch memory is a
-chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`` says why.
+For each tensor of the unit it reads the base once and every run's copy, side by side on a
+small thread pool, whole (at most (runs + 1) x the tensor's bytes resident) or, for huge
+tensors that get no SVD, streamed a window of rows at a time ((runs + 1) windows); then it
+walks the rows in chunks: per-run mask statistics and the cross-run consensus are accumulated
+chunk by chunk (fused numba passes on a CPU, sync-free torch ops on a GPU), so scratch memory
+is a chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`` says why.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ class _Source:
     """One checkpoint's tensor as int16 bf16 patterns [rows, cols], row range by row range.
 
     Either read whole into a reused buffer (tensors that get geometry, and small ones), or
-    streamed: each row range read from the file when asked for, so a huge tensor (an
-    embedding) costs (runs + 1) chunks of memory instead of (runs + 1) tensors."""
+    streamed: read from the file a window of rows at a time, so a huge tensor (an embedding)
+    costs (runs + 1) windows of memory instead of (runs + 1) tensors."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
                  limit: int | None = None):  # fmt: skip
@@ -132,9 +133,8 @@ class _Source:
         rows from a (at least STREAM_WINDOW_NUMEL elements) and serves chunks from it."""
         if self.full is not None:
             return self.full[a:b]
-        if self.window is None or not (self.window[0] <= a and b <= self.window[1]):
-            w = max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1))
-            end = min(a + w, self.shape[0])
+        if not self._in_memory(a, b):
+            end = self._window_end(a, b)
             buf = self.worker.buffer(("chunk", self.slot), self.nbytes(a, end))
             data = self.ck.read_rows(self.name, a, end, self.worker.device, buf)
             self.worker.copied(("chunk", self.slot))
@@ -144,10 +144,15 @@ class _Source:
 
     def needs_read(self, a: int, b: int) -> int:
         """Bytes that serving rows [a, b) will read from the file (0: in memory already)."""
-        if self.full is not None or (self.window and self.window[0] <= a and b <= self.window[1]):
-            return 0
-        w = max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1))
-        return self.nbytes(a, min(a + w, self.shape[0]))
+        return 0 if self._in_memory(a, b) else self.nbytes(a, self._window_end(a, b))
+
+    def _in_memory(self, a: int, b: int) -> bool:
+        w = self.window
+        return self.full is not None or (w is not None and w[0] <= a and b <= w[1])
+
+    def _window_end(self, a: int, b: int) -> int:
+        """End row of the window read to serve rows [a, b)."""
+        return min(a + max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1)), self.shape[0])
 
     def nonfinite(self) -> int:
         """NaN/Inf count over the whole tensor (only asked for on the error path)."""
@@ -294,9 +299,9 @@ class ScanWorker:
         stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
         src0 = _Source(self, base, name, 0, stream)
         compared = self._load_runs(unit, spec, base, runs, stream, out)
-        loads = [self.io.submit(s.load) for s in [src0, *(c.src for c in compared)]]
-        failed = {}
-        for src, f in zip([src0, *(c.src for c in compared)], loads, strict=True):
+        sources = [src0, *(c.src for c in compared)]
+        failed = {}  # the copies are read side by side; a failed read skips its run (or all)
+        for src, f in zip(sources, [self.io.submit(s.load) for s in sources], strict=True):
             try:
                 out.n_bytes += f.result()
             except CheckpointError as e:

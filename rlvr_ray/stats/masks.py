@@ -104,12 +104,14 @@ def pool_vector(counts: torch.Tensor, edges: list[int] | torch.Tensor) -> torch.
 
 def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
     """Int16 patterns [r, c] x2 and int32 ULP bin edges [k] on their device -> (0/1 float32
-    mask [r, c], counts of ULP steps >= each edge int64 [k], max ULP steps, sum of squared updates (float64), max |update|, NaN/Inf
-    count of b1): tensors on the inputs' device, and no host sync (a GPU runs ahead).
+    mask [r, c], counts of ULP steps >= each edge int64 [k], max ULP steps, sum of squared
+    updates (float64), max |update|, NaN/Inf count of b1): tensors on the inputs' device, and
+    no host sync (a GPU runs ahead).
 
     The torch path (GPU, or CPU without numba): int32 ordered keys handle sign flips and
-    +0/-0; float64 differences of bf16 values are exact; float32 sums of 0/1 are exact below
-    2^24 elements, and chunks are kept below that."""
+    +0/-0; the float64 difference of two bf16 values (8 significant bits) is exact unless their
+    exponents are more than 45 apart; float32 sums of 0/1 are exact below 2^24 elements, and
+    chunks are kept below that."""
     steps = ulp_steps(b0, b1)
     m = steps.clamp(max=1).float()
     if steps.is_cuda:  # one launch for every edge
