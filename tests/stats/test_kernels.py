@@ -115,3 +115,19 @@ def test_plane_histogram_both_paths(monkeypatch, R):
     for counts, got_inter in got.values():
         assert counts == want
         np.testing.assert_array_equal(got_inter, inter)
+
+
+def test_runs_past_16_set_bits_of_a_second_plane(monkeypatch):
+    """Run 21 of a group is bit 5 of plane 1, on both paths."""
+    b0, b1 = hard_pair((9, 50), 4)
+    t0, t1 = torch.from_numpy(b0.view(np.int16)), torch.from_numpy(b1.view(np.int16))
+    changed = b0 != b1
+    changed &= ((b0 | b1) & 0x7FFF) != 0
+    for mode in ("numba", "torch"):
+        monkeypatch.setenv("RLVR_RAY_KERNELS", mode)
+        planes = [torch.zeros(9, 50, dtype=torch.int16) for _ in range(2)]
+        MaskAccumulator(9, 50, EDGES).add(t0, t1, planes, 21)
+        assert not planes[0].any()
+        np.testing.assert_array_equal(
+            planes[1].numpy().view(np.uint16), changed.astype(np.uint16) << 5
+        )
