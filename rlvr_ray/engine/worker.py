@@ -226,6 +226,7 @@ class ScanWorker:
         for spec in unit.tensors:
             self._scan_tensor(unit, spec, base, runs, out)
         part = f"{unit.scan_id}-{unit.index:05d}"
+        tables = {}
         for table, schema in TABLES.items():
             if table == "tensors":
                 data = pa.Table.from_pylist(out.tensors, schema=schema)
@@ -236,7 +237,9 @@ class ScanWorker:
             else:
                 pieces = [p.cast(schema) for p in out.pieces.get(table, [])]
                 data = pa.concat_tables(pieces) if pieces else schema.empty_table()
-            self.results.write_table(table, part, data)
+            tables[table] = data
+        # side by side (Parquet encoding releases the GIL); all written before the marker
+        list(self.io.map(lambda kv: self.results.write_table(kv[0], part, kv[1]), tables.items()))
         statuses: dict[str, int] = {}
         for row in out.tensors:
             statuses[row["status"]] = statuses.get(row["status"], 0) + 1
