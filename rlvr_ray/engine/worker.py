@@ -59,7 +59,7 @@ GPU_CHUNK_NUMEL = 1 << 22
 #: a streamed tensor is read this many elements (of each copy) at a time
 STREAM_WINDOW_NUMEL = 1 << 22
 #: concurrent reads per worker: the base's and the runs' copies of a tensor
-IO_THREADS = 4
+IO_THREADS = 8
 #: tensors this large (bytes) that get no SVD are streamed rather than read whole
 STREAM_MIN_BYTES = 16 << 20
 
