@@ -11,6 +11,7 @@ interrupted resumes: units with a completion marker are skipped unless ``force``
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -266,13 +267,13 @@ def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
     """Bytes an actor needs for one tensor: every checkpoint's copy ((runs + 1) x its bytes,
     resident together) plus scratch: chunked masks and, with geometry, the float64 SVD of one
     copy (estimated as SCRATCH_COPIES x one copy's bytes). A streamed tensor (huge, no SVD)
-    needs (runs + 1) row chunks and chunk-sized scratch instead."""
+    needs (runs + 1) x 2 read windows and chunk-sized scratch instead."""
     one = spec.nbytes / max(n_copies, 1)
     if streams(params, spec.role, spec.shape, int(one)):
-        # a read window per copy, at most 8 bytes a weight (float64 storage); host scratch of
+        # two read windows per copy (one computed on, the next being read); host scratch of
         # CPU chunks (a GPU's scratch is on the GPU)
-        chunk = min(one, 8 * STREAM_WINDOW_NUMEL)
-        return int(n_copies * chunk + 16 * 8 * CHUNK_NUMEL)
+        window = min(one, STREAM_WINDOW_NUMEL * one / max(math.prod(spec.shape), 1))
+        return int(n_copies * 2 * window + 16 * 8 * CHUNK_NUMEL)
     scratch = SCRATCH_COPIES if params.geometry else 2
     return int(spec.nbytes + scratch * one)
 

@@ -11,8 +11,9 @@ is a chunk, not a tensor. A tensor that cannot be compared gets a row whose ``st
 
 from __future__ import annotations
 
+import bisect
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +92,9 @@ class _Source:
 
     Either read whole into a reused buffer (tensors that get geometry, and small ones), or
     streamed: read from the file a window of rows at a time, so a huge tensor (an embedding)
-    costs (runs + 1) windows of memory instead of (runs + 1) tensors."""
+    costs (runs + 1) x 2 windows of memory instead of (runs + 1) tensors. Windows end on chunk
+    edges, and while the chunks of one window are computed on, the next window is read into
+    the other of two buffers (``prefetch``), so reading overlaps the statistics."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
                  limit: int | None = None):  # fmt: skip
@@ -102,7 +105,9 @@ class _Source:
         self.dtype = e.dtype  # storage dtype; anything but BF16 is rounded to bf16
         self.rounded = e.dtype != "BF16"
         self.full: torch.Tensor | None = None
-        self.window: tuple[int, int, torch.Tensor] | None = None  # streamed: rows read ahead
+        self.edges: list[int] = []  # the pass's chunk edges: windows end on them
+        self.window: tuple[int, int, torch.Tensor, int] | None = None  # a, end, rows, buffer
+        self.pending: tuple[int, int, Future, int] | None = None  # the next window, being read
 
     def load(self) -> int:
         """Read the whole tensor unless it is streamed (any thread) -> bytes read."""
@@ -125,25 +130,63 @@ class _Source:
         other.__dict__.update(self.__dict__)
         other.shape = (min(n, self.shape[0]), self.shape[1])
         other.full = self.full[:n] if self.full is not None else None
-        other.window = None
+        other.window = other.pending = None
         return other
 
+    # -- streamed windows ----------------------------------------------------------------------
+
+    def start(self, edges: list[int]) -> None:
+        """A pass over chunks ``edges`` begins: nothing read before is served."""
+        self.stop()
+        self.edges, self.window = edges, None
+
+    def stop(self) -> None:
+        """Wait for a window still being read (its buffer is about to be reused) and drop it."""
+        if self.pending is not None:
+            self.pending[2].exception()  # waits; a failed prefetch is read again, or raises, later
+            self.pending = None
+
+    def _read(self, a: int, end: int, buf: int) -> torch.Tensor:
+        """Rows [a, end) into buffer ``buf`` (0 or 1), on the worker's device (any thread)."""
+        key = ("chunk", self.slot, buf)
+        data = self.ck.read_rows(self.name, a, end, self.worker.device, self.worker.buffer(key, self.nbytes(a, end)))  # fmt: skip
+        self.worker.copied(key)
+        return as_matrix(bf16_bits(data)[0])
+
+    def fetch(self, a: int, b: int, pool: ThreadPoolExecutor) -> tuple[int, int, Future, int]:
+        """The window serving rows [a, b): the prefetched one, or a read submitted now."""
+        end = self._window_end(a, b)
+        if self.pending is not None and self.pending[:2] == (a, end):
+            got, self.pending = self.pending, None
+            return got
+        self.stop()
+        buf = 1 - self.window[3] if self.window is not None else 0
+        return a, end, pool.submit(self._read, a, end, buf), buf
+
+    def install(self, fetched: tuple[int, int, Future, int], pool: ThreadPoolExecutor) -> None:
+        """Serve from ``fetched`` (waits for it); start reading the window after it."""
+        a, end, future, buf = fetched
+        self.window = (a, end, future.result(), buf)
+        if end < self.shape[0]:
+            i = bisect.bisect_right(self.edges, end)
+            nb = self.edges[i] if i < len(self.edges) else self.shape[0]
+            nend = self._window_end(end, nb)
+            self.pending = (end, nend, pool.submit(self._read, end, nend, 1 - buf), 1 - buf)
+
     def rows(self, a: int, b: int) -> torch.Tensor:
-        """Rows [a, b) as int16 patterns (any thread). A streamed source reads a window of
-        rows from a (at least STREAM_WINDOW_NUMEL elements) and serves chunks from it."""
+        """Rows [a, b) as int16 patterns (a window not in memory is read here, synchronously)."""
         if self.full is not None:
             return self.full[a:b]
         if not self._in_memory(a, b):
+            self.stop()
             end = self._window_end(a, b)
-            buf = self.worker.buffer(("chunk", self.slot), self.nbytes(a, end))
-            data = self.ck.read_rows(self.name, a, end, self.worker.device, buf)
-            self.worker.copied(("chunk", self.slot))
-            self.window = (a, end, as_matrix(bf16_bits(data)[0]))
-        w0, _, data = self.window
+            buf = 1 - self.window[3] if self.window is not None else 0
+            self.window = (a, end, self._read(a, end, buf), buf)
+        w0, _, data, _ = self.window
         return data[a - w0 : b - w0]
 
     def needs_read(self, a: int, b: int) -> int:
-        """Bytes that serving rows [a, b) will read from the file (0: in memory already)."""
+        """Bytes that serving rows [a, b) reads from the file (0: in memory already)."""
         return 0 if self._in_memory(a, b) else self.nbytes(a, self._window_end(a, b))
 
     def _in_memory(self, a: int, b: int) -> bool:
@@ -151,8 +194,12 @@ class _Source:
         return self.full is not None or (w is not None and w[0] <= a and b <= w[1])
 
     def _window_end(self, a: int, b: int) -> int:
-        """End row of the window read to serve rows [a, b)."""
-        return min(a + max(b - a, STREAM_WINDOW_NUMEL // max(self.shape[1], 1)), self.shape[0])
+        """End row of the window read to serve rows [a, b): the last chunk edge within
+        STREAM_WINDOW_NUMEL elements of a (so the next window starts a chunk), and >= b."""
+        limit = a + STREAM_WINDOW_NUMEL // max(self.shape[1], 1)
+        i = bisect.bisect_right(self.edges, limit) - 1
+        end = self.edges[i] if i >= 0 and self.edges[i] > a else limit
+        return min(max(end, b), self.shape[0])
 
     def nonfinite(self) -> int:
         """NaN/Inf count over the whole tensor (only asked for on the error path)."""
@@ -266,9 +313,10 @@ class ScanWorker:
         out.tensors.append(self._row(unit, spec, run, status=status, message=message, **kw))
 
     def buffer(self, key, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of at least ``nbytes`` for ``key`` (("full" | "chunk", slot); slot 0:
-        the base, i + 1: run i), reused from tensor to tensor: no page faults, and at most
-        (runs + 1) x the largest tensor read whole (+ (runs + 1) chunks) stays allocated.
+        """A uint8 buffer of at least ``nbytes`` for ``key`` (("full", slot) or ("chunk", slot,
+        0 | 1); slot 0: the base, i + 1: run i), reused from tensor to tensor: no page faults,
+        and at most (runs + 1) x the largest tensor read whole (+ (runs + 1) x 2 windows)
+        stays allocated.
         On a GPU it is pinned, and handed out only once its last copy to the device is done."""
         if (event := self._copies.pop(key, None)) is not None:
             event.synchronize()
@@ -414,19 +462,23 @@ class ScanWorker:
         bit = {k: i for i, k in enumerate(members)} if cons is not None else {}
         base_ss = base_nf = 0
         sources = [src0, *(c.src for c in comp)]
-        for src in sources:  # a window may share its buffer with another pass's (head())
-            src.window = None
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
-            c0, *c1 = self._rows(sources, a, b, out)
-            ss, nf = base_stats(c0)
-            base_ss, base_nf = base_ss + ss, base_nf + nf
-            planes = cons.planes(b - a) if cons is not None else None
-            for k, (acc, x) in enumerate(zip(accs, c1, strict=True)):
-                acc.add(c0, x, planes, bit.get(k, -1))
-            if cons is not None:
-                cons.add(planes)
-            if self.device.type == "cpu" and (base_nf or any(acc.nonfinite() for acc in accs)):
-                break  # stop early where checking is free; a GPU checks once, at the end
+        for src in sources:  # a window may share its buffers with another pass's (head())
+            src.start(edges)
+        try:
+            for a, b in zip(edges[:-1], edges[1:], strict=True):
+                c0, *c1 = self._rows(sources, a, b, out)
+                ss, nf = base_stats(c0)
+                base_ss, base_nf = base_ss + ss, base_nf + nf
+                planes = cons.planes(b - a) if cons is not None else None
+                for k, (acc, x) in enumerate(zip(accs, c1, strict=True)):
+                    acc.add(c0, x, planes, bit.get(k, -1))
+                if cons is not None:
+                    cons.add(planes)
+                if self.device.type == "cpu" and (base_nf or any(m.nonfinite() for m in accs)):
+                    break  # stop early where checking is free; a GPU checks once, at the end
+        finally:
+            for src in sources:  # no read may still be writing into a buffer after the pass
+                src.stop()
         if int(base_nf):
             raise _NonFinite(src0)
         for acc, c in zip(accs, comp, strict=True):
@@ -446,11 +498,12 @@ class ScanWorker:
 
     def _rows(self, sources: list[_Source], a: int, b: int, out: _Out) -> list[torch.Tensor]:
         """Rows [a, b) of every source; streamed ones are read side by side."""
-        reads = [s.needs_read(a, b) for s in sources]
-        if sum(reads) == 0:
-            return [s.rows(a, b) for s in sources]
-        out.n_bytes += sum(reads)
-        return list(self.io.map(lambda s: s.rows(a, b), sources))
+        need = [s for s in sources if not s._in_memory(a, b)]
+        if need:  # a new window for each streamed copy: the prefetched one, else read now
+            out.n_bytes += sum(s.needs_read(a, b) for s in need)
+            for s, fetched in [(s, s.fetch(a, b, self.io)) for s in need]:
+                s.install(fetched, self.io)
+        return [s.rows(a, b) for s in sources]
 
     def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):
         ms, base_ss = stats
