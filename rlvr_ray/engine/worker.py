@@ -33,7 +33,6 @@ from rlvr_ray.stats.masks import (
     as_matrix,
     base_stats,
     bf16_bits,
-    bin_edges,
     gini,
     nonfinite_count,
     update_mask,
@@ -450,11 +449,7 @@ class ScanWorker:
         map_size = unit.params.map_size if is_matrix else None
         accs = [MaskAccumulator(rows, cols, ULP_BIN_EDGES, self.device, map_size) for _ in comp]
         step = max(1, self.chunk_numel // max(cols, 1))  # rows per chunk
-        if map_size and not accs[0].straddles:  # the fused CPU pass: chunks inside map rows
-            bins = bin_edges(rows, min(map_size, rows))
-            edges = sorted({*bins, *(r for a, b in zip(bins[:-1], bins[1:]) for r in range(a, b, step))})  # fmt: skip
-        else:
-            edges = [*range(0, rows, step), rows]
+        edges = [*range(0, rows, step), rows]
         members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
         cons = None
         if consistency and len(members) >= 2:

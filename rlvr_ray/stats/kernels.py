@@ -43,7 +43,8 @@ def warm(device=None) -> None:
     if enabled(device):
         z = np.zeros((1, 1), dtype=np.int16)
         pair_chunk(z, z, padded_edges((1, 2)), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                   np.zeros(4, np.int64), np.zeros((1, 1), np.uint16), -1)  # fmt: skip
+                   np.zeros(4, np.int64), np.zeros((1, 1), np.uint16), -1,
+                   np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((0, 0), np.float64))  # fmt: skip
         base_chunk(z)
         plane_hist(np.zeros((1, 1), np.uint16), np.zeros((4, 2), np.int64))
 
@@ -53,13 +54,16 @@ def _jit(fn):
 
 
 @_jit
-def pair_chunk(b0, b1, edges, row_out, col_out, ge, plane, bit):  # pragma: no cover - jitted
+def pair_chunk(b0, b1, edges, row_out, col_out, ge, plane, bit, row_bin, col_bin, grid):  # pragma: no cover  # fmt: skip
     """One run's chunk against the base's, in one pass.
 
     b0, b1: int16 [r, c] bf16 patterns (base, run); edges: int32 [k >= 4] ULP bin edges,
     edges[0] == 1, padded with 2^30; row_out: int64 [r] <- changed per row; col_out: int64 [c]
     <- changed per column in this chunk; ge: int64 [k] += how many changes moved >= edges[b]
-    ULPs; plane: uint16 [r, c], bit b of it set where changed (bit < 0: no plane).
+    ULPs; plane: uint16 [r, c], bit b of it set where changed (bit < 0: no plane); row_bin:
+    int64 [r] and col_bin: int64 [c], the map bins of the chunk's rows and columns, and grid:
+    float64 [map rows, map cols] += the changes per block (a grid with no rows: no map). The
+    map costs a pass over the columns each time the row bin changes, not a pass per weight.
     -> (max ULP steps, sum of squared updates (float64), max |update| as float64 bits (int64),
     NaN/Inf count of b1).
     """
@@ -81,7 +85,15 @@ def pair_chunk(b0, b1, edges, row_out, col_out, ge, plane, bit):  # pragma: no c
     amax = np.int64(0)
     use_plane = bit >= 0
     mbit = np.uint16(1 << max(bit, 0))
+    use_grid = grid.shape[0] > 0
+    snap = np.zeros(c if use_grid else 0, np.int64)  # col_out when the grid was last fed
+    cur = row_bin[0] if use_grid and r > 0 else 0
     for i in range(r):
+        if use_grid and row_bin[i] != cur:  # a map row bin is complete: pool its columns
+            for j in range(c):
+                grid[cur, col_bin[j]] += col_out[j] - snap[j]
+                snap[j] = col_out[j]
+            cur = row_bin[i]
         rc = np.int32(0)
         g1 = np.int32(0)
         g2 = np.int32(0)
@@ -128,6 +140,9 @@ def pair_chunk(b0, b1, edges, row_out, col_out, ge, plane, bit):  # pragma: no c
             ss += d * d
         for j in range(c):  # |d| is ordered like its bit pattern with the sign bit cleared
             amax = max(amax, di[j] & np.int64(0x7FFFFFFFFFFFFFFF))
+    if use_grid:
+        for j in range(c):
+            grid[cur, col_bin[j]] += col_out[j] - snap[j]
     return smax, ss, amax, nf
 
 

@@ -143,11 +143,24 @@ class RowBinPool:
     def _row_bin(self, row: int) -> int:
         return bisect.bisect_right(self.row_edges, row) - 1
 
-    def add(self, r0: int, r: int, col_counts: torch.Tensor) -> None:
-        """Column counts [cols] of rows r0..r0 + r, which lie in one row bin."""
+    def bin_of_chunk(self, r0: int, r: int) -> int:
+        """The row bin holding rows r0..r0 + r (a chunk must not straddle two)."""
         b = self._row_bin(r0)
         if r0 + r > self.row_edges[b + 1]:
             raise ValueError(f"chunk rows {r0}..{r0 + r} straddle map row bin {b}")
+        return b
+
+    def row_bins(self) -> np.ndarray:
+        """int64 [rows]: the row bin of each row (what the fused CPU pass pools by)."""
+        return np.repeat(np.arange(len(self.row_edges) - 1), np.diff(self.row_edges))
+
+    def col_bins(self) -> np.ndarray:
+        """int64 [cols]: the column bin of each column."""
+        return np.repeat(np.arange(len(self.col_edges) - 1), np.diff(self.col_edges))
+
+    def add(self, r0: int, r: int, col_counts: torch.Tensor) -> None:
+        """Column counts [cols] of rows r0..r0 + r, which lie in one row bin."""
+        b = self.bin_of_chunk(r0, r)
         if b != self._bin:  # pool whole columns once a row bin is complete, not every chunk
             self._flush()
             self._bin, self._cols = b, col_counts.clone()
@@ -217,9 +230,8 @@ class MaskStats:
 class MaskAccumulator:
     """Consumes a [rows, cols] tensor pair in consecutive row chunks; ``finish`` -> MaskStats.
 
-    With ``map_size`` set, the pooled density map is built on the way (no full-size copy); on
-    the fused CPU path chunks must then not straddle the row bins
-    ``bin_edges(rows, min(map_size, rows))`` (``straddles`` says whether they may).
+    With ``map_size`` set, the pooled density map is built on the way (no full-size copy);
+    chunks may span several of its row bins.
     """
 
     def __init__(self, rows: int, cols: int, ulp_edges: tuple[int, ...], device=None,
@@ -239,6 +251,15 @@ class MaskAccumulator:
             self._ge = np.zeros(len(self._edges), dtype=np.int64)
             self._col = torch.zeros(cols, dtype=torch.int64)
             self._nop = np.zeros((1, 1), dtype=np.uint16)
+            self._rows_np = self.row_counts.numpy()
+            # the fused pass feeds the map itself (chunks may then span several map rows)
+            if self.pool is not None:
+                self._grid = self.pool.grid.numpy()
+                self._row_bin, self._col_bin = self.pool.row_bins(), self.pool.col_bins()
+            else:
+                self._grid = np.zeros((0, 0), dtype=np.float64)
+                self._row_bin = np.zeros(rows, dtype=np.int64)
+                self._col_bin = np.zeros(cols, dtype=np.int64)
             self._smax, self._ss, self._amax, self._nf = 0, 0.0, 0.0, 0
         else:  # device scalars, read once in finish(): the chunks never wait for the host
             self._edges_t = torch.tensor(self.ulp_edges, dtype=torch.int32, device=dev)
@@ -247,11 +268,6 @@ class MaskAccumulator:
             self._ss = torch.zeros((), dtype=torch.float64, device=dev)
             self._amax = torch.zeros((), dtype=torch.float64, device=dev)
             self._nf = torch.zeros((), dtype=torch.int64, device=dev)
-
-    @property
-    def straddles(self) -> bool:
-        """Whether a chunk may span several map row bins."""
-        return not self.kernel
 
     def add(self, bits0: torch.Tensor, bits1: torch.Tensor,
             planes: list[torch.Tensor] | None = None, bit: int = -1) -> None:  # fmt: skip
@@ -264,12 +280,11 @@ class MaskAccumulator:
         if self.kernel:
             col = self._col[: self.cols]
             smax, ss, amax, nf = kernels.pair_chunk(
-                _np(bits0), _np(bits1), self._edges, self.row_counts[r0 : r0 + r].numpy(),
+                _np(bits0), _np(bits1), self._edges, self._rows_np[r0 : r0 + r],
                 col.numpy(), self._ge, _np(plane).view(np.uint16) if plane is not None else self._nop,
-                bit % 16 if plane is not None else -1,
+                bit % 16 if plane is not None else -1, self._row_bin[r0 : r0 + r], self._col_bin,
+                self._grid,
             )  # fmt: skip
-            if self.pool is not None:
-                self.pool.add(r0, r, col)
             self._smax = max(self._smax, int(smax))
             self._ss += float(ss)
             self._amax = max(self._amax, float(np.int64(amax).view(np.float64)))
@@ -328,17 +343,14 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 def mask_stats(w0: torch.Tensor, w1: torch.Tensor, ulp_edges: tuple[int, ...] = (1, 2),
                map_size: int | None = None) -> MaskStats:  # fmt: skip
-    """Whole-tensor form: bf16-valued w0, w1 [m, n] -> MaskStats (chunked: at most 4M
-    elements, never across map row bins)."""
+    """Whole-tensor form: bf16-valued w0, w1 [m, n] -> MaskStats (in chunks of at most 4M
+    elements)."""
     b0 = as_matrix(bf16_bits(w0)[0])
     b1 = as_matrix(bf16_bits(w1)[0])
     rows, cols = b0.shape
     acc = MaskAccumulator(rows, cols, ulp_edges, device=b0.device, map_size=map_size)
     step = max(1, (1 << 22) // max(cols, 1))  # float32 0/1 sums stay exact (< 2^24)
-    edges = {*range(0, rows, step), rows}
-    if map_size:
-        edges |= {*bin_edges(rows, min(map_size, rows))}
-    edges = sorted(edges)
+    edges = [*range(0, rows, step), rows]
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         acc.add(b0[a:b], b1[a:b])
     return acc.finish()
