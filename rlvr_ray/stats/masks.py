@@ -1,9 +1,9 @@
 """Bitwise bf16 update masks and what they say: density, stripes, ULP steps, update norms.
 
 Torch, and the numba kernels on CPU. Weights are compared as raw 16-bit bf16 patterns (int16
-views), never with a tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf16 first
-(round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records that it was
-done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs more
+views), never with a tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded
+to bf16 first (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records
+that it was done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs more
 than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
 On CPU a chunk takes one fused pass (``kernels.pair_chunk``, numba); elsewhere, or with
 ``RLVR_RAY_KERNELS=torch``, the torch ops below, which give the same answers.
@@ -128,8 +128,10 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
 
 
 class RowBinPool:
-    """Sums the column counts of consecutive row chunks of a [rows, cols] tensor into a grid
-    of at most map_size x map_size blocks (float64 sums on the chunks' device)."""
+    """Sums the 0/1 values of consecutive row chunks of a [rows, cols] tensor into a grid of
+    at most map_size x map_size blocks (float64 sums on the chunks' device). The fused CPU
+    pass fills ``grid`` itself (by ``row_bins`` and ``col_bins``); the torch path calls
+    ``add_rows``."""
 
     def __init__(self, rows: int, cols: int, map_size: int, device=None):
         self.row_edges = bin_edges(rows, min(map_size, rows))
@@ -137,18 +139,10 @@ class RowBinPool:
         self.grid = torch.zeros(len(self.row_edges) - 1, len(self.col_edges) - 1,
                                 dtype=torch.float64, device=device)  # fmt: skip
         self._col_edges = torch.tensor(self.col_edges, device=device)  # copied to it once
-        self._bin, self._cols = -1, None  # column sums of the current row bin, not yet pooled
         self._bin_of_row: torch.Tensor | None = None
 
     def _row_bin(self, row: int) -> int:
         return bisect.bisect_right(self.row_edges, row) - 1
-
-    def bin_of_chunk(self, r0: int, r: int) -> int:
-        """The row bin holding rows r0..r0 + r (a chunk must not straddle two)."""
-        b = self._row_bin(r0)
-        if r0 + r > self.row_edges[b + 1]:
-            raise ValueError(f"chunk rows {r0}..{r0 + r} straddle map row bin {b}")
-        return b
 
     def row_bins(self) -> np.ndarray:
         """int64 [rows]: the row bin of each row (what the fused CPU pass pools by)."""
@@ -158,39 +152,23 @@ class RowBinPool:
         """int64 [cols]: the column bin of each column."""
         return np.repeat(np.arange(len(self.col_edges) - 1), np.diff(self.col_edges))
 
-    def add(self, r0: int, r: int, col_counts: torch.Tensor) -> None:
-        """Column counts [cols] of rows r0..r0 + r, which lie in one row bin."""
-        b = self.bin_of_chunk(r0, r)
-        if b != self._bin:  # pool whole columns once a row bin is complete, not every chunk
-            self._flush()
-            self._bin, self._cols = b, col_counts.clone()
-        else:
-            self._cols += col_counts
-
     def add_rows(self, r0: int, m: torch.Tensor) -> torch.Tensor:
         """0/1 float32 rows [r, cols] from r0 (any row bins) -> their column counts (int64)."""
         r = m.shape[0]
         b0, b1 = self._row_bin(r0), self._row_bin(r0 + r - 1)
         if b0 == b1:
-            col = m.sum(0).to(torch.int64)
-            self.add(r0, r, col)
-            return col
+            col = m.sum(0)
+            self.grid[b0] += pool_vector(col, self._col_edges)
+            return col.to(torch.int64)
         if self._bin_of_row is None:
             sizes = torch.tensor(self.row_edges, device=m.device).diff()
             self._bin_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=m.device), sizes)  # fmt: skip
         seg = m.new_zeros(b1 - b0 + 1, m.shape[1]).index_add_(0, self._bin_of_row[r0 : r0 + r] - b0, m)  # fmt: skip
-        self._flush()
         self.grid[b0 : b1 + 1] += pool_vector(seg, self._col_edges)
         return seg.sum(0).to(torch.int64)
 
-    def _flush(self) -> None:
-        if self._cols is not None:
-            self.grid[self._bin] += pool_vector(self._cols, self._col_edges)
-            self._bin, self._cols = -1, None
-
     def sums(self) -> torch.Tensor:
         """-> float64 [row bins, col bins] (CPU): the counts summed per block."""
-        self._flush()
         return self.grid.cpu()
 
     def blocks(self) -> torch.Tensor:
