@@ -27,13 +27,14 @@ from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
 from rlvr_ray.stats import kernels
 from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
+from rlvr_ray.stats.group import GroupAccumulator
 from rlvr_ray.stats.masks import (
     MaskAccumulator,
     MaskStats,
     as_matrix,
     base_stats,
     bf16_bits,
-    gini,
+    gini_counts,
     nonfinite_count,
     update_mask,
 )
@@ -58,6 +59,9 @@ CHUNK_NUMEL = 1 << 18
 GPU_CHUNK_NUMEL = 1 << 22
 #: a streamed tensor is read this many elements (of each copy) at a time
 STREAM_WINDOW_NUMEL = 1 << 22
+#: the fused CPU pass reads every copy's rows this many elements at a time, straight into one
+#: buffer that stays in the caches (L2 + L3) while the pass walks it
+FUSED_WINDOW_NUMEL = 1 << 17
 #: concurrent reads per worker: the base's and the runs' copies of a tensor
 IO_THREADS = 8
 #: tensors this large (bytes) that get no SVD are streamed rather than read whole
@@ -108,10 +112,34 @@ class _Source:
         self.window: tuple[int, int, torch.Tensor, int] | None = None  # a, end, rows, buffer
         self.pending: tuple[int, int, Future, int] | None = None  # the next window, being read
 
+    @property
+    def stored_rows(self) -> int:
+        """Rows in the file (more than ``shape[0]`` when a resized vocabulary is cut)."""
+        e = self.ck.entries[self.name]
+        return e.shape[0] if len(e.shape) >= 2 else 1
+
+    def read_into(self, a: int, b: int, dst: torch.Tensor) -> int:
+        """Rows [a, b) as int16 patterns into the flat int16 ``dst`` (any thread; the fused CPU
+        pass) -> bytes read. A copy not stored as bf16 is read aside and rounded into it."""
+        n = (b - a) * self.shape[1]
+        if not self.rounded:
+            e = self.ck.entries[self.name]
+            self.ck.read_exact(e, a * 2 * self.shape[1], memoryview(dst[:n].numpy()).cast("B"))
+            return 2 * n
+        raw = self.ck.read_rows(self.name, a, b, "cpu", self.worker.buffer(("raw", self.slot), self.nbytes(a, b)))  # fmt: skip
+        dst[:n].copy_(bf16_bits(raw)[0].reshape(-1))
+        return self.nbytes(a, b)
+
     def load(self) -> int:
         """Read the whole tensor unless it is streamed (any thread) -> bytes read."""
         if self.stream:
             return 0
+        if self.worker.fused:  # into the copy's slot of the worker's one buffer
+            rows = self.stored_rows
+            dst = self.worker.slot(self.slot)
+            n = self.read_into(0, rows, dst)
+            self.full = dst[: rows * self.shape[1]].view(rows, self.shape[1])[: self.shape[0]]
+            return n
         nbytes = self.ck.entries[self.name].nbytes
         raw = self.ck.read(self.name, self.worker.device, self.worker.buffer(("full", self.slot), nbytes))  # fmt: skip
         self.worker.copied(("full", self.slot))
@@ -212,26 +240,61 @@ class _Out:
     tensors: list[dict] = field(default_factory=list)
     consistency: list[dict] = field(default_factory=list)
     pieces: dict[str, list[pa.Table]] = field(default_factory=dict)
+    #: table -> (run, tensor, axis, values) per profile, made into one table per unit
+    profiles: dict[str, list[tuple]] = field(default_factory=dict)
     n_bytes: int = 0
 
     def add(self, table: str, data: pa.Table) -> None:
         self.pieces.setdefault(table, []).append(data)
 
+    def profile(self, table: str, run: str | None, tensor: str, axis: str, values) -> None:
+        self.profiles.setdefault(table, []).append((run, tensor, axis, values))
 
-def _profile(unit: Unit, run: str, tensor: str, axis: str, ratio: torch.Tensor, col: str) -> pa.Table:  # fmt: skip
-    n = ratio.numel()
-    cols = {"scan_id": pa.repeat(unit.scan_id, n), "group_name": pa.repeat(unit.group, n)}
-    if run is not None:
-        cols["run"] = pa.repeat(run, n)
-    cols |= {"tensor": pa.repeat(tensor, n), "axis": pa.repeat(axis, n),
-             "idx": np.arange(n, dtype=np.int32), col: ratio.cpu().numpy().astype(np.float32)}  # fmt: skip
-    return pa.table(cols)
+
+def _repeated(values: list[str], counts: np.ndarray) -> pa.Array:
+    """values[i] repeated counts[i] times: a dictionary-encoded string column (no string per
+    row is built; ``ResultsDir.write_table`` writes the codes as they are)."""
+    uniq = list(dict.fromkeys(values))
+    code = {v: i for i, v in enumerate(uniq)}
+    idx = np.repeat(np.array([code[v] for v in values], dtype=np.int32), counts)
+    return pa.DictionaryArray.from_arrays(idx, pa.array(uniq, pa.string()))
+
+
+def _profiles_table(unit: Unit, pieces: list[tuple], schema: pa.Schema) -> pa.Table:
+    """One unit's profiles (row and column ratios, or consensus) as one table."""
+    counts = np.array([len(p[3]) for p in pieces], dtype=np.int64)
+    total = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    one = np.array([total])
+    cols = {"scan_id": _repeated([unit.scan_id], one), "group_name": _repeated([unit.group], one)}
+    if "run" in schema.names:
+        cols["run"] = _repeated([p[0] for p in pieces], counts)
+    cols |= {
+        "tensor": _repeated([p[1] for p in pieces], counts),
+        "axis": _repeated([p[2] for p in pieces], counts),
+        "idx": (np.arange(total, dtype=np.int64) - np.repeat(starts, counts)).astype(np.int32),
+        schema.names[-1]: np.concatenate([np.asarray(p[3], dtype=np.float32) for p in pieces]),
+    }  # fmt: skip
+    coded = pa.schema([pa.field(f.name, cols[f.name].type, f.nullable) if pa.types.is_string(f.type)
+                       else f for f in schema])  # fmt: skip
+    return pa.table([cols[f.name] for f in schema], schema=coded)
 
 
 def _map_row(unit: Unit, run: str, tensor: str, kind: str, pooled: torch.Tensor) -> dict:
     return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": tensor,
             "kind": kind, "map_rows": pooled.shape[0], "map_cols": pooled.shape[1],
             "values": pooled.flatten().float().tolist()}  # fmt: skip
+
+
+def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
+    """Ask for every copy of ``names``, tensor by tensor, to be read into the page cache."""
+    for name in names:
+        for ck in cks:
+            if name in ck.entries:
+                try:
+                    ck.will_need(name)
+                except (OSError, CheckpointError):
+                    return  # only advice: a real read reports the problem
 
 
 class ScanWorker:
@@ -250,6 +313,10 @@ class ScanWorker:
         self._bufs: dict[tuple[str, int], torch.Tensor] = {}
         self._copies: dict[tuple[str, int], torch.cuda.Event] = {}  # pinned buffer -> its copy
         self.chunk_numel = CHUNK_NUMEL if self.device.type == "cpu" else GPU_CHUNK_NUMEL
+        # on a CPU with the numba kernels, one fused pass takes the base and every run at once
+        self.fused = kernels.enabled(self.device)
+        self._arena = torch.empty(0, dtype=torch.int16)  # the fused pass's copies, slot by slot
+        self._slot_numel = 0
         kernels.warm(self.device)  # load the compiled kernels now, not in the first unit
         if self.device.type == "cuda":  # create the CUDA context now too (~1 s)
             torch.zeros(1, device=self.device)
@@ -269,6 +336,8 @@ class ScanWorker:
         base = self.checkpoint(unit.base_ref)
         runs = [self.checkpoint(r.ref) for r in unit.runs]
         out = _Out()
+        # files on disk: have the kernel read the unit's tensors ahead, in order, meanwhile
+        self.io.submit(_will_need, [base, *runs], [t.name for t in unit.tensors])
         for spec in unit.tensors:
             self._scan_tensor(unit, spec, base, runs, out)
         part = f"{unit.scan_id}-{unit.index:05d}"
@@ -278,6 +347,8 @@ class ScanWorker:
                 data = pa.Table.from_pylist(out.tensors, schema=schema)
             elif table == "consistency":
                 data = pa.Table.from_pylist(out.consistency, schema=schema)
+            elif table in out.profiles:
+                data = _profiles_table(unit, out.profiles[table], schema)
             elif table == "maps":
                 data = pa.Table.from_pylist([r for t in out.pieces.get("maps", []) for r in t], schema=schema)  # fmt: skip
             else:
@@ -326,6 +397,20 @@ class ScanWorker:
             self._bufs[key] = buf
         return buf
 
+    def layout(self, slots: int, numel: int) -> torch.Tensor:
+        """The fused pass's buffer, cut into ``slots`` slots of ``numel`` int16 elements (slot
+        0: the base, i + 1: run i); grown, never shrunk, so that a worker's memory stays at
+        (runs + 1) x its largest tensor read whole (or window)."""
+        if self._arena.numel() < slots * numel:
+            self._arena = torch.empty(0, dtype=torch.int16)  # free the old one first
+            self._arena = torch.empty(slots * numel, dtype=torch.int16)
+        self._slot_numel = numel
+        return self._arena
+
+    def slot(self, k: int) -> torch.Tensor:
+        """Slot k of the fused pass's buffer (int16, flat)."""
+        return self._arena[k * self._slot_numel : (k + 1) * self._slot_numel]
+
     def copied(self, key) -> None:
         """Buffer ``key`` was just copied to the device, asynchronously: remember when it ends."""
         if self.device.type == "cuda":
@@ -346,10 +431,18 @@ class ScanWorker:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
-        stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
+        if self.fused:  # every tensor not read whole for the SVD is read window by window
+            stream = skip_reason(unit.params, spec.role, tuple(e0.shape)) is not None
+        else:
+            stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
         src0 = _Source(self, base, name, 0, stream)
         compared = self._load_runs(unit, spec, base, runs, stream, out)
         sources = [src0, *(c.src for c in compared)]
+        if self.fused:
+            cols = src0.shape[1]
+            numel = (max(s.stored_rows for s in sources) * cols if not stream
+                     else max(1, FUSED_WINDOW_NUMEL // max(cols, 1)) * cols)  # fmt: skip
+            self.layout(len(unit.runs) + 1, numel)
         failed = {}  # the copies are read side by side; a failed read skips its run (or all)
         for src, f in zip(sources, [self.io.submit(s.load) for s in sources], strict=True):
             try:
@@ -363,13 +456,14 @@ class ScanWorker:
         for c in [c for c in compared if id(c.src) in failed]:
             self._skip(unit, spec, unit.runs[c.run], "read_error", failed[id(c.src)], out)
             compared.remove(c)
+        run_pass = self._group_pass if self.fused else self._chunk_pass
         while True:  # a run found to hold NaN/Inf mid-pass is dropped and the pass redone
             try:
-                stats = self._chunk_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)  # fmt: skip
+                stats = run_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)
                 for c in compared:
                     if c.status == "vocab_resized":
-                        stats.update(self._chunk_pass(unit, spec, src0.head(c.src.shape[0]), [c],
-                                                      out, consistency=False))  # fmt: skip
+                        stats.update(run_pass(unit, spec, src0.head(c.src.shape[0]), [c], out,
+                                              consistency=False))  # fmt: skip
                 break
             except _NonFinite as nf:
                 if nf.src is src0:
@@ -491,6 +585,45 @@ class ScanWorker:
                                    is_matrix, out)  # fmt: skip
         return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
 
+    def _group_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
+                    comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
+        """The fused CPU pass: the base and every run in one kernel pass per window of rows
+        (read straight into the worker's buffer, in this thread) or over the tensors read
+        whole -> {run index: (MaskStats, base sumsq)}; raises _NonFinite like ``_chunk_pass``."""
+        if not comp:
+            return {}
+        rows, cols = src0.shape
+        is_matrix = spec.nbytes > 0 and rows > 1
+        members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
+        if not consistency or len(members) < 2:
+            members = []
+        acc = GroupAccumulator(rows, cols, len(comp), members, ULP_BIN_EDGES,
+                               unit.params.map_size if is_matrix else None)  # fmt: skip
+        sources = [src0, *(c.src for c in comp)]
+        flat = self._arena.numpy()
+        base = np.array([s.slot * self._slot_numel for s in sources], dtype=np.int64)
+        if src0.full is not None:  # read whole (for the SVD): one pass over all of it
+            acc.add(flat, base, rows)
+        else:
+            step = max(1, FUSED_WINDOW_NUMEL // max(cols, 1))
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                for s in sources:
+                    out.n_bytes += s.read_into(a, b, self.slot(s.slot))
+                acc.add(flat, base, b - a)
+                if acc.iacc[:, 2].any():
+                    break  # stop early: the pass is redone without the copy holding NaN/Inf
+        if acc.nonfinite(0):
+            raise _NonFinite(src0)
+        for k, c in enumerate(comp):
+            if acc.nonfinite(k + 1):
+                raise _NonFinite(c.src)
+        acc.finish()
+        if (cs := acc.consistency()) is not None:
+            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members], cs,
+                                   is_matrix, out)  # fmt: skip
+        return {c.run: (acc.mask_stats(k), acc.base_sumsq) for k, c in enumerate(comp)}
+
     def _rows(self, sources: list[_Source], a: int, b: int, out: _Out) -> list[torch.Tensor]:
         """Rows [a, b) of every source; streamed ones are read side by side."""
         need = [s for s in sources if not s._in_memory(a, b)]
@@ -510,16 +643,16 @@ class ScanWorker:
             unit, spec, r, rows=rows, cols=cols, numel=ms.numel, dtype_base=src0.dtype,
             dtype_run=c.src.dtype, rounded_to_bf16=src0.rounded or c.src.rounded,
             n_changed=ms.n_changed, update_density=ms.update_density,
-            stripe_row=gini(ms.row_ratio) if is_matrix else None,
-            stripe_col=gini(ms.col_ratio) if is_matrix else None,
+            stripe_row=gini_counts(ms.row_counts) if is_matrix else None,
+            stripe_col=gini_counts(ms.col_counts) if is_matrix else None,
             ulp1_share=ms.ulp1_share, ulp_hist=ms.ulp_hist, ulp_max=ms.ulp_max,
             rel_frob=(ms.update_sumsq / base_ss) ** 0.5 if base_ss > 0 else None,
             max_abs_update=ms.max_abs_update, status=c.status, message=c.message, **geo,
         )  # fmt: skip
         out.tensors.append(row)
         if is_matrix:
-            out.add("profiles", _profile(unit, r.name, spec.name, "row", ms.row_ratio, "ratio"))
-            out.add("profiles", _profile(unit, r.name, spec.name, "col", ms.col_ratio, "ratio"))
+            out.profile("profiles", r.name, spec.name, "row", ms.row_ratio.numpy())
+            out.profile("profiles", r.name, spec.name, "col", ms.col_ratio.numpy())
             out.add("maps", [_map_row(unit, r.name, spec.name, "mask", ms.pooled)])
 
     def _emit_consistency(self, unit, spec, numel, members, cs: ConsistencyStats, is_matrix, out):
@@ -531,6 +664,10 @@ class ScanWorker:
             "consensus_counts": cs.consensus_counts, "status": "ok",
         })  # fmt: skip
         if is_matrix:
-            out.add("consensus_profiles", _profile(unit, None, spec.name, "row", cs.row_consensus, "consensus"))  # fmt: skip
-            out.add("consensus_profiles", _profile(unit, None, spec.name, "col", cs.col_consensus, "consensus"))  # fmt: skip
+            out.profile(
+                "consensus_profiles", None, spec.name, "row", cs.row_consensus.cpu().numpy()
+            )
+            out.profile(
+                "consensus_profiles", None, spec.name, "col", cs.col_consensus.cpu().numpy()
+            )
             out.add("maps", [_map_row(unit, "*", spec.name, "consensus", cs.pooled)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ class Checkpoint:
     config: dict | None
     fingerprint: str
     files: list[Path] = field(default_factory=list)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_bytes(self) -> int:
@@ -167,7 +169,8 @@ class Checkpoint:
     def read_rows(self, name: str, a: int, b: int, device: str | torch.device = "cpu",
                   buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Rows [a, b) of a tensor's first dimension, shape [b - a, *shape[1:]] (a 0-d or 1-D
-        tensor counts as one row: the whole of it)."""
+        tensor counts as one row: the whole of it). Positional reads on a descriptor kept open
+        per file: safe from any thread."""
         e = self.entries[name]
         dtype, size = DTYPES[e.dtype]
         shape = e.shape if len(e.shape) >= 2 else (1, *e.shape)
@@ -177,13 +180,58 @@ class Checkpoint:
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         buf = buf[:nbytes]
-        with open(e.file, "rb", buffering=0) as f:
-            f.seek(e.start + a * row_bytes)
-            got = f.readinto(buf.numpy()) if nbytes else 0
+        got = self.pread(e, a * row_bytes, memoryview(buf.numpy())) if nbytes else 0
         if got != nbytes:
             _fail(self.ref, f"short read ({got} of {nbytes} bytes)", Path(e.file).name, name)
         t = buf.view(dtype).reshape((b - a, *shape[1:]) if len(e.shape) >= 2 else e.shape)
         return t.to(device, non_blocking=pin) if pin else t
+
+    def pread(self, e: TensorEntry, offset: int, view: memoryview) -> int:
+        """Fill ``view`` from byte ``offset`` of tensor ``e``'s data -> bytes read (short at
+        the end of a truncated file)."""
+        fd, got, n = self._fd(e.file), 0, len(view)
+        try:
+            while got < n and (k := os.preadv(fd, [view[got:]], e.start + offset + got)):
+                got += k
+        except OSError as err:
+            _fail(self.ref, f"read failed ({err.strerror})", Path(e.file).name, e.name)
+        return got
+
+    def read_exact(self, e: TensorEntry, offset: int, view: memoryview) -> None:
+        """``pread``, or a one-line error naming the file and tensor if the file ends early."""
+        if (got := self.pread(e, offset, view)) != len(view):
+            _fail(self.ref, f"short read ({got} of {len(view)} bytes)", Path(e.file).name, e.name)
+
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes into the page cache (returns at
+        once; a scan of files on disk then finds them there)."""
+        e = self.entries[name]
+        if e.nbytes:
+            os.posix_fadvise(self._fd(e.file), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as err:
+                _fail(self.ref, f"cannot open ({err.strerror})", Path(file).name)
+            if (kept := self._fds.setdefault(file, fd)) != fd:  # another thread was first
+                os.close(fd)
+                fd = kept
+        return fd
+
+    def close(self) -> None:
+        """Close the files kept open for reading (they reopen on the next read)."""
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}
 
 
 def _refuse_pickles(ckpt: str, paths: list[Path]) -> None:

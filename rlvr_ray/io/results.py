@@ -97,12 +97,24 @@ class ResultsDir:
                 f.write(body)
 
     def write_table(self, table: str, part: str, data: pa.Table) -> str:
-        """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet."""
-        data = data.cast(ALL_TABLES[table]) if data.schema != ALL_TABLES[table] else data
+        """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet.
+
+        A string column may come dictionary-encoded (codes + the distinct strings, as the
+        worker builds its long profile tables): it is written as such, with no string per row
+        ever materialized, and reads back as the declared plain strings."""
+        schema = ALL_TABLES[table]
+        coded = [f.name for f in data.schema
+                 if pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)]  # fmt: skip
+        plain = pa.schema([pa.field(f.name, f.type.value_type, f.nullable) if f.name in coded else f
+                           for f in data.schema])  # fmt: skip
+        if coded and plain.equals(schema):
+            pass  # the Arrow schema is not stored: readers see the Parquet strings
+        elif data.schema != schema:
+            data, coded = data.cast(schema), []
         final = self.path("tables", table, f"{part}.parquet")
         # dictionaries for the (repetitive) string columns only: dictionary-encoding the float
         # profiles too made writing 1.6x slower, for no smaller files
-        strings = [f.name for f in data.schema if pa.types.is_string(f.type)]
+        strings = [f.name for f in schema if pa.types.is_string(f.type)]
         self._put(
             final,
             lambda p: pq.write_table(
@@ -111,6 +123,7 @@ class ResultsDir:
                 filesystem=self.fs if isinstance(p, str) else None,
                 compression="zstd",
                 use_dictionary=strings,
+                store_schema=not coded,
             ),  # fmt: skip
         )
         return final

@@ -47,6 +47,14 @@ def warm(device=None) -> None:
                    np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((0, 0), np.float64))  # fmt: skip
         base_chunk(z)
         plane_hist(np.zeros((1, 1), np.uint16), np.zeros((4, 2), np.int64))
+        i64 = np.zeros((1, 1), np.int64)
+        grid = np.zeros((1, 0, 0), np.float64)
+        group_rows(np.zeros(2, np.int16), np.zeros(2, np.int64), 1, 1, 0, padded_edges((1, 2)),
+                   np.zeros(1, np.int64), 0, i64, i64, np.zeros((1, 4), np.int64),
+                   np.zeros((2, 3), np.int64), np.zeros(2, np.float64), np.zeros((4, 1), np.int64),
+                   np.zeros((0, 1, 1), np.uint16), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                   grid, i64, np.zeros(1, np.int64))  # fmt: skip
+        group_flush(i64, np.zeros(1, np.int64), np.zeros((1, 1, 1), np.float64), i64, np.zeros(1, np.int64))  # fmt: skip
 
 
 def _jit(fn):
@@ -188,3 +196,157 @@ def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
     if edges[0] != 1:
         raise ValueError("ULP bins must start at 1")
     return np.array([*edges, *[_BIG] * max(0, 4 - len(edges))], dtype=np.int32)
+
+
+@_jit
+def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, ge, iacc, facc, hist,
+               planes, row_bin, col_bin, grid, snap, cur):  # pragma: no cover  # fmt: skip
+    """The base and R runs of n rows in one pass: every run's mask statistics and the runs'
+    consensus pattern, with the base's row decoded once and every row buffer in L1.
+
+    flat: int16 [*], every copy's rows; off: int64 [R + 1], where the n x c rows of copy k
+    (0: the base, r + 1: run r) start in flat; row0: the tensor row of the first of them;
+    edges: int32 [k >= 4] ULP bin edges (``padded_edges``); pbit: int64 [R], run r's bit in
+    the consensus pattern (-1: not a member). Accumulated across calls:
+    rows_out: int64 [R, rows] <- changed per row; col_out: int64 [R, c] += changed per column;
+    ge: int64 [R, k] += changes that moved >= edges[b] ULPs; iacc: int64 [R + 1, 3] = (max ULP
+    steps, max |update| as float64 bits, NaN/Inf count) (row 0: the base's NaN/Inf);
+    facc: float64 [R + 1] += sum of squared updates (0: sum of squares of the base);
+    hist: int64 [4 or 1, 2^members] += counts of each consensus pattern (no columns: none);
+    planes: uint16 [P, n, c], bit b % 16 of planes[b // 16] set where member b changed (P = 0:
+    none); grid: float64 [R, map rows, map cols] += changes per block (no rows: no map), fed
+    from snap: int64 [R, c] (col_out when the grid was last fed) whenever the map row bin
+    cur: int64 [1] changes, and at the tensor's end (``group_flush``).
+    """
+    R = off.shape[0] - 1
+    k = edges.shape[0]
+    e1, e2, e3 = edges[1], edges[2], edges[3]
+    k0 = np.empty(c, np.int32)
+    f0 = np.empty(c, np.float64)
+    steps = np.empty(c, np.int32)
+    dv = np.empty(c, np.float64)
+    di = dv.view(np.int64)
+    t1 = np.empty(c, np.int32)
+    f1 = t1.view(np.float32)
+    pat = np.zeros(c, np.int32)
+    use_hist = hist.shape[1] > 1
+    pair = hist.shape[0] == 5  # hist: [5, 4^members], pairs of patterns (row 4: single ones)
+    mb = np.int32(members)
+    c8 = c - c % 8
+    use_planes = planes.shape[0] > 0
+    use_grid = grid.shape[1] > 0
+    c4 = c - c % 4
+    nf0 = np.int64(0)
+    bss = 0.0
+    for i in range(n):
+        g = row0 + i
+        if use_grid and row_bin[g] != cur[0]:  # a map row bin is complete: pool its columns
+            for r in range(R):
+                for j in range(c):
+                    grid[r, cur[0], col_bin[j]] += col_out[r, j] - snap[r, j]
+                    snap[r, j] = col_out[r, j]
+            cur[0] = row_bin[g]
+        o = off[0] + i * c
+        xb = flat[o : o + c]
+        nb = np.int32(0)
+        for j in range(c):
+            x0 = np.int32(xb[j])
+            nb += np.int32((x0 & np.int32(0x7FFF)) >= np.int32(0x7F80))
+            # ordered keys count representable values; +0 and -0 both map to 0
+            k0[j] = x0 if x0 >= 0 else -(x0 & np.int32(0x7FFF))
+            t1[j] = x0 << 16  # the float32 whose upper half is the bf16 value
+        for j in range(c):
+            v = np.float64(f1[j])
+            f0[j] = v
+            bss += v * v
+        nf0 += nb
+        if use_hist:
+            for j in range(c):
+                pat[j] = 0
+        for r in range(R):
+            o = off[r + 1] + i * c
+            xr = flat[o : o + c]
+            co = col_out[r]
+            rc = np.int32(0)
+            g1 = np.int32(0)
+            g2 = np.int32(0)
+            g3 = np.int32(0)
+            rmax = np.int32(0)
+            nf = np.int32(0)
+            for j in range(c):
+                x1 = np.int32(xr[j])
+                a1 = x1 & np.int32(0x7FFF)
+                nf += np.int32(a1 >= np.int32(0x7F80))
+                k1 = x1 if x1 >= 0 else -a1
+                s = np.int32(abs(k1 - k0[j]))
+                steps[j] = s
+                m = np.int32(s != 0)
+                rc += m
+                co[j] += m
+                g1 += np.int32(s >= e1)
+                g2 += np.int32(s >= e2)
+                g3 += np.int32(s >= e3)
+                rmax = max(rmax, s)
+                t1[j] = x1 << 16
+            b = pbit[r]
+            if b >= 0 and use_hist:
+                for j in range(c):
+                    pat[j] |= np.int32(steps[j] != 0) << b
+            if b >= 0 and use_planes:
+                mb = np.uint16(1 << (b % 16))
+                pl = b // 16
+                for j in range(c):
+                    planes[pl, i, j] |= np.uint16(steps[j] != 0) * mb
+            rows_out[r, g] = rc
+            ge[r, 0] += rc
+            ge[r, 1] += g1
+            ge[r, 2] += g2
+            ge[r, 3] += g3
+            if k > 4 and rmax >= edges[4]:  # rare for RL: steps of 5+ ULPs in this row
+                for q in range(4, k):
+                    e = edges[q]
+                    gq = np.int32(0)
+                    for j in range(c):
+                        gq += np.int32(steps[j] >= e)
+                    ge[r, q] += gq
+            iacc[r + 1, 0] = max(iacc[r + 1, 0], rmax)
+            iacc[r + 1, 2] += nf
+            ss = 0.0
+            for j in range(c):
+                d = np.float64(f1[j]) - f0[j]  # exact unless exponents differ by > 45
+                dv[j] = d
+                ss += d * d
+            facc[r + 1] += ss
+            amax = np.int64(0)
+            for j in range(c):  # |d| is ordered like its bit pattern with the sign bit cleared
+                amax = max(amax, di[j] & np.int64(0x7FFFFFFFFFFFFFFF))
+            iacc[r + 1, 1] = max(iacc[r + 1, 1], amax)
+        if use_hist and pair:  # two coordinates' patterns per increment: half the increments
+            for j in range(0, c8, 8):  # four interleaved histograms: equal neighbours would
+                hist[0, pat[j] | (pat[j + 1] << mb)] += 1  # chain their increments otherwise
+                hist[1, pat[j + 2] | (pat[j + 3] << mb)] += 1
+                hist[2, pat[j + 4] | (pat[j + 5] << mb)] += 1
+                hist[3, pat[j + 6] | (pat[j + 7] << mb)] += 1
+            for j in range(c8, c):
+                hist[4, pat[j]] += 1
+        elif use_hist:
+            for j in range(0, c4, 4):
+                hist[0, pat[j]] += 1
+                hist[1, pat[j + 1]] += 1
+                hist[2, pat[j + 2]] += 1
+                hist[3, pat[j + 3]] += 1
+            for j in range(c4, c):
+                hist[0, pat[j]] += 1
+    iacc[0, 2] += nf0
+    facc[0] += bss
+
+
+@_jit
+def group_flush(col_out, col_bin, grid, snap, cur):  # pragma: no cover - jitted
+    """Pool the columns counted since ``group_rows`` last fed its map into map row bin cur[0]
+    (at the end of a tensor)."""
+    R, c = col_out.shape
+    for r in range(R):
+        for j in range(c):
+            grid[r, cur[0], col_bin[j]] += col_out[r, j] - snap[r, j]
+            snap[r, j] = col_out[r, j]

@@ -81,6 +81,23 @@ def gini(x: torch.Tensor) -> float | None:
     return float(2.0 * (ranks * x.sort().values).sum() / (n * total) - (n + 1) / n)
 
 
+def gini_counts(counts: np.ndarray) -> float | None:
+    """``gini`` of integer counts [n] (a mask's changes per row or column: the ratios' Gini,
+    which does not depend on their scale), exactly: sorted by counting, the sum of ranks x
+    values in integers, one correctly rounded division. None if all zero."""
+    c = np.asarray(counts, dtype=np.int64).ravel()
+    n, total = c.size, int(c.sum())
+    if n == 0 or total <= 0:
+        return None
+    h = np.bincount(c)
+    v = np.nonzero(h)[0]
+    hv = h[v]
+    start = np.cumsum(hv) - hv  # values below v: ranks start + 1 .. start + hv hold v
+    # sum of ranks x values = sum_v v * hv * (2 start + hv + 1) / 2, exact in Python ints
+    s = sum(int(x) for x in v * hv * (2 * start + hv + 1)) // 2
+    return (2 * s - (n + 1) * total) / (n * total)
+
+
 def bin_edges(size: int, bins: int) -> list[int]:
     """Edges of ``bins`` near-equal contiguous bins over ``size`` items (bins <= size)."""
     return [i * size // bins for i in range(bins + 1)]
@@ -187,6 +204,8 @@ class MaskStats:
 
     numel: int
     n_changed: int
+    row_counts: np.ndarray  # int64 [rows]: changed per row
+    col_counts: np.ndarray  # int64 [cols]: changed per column
     row_ratio: torch.Tensor  # [rows]: rho_i = mean_j M_ij
     col_ratio: torch.Tensor  # [cols]: kappa_j = mean_i M_ij
     ulp_hist: list[int]  # counts per bin of ``edges``
@@ -294,6 +313,8 @@ class MaskAccumulator:
         return MaskStats(
             numel=self.rows * self.cols,
             n_changed=sum(hist),
+            row_counts=self.row_counts.cpu().numpy(),
+            col_counts=self.col_counts.cpu().numpy(),
             row_ratio=self.row_counts.cpu().to(torch.float64) / self.cols,
             col_ratio=self.col_counts.cpu().to(torch.float64) / self.rows,
             ulp_hist=hist,

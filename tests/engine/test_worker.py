@@ -19,12 +19,14 @@ from rlvr_ray.io.synth import bf16_bits_to_f64, write_checkpoint
 @pytest.fixture(params=["whole", "streamed"], autouse=True)
 def read_mode(request, monkeypatch):
     """Every test here runs twice: tensors read whole, and streamed row range by row range
-    (in windows of 97 elements, so a tiny tensor takes several, each read ahead)."""
+    (in windows of 97 elements, so a tiny tensor takes several, each read ahead; the fused
+    CPU pass, which streams every tensor it does not decompose, in windows of 97 too)."""
     from rlvr_ray.engine import worker
 
     if request.param == "streamed":
         monkeypatch.setattr(worker, "STREAM_MIN_BYTES", 0)
         monkeypatch.setattr(worker, "STREAM_WINDOW_NUMEL", 97)
+        monkeypatch.setattr(worker, "FUSED_WINDOW_NUMEL", 97)
     return request.param
 
 

@@ -8,6 +8,7 @@ from rlvr_ray.io.synth import bf16_bits_to_f64, f32_to_bf16_bits, move_ulps
 from rlvr_ray.stats.masks import (
     bf16_bits,
     gini,
+    gini_counts,
     mask_stats,
     nonfinite_count,
     ulp_steps,
@@ -85,3 +86,20 @@ def test_gini_known_values():
     ref = np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
     assert gini(torch.from_numpy(x)) == pytest.approx(ref, rel=1e-12)
     assert gini(torch.zeros(5)) is None
+
+
+def test_gini_of_counts_is_exact():
+    """Counts sorted by counting, ranks x values summed in integers: the correctly rounded
+    Gini (checked with exact fractions), and the float form's value to 1e-12."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(3)
+    for c in (rng.integers(0, 900, 4864), rng.integers(0, 3, 17), np.array([0, 0, 0, 5]),
+              np.array([7, 7, 7]), np.array([0, 1])):  # fmt: skip
+        xs = sorted(int(v) for v in c)
+        n, total = len(xs), sum(xs)
+        exact = Fraction(2 * sum((i + 1) * v for i, v in enumerate(xs)), n * total) - Fraction(n + 1, n)
+        assert gini_counts(c) == float(exact)
+        assert gini_counts(c) == pytest.approx(gini(torch.from_numpy(c / 896.0)), abs=1e-12)
+    assert gini_counts(np.zeros(4, dtype=np.int64)) is None
+    assert gini_counts(np.array([0, 0, 0, 1])) == 0.75

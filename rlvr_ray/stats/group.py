@@ -1,0 +1,140 @@
+"""A base and all its runs' copies of one tensor, in one fused pass on the CPU.
+
+``kernels.group_rows`` decodes each base row once and walks every run's copy of it while it is
+in L1: every run's mask statistics (``MaskStats``) and the members' consensus pattern come out
+of the one pass, so neither a run's mask nor its bit plane is ever written to memory. The
+copies' rows arrive as int16 bf16 patterns in one flat buffer (the worker reads each copy's
+rows into its slot), located by offsets. The consensus is counted as a histogram of the 2^R
+member patterns (R <= 16; two coordinates per increment for R <= 6, which halves the
+increments); beyond 16 members the kernel sets bit planes and ``ConsistencyAccumulator``
+multiplies them out (M M^T), as on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlvr_ray.stats import kernels
+from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
+from rlvr_ray.stats.masks import MaskStats, RowBinPool
+
+#: up to this many members, two coordinates' patterns share one histogram increment
+PAIR_MEMBERS = 6
+
+
+class GroupAccumulator:
+    """Consumes a [rows, cols] tensor's base and R runs in consecutive row ranges.
+
+    ``members``: the runs (indices into the R) whose masks enter the consensus (none, or at
+    least two); ``map_size``: the pooled density map's size (None: no map)."""
+
+    def __init__(self, rows: int, cols: int, n_runs: int, members: list[int],
+                 ulp_edges: tuple[int, ...], map_size: int | None = None):  # fmt: skip
+        if tuple(ulp_edges[:2]) != (1, 2):
+            raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
+        R, M = n_runs, len(members)
+        self.rows, self.cols, self.R, self.members = rows, cols, R, list(members)
+        self.ulp_edges = tuple(ulp_edges)
+        self.edges = kernels.padded_edges(self.ulp_edges)
+        self.row_out = np.zeros((R, rows), dtype=np.int64)
+        self.col_out = np.zeros((R, cols), dtype=np.int64)
+        self.ge = np.zeros((R, len(self.edges)), dtype=np.int64)
+        self.iacc = np.zeros((R + 1, 3), dtype=np.int64)
+        self.facc = np.zeros(R + 1, dtype=np.float64)
+        self.pbit = np.full(R, -1, dtype=np.int64)
+        self.pbit[self.members] = np.arange(M)
+        self.cons = ConsistencyAccumulator(M, rows, cols, "cpu") if M >= 2 else None
+        self.by_hist = self.cons is not None and self.cons.by_hist
+        if self.by_hist and M <= PAIR_MEMBERS:
+            self.hist = np.zeros((5, 1 << (2 * M)), dtype=np.int64)
+        elif self.by_hist:
+            self.hist = np.zeros((4, 1 << M), dtype=np.int64)
+        else:
+            self.hist = np.zeros((4, 1), dtype=np.int64)
+        self._no_planes = np.zeros((0, 1, 1), dtype=np.uint16)
+        self.pool = RowBinPool(rows, cols, map_size) if map_size else None
+        if self.pool is not None:
+            self.grid = np.zeros((R, *self.pool.grid.shape), dtype=np.float64)
+            self.row_bin, self.col_bin = self.pool.row_bins(), self.pool.col_bins()
+        else:
+            self.grid = np.zeros((R, 0, 0), dtype=np.float64)
+            self.row_bin = np.zeros(rows, dtype=np.int64)
+            self.col_bin = np.zeros(cols, dtype=np.int64)
+        self.snap = np.zeros((R, cols), dtype=np.int64)
+        self.cur = np.zeros(1, dtype=np.int64)
+        self.next_row = 0
+
+    def add(self, flat: np.ndarray, off: np.ndarray, n: int) -> None:
+        """The next n rows: copy k's (0: the base, r + 1: run r) start at ``flat[off[k]]``
+        (int16 patterns, rows of ``cols`` elements, contiguous)."""
+        planes = self._no_planes
+        if self.cons is not None and not self.by_hist:
+            planes = np.stack([p.numpy() for p in self.cons.planes(n)]).view(np.uint16)
+        kernels.group_rows(flat, off, n, self.cols, self.next_row, self.edges, self.pbit,
+                           len(self.members), self.row_out, self.col_out, self.ge, self.iacc,
+                           self.facc, self.hist, planes, self.row_bin, self.col_bin, self.grid,
+                           self.snap, self.cur)  # fmt: skip
+        if self.cons is not None and not self.by_hist:
+            self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
+        self.next_row += n
+
+    def nonfinite(self, k: int) -> int:
+        """NaN/Inf values seen so far in copy k (0: the base, r + 1: run r)."""
+        return int(self.iacc[k, 2])
+
+    @property
+    def base_sumsq(self) -> float:
+        return float(self.facc[0])
+
+    def _check(self) -> None:
+        if self.next_row != self.rows:
+            raise ValueError(f"saw {self.next_row} of {self.rows} rows")
+
+    def finish(self) -> None:
+        """The last rows are in: pool what the map has not seen yet."""
+        self._check()
+        if self.pool is not None and self.rows:
+            kernels.group_flush(self.col_out, self.col_bin, self.grid, self.snap, self.cur)
+
+    def mask_stats(self, r: int) -> MaskStats:
+        """Run r's statistics (after ``finish``)."""
+        ge = [int(x) for x in self.ge[r, : len(self.ulp_edges)]] + [0]
+        hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
+        blocks = self.pool.blocks() if self.pool is not None else None
+        return MaskStats(
+            numel=self.rows * self.cols,
+            n_changed=sum(hist),
+            row_counts=self.row_out[r],
+            col_counts=self.col_out[r],
+            row_ratio=torch.from_numpy(self.row_out[r] / self.cols),
+            col_ratio=torch.from_numpy(self.col_out[r] / self.rows),
+            ulp_hist=hist,
+            ulp1=hist[0],
+            ulp_max=int(self.iacc[r + 1, 0]),
+            update_sumsq=float(self.facc[r + 1]),
+            max_abs_update=float(self.iacc[r + 1, 1:2].view(np.float64)[0]),
+            pooled=torch.from_numpy(self.grid[r]) / blocks if blocks is not None else None,
+        )
+
+    def consistency(self) -> ConsistencyStats | None:
+        """The members' consensus and Jaccard statistics (after ``finish``); None: < 2 members."""
+        if self.cons is None:
+            return None
+        self._check()
+        if self.by_hist:
+            nv = 1 << len(self.members)
+            h = self.hist[:4].sum(0)
+            if self.hist.shape[0] == 5:  # pairs (lo | hi << M): each member pattern twice
+                pairs = h.reshape(nv, nv)
+                h = pairs.sum(0) + pairs.sum(1) + self.hist[4, :nv]
+            self.cons.hist[:] = 0
+            self.cons.hist[0] = h
+            self.cons.next_row = self.rows
+        m = self.members
+        row_sum = torch.from_numpy(self.row_out[m].sum(0))
+        col_sum = torch.from_numpy(self.col_out[m].sum(0))
+        if self.pool is None:
+            return self.cons.finish(row_sum, col_sum)
+        pooled = torch.from_numpy(self.grid[m].sum(0))
+        return self.cons.finish(row_sum, col_sum, pooled, self.pool.blocks())
