@@ -21,6 +21,9 @@ from rlvr_ray.stats.masks import MaskStats, RowBinPool
 
 #: up to this many members, two coordinates' patterns share one histogram increment
 PAIR_MEMBERS = 6
+#: rows per kernel call, and the most columns a tensor may have here: the kernel's float32
+#: counts stay exact below 2^24 (the worker takes the torch path for wider rows)
+MAX_ROWS = MAX_COLS = (1 << 24) - 1
 
 
 class GroupAccumulator:
@@ -33,6 +36,8 @@ class GroupAccumulator:
                  ulp_edges: tuple[int, ...], map_size: int | None = None):  # fmt: skip
         if tuple(ulp_edges[:2]) != (1, 2):
             raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
+        if cols > MAX_COLS:
+            raise ValueError(f"rows of {cols} columns: the fused pass takes at most {MAX_COLS}")
         R, M = n_runs, len(members)
         self.rows, self.cols, self.R, self.members = rows, cols, R, list(members)
         self.ulp_edges = tuple(ulp_edges)
@@ -56,28 +61,30 @@ class GroupAccumulator:
         self.pool = RowBinPool(rows, cols, map_size) if map_size else None
         if self.pool is not None:
             self.grid = np.zeros((R, *self.pool.grid.shape), dtype=np.float64)
-            self.row_bin, self.col_bin = self.pool.row_bins(), self.pool.col_bins()
+            self.row_bin = self.pool.row_bins()
+            self.col_edges = np.array(self.pool.col_edges, dtype=np.int64)
         else:
             self.grid = np.zeros((R, 0, 0), dtype=np.float64)
             self.row_bin = np.zeros(rows, dtype=np.int64)
-            self.col_bin = np.zeros(cols, dtype=np.int64)
-        self.snap = np.zeros((R, cols), dtype=np.int64)
+            self.col_edges = np.zeros(1, dtype=np.int64)
         self.cur = np.zeros(1, dtype=np.int64)
         self.next_row = 0
 
     def add(self, flat: np.ndarray, off: np.ndarray, n: int) -> None:
         """The next n rows: copy k's (0: the base, r + 1: run r) start at ``flat[off[k]]``
         (int16 patterns, rows of ``cols`` elements, contiguous)."""
-        planes = self._no_planes
-        if self.cons is not None and not self.by_hist:
-            planes = np.stack([p.numpy() for p in self.cons.planes(n)]).view(np.uint16)
-        kernels.group_rows(flat, off, n, self.cols, self.next_row, self.edges, self.pbit,
-                           len(self.members), self.row_out, self.col_out, self.ge, self.iacc,
-                           self.facc, self.hist, planes, self.row_bin, self.col_bin, self.grid,
-                           self.snap, self.cur)  # fmt: skip
-        if self.cons is not None and not self.by_hist:
-            self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
-        self.next_row += n
+        for a in range(0, n, MAX_ROWS):  # the kernel counts in float32: < 2^24 rows a call
+            m = min(MAX_ROWS, n - a)
+            planes = self._no_planes
+            if self.cons is not None and not self.by_hist:
+                planes = np.stack([p.numpy() for p in self.cons.planes(m)]).view(np.uint16)
+            kernels.group_rows(flat, off + a * self.cols, m, self.cols, self.next_row,
+                               self.edges, self.pbit, len(self.members), self.row_out,
+                               self.col_out, self.ge, self.iacc, self.facc, self.hist, planes,
+                               self.row_bin, self.col_edges, self.grid, self.cur)  # fmt: skip
+            if self.cons is not None and not self.by_hist:
+                self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
+            self.next_row += m
 
     def nonfinite(self, k: int) -> int:
         """NaN/Inf values seen so far in copy k (0: the base, r + 1: run r)."""
@@ -92,10 +99,8 @@ class GroupAccumulator:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
 
     def finish(self) -> None:
-        """The last rows are in: pool what the map has not seen yet."""
+        """The last rows are in."""
         self._check()
-        if self.pool is not None and self.rows:
-            kernels.group_flush(self.col_out, self.col_bin, self.grid, self.snap, self.cur)
 
     def mask_stats(self, r: int) -> MaskStats:
         """Run r's statistics (after ``finish``)."""

@@ -48,13 +48,11 @@ def warm(device=None) -> None:
         base_chunk(z)
         plane_hist(np.zeros((1, 1), np.uint16), np.zeros((4, 2), np.int64))
         i64 = np.zeros((1, 1), np.int64)
-        grid = np.zeros((1, 0, 0), np.float64)
         group_rows(np.zeros(2, np.int16), np.zeros(2, np.int64), 1, 1, 0, padded_edges((1, 2)),
                    np.zeros(1, np.int64), 0, i64, i64, np.zeros((1, 4), np.int64),
                    np.zeros((2, 3), np.int64), np.zeros(2, np.float64), np.zeros((4, 1), np.int64),
                    np.zeros((0, 1, 1), np.uint16), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                   grid, i64, np.zeros(1, np.int64))  # fmt: skip
-        group_flush(i64, np.zeros(1, np.int64), np.zeros((1, 1, 1), np.float64), i64, np.zeros(1, np.int64))  # fmt: skip
+                   np.zeros((1, 0, 0), np.float64), np.zeros(1, np.int64))  # fmt: skip
 
 
 def _jit(fn):
@@ -199,104 +197,119 @@ def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
 
 
 @_jit
-def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, ge, iacc, facc, hist,
-               planes, row_bin, col_bin, grid, snap, cur):  # pragma: no cover  # fmt: skip
-    """The base and R runs of n rows in one pass: every run's mask statistics and the runs'
-    consensus pattern, with the base's row decoded once and every row buffer in L1.
+def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, ge, iacc, facc,
+               hist, planes, row_bin, col_edges, grid, cur):  # pragma: no cover  # fmt: skip
+    """The base and R runs of n rows (n < 2^24) in one pass: every run's mask statistics and
+    the runs' consensus pattern, with the base's row decoded once and every row buffer in L1.
 
     flat: int16 [*], every copy's rows; off: int64 [R + 1], where the n x c rows of copy k
     (0: the base, r + 1: run r) start in flat; row0: the tensor row of the first of them;
     edges: int32 [k >= 4] ULP bin edges (``padded_edges``); pbit: int64 [R], run r's bit in
-    the consensus pattern (-1: not a member). Accumulated across calls:
-    rows_out: int64 [R, rows] <- changed per row; col_out: int64 [R, c] += changed per column;
-    ge: int64 [R, k] += changes that moved >= edges[b] ULPs; iacc: int64 [R + 1, 3] = (max ULP
-    steps, max |update| as float64 bits, NaN/Inf count) (row 0: the base's NaN/Inf);
+    the consensus pattern (-1: not a member); members: how many runs are. Accumulated across
+    calls: rows_out: int64 [R, rows] <- changed per row; col_out: int64 [R, c] += changed per
+    column; ge: int64 [R, k] += changes that moved >= edges[b] ULPs; iacc: int64 [R + 1, 3] =
+    (max ULP steps, max |update| as float64 bits, NaN/Inf count) (row 0: the base's NaN/Inf);
     facc: float64 [R + 1] += sum of squared updates (0: sum of squares of the base);
-    hist: int64 [4 or 1, 2^members] += counts of each consensus pattern (no columns: none);
-    planes: uint16 [P, n, c], bit b % 16 of planes[b // 16] set where member b changed (P = 0:
-    none); grid: float64 [R, map rows, map cols] += changes per block (no rows: no map), fed
-    from snap: int64 [R, c] (col_out when the grid was last fed) whenever the map row bin
-    cur: int64 [1] changes, and at the tensor's end (``group_flush``).
+    hist: int64 [5, 4^members] (pairs of patterns, members <= 6) or [4, 2^members] += counts
+    of the consensus patterns ([4, 1]: none); planes: uint16 [P, n, c], bit b % 16 of
+    planes[b // 16] set where member b changed (P = 0: none); grid: float64 [R, map rows, map
+    cols] += changes per block (no rows: no map; row_bin: int64 [rows], each row's map row;
+    col_edges: int64 [map cols + 1], where each map column starts; cur: int64 [1], the map
+    row being filled).
+
+    Column counts gather in int32 between flushes (each map row, and the call's end).
     """
     R = off.shape[0] - 1
+    if c == 0 or n == 0:
+        return
+    i32 = np.int32
     k = edges.shape[0]
-    e1, e2, e3 = edges[1], edges[2], edges[3]
+    e1, e2, e3 = i32(edges[1]), i32(edges[2]), i32(edges[3])
     k0 = np.empty(c, np.int32)
-    f0 = np.empty(c, np.float64)
-    steps = np.empty(c, np.int32)
-    dv = np.empty(c, np.float64)
-    di = dv.view(np.int64)
+    t0 = np.empty(c, np.int32)
+    g0 = t0.view(np.float32)
     t1 = np.empty(c, np.int32)
     f1 = t1.view(np.float32)
+    u32 = np.empty(c, np.int32)  # |update| as float32 bits
+    d32 = u32.view(np.float32)
+    dv = np.empty(c, np.float64)
+    di = dv.view(np.int64)
+    one = np.empty(1, np.float64)  # a float64's bits, through memory
+    one_bits = one.view(np.int64)
     pat = np.zeros(c, np.int32)
+    co = np.zeros((R, c), np.int32)  # changes per column since the last flush
     use_hist = hist.shape[1] > 1
     pair = hist.shape[0] == 5  # hist: [5, 4^members], pairs of patterns (row 4: single ones)
-    mb = np.int32(members)
+    shift = i32(members)
     c8 = c - c % 8
+    c4 = c - c % 4
     use_planes = planes.shape[0] > 0
     use_grid = grid.shape[1] > 0
-    c4 = c - c % 4
     nf0 = np.int64(0)
     bss = 0.0
     for i in range(n):
         g = row0 + i
-        if use_grid and row_bin[g] != cur[0]:  # a map row bin is complete: pool its columns
-            for r in range(R):
-                for j in range(c):
-                    grid[r, cur[0], col_bin[j]] += col_out[r, j] - snap[r, j]
-                    snap[r, j] = col_out[r, j]
+        if use_grid and row_bin[g] != cur[0]:  # a map row is complete: pool its columns
+            _flush(co, col_out, col_edges, grid, cur[0])
             cur[0] = row_bin[g]
         o = off[0] + i * c
         xb = flat[o : o + c]
-        nb = np.int32(0)
+        amag = i32(0)
         for j in range(c):
-            x0 = np.int32(xb[j])
-            nb += np.int32((x0 & np.int32(0x7FFF)) >= np.int32(0x7F80))
+            x0 = i32(xb[j])
+            a0 = i32(x0 & i32(0x7FFF))
+            amag = i32(max(amag, a0))
             # ordered keys count representable values; +0 and -0 both map to 0
-            k0[j] = x0 if x0 >= 0 else -(x0 & np.int32(0x7FFF))
-            t1[j] = x0 << 16  # the float32 whose upper half is the bf16 value
+            k0[j] = x0 if x0 >= i32(0) else i32(-a0)
+            t0[j] = i32(x0 << i32(16))  # the float32 whose upper half is the bf16 value
+        if amag >= i32(0x7F80):
+            nf0 += _count_nonfinite(xb)
         for j in range(c):
-            v = np.float64(f1[j])
-            f0[j] = v
+            v = np.float64(g0[j])
             bss += v * v
-        nf0 += nb
         if use_hist:
             for j in range(c):
-                pat[j] = 0
+                pat[j] = i32(0)
         for r in range(R):
             o = off[r + 1] + i * c
             xr = flat[o : o + c]
-            co = col_out[r]
-            rc = np.int32(0)
-            g1 = np.int32(0)
-            g2 = np.int32(0)
-            g3 = np.int32(0)
-            rmax = np.int32(0)
-            nf = np.int32(0)
-            for j in range(c):
-                x1 = np.int32(xr[j])
-                a1 = x1 & np.int32(0x7FFF)
-                nf += np.int32(a1 >= np.int32(0x7F80))
-                k1 = x1 if x1 >= 0 else -a1
-                s = np.int32(abs(k1 - k0[j]))
-                steps[j] = s
-                m = np.int32(s != 0)
-                rc += m
-                co[j] += m
-                g1 += np.int32(s >= e1)
-                g2 += np.int32(s >= e2)
-                g3 += np.int32(s >= e3)
-                rmax = max(rmax, s)
-                t1[j] = x1 << 16
+            cr = co[r]
             b = pbit[r]
-            if b >= 0 and use_hist:
-                for j in range(c):
-                    pat[j] |= np.int32(steps[j] != 0) << b
-            if b >= 0 and use_planes:
-                mb = np.uint16(1 << (b % 16))
+            member = i32(1 if b >= 0 and use_hist else 0)
+            bs = i32(max(b, 0))
+            rc = i32(0)
+            g1 = i32(0)
+            g2 = i32(0)
+            g3 = i32(0)
+            rmax = i32(0)
+            amag = i32(0)
+            # every operation cast back to int32: numba widens int32 arithmetic to int64,
+            # and LLVM then vectorizes in half as many lanes (or not at all)
+            for j in range(c):
+                x1 = i32(xr[j])
+                a1 = i32(x1 & i32(0x7FFF))
+                amag = i32(max(amag, a1))
+                k1 = x1 if x1 >= i32(0) else i32(-a1)
+                d = i32(k1 - k0[j])
+                s = i32(max(d, i32(-d)))
+                m = i32(s != i32(0))
+                rc = i32(rc + m)
+                cr[j] = i32(cr[j] + m)
+                pat[j] = i32(pat[j] | i32(i32(m & member) << bs))
+                g1 = i32(g1 + i32(s >= e1))
+                g2 = i32(g2 + i32(s >= e2))
+                g3 = i32(g3 + i32(s >= e3))
+                rmax = i32(max(rmax, s))
+                t1[j] = i32(x1 << i32(16))
+            if amag >= i32(0x7F80):  # NaN/Inf in this row of the run: count them
+                iacc[r + 1, 2] += _count_nonfinite(xr)
+            if b >= 0 and use_planes:  # > 16 members: bit planes
+                pm = np.uint16(1 << (b % 16))
                 pl = b // 16
                 for j in range(c):
-                    planes[pl, i, j] |= np.uint16(steps[j] != 0) * mb
+                    x1 = i32(xr[j])
+                    k1 = x1 if x1 >= i32(0) else i32(-i32(x1 & i32(0x7FFF)))
+                    planes[pl, i, j] |= np.uint16(k1 != k0[j]) * pm
             rows_out[r, g] = rc
             ge[r, 0] += rc
             ge[r, 1] += g1
@@ -304,29 +317,49 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
             ge[r, 3] += g3
             if k > 4 and rmax >= edges[4]:  # rare for RL: steps of 5+ ULPs in this row
                 for q in range(4, k):
-                    e = edges[q]
-                    gq = np.int32(0)
+                    e = i32(edges[q])
+                    gq = i32(0)
                     for j in range(c):
-                        gq += np.int32(steps[j] >= e)
+                        x1 = i32(xr[j])
+                        k1 = x1 if x1 >= i32(0) else i32(-i32(x1 & i32(0x7FFF)))
+                        d = i32(k1 - k0[j])
+                        gq = i32(gq + i32(i32(max(d, i32(-d))) >= e))
                     ge[r, q] += gq
             iacc[r + 1, 0] = max(iacc[r + 1, 0], rmax)
-            iacc[r + 1, 2] += nf
             ss = 0.0
-            for j in range(c):
-                d = np.float64(f1[j]) - f0[j]  # exact unless exponents differ by > 45
-                dv[j] = d
-                ss += d * d
+            if rmax < 1024:
+                # keys < 1024 apart: exponents within 8 of each other (or both values tiny),
+                # so the float32 difference of the two bf16 values is exact, as is its square
+                # in float64 (the general path's numbers, at less work)
+                for j in range(c):
+                    df = f1[j] - g0[j]
+                    d32[j] = df
+                    dd = np.float64(df)
+                    ss += dd * dd
+                am = i32(0)
+                for j in range(c):  # |d| is ordered like its bit pattern with the sign cleared
+                    am = i32(max(am, i32(u32[j] & i32(0x7FFFFFFF))))
+                u32[0] = am
+                one[0] = np.float64(d32[0])
+                amax = one_bits[0]
+            else:
+                for j in range(c):
+                    dd = np.float64(f1[j]) - np.float64(
+                        g0[j]
+                    )  # exact unless exponents differ by > 45
+                    dv[j] = dd
+                    ss += dd * dd
+                amax = np.int64(0)
+                for j in range(c):
+                    amax = max(amax, di[j] & np.int64(0x7FFFFFFFFFFFFFFF))
             facc[r + 1] += ss
-            amax = np.int64(0)
-            for j in range(c):  # |d| is ordered like its bit pattern with the sign bit cleared
-                amax = max(amax, di[j] & np.int64(0x7FFFFFFFFFFFFFFF))
             iacc[r + 1, 1] = max(iacc[r + 1, 1], amax)
         if use_hist and pair:  # two coordinates' patterns per increment: half the increments
             for j in range(0, c8, 8):  # four interleaved histograms: equal neighbours would
-                hist[0, pat[j] | (pat[j + 1] << mb)] += 1  # chain their increments otherwise
-                hist[1, pat[j + 2] | (pat[j + 3] << mb)] += 1
-                hist[2, pat[j + 4] | (pat[j + 5] << mb)] += 1
-                hist[3, pat[j + 6] | (pat[j + 7] << mb)] += 1
+                hist[0, pat[j] | (pat[j + 1] << shift)] += 1  # chain their increments otherwise
+                hist[1, pat[j + 2] | (pat[j + 3] << shift)] += 1
+                hist[2, pat[j + 4] | (pat[j + 5] << shift)] += 1
+                hist[3, pat[j + 6] | (pat[j + 7] << shift)] += 1
             for j in range(c8, c):
                 hist[4, pat[j]] += 1
         elif use_hist:
@@ -337,16 +370,33 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
                 hist[3, pat[j + 3]] += 1
             for j in range(c4, c):
                 hist[0, pat[j]] += 1
+    _flush(co, col_out, col_edges, grid, cur[0] if use_grid else -1)
     iacc[0, 2] += nf0
     facc[0] += bss
 
 
 @_jit
-def group_flush(col_out, col_bin, grid, snap, cur):  # pragma: no cover - jitted
-    """Pool the columns counted since ``group_rows`` last fed its map into map row bin cur[0]
-    (at the end of a tensor)."""
-    R, c = col_out.shape
+def _count_nonfinite(x):  # pragma: no cover - jitted
+    """NaN/Inf values among int16 bf16 patterns x."""
+    nf = np.int64(0)
+    for j in range(x.shape[0]):
+        nf += np.int64((np.int32(x[j]) & np.int32(0x7FFF)) >= np.int32(0x7F80))
+    return nf
+
+
+@_jit
+def _flush(co, col_out, col_edges, grid, row):  # pragma: no cover - jitted
+    """col_out += co, and grid[:, row] += co summed per map column (row < 0: no map); co = 0."""
+    R, c = co.shape
     for r in range(R):
+        cr = co[r]
+        if row >= 0:
+            for q in range(col_edges.shape[0] - 1):
+                t = np.int64(0)
+                for j in range(col_edges[q], col_edges[q + 1]):
+                    t += cr[j]
+                grid[r, row, q] += t
+        out = col_out[r]
         for j in range(c):
-            grid[r, cur[0], col_bin[j]] += col_out[r, j] - snap[r, j]
-            snap[r, j] = col_out[r, j]
+            out[j] += cr[j]
+            cr[j] = 0

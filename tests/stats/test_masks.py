@@ -98,7 +98,9 @@ def test_gini_of_counts_is_exact():
               np.array([7, 7, 7]), np.array([0, 1])):  # fmt: skip
         xs = sorted(int(v) for v in c)
         n, total = len(xs), sum(xs)
-        exact = Fraction(2 * sum((i + 1) * v for i, v in enumerate(xs)), n * total) - Fraction(n + 1, n)
+        exact = Fraction(2 * sum((i + 1) * v for i, v in enumerate(xs)), n * total) - Fraction(
+            n + 1, n
+        )
         assert gini_counts(c) == float(exact)
         assert gini_counts(c) == pytest.approx(gini(torch.from_numpy(c / 896.0)), abs=1e-12)
     assert gini_counts(np.zeros(4, dtype=np.int64)) is None
