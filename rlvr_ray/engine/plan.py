@@ -21,6 +21,7 @@ from rlvr_ray.io.families import family_for
 
 MIN_UNITS = 16  # small models still spread over several actors
 SCHEMA_VERSION = 1  # bump when a statistic's definition changes: old scan ids stop matching
+PLAN_VERSION = 2  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def natural_key(name: str) -> list:
 def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Params,
                 unit_bytes: int) -> str:  # fmt: skip
     key = {
-        "v": SCHEMA_VERSION, "group": group, "base": base_fp, "unit_bytes": unit_bytes,
+        "v": SCHEMA_VERSION, "plan": PLAN_VERSION, "group": group, "base": base_fp, "unit_bytes": unit_bytes,
         "runs": [[r.name, r.fingerprint, r.labels(), r.consistency] for r in runs],
         "params": params.model_dump(),
     }  # fmt: skip
@@ -97,19 +98,26 @@ def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Par
 
 
 def cut(tensors: list[TensorSpec], unit_bytes: int) -> list[list[TensorSpec]]:
-    """Contiguous, byte-balanced pieces: about max(total / unit_bytes, MIN_UNITS) of them."""
+    """Contiguous, byte-balanced pieces: max(total / unit_bytes, MIN_UNITS) of them (or one
+    per tensor, if fewer).
+
+    A piece closes once it holds its share of the bytes still to place (a tensor too big
+    for one share is a piece of its own, and the rest is shared out anew): a huge embedding
+    no longer leaves a trail of one-tensor pieces behind it."""
     total = sum(t.nbytes for t in tensors)
     target = min(len(tensors), max(math.ceil(total / max(unit_bytes, 1)), MIN_UNITS))
     if target <= 1:
         return [tensors] if tensors else []
     pieces: list[list[TensorSpec]] = [[]]
-    done = 0
-    for t in tensors:
-        # close the current piece once it has reached its share of the bytes
-        if pieces[-1] and done >= total * len(pieces) / target:
+    left, size = total, 0
+    for i, t in enumerate(tensors):
+        more = target - len(pieces)  # pieces still to open
+        if pieces[-1] and more and (size >= left / (more + 1) or len(tensors) - i == more):
+            left -= size
             pieces.append([])
+            size = 0
         pieces[-1].append(t)
-        done += t.nbytes
+        size += t.nbytes
     return pieces
 
 

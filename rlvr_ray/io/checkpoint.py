@@ -202,12 +202,24 @@ class Checkpoint:
         if (got := self.pread(e, offset, view)) != len(view):
             _fail(self.ref, f"short read ({got} of {len(view)} bytes)", Path(e.file).name, e.name)
 
-    def will_need(self, name: str) -> None:
+    def will_need(self, name: str) -> bool:
         """Ask the kernel to start reading a tensor's bytes into the page cache (returns at
-        once; a scan of files on disk then finds them there)."""
+        once; a scan of files on disk then finds them there) unless its first and last bytes
+        are there already -> whether it asked."""
         e = self.entries[name]
-        if e.nbytes:
-            os.posix_fadvise(self._fd(e.file), e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+        if not e.nbytes:
+            return False
+        fd = self._fd(e.file)
+        if _resident(fd, e.start) and _resident(fd, e.end - 1):
+            return False  # a warm page cache: advising costs a walk over every page
+        os.posix_fadvise(fd, e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+        return True
+
+    def locate(self, name: str) -> tuple[int, int]:
+        """-> (an open descriptor of the file holding tensor ``name``, where its data starts):
+        for callers that read it themselves, by positional reads (any thread)."""
+        e = self.entries[name]
+        return self._fd(e.file), e.start
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
@@ -232,6 +244,14 @@ class Checkpoint:
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}
+
+
+def _resident(fd: int, offset: int) -> bool:
+    """Whether the byte at ``offset`` is in the page cache (a read that may not wait)."""
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT) == 1
+    except (OSError, AttributeError):  # not in memory (EAGAIN), or no RWF_NOWAIT here
+        return False
 
 
 def _refuse_pickles(ckpt: str, paths: list[Path]) -> None:
