@@ -305,7 +305,19 @@ def _profiles_table(unit: Unit, pieces: list[tuple], schema: pa.Schema) -> pa.Ta
 def _map_row(unit: Unit, run: str, tensor: str, kind: str, pooled: torch.Tensor) -> dict:
     return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": tensor,
             "kind": kind, "map_rows": pooled.shape[0], "map_cols": pooled.shape[1],
-            "values": pooled.flatten().float().tolist()}  # fmt: skip
+            "values": pooled.cpu().numpy().astype(np.float32).ravel()}  # fmt: skip
+
+
+def _maps_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """The unit's maps, column by column (the values as one list array, no Python floats)."""
+    if not rows:
+        return schema.empty_table()
+    values = [r["values"] for r in rows]
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    cols = {f.name: pa.array([r[f.name] for r in rows], f.type) for f in schema if f.name != "values"}
+    cols["values"] = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(values), pa.float32()))
+    return pa.table([cols[f.name] for f in schema], schema=schema)
 
 
 def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
@@ -372,7 +384,7 @@ class ScanWorker:
             elif table in out.profiles:
                 data = _profiles_table(unit, out.profiles[table], schema)
             elif table == "maps":
-                data = pa.Table.from_pylist([r for t in out.pieces.get("maps", []) for r in t], schema=schema)  # fmt: skip
+                data = _maps_table([r for t in out.pieces.get("maps", []) for r in t], schema)
             else:
                 pieces = [p.cast(schema) for p in out.pieces.get(table, [])]
                 data = pa.concat_tables(pieces) if pieces else schema.empty_table()
