@@ -315,8 +315,12 @@ def _maps_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     values = [r["values"] for r in rows]
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum([len(v) for v in values], out=offsets[1:])
-    cols = {f.name: pa.array([r[f.name] for r in rows], f.type) for f in schema if f.name != "values"}
-    cols["values"] = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(values), pa.float32()))
+    cols = {
+        f.name: pa.array([r[f.name] for r in rows], f.type) for f in schema if f.name != "values"
+    }
+    cols["values"] = pa.ListArray.from_arrays(
+        offsets, pa.array(np.concatenate(values), pa.float32())
+    )
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 

@@ -1,6 +1,7 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
-Pure torch (plus the numba histogram kernel on CPU). The R masks of a chunk arrive as bit
+Pure torch (the fused CPU pass, ``rlvr_ray.stats.group``, counts the same histogram in its own
+kernel and finishes through ``stats_from_hist``). The R masks of a chunk arrive as bit
 planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them, so no
 run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
 answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
@@ -17,8 +18,6 @@ from itertools import combinations
 
 import numpy as np
 import torch
-
-from rlvr_ray.stats import kernels
 
 
 @dataclass
@@ -64,11 +63,8 @@ class ConsistencyAccumulator:
         self.R, self.rows, self.cols = n_runs, rows, cols
         self.device = torch.device(device or "cpu")
         self.n_planes = (n_runs + 15) // 16
-        self.kernel = kernels.enabled(self.device)
         self.by_hist = n_runs <= self.HIST_RUNS
-        if self.by_hist and self.kernel:  # interleaved copies unless that outgrows the L2
-            self.hist = np.zeros((4 if n_runs <= 12 else 1, 1 << n_runs), dtype=np.int64)
-        elif self.by_hist:
+        if self.by_hist:
             self.hist = torch.zeros(1 << n_runs, dtype=torch.int64, device=self.device)
         else:
             self.ge = torch.zeros(n_runs, dtype=torch.int64, device=self.device)  # [k-1]: >= k
@@ -88,9 +84,7 @@ class ConsistencyAccumulator:
     def add(self, planes: list[torch.Tensor]) -> None:
         """The next chunk's bit planes (each int16 [r, cols]), every run's bit set."""
         r = planes[0].shape[0]
-        if self.by_hist and self.kernel:
-            kernels.plane_hist(np.ascontiguousarray(planes[0].numpy()).view(np.uint16), self.hist)
-        elif self.by_hist:  # histc, unlike bincount, never waits for the host to size it
+        if self.by_hist:  # histc, unlike bincount, never waits for the host to size it
             nb = 1 << self.R
             p = (planes[0].to(torch.int32) & 0xFFFF).float()  # integers, exact in float32
             self.hist += torch.histc(p, bins=nb, min=-0.5, max=nb - 0.5).round_().to(torch.int64)
@@ -108,13 +102,7 @@ class ConsistencyAccumulator:
         if not self.by_hist:
             ge = [numel, *(int(x) for x in self.ge.tolist()), 0]  # count >= k for k = 0..R+1
             return [ge[c] - ge[c + 1] for c in range(R + 1)], self.inter.cpu().numpy()
-        h = self.hist.sum(0) if self.kernel else self.hist.cpu().numpy()
-        bits = (np.arange(1 << R)[:, None] >> np.arange(R)) & 1  # [2^R, R]: runs in a pattern
-        # float64 BLAS is exact here: integer terms and sums below numel < 2^53
-        inter = np.rint((bits * h[:, None].astype(np.float64)).T @ bits).astype(np.int64)
-        counts = np.zeros(R + 1, dtype=np.int64)
-        np.add.at(counts, bits.sum(1), h)
-        return [int(x) for x in counts], inter
+        return counts_from_hist(self.hist.cpu().numpy(), R)
 
     def finish(self, row_sum: torch.Tensor, col_sum: torch.Tensor,
                pooled_sum: torch.Tensor | None = None, block: torch.Tensor | None = None) -> ConsistencyStats:  # fmt: skip
@@ -122,18 +110,37 @@ class ConsistencyAccumulator:
         summed pooled counts with the block sizes [map_rows, map_cols] -> ConsistencyStats."""
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
-        R, numel = self.R, self.rows * self.cols
-        counts, inter = self._counts()
-        return ConsistencyStats(
-            n_runs=R,
-            numel=numel,
-            consensus_counts=counts,
-            sizes=[int(inter[i, i]) for i in range(R)],
-            intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
-            row_consensus=row_sum.cpu().to(torch.float64) / (R * self.cols),
-            col_consensus=col_sum.cpu().to(torch.float64) / (R * self.rows),
-            pooled=pooled_sum / (block * R) if pooled_sum is not None else None,
-        )
+        return stats_from_counts(self.R, self.rows, self.cols, *self._counts(), row_sum,
+                                 col_sum, pooled_sum, block)  # fmt: skip
+
+
+def counts_from_hist(h: np.ndarray, R: int) -> tuple[list[int], np.ndarray]:
+    """A histogram of the 2^R member patterns (int64) -> (consensus counts [R + 1],
+    intersections int64 [R, R] with the sizes on the diagonal)."""
+    bits = (np.arange(1 << R)[:, None] >> np.arange(R)) & 1  # [2^R, R]: runs in a pattern
+    # float64 BLAS is exact here: integer terms and sums below numel < 2^53
+    inter = np.rint((bits * h[:, None].astype(np.float64)).T @ bits).astype(np.int64)
+    counts = np.zeros(R + 1, dtype=np.int64)
+    np.add.at(counts, bits.sum(1), h)
+    return [int(x) for x in counts], inter
+
+
+def stats_from_counts(R: int, rows: int, cols: int, counts: list[int], inter: np.ndarray,
+                      row_sum: torch.Tensor, col_sum: torch.Tensor,
+                      pooled_sum: torch.Tensor | None = None,
+                      block: torch.Tensor | None = None) -> ConsistencyStats:  # fmt: skip
+    """ConsistencyStats from the consensus counts, the intersections (sizes on the diagonal)
+    and the members' summed row / column / pooled counts."""
+    return ConsistencyStats(
+        n_runs=R,
+        numel=rows * cols,
+        consensus_counts=counts,
+        sizes=[int(inter[i, i]) for i in range(R)],
+        intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
+        row_consensus=row_sum.cpu().to(torch.float64) / (R * cols),
+        col_consensus=col_sum.cpu().to(torch.float64) / (R * rows),
+        pooled=pooled_sum / (block * R) if pooled_sum is not None else None,
+    )
 
 
 def consistency(masks: list[torch.Tensor]) -> ConsistencyStats:

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from rlvr_ray.stats import kernels
-from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
+from rlvr_ray.stats.consistency import (
+    ConsistencyAccumulator,
+    ConsistencyStats,
+    counts_from_hist,
+    stats_from_counts,
+)
 from rlvr_ray.stats.masks import MaskStats, RowBinPool
 
 #: up to this many members, two coordinates' patterns share one histogram increment
@@ -49,8 +54,9 @@ class GroupAccumulator:
         self.facc = np.zeros(R + 1, dtype=np.float64)
         self.pbit = np.full(R, -1, dtype=np.int64)
         self.pbit[self.members] = np.arange(M)
-        self.cons = ConsistencyAccumulator(M, rows, cols, "cpu") if M >= 2 else None
-        self.by_hist = self.cons is not None and self.cons.by_hist
+        # the torch accumulator takes > 16 members' bit planes (M M^T); fewer are histogrammed
+        self.cons = ConsistencyAccumulator(M, rows, cols, "cpu") if M > ConsistencyAccumulator.HIST_RUNS else None  # fmt: skip
+        self.by_hist = M >= 2 and self.cons is None
         if self.by_hist and M <= PAIR_MEMBERS:
             self.hist = np.zeros((5, 1 << (2 * M)), dtype=np.int64)
         elif self.by_hist:
@@ -58,6 +64,7 @@ class GroupAccumulator:
         else:
             self.hist = np.zeros((4, 1), dtype=np.int64)
         self._no_planes = np.zeros((0, 1, 1), dtype=np.uint16)
+        self.has_consensus = M >= 2
         self.pool = RowBinPool(rows, cols, map_size) if map_size else None
         if self.pool is not None:
             self.grid = np.zeros((R, *self.pool.grid.shape), dtype=np.float64)
@@ -76,13 +83,13 @@ class GroupAccumulator:
         for a in range(0, n, MAX_ROWS):  # the kernel counts in float32: < 2^24 rows a call
             m = min(MAX_ROWS, n - a)
             planes = self._no_planes
-            if self.cons is not None and not self.by_hist:
+            if self.cons is not None:
                 planes = np.stack([p.numpy() for p in self.cons.planes(m)]).view(np.uint16)
             kernels.group_rows(flat, off + a * self.cols, m, self.cols, self.next_row,
                                self.edges, self.pbit, len(self.members), self.row_out,
                                self.col_out, self.ge, self.iacc, self.facc, self.hist, planes,
                                self.row_bin, self.col_edges, self.grid, self.cur)  # fmt: skip
-            if self.cons is not None and not self.by_hist:
+            if self.cons is not None:
                 self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
             self.next_row += m
 
@@ -124,22 +131,21 @@ class GroupAccumulator:
 
     def consistency(self) -> ConsistencyStats | None:
         """The members' consensus and Jaccard statistics (after ``finish``); None: < 2 members."""
-        if self.cons is None:
+        if not self.has_consensus:
             return None
         self._check()
-        if self.by_hist:
-            nv = 1 << len(self.members)
-            h = self.hist[:4].sum(0)
-            if self.hist.shape[0] == 5:  # pairs (lo | hi << M): each member pattern twice
-                pairs = h.reshape(nv, nv)
-                h = pairs.sum(0) + pairs.sum(1) + self.hist[4, :nv]
-            self.cons.hist[:] = 0
-            self.cons.hist[0] = h
-            self.cons.next_row = self.rows
         m = self.members
         row_sum = torch.from_numpy(self.row_out[m].sum(0))
         col_sum = torch.from_numpy(self.col_out[m].sum(0))
-        if self.pool is None:
-            return self.cons.finish(row_sum, col_sum)
-        pooled = torch.from_numpy(self.grid[m].sum(0))
-        return self.cons.finish(row_sum, col_sum, pooled, self.pool.blocks())
+        pooled = torch.from_numpy(self.grid[m].sum(0)) if self.pool is not None else None
+        block = self.pool.blocks() if self.pool is not None else None
+        if self.cons is not None:  # > 16 members: the bit planes went through M M^T
+            return self.cons.finish(row_sum, col_sum, pooled, block)
+        nv = 1 << len(m)
+        h = self.hist[:4].sum(0)
+        if self.hist.shape[0] == 5:  # pairs (lo | hi << M): each member pattern twice
+            pairs = h.reshape(nv, nv)
+            h = pairs.sum(0) + pairs.sum(1) + self.hist[4, :nv]
+        counts, inter = counts_from_hist(h, len(m))
+        return stats_from_counts(len(m), self.rows, self.cols, counts, inter, row_sum, col_sum,
+                                 pooled, block)  # fmt: skip

@@ -1,12 +1,12 @@
 """Bitwise bf16 update masks and what they say: density, stripes, ULP steps, update norms.
 
-Torch, and the numba kernels on CPU. Weights are compared as raw 16-bit bf16 patterns (int16
-views), never with a tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded
-to bf16 first (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records
-that it was done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs more
-than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
-On CPU a chunk takes one fused pass (``kernels.pair_chunk``, numba); elsewhere, or with
-``RLVR_RAY_KERNELS=torch``, the torch ops below, which give the same answers.
+Pure torch: the path of a GPU (and of a CPU without numba, or with ``RLVR_RAY_KERNELS=torch``);
+a CPU scan otherwise takes the fused pass of ``rlvr_ray.stats.group``, which gives the same
+answers. Weights are compared as raw 16-bit bf16 patterns (int16 views), never with a
+tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf16 first
+(round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records that it was
+done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs
+more than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from rlvr_ray.stats import kernels
 
 _MAG = 0x7FFF  # magnitude bits of a bf16 pattern
 _EXP = 0x7F80  # exponent bits: all ones means Inf or NaN
@@ -60,11 +58,8 @@ def ulp_steps(bits0: torch.Tensor, bits1: torch.Tensor) -> torch.Tensor:
 
 
 def base_stats(bits: torch.Tensor):
-    """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count): host
-    numbers on the fused CPU path, device scalars (no sync) on the torch path."""
-    if kernels.enabled(bits.device):
-        ss, nf = kernels.base_chunk(_np(bits))
-        return float(ss), int(nf)
+    """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count), as
+    device scalars (no host sync)."""
     return bits.view(torch.bfloat16).double().square().sum(), ((bits & _MAG) >= _EXP).sum()
 
 
@@ -146,9 +141,8 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
 
 class RowBinPool:
     """Sums the 0/1 values of consecutive row chunks of a [rows, cols] tensor into a grid of
-    at most map_size x map_size blocks (float64 sums on the chunks' device). The fused CPU
-    pass fills ``grid`` itself (by ``row_bins`` and ``col_bins``); the torch path calls
-    ``add_rows``."""
+    at most map_size x map_size blocks (float64 sums on the chunks' device), by ``add_rows``.
+    The fused CPU pass keeps its own grid, by ``row_bins`` and ``col_edges``."""
 
     def __init__(self, rows: int, cols: int, map_size: int, device=None):
         self.row_edges = bin_edges(rows, min(map_size, rows))
@@ -164,10 +158,6 @@ class RowBinPool:
     def row_bins(self) -> np.ndarray:
         """int64 [rows]: the row bin of each row (what the fused CPU pass pools by)."""
         return np.repeat(np.arange(len(self.row_edges) - 1), np.diff(self.row_edges))
-
-    def col_bins(self) -> np.ndarray:
-        """int64 [cols]: the column bin of each column."""
-        return np.repeat(np.arange(len(self.col_edges) - 1), np.diff(self.col_edges))
 
     def add_rows(self, r0: int, m: torch.Tensor) -> torch.Tensor:
         """0/1 float32 rows [r, cols] from r0 (any row bins) -> their column counts (int64)."""
@@ -242,29 +232,13 @@ class MaskAccumulator:
         self.col_counts = torch.zeros(cols, dtype=torch.int64, device=dev)
         self.next_row = 0
         self.pool = RowBinPool(rows, cols, map_size, dev) if map_size else None
-        self.kernel = kernels.enabled(dev)
-        if self.kernel:  # host numbers; the fused pass's ">= edge" counts; per-chunk columns
-            self._edges = kernels.padded_edges(self.ulp_edges)
-            self._ge = np.zeros(len(self._edges), dtype=np.int64)
-            self._col = torch.zeros(cols, dtype=torch.int64)
-            self._nop = np.zeros((1, 1), dtype=np.uint16)
-            self._rows_np = self.row_counts.numpy()
-            # the fused pass feeds the map itself (chunks may then span several map rows)
-            if self.pool is not None:
-                self._grid = self.pool.grid.numpy()
-                self._row_bin, self._col_bin = self.pool.row_bins(), self.pool.col_bins()
-            else:
-                self._grid = np.zeros((0, 0), dtype=np.float64)
-                self._row_bin = np.zeros(rows, dtype=np.int64)
-                self._col_bin = np.zeros(cols, dtype=np.int64)
-            self._smax, self._ss, self._amax, self._nf = 0, 0.0, 0.0, 0
-        else:  # device scalars, read once in finish(): the chunks never wait for the host
-            self._edges_t = torch.tensor(self.ulp_edges, dtype=torch.int32, device=dev)
-            self._ge = torch.zeros(len(self.ulp_edges), dtype=torch.int64, device=dev)
-            self._smax = torch.zeros((), dtype=torch.int32, device=dev)
-            self._ss = torch.zeros((), dtype=torch.float64, device=dev)
-            self._amax = torch.zeros((), dtype=torch.float64, device=dev)
-            self._nf = torch.zeros((), dtype=torch.int64, device=dev)
+        # device scalars, read once in finish(): the chunks never wait for the host
+        self._edges_t = torch.tensor(self.ulp_edges, dtype=torch.int32, device=dev)
+        self._ge = torch.zeros(len(self.ulp_edges), dtype=torch.int64, device=dev)
+        self._smax = torch.zeros((), dtype=torch.int32, device=dev)
+        self._ss = torch.zeros((), dtype=torch.float64, device=dev)
+        self._amax = torch.zeros((), dtype=torch.float64, device=dev)
+        self._nf = torch.zeros((), dtype=torch.int64, device=dev)
 
     def add(self, bits0: torch.Tensor, bits1: torch.Tensor,
             planes: list[torch.Tensor] | None = None, bit: int = -1) -> None:  # fmt: skip
@@ -274,29 +248,16 @@ class MaskAccumulator:
         is counted (``nonfinite``), and the statistics are then meaningless."""
         r0, r = self.next_row, bits0.shape[0]
         plane = planes[bit // 16] if planes is not None and bit >= 0 else None
-        if self.kernel:
-            col = self._col[: self.cols]
-            smax, ss, amax, nf = kernels.pair_chunk(
-                _np(bits0), _np(bits1), self._edges, self._rows_np[r0 : r0 + r],
-                col.numpy(), self._ge, _np(plane).view(np.uint16) if plane is not None else self._nop,
-                bit % 16 if plane is not None else -1, self._row_bin[r0 : r0 + r], self._col_bin,
-                self._grid,
-            )  # fmt: skip
-            self._smax = max(self._smax, int(smax))
-            self._ss += float(ss)
-            self._amax = max(self._amax, float(np.int64(amax).view(np.float64)))
-            self._nf += int(nf)
-        else:
-            m, ge, smax, ss, amax, nf = chunk_stats(bits0, bits1, self._edges_t)
-            self.row_counts[r0 : r0 + r] = m.sum(1).to(torch.int64)
-            col = self.pool.add_rows(r0, m) if self.pool is not None else m.sum(0).to(torch.int64)
-            if plane is not None:
-                plane |= m.to(torch.int16) << (bit % 16)
-            self._ge += ge
-            torch.maximum(self._smax, smax, out=self._smax)
-            self._ss += ss
-            torch.maximum(self._amax, amax, out=self._amax)
-            self._nf += nf
+        m, ge, smax, ss, amax, nf = chunk_stats(bits0, bits1, self._edges_t)
+        self.row_counts[r0 : r0 + r] = m.sum(1).to(torch.int64)
+        col = self.pool.add_rows(r0, m) if self.pool is not None else m.sum(0).to(torch.int64)
+        if plane is not None:
+            plane |= m.to(torch.int16) << (bit % 16)
+        self._ge += ge
+        torch.maximum(self._smax, smax, out=self._smax)
+        self._ss += ss
+        torch.maximum(self._amax, amax, out=self._amax)
+        self._nf += nf
         self.col_counts += col
         self.next_row += r
 
@@ -324,11 +285,6 @@ class MaskAccumulator:
             max_abs_update=float(self._amax),
             pooled=pooled,
         )
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's numpy view, C-contiguous (a copy only if it was not)."""
-    return np.ascontiguousarray(t.numpy())
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ GPU SVDs and eigensolvers of nearly identical matrices are known to misbehave, s
 held to the same bars as the CPU path: ``pytest -m gpu tests/stats/test_gpu.py`` on a GPU machine.
 """
 
+import numpy as np
 import pytest
 import torch
 from spectral_ref import _check_against_reference, _powerlaw_bf16, _ulp_update
 
 from rlvr_ray.stats.consistency import ConsistencyAccumulator
+from rlvr_ray.stats.group import GroupAccumulator
 from rlvr_ray.stats.masks import MaskAccumulator
 
 pytestmark = [
@@ -43,24 +45,29 @@ def test_gpu_sft_like_update():
 
 
 def test_gpu_mask_and_consistency_equal_cpu():
-    """The torch path on CUDA and the CPU path (fused kernels) give identical counts."""
+    """The torch path on CUDA and the CPU's fused pass give identical counts."""
     w0 = _powerlaw_bf16(300, 257, seed=1)
     runs = [_ulp_update(w0, seed=s, share=0.3) for s in range(3)]
     b0 = w0.view(torch.int16)
-    got = {}
-    for dev in ("cpu", "cuda"):
-        accs = [MaskAccumulator(300, 257, (1, 2, 3, 4, 5, 9, 17, 65), dev, 16) for _ in runs]
-        cons = ConsistencyAccumulator(3, 300, 257, dev)
-        cuts = [*range(0, 300, 19), 300]  # chunks straddle the map's row bins
-        for x, y in zip(cuts, cuts[1:]):
-            planes = cons.planes(y - x)
-            for k, (acc, w1) in enumerate(zip(accs, runs)):
-                acc.add(b0[x:y].to(dev), w1.view(torch.int16)[x:y].to(dev), planes, k)
-            cons.add(planes)
-        assert not any(acc.nonfinite() for acc in accs)
-        stats = [acc.finish() for acc in accs]
-        cs = cons.finish(sum(a.row_counts for a in accs), sum(a.col_counts for a in accs))
-        got[dev] = (stats, cs)
+    edges = (1, 2, 3, 4, 5, 9, 17, 65)
+    cuts = [*range(0, 300, 19), 300]  # chunks straddle the map's row bins
+    accs = [MaskAccumulator(300, 257, edges, "cuda", 16) for _ in runs]
+    cons = ConsistencyAccumulator(3, 300, 257, "cuda")
+    for x, y in zip(cuts, cuts[1:]):
+        planes = cons.planes(y - x)
+        for k, (acc, w1) in enumerate(zip(accs, runs)):
+            acc.add(b0[x:y].cuda(), w1.view(torch.int16)[x:y].cuda(), planes, k)
+        cons.add(planes)
+    assert not any(acc.nonfinite() for acc in accs)
+    stats = [acc.finish() for acc in accs]
+    got = {"cuda": (stats, cons.finish(sum(a.row_counts for a in accs), sum(a.col_counts for a in accs)))}  # fmt: skip
+    group = GroupAccumulator(300, 257, 3, [0, 1, 2], edges, 16)
+    flat = torch.cat([b0.reshape(-1), *(w.view(torch.int16).reshape(-1) for w in runs)]).numpy()
+    off = np.arange(4, dtype=np.int64) * 300 * 257
+    for x, y in zip(cuts, cuts[1:]):
+        group.add(flat, off + x * 257, y - x)
+    group.finish()
+    got["cpu"] = ([group.mask_stats(k) for k in range(3)], group.consistency())
     (sc, cc), (sg, cg) = got["cpu"], got["cuda"]
     for a, b in zip(sc, sg):
         assert (a.n_changed, a.ulp_hist, a.ulp_max) == (b.n_changed, b.ulp_hist, b.ulp_max)
