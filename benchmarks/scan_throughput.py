@@ -6,7 +6,8 @@
 
 Writes a base + 4 runs (bf16, planted 1-3 ULP updates on ~30% of weights) under --dir, then
 measures, each in a fresh subprocess so peak RSS is its own:
-  raw          a plain sequential read of every byte of the five checkpoints
+  raw          a plain sequential read of every byte of the five checkpoints (64 MiB reads)
+  raw_1m       the same in 1 MiB reads, which stay in the caches: a page cache's best rate
   scan         `run_scan` on an embedded Ray (mask + consistency statistics, no geometry);
                reported end to end and for its units phase (first unit handed out to last
                one back: the streaming throughput, without Ray's and the actors' start-up)
@@ -68,8 +69,8 @@ def files(root: Path) -> list[Path]:
     return sorted(root.glob("*/*.safetensors"))
 
 
-def child_raw(root: Path) -> dict:
-    buf = bytearray(64 << 20)
+def child_raw(root: Path, bufsize: int = 64 << 20) -> dict:
+    buf = bytearray(bufsize)
     n = 0
     t = time.perf_counter()
     for f in files(root):
@@ -146,7 +147,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-KINDS = ("raw", "scan", "naive", "worker", "worker_torch", "worker_cpu")
+KINDS = ("raw", "raw_1m", "scan", "naive", "worker", "worker_torch", "worker_cpu")
 
 
 def run_child(kind: str, args) -> dict:
@@ -170,7 +171,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("bench-out/scan"), help="scratch directory")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs for the embedded Ray (default 2)")
     ap.add_argument("--device", default="cpu", help="device of the worker row: cpu or cuda (default cpu)")  # fmt: skip
-    ap.add_argument("--kinds", default="raw,scan,naive,worker,worker_torch",
+    ap.add_argument("--kinds", default="raw,raw_1m,scan,naive,worker,worker_torch",
                     help=f"comma-separated methods, of {','.join(KINDS)} (default: all but worker_cpu)")  # fmt: skip
     ap.add_argument("--no-cold", action="store_true", help="skip the cold page cache rows")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
@@ -179,7 +180,8 @@ def main() -> None:
     args.dir = args.dir.resolve()
     ckpt, out = args.dir / "ckpt", args.dir / "results"
     if args.child:
-        fn = {"raw": lambda: child_raw(ckpt), "naive": lambda: child_naive(ckpt),
+        fn = {"raw": lambda: child_raw(ckpt), "raw_1m": lambda: child_raw(ckpt, 1 << 20),
+              "naive": lambda: child_naive(ckpt),
               "scan": lambda: child_scan(ckpt, out, args.cpus, args.device),
               "worker": lambda: child_worker(ckpt, out / "w", args.device),
               "worker_torch": lambda: child_worker(ckpt, out / "w", "cpu"),
@@ -224,6 +226,8 @@ def main() -> None:
             scan = res["scan"]
             line.append(f"scan units phase / raw read {raw / scan['unit_seconds']:.2f}x (target >= 0.5x), "
                         f"end to end {raw / scan['seconds']:.2f}x")  # fmt: skip
+            if "raw_1m" in res:
+                line.append(f"units phase / 1 MiB-read raw {res['raw_1m']['seconds'] / scan['unit_seconds']:.2f}x")  # fmt: skip
         for w in ("worker", "worker_cpu", "worker_torch"):
             if w in res:
                 line.append(f"{w} / raw {raw / res[w]['seconds']:.2f}x")

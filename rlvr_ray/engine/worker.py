@@ -1,12 +1,15 @@
 """The scan worker: a plain class that scans one work unit and writes its Parquet parts.
 
 It becomes a Ray actor only at the edge (``rlvr_ray.engine.driver``); tests call it directly.
-For each tensor of the unit it reads the base once and every run's copy, side by side on a
-small thread pool, whole (at most (runs + 1) x the tensor's bytes resident) or, for huge
-tensors that get no SVD, streamed a window of rows at a time ((runs + 1) windows); then it
-walks the rows in chunks: per-run mask statistics and the cross-run consensus are accumulated
-chunk by chunk (fused numba passes on a CPU, sync-free torch ops on a GPU), so scratch memory
-is a chunk, not a tensor. A tensor that cannot be compared gets a row whose ``status`` says why.
+For each tensor of the unit it reads the base once and every run's copy. On a CPU (numba) one
+fused pass takes the base and every run at once (``rlvr_ray.stats.group``): a tensor that gets
+no SVD is read window by window, each copy's rows straight into its slot of one cache-sized
+buffer, and one that does is read whole into the slots, side by side on a small thread pool.
+Elsewhere (a GPU, or ``RLVR_RAY_KERNELS=torch``) the copies are read whole or, for huge tensors
+that get no SVD, streamed in windows read ahead, and sync-free torch ops accumulate per-run mask
+statistics and the cross-run consensus chunk by chunk. Either way at most (runs + 1) x the
+tensor's bytes are resident, and scratch is a chunk, not a tensor. A tensor that cannot be
+compared gets a row whose ``status`` says why.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
 from rlvr_ray.stats import kernels
 from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
-from rlvr_ray.stats.group import GroupAccumulator
+from rlvr_ray.stats.group import MAX_COLS, GroupAccumulator
 from rlvr_ray.stats.masks import (
     MaskAccumulator,
     MaskStats,
@@ -53,8 +56,8 @@ STATUSES = {
     "read_error": "the tensor's bytes could not be read",
 }
 COMPARED = ("ok", "vocab_resized")
-#: elements per row chunk: scratch stays in L2 (measured best of 2^16..2^20 on a 2 MiB L2)
-#: and float32 0/1 sums stay exact (< 2^24)
+#: elements per row chunk of the torch path on a CPU: scratch stays in L2 (measured best of
+#: 2^16..2^20) and float32 0/1 sums stay exact (< 2^24)
 CHUNK_NUMEL = 1 << 18
 #: on a GPU each chunk is a handful of kernel launches and host syncs: make them worth it
 GPU_CHUNK_NUMEL = 1 << 22
@@ -101,9 +104,10 @@ class _Source:
     the other of two buffers (``prefetch``), so reading overlaps the statistics."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
-                 limit: int | None = None):  # fmt: skip
+                 limit: int | None = None, fused: bool = False):  # fmt: skip
         e = ck.entries[name]
         self.worker, self.ck, self.name, self.slot, self.stream = worker, ck, name, slot, stream
+        self.fused = fused  # read for the fused CPU pass: into the worker's slots
         rows = e.shape[0] if len(e.shape) >= 2 else 1
         self.shape = (min(rows, limit) if limit is not None else rows, e.numel // max(rows, 1))
         self.dtype = e.dtype  # storage dtype; anything but BF16 is rounded to bf16
@@ -156,7 +160,7 @@ class _Source:
         """Read the whole tensor unless it is streamed (any thread) -> bytes read."""
         if self.stream:
             return 0
-        if self.worker.fused:  # into the copy's slot of the worker's one buffer
+        if self.fused:  # into the copy's slot of the worker's one buffer
             rows = self.stored_rows
             dst = self.worker.slot(self.slot)
             n = self.read_into(0, rows, dst)
@@ -469,14 +473,18 @@ class ScanWorker:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
-        if self.fused:  # every tensor not read whole for the SVD is read window by window
+        rows0 = e0.shape[0] if len(e0.shape) >= 2 else 1
+        # the fused pass counts a row in float32-exact int32 lanes: rows of 2^24 or more
+        # columns (no weight matrix has them) take the torch path
+        fused = self.fused and e0.numel // max(rows0, 1) <= MAX_COLS
+        if fused:  # every tensor not read whole for the SVD is read window by window
             stream = skip_reason(unit.params, spec.role, tuple(e0.shape)) is not None
         else:
             stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
-        src0 = _Source(self, base, name, 0, stream)
-        compared = self._load_runs(unit, spec, base, runs, stream, out)
+        src0 = _Source(self, base, name, 0, stream, fused=fused)
+        compared = self._load_runs(unit, spec, base, runs, stream, out, fused)
         sources = [src0, *(c.src for c in compared)]
-        if self.fused:
+        if fused:
             cols = src0.shape[1]
             numel = (max(s.stored_rows for s in sources) * cols if not stream
                      else max(1, FUSED_WINDOW_NUMEL // max(cols, 1)) * cols)  # fmt: skip
@@ -494,7 +502,7 @@ class ScanWorker:
         for c in [c for c in compared if id(c.src) in failed]:
             self._skip(unit, spec, unit.runs[c.run], "read_error", failed[id(c.src)], out)
             compared.remove(c)
-        run_pass = self._group_pass if self.fused else self._chunk_pass
+        run_pass = self._group_pass if fused else self._chunk_pass
         while True:  # a run found to hold NaN/Inf mid-pass is dropped and the pass redone
             try:
                 stats = run_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)
@@ -543,7 +551,7 @@ class ScanWorker:
                                             spec.name, base, g))  # fmt: skip
         return cols
 
-    def _load_runs(self, unit, spec, base, runs, stream: bool, out) -> list[_Compared]:
+    def _load_runs(self, unit, spec, base, runs, stream: bool, out, fused: bool = False) -> list[_Compared]:  # fmt: skip
         """The runs' sources of a tensor (nothing read yet); rows for runs that cannot be."""
         name, e0 = spec.name, base.entries[spec.name]
         compared = []
@@ -566,7 +574,8 @@ class ScanWorker:
                     self._skip(unit, spec, r, "shape_mismatch",
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
-            compared.append(_Compared(i, _Source(self, ck, name, i + 1, stream, limit), status, message))  # fmt: skip
+            src = _Source(self, ck, name, i + 1, stream, limit, fused)
+            compared.append(_Compared(i, src, status, message))
         return compared
 
     def _chunk_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,

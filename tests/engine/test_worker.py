@@ -190,3 +190,26 @@ def test_fused_kernels_and_torch_path_write_identical_tables(qwen_family, tmp_pa
     fused = scan_tables(qwen_family, tmp_path / "numba", "cpu")
     worst = assert_same_tables(torch_path, fused)
     assert worst["nss"] == 0.0  # geometry does not depend on the mask path at all
+
+
+def test_rows_too_wide_for_the_fused_pass_take_the_torch_path(qwen_family, tmp_path, monkeypatch):
+    """A tensor whose rows pass MAX_COLS (2^24 - 1 in earnest; made small here) is scanned by
+    the torch path, the rest by the fused pass, in one scan: the same tables as all fused."""
+    from rlvr_ray.engine import worker
+
+    from .tablecmp import assert_same_tables, scan_tables
+
+    fused = scan_tables(qwen_family, tmp_path / "fused", "cpu")
+    calls = {"_chunk_pass": 0, "_group_pass": 0}
+    for name in calls:
+        orig = getattr(worker.ScanWorker, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(worker.ScanWorker, name, counted)
+    monkeypatch.setattr(worker, "MAX_COLS", 32)  # down_proj (32 x 64) goes the torch way
+    mixed = scan_tables(qwen_family, tmp_path / "mixed", "cpu")
+    assert calls["_chunk_pass"] > 0 and calls["_group_pass"] > 0
+    assert_same_tables(fused, mixed)
