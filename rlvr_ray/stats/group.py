@@ -26,9 +26,9 @@ from rlvr_ray.stats.masks import MaskStats, RowBinPool
 
 #: up to this many members, two coordinates' patterns share one histogram increment
 PAIR_MEMBERS = 6
-#: rows per kernel call, and the most columns a tensor may have here: the kernel's float32
-#: counts stay exact below 2^24 (the worker takes the torch path for wider rows)
-MAX_ROWS = MAX_COLS = (1 << 24) - 1
+#: rows per kernel call, and the most columns a tensor may have here: the kernel counts a row,
+#: and a column between two flushes, in int32 (the worker takes the torch path for wider rows)
+MAX_ROWS = MAX_COLS = (1 << 31) - 1
 
 
 class GroupAccumulator:
@@ -80,7 +80,7 @@ class GroupAccumulator:
     def add(self, flat: np.ndarray, off: np.ndarray, n: int) -> None:
         """The next n rows: copy k's (0: the base, r + 1: run r) start at ``flat[off[k]]``
         (int16 patterns, rows of ``cols`` elements, contiguous)."""
-        for a in range(0, n, MAX_ROWS):  # the kernel counts in float32: < 2^24 rows a call
+        for a in range(0, n, MAX_ROWS):  # the kernel counts columns in int32 within a call
             m = min(MAX_ROWS, n - a)
             planes = self._no_planes
             if self.cons is not None:

@@ -64,7 +64,7 @@ def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
 @_jit
 def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, ge, iacc, facc,
                hist, planes, row_bin, col_edges, grid, cur):  # pragma: no cover  # fmt: skip
-    """The base and R runs of n rows (n < 2^24) in one pass: every run's mask statistics and
+    """The base and R runs of n rows (n < 2^31) in one pass: every run's mask statistics and
     the runs' consensus pattern, with the base's row decoded once and every row buffer in L1.
 
     flat: int16 [*], every copy's rows; off: int64 [R + 1], where the n x c rows of copy k

@@ -7,6 +7,8 @@ node. Killing a node mid-scan must cost nothing but time.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
 
@@ -56,6 +58,8 @@ def test_units_spread_over_both_worker_nodes_one_actor_per_gpu(cluster, clean, q
 
 
 def test_worker_node_killed_mid_scan_gives_identical_results(cluster, clean, tmp_path):
+    import ray
+
     c, workers = cluster
     sweep, clean_out, clean_res = clean
     by_id = {w.node_id: w for w in workers}
@@ -65,6 +69,12 @@ def test_worker_node_killed_mid_scan_gives_identical_results(cluster, clean, tmp
         if not removed and len(reports) == 2:  # the node of the actor that just reported
             removed.append(rep["node_id"])
             c.remove_node(by_id[rep["node_id"]], allow_graceful=False)
+            # units now take milliseconds: wait for Ray to see the node gone, or its actor
+            # could finish the whole scan before anyone notices
+            deadline = time.monotonic() + 60
+            while any(n["NodeID"] == rep["node_id"] and n["Alive"] for n in ray.nodes()):
+                assert time.monotonic() < deadline, "Ray never saw the node go"
+                time.sleep(0.1)
         reports.append(rep)
 
     reports: list[dict] = []
