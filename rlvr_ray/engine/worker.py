@@ -94,6 +94,22 @@ class _NonFinite(Exception):
         self.src = src
 
 
+class _ReadFailed(Exception):
+    """Rows of ``src`` could not be read mid-pass (the file changed or failed under the scan)."""
+
+    def __init__(self, src: _Source, message: str):
+        super().__init__(message)
+        self.src, self.message = src, message
+
+
+def _reading(src: _Source, read, *args):
+    """read(*args), a failure to read becoming _ReadFailed(src)."""
+    try:
+        return read(*args)
+    except CheckpointError as e:
+        raise _ReadFailed(src, str(e)) from None
+
+
 class _Source:
     """One checkpoint's tensor as int16 bf16 patterns [rows, cols], row range by row range.
 
@@ -503,26 +519,34 @@ class ScanWorker:
             self._skip(unit, spec, unit.runs[c.run], "read_error", failed[id(c.src)], out)
             compared.remove(c)
         run_pass = self._group_pass if fused else self._chunk_pass
-        while True:  # a run found to hold NaN/Inf mid-pass is dropped and the pass redone
+        # a run found to hold NaN/Inf, or whose file fails under the scan, is dropped and the
+        # passes are redone (nothing is emitted before they all succeed)
+        while True:
             try:
-                stats = run_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)
+                stats, cons = run_pass(unit, spec, src0, [c for c in compared if c.status == "ok"], out)  # fmt: skip
                 for c in compared:
                     if c.status == "vocab_resized":
                         stats.update(run_pass(unit, spec, src0.head(c.src.shape[0]), [c], out,
-                                              consistency=False))  # fmt: skip
+                                              consistency=False)[0])  # fmt: skip
                 break
-            except _NonFinite as nf:
-                if nf.src is src0:
-                    msg = (f"checkpoint {unit.base_ref}, tensor {name}: {src0.nonfinite()} NaN/Inf "
-                           "values in the base")  # fmt: skip
-                    for c in compared:
-                        self._skip(unit, spec, unit.runs[c.run], "nonfinite", msg, out)
+            except (_NonFinite, _ReadFailed) as err:
+                base_bad = err.src.slot == 0  # the base (or its head, in a resized pass)
+                c = None if base_bad else next(c for c in compared if c.src.slot == err.src.slot)
+                if isinstance(err, _ReadFailed):
+                    status, msg = "read_error", err.message
+                elif base_bad:
+                    status, msg = "nonfinite", (f"checkpoint {unit.base_ref}, tensor {name}: "
+                                                f"{src0.nonfinite()} NaN/Inf values in the base")  # fmt: skip
+                else:
+                    status, msg = "nonfinite", (f"checkpoint {unit.runs[c.run].ref}, tensor {name}: "
+                                                f"{c.src.nonfinite()} NaN/Inf values")  # fmt: skip
+                for bad in compared if base_bad else [c]:
+                    self._skip(unit, spec, unit.runs[bad.run], status, msg, out)
+                if base_bad:
                     return
-                c = next(c for c in compared if c.src is nf.src)
-                r = unit.runs[c.run]
-                self._skip(unit, spec, r, "nonfinite", f"checkpoint {r.ref}, tensor {name}: "
-                           f"{c.src.nonfinite()} NaN/Inf values", out)  # fmt: skip
                 compared.remove(c)
+        if cons is not None:
+            self._emit_consistency(unit, spec, *cons, out)
         geo = self._geometry(unit, spec, e0.shape, src0, compared, out)
         for c in compared:
             self._emit_run(unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out)
@@ -579,12 +603,13 @@ class ScanWorker:
         return compared
 
     def _chunk_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
-                    comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
-        """Row-chunked pass over base + runs -> {run index: (MaskStats, base sumsq)}; raises
-        _NonFinite for the base or the first run holding NaN/Inf (nothing is emitted before
-        the end; the caller drops that run and redoes the pass)."""
+                    comp: list[_Compared], out: _Out, consistency: bool = True) -> tuple[dict, tuple | None]:  # fmt: skip
+        """Row-chunked pass over base + runs -> ({run index: (MaskStats, base sumsq)}, the
+        consistency to emit (numel, members, ConsistencyStats, is_matrix) or None); raises
+        _NonFinite for the base or the first run holding NaN/Inf, _ReadFailed for a copy that
+        cannot be read (the caller drops that run and redoes the passes)."""
         if not comp:
-            return {}
+            return {}, None
         rows, cols = src0.shape
         is_matrix = spec.nbytes > 0 and rows > 1
         map_size = unit.params.map_size if is_matrix else None
@@ -628,17 +653,16 @@ class ScanWorker:
             cs = cons.finish(
                 sum(m.row_counts for m in mem), sum(m.col_counts for m in mem), *pooled
             )
-            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members], cs,
-                                   is_matrix, out)  # fmt: skip
-        return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}
+            cons = (rows * cols, [comp[k] for k in members], cs, is_matrix)
+        return {c.run: (acc.finish(), base_ss) for acc, c in zip(accs, comp, strict=True)}, cons
 
     def _group_pass(self, unit: Unit, spec: TensorSpec, src0: _Source,
-                    comp: list[_Compared], out: _Out, consistency: bool = True) -> dict:  # fmt: skip
+                    comp: list[_Compared], out: _Out, consistency: bool = True) -> tuple[dict, tuple | None]:  # fmt: skip
         """The fused CPU pass: the base and every run in one kernel pass per window of rows
         (read straight into the worker's buffer, in this thread) or over the tensors read
-        whole -> {run index: (MaskStats, base sumsq)}; raises _NonFinite like ``_chunk_pass``."""
+        whole -> what ``_chunk_pass`` returns; raises _NonFinite and _ReadFailed like it."""
         if not comp:
-            return {}
+            return {}, None
         rows, cols = src0.shape
         is_matrix = spec.nbytes > 0 and rows > 1
         members = [k for k, c in enumerate(comp) if unit.runs[c.run].consistency]
@@ -656,8 +680,8 @@ class ScanWorker:
             reads = [s.window_reader(self.slot(s.slot)) for s in sources]
             for a in range(0, rows, step):
                 b = min(a + step, rows)
-                for read in reads:
-                    out.n_bytes += read(a, b)
+                for src, read in zip(sources, reads, strict=True):
+                    out.n_bytes += _reading(src, read, a, b)
                 acc.add(flat, base, b - a)
                 if acc.iacc[:, 2].any():
                     break  # stop early: the pass is redone without the copy holding NaN/Inf
@@ -667,10 +691,9 @@ class ScanWorker:
             if acc.nonfinite(k + 1):
                 raise _NonFinite(c.src)
         acc.finish()
-        if (cs := acc.consistency()) is not None:
-            self._emit_consistency(unit, spec, rows * cols, [comp[k] for k in members], cs,
-                                   is_matrix, out)  # fmt: skip
-        return {c.run: (acc.mask_stats(k), acc.base_sumsq) for k, c in enumerate(comp)}
+        cs = acc.consistency()
+        cons = (rows * cols, [comp[k] for k in members], cs, is_matrix) if cs is not None else None
+        return {c.run: (acc.mask_stats(k), acc.base_sumsq) for k, c in enumerate(comp)}, cons
 
     def _rows(self, sources: list[_Source], a: int, b: int, out: _Out) -> list[torch.Tensor]:
         """Rows [a, b) of every source; streamed ones are read side by side."""
@@ -678,8 +701,8 @@ class ScanWorker:
         if need:  # a new window for each streamed copy: the prefetched one, else read now
             out.n_bytes += sum(s.needs_read(a, b) for s in need)
             for s, fetched in [(s, s.fetch(a, b, self.io)) for s in need]:
-                s.install(fetched, self.io)
-        return [s.rows(a, b) for s in sources]
+                _reading(s, s.install, fetched, self.io)
+        return [_reading(s, s.rows, a, b) for s in sources]
 
     def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):
         ms, base_ss = stats

@@ -213,3 +213,37 @@ def test_rows_too_wide_for_the_fused_pass_take_the_torch_path(qwen_family, tmp_p
     mixed = scan_tables(qwen_family, tmp_path / "mixed", "cpu")
     assert calls["_chunk_pass"] > 0 and calls["_group_pass"] > 0
     assert_same_tables(fused, mixed)
+
+
+def test_a_file_cut_under_the_scan_gives_read_error_rows(qwen_family, tmp_path):
+    """A run's shard truncated after planning (the file changed under the scan): the tensors
+    past the cut get read_error rows naming the file, every other row is as before, and the
+    consistency of those tensors is over the runs that could be read."""
+    import shutil
+
+    fam = qwen_family
+    cut_run = tmp_path / "cut"
+    shutil.copytree(fam.runs["dapo"], cut_run)
+    runs = {**fam.runs, "dapo": cut_run}
+    cks = [(RunSpec(n, str(p), open_checkpoint(str(p)).fingerprint), open_checkpoint(str(p)))
+           for n, p in runs.items()]  # fmt: skip
+    group = Group(name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()])  # fmt: skip
+    plan = plan_group(group, open_checkpoint(str(fam.base)), cks, Params(geometry=False), 1 << 28)
+    out = tmp_path / "out"
+    worker = ScanWorker(str(out))
+    for ref in [str(fam.base), *map(str, runs.values())]:
+        worker.checkpoint(ref)  # the worker has its headers: the scan is under way
+    shard = sorted(cut_run.glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as f:  # now cut the last shard in half
+        f.truncate(shard.stat().st_size // 2)
+    for u in plan.units:
+        worker.run_unit(u)
+    con = duckdb.connect()
+    rows = con.execute(f"SELECT run, tensor, status, message FROM read_parquet('{out}/tables/tensors/*.parquet')").fetchall()  # fmt: skip
+    assert len(rows) == len(runs) * len(fam.bits["base"])  # a row for every run and tensor
+    bad = [r for r in rows if r[2] != "ok"]
+    assert bad and all(r[0] == "dapo" and r[2] == "read_error" for r in bad)
+    assert all("short read" in r[3] and shard.name in r[3] and r[1] in r[3] for r in bad)
+    cons = dict(con.execute(f"SELECT tensor, n_runs FROM read_parquet('{out}/tables/consistency/*.parquet')").fetchall())  # fmt: skip
+    assert all(cons[t] == len(runs) - 1 for _, t, _, _ in bad)
+    assert len(cons) == len(fam.bits["base"])  # one consistency row per tensor, none twice
