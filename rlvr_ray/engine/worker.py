@@ -393,6 +393,8 @@ class ScanWorker:
         t0 = time.perf_counter()
         base = self.checkpoint(unit.base_ref)
         runs = [self.checkpoint(r.ref) for r in unit.runs]
+        for ref in set(self._open) - {unit.base_ref, *(r.ref for r in unit.runs)}:
+            self._open.pop(ref).close()  # another group's: its open files would pile up
         out = _Out()
         # files on disk: have the kernel read the unit's tensors ahead, in order, meanwhile
         self.io.submit(_will_need, [base, *runs], [t.name for t in unit.tensors])

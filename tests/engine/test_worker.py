@@ -247,3 +247,32 @@ def test_a_file_cut_under_the_scan_gives_read_error_rows(qwen_family, tmp_path):
     cons = dict(con.execute(f"SELECT tensor, n_runs FROM read_parquet('{out}/tables/consistency/*.parquet')").fetchall())  # fmt: skip
     assert all(cons[t] == len(runs) - 1 for _, t, _, _ in bad)
     assert len(cons) == len(fam.bits["base"])  # one consistency row per tensor, none twice
+
+
+def test_a_worker_keeps_only_the_current_groups_files_open(qwen_family, llama_family, tmp_path):
+    """Units of one group after another: the first group's checkpoints are closed."""
+    import contextlib
+    import os
+
+    def plan_for(fam):
+        cks = [(RunSpec(n, str(p), "fp"), open_checkpoint(str(p), fingerprint=False))
+               for n, p in fam.runs.items()]  # fmt: skip
+        group = Group(name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in fam.runs.items()])  # fmt: skip
+        return plan_group(group, open_checkpoint(str(fam.base)), cks, Params(geometry=False), 1 << 28)  # fmt: skip
+
+    worker = ScanWorker(str(tmp_path / "out"))
+
+    def fds():
+        out = set()
+        for f in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+                out.add(os.readlink(f"/proc/self/fd/{f}"))
+        return out
+
+    for u in plan_for(qwen_family).units:
+        worker.run_unit(u)
+    assert any(str(qwen_family.base) in f for f in fds())
+    for u in plan_for(llama_family).units:
+        worker.run_unit(u)
+    assert set(worker._open) == {str(llama_family.base), *map(str, llama_family.runs.values())}
+    assert not any(str(qwen_family.base) in f for f in fds())
