@@ -63,23 +63,13 @@ def base_stats(bits: torch.Tensor):
     return bits.view(torch.bfloat16).double().square().sum(), ((bits & _MAG) >= _EXP).sum()
 
 
-def gini(x: torch.Tensor) -> float | None:
-    """Gini coefficient of a non-negative vector [n] (0: even, -> 1: all in one entry).
-
-    The stripe score: how concentrated updates are in few rows (columns). None if all zero.
-    """
-    x = x.to(torch.float64).flatten()
-    n, total = x.numel(), float(x.sum())
-    if n == 0 or total <= 0:
-        return None
-    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=x.device)
-    return float(2.0 * (ranks * x.sort().values).sum() / (n * total) - (n + 1) / n)
-
-
 def gini_counts(counts: np.ndarray) -> float | None:
-    """``gini`` of integer counts [n] (a mask's changes per row or column: the ratios' Gini,
-    which does not depend on their scale), exactly: sorted by counting, the sum of ranks x
-    values in integers, one correctly rounded division. None if all zero."""
+    """Gini coefficient of non-negative integer counts [n] (0: even, -> 1: all in one entry).
+
+    The stripe score: how concentrated a mask's changes are in few rows (columns); the Gini of
+    the row (column) ratios, which does not depend on their scale. Exact: sorted by counting,
+    the sum of ranks x values in integers, one correctly rounded division. None if all zero.
+    """
     c = np.asarray(counts, dtype=np.int64).ravel()
     n, total = c.size, int(c.sum())
     if n == 0 or total <= 0:
