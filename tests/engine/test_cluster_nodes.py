@@ -40,11 +40,30 @@ def cluster():
             ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
 
 
+def both_actors_up(rep: dict, seen: list) -> None:
+    """on_unit: at the first report, wait for the second actor to be up. Units now take
+    milliseconds, and the first actor could otherwise finish the scan before the second one
+    has imported torch."""
+    import ray
+    from ray._private import state
+
+    if not seen:
+        deadline = time.monotonic() + 60
+        while sum(a["State"] == "ALIVE" and a["ActorClassName"].endswith("_Worker")
+                  for a in state.actors().values()) < 2:  # fmt: skip
+            assert time.monotonic() < deadline, "the second actor never came up"
+            time.sleep(0.05)
+        assert ray.is_initialized()
+    seen.append(rep)
+
+
 @pytest.fixture(scope="module")
 def clean(cluster, qwen_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "results"
     sweep = sweep_from_dict(sweep_dict(qwen_family), out.parent)
-    return sweep, out, run_scan(sweep, str(out), unit_bytes=UNIT_BYTES)
+    seen: list = []
+    res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, on_unit=lambda r: both_actors_up(r, seen))  # fmt: skip
+    return sweep, out, res
 
 
 def test_units_spread_over_both_worker_nodes_one_actor_per_gpu(cluster, clean, qwen_family):
