@@ -180,9 +180,8 @@ class Checkpoint:
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         buf = buf[:nbytes]
-        got = self.pread(e, a * row_bytes, memoryview(buf.numpy())) if nbytes else 0
-        if got != nbytes:
-            _fail(self.ref, f"short read ({got} of {nbytes} bytes)", Path(e.file).name, name)
+        if nbytes:
+            self.read_exact(e, a * row_bytes, memoryview(buf.numpy()))
         t = buf.view(dtype).reshape((b - a, *shape[1:]) if len(e.shape) >= 2 else e.shape)
         return t.to(device, non_blocking=pin) if pin else t
 

@@ -107,9 +107,9 @@ class ResultsDir:
                  if pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)]  # fmt: skip
         plain = pa.schema([pa.field(f.name, f.type.value_type, f.nullable) if f.name in coded else f
                            for f in data.schema])  # fmt: skip
-        if coded and plain.equals(schema):
-            pass  # the Arrow schema is not stored: readers see the Parquet strings
-        elif data.schema != schema:
+        # coded columns of the declared strings are kept (the Arrow schema is then not stored:
+        # readers see the Parquet strings); anything else is cast to the declared schema
+        if not (coded and plain.equals(schema)) and data.schema != schema:
             data, coded = data.cast(schema), []
         final = self.path("tables", table, f"{part}.parquet")
         # dictionaries for the (repetitive) string columns only: dictionary-encoding the float

@@ -1,7 +1,7 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
 Pure torch (the fused CPU pass, ``rlvr_ray.stats.group``, counts the same histogram in its own
-kernel and finishes through ``stats_from_hist``). The R masks of a chunk arrive as bit
+kernel and finishes through ``counts_from_hist`` and ``stats_from_counts``). The R masks of a chunk arrive as bit
 planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them, so no
 run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
 answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
