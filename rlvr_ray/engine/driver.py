@@ -33,6 +33,7 @@ from rlvr_ray.io.schema import CHECKPOINTS, SCANS
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
+UNITS_IN_FLIGHT = 2  # per actor: the one it runs and the next (no idle round trip between)
 PLACEMENT_TIMEOUT_S = 300  # no actor at all could be placed for this long: give up
 SCRATCH_COPIES = 12  # geometry: float64 W0 and W1 (4 + 4 copies) and SVD factors
 
@@ -179,7 +180,12 @@ def _report(rep: dict, result: ScanResult, on_unit) -> None:
 def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
                progress: Progress, on_unit=None) -> None:  # fmt: skip
     """Run ``todo`` on a pool of actors; a unit whose actor or node died goes back in the queue
-    and runs again on a fresh actor (its parts have fixed names, so nothing is duplicated)."""
+    and runs again on a fresh actor (its parts have fixed names, so nothing is duplicated).
+
+    Each actor holds up to UNITS_IN_FLIGHT units (it runs them in order): the next one is
+    there when the running one ends, without a round trip to the driver in between. A unit
+    lost once runs alone afterwards: a unit that kills its actor every time costs another
+    unit at most one of its MAX_ATTEMPTS attempts."""
     import ray
     from ray.exceptions import ActorUnschedulableError, RayActorError, WorkerCrashedError
 
@@ -191,23 +197,72 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         a = cls.options(**place.options).remote(out, None, threads)
         starting[a.ping.remote()] = a
 
+    def key(u: Unit) -> tuple[str, int]:
+        return (u.scan_id, u.index)
+
+    def give(a) -> None:  # fill actor a's in-flight list from the queue
+        nonlocal first
+        q = inflight[a]
+        while queue and len(q) < UNITS_IN_FLIGHT:
+            # stack a unit behind a running one only while every actor can still get one,
+            # and never with a unit lost before (on either side)
+            if q and (len(queue) <= len(inflight) or key(queue[0]) in attempts
+                      or any(key(running[r][1]) in attempts for r in q)):  # fmt: skip
+                return
+            u = queue.pop(0)
+            ref = a.run_unit.remote(u)
+            running[ref] = (a, u)
+            q.append(ref)
+            first = first or time.perf_counter()
+
+    def done(ref, unit) -> None:  # a unit's call came back: its report or its error
+        try:
+            _report(ray.get(ref), result, on_unit)
+        except lost_errors:
+            raise
+        except Exception as e:  # a bug or an unreadable input: record, keep going
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            result.errors.append(f"group {unit.group}: unit {unit.index} failed: {msg}")
+        progress.update(len(unit.tensors), unit.nbytes)
+        result.unit_seconds = time.perf_counter() - first
+
+    def lose(actor, err: Exception) -> None:
+        """``actor`` (its process or node) is gone: each unit it held and did not report back
+        is charged an attempt and queued again (the driver cannot tell which was running: a
+        unit's reply can die with its process); one fresh actor is started."""
+        ray.kill(actor, no_restart=True)
+        back = []
+        for ref in inflight.pop(actor):
+            _, unit = running.pop(ref)
+            if ray.wait([ref], timeout=0)[0]:  # it may have finished before the actor went
+                try:
+                    done(ref, unit)
+                    continue
+                except lost_errors:
+                    pass
+            attempts[key(unit)] = n = attempts.get(key(unit), 0) + 1
+            if n < MAX_ATTEMPTS:
+                result.retried.append(f"group {unit.group}: unit {unit.index}: {type(err).__name__}")  # fmt: skip
+                back.append(unit)
+            else:
+                result.errors.append(f"group {unit.group}: unit {unit.index} failed {MAX_ATTEMPTS} "
+                                     f"times; last: {type(err).__name__}")  # fmt: skip
+        queue[:0] = back
+        start()
+
     queue = sorted(todo, key=lambda u: -u.nbytes)  # largest first balances the tail
     attempts: dict[tuple[str, int], int] = {}
     running: dict = {}  # task ref -> (actor, unit)
+    inflight: dict = {}  # live actor -> its task refs, oldest (the running one) first
     starting: dict = {}  # ping ref -> actor
-    idle: list = []
     actors: list = []
     for _ in range(place.n_actors):
         start()
     waiting_since = time.monotonic()
     first = None
     while queue or running:
-        for a in idle[:]:
-            if queue:
-                idle.remove(a)
-                u = queue.pop(0)
-                running[a.run_unit.remote(u)] = (a, u)
-                first = first or time.perf_counter()
+        for a in list(inflight):
+            give(a)
         if not running and not starting:
             start()
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=10)
@@ -226,32 +281,21 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
             try:
                 ray.get(ref)
                 actors.append(a)
-                idle.append(a)
+                inflight[a] = []
             except lost_errors:
                 pass  # died before it started; the loop starts another if none is left
             continue
-        actor, unit = running.pop(ref)
-        key = (unit.scan_id, unit.index)
-        try:
-            _report(ray.get(ref), result, on_unit)
-            idle.append(actor)
-        except lost_errors as e:  # the actor, its process or its node is gone: run it again
-            attempts[key] = attempts.get(key, 0) + 1
-            ray.kill(actor, no_restart=True)
-            if attempts[key] < MAX_ATTEMPTS:
-                result.retried.append(f"group {unit.group}: unit {unit.index}: {type(e).__name__}")  # fmt: skip
-                queue.insert(0, unit)
-                start()
-                continue
-            result.errors.append(f"group {unit.group}: unit {unit.index} failed {MAX_ATTEMPTS} "
-                                 f"times; last: {type(e).__name__}")  # fmt: skip
-            start()
-        except Exception as e:  # a bug or an unreadable input: record, keep going
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            result.errors.append(f"group {unit.group}: unit {unit.index} failed: {msg}")
-            idle.append(actor)
-        progress.update(len(unit.tensors), unit.nbytes)
-        result.unit_seconds = time.perf_counter() - first
+        actor = running[ref][0]
+        q = inflight[actor]
+        while ref in q:  # an actor runs its calls in order: take them in order, up to ref
+            r = q[0]
+            try:
+                done(r, running[r][1])
+            except lost_errors as e:  # the actor, its process or its node is gone
+                lose(actor, e)
+                break
+            q.pop(0)
+            running.pop(r)
     for a in [*actors, *starting.values()]:
         ray.kill(a, no_restart=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
@@ -36,10 +37,10 @@ def test_actor_process_killed_mid_scan_is_retried_with_identical_results(clean, 
     killed = []
 
     def kill_third(rep: dict) -> None:
-        # the actor that just reported is about to get its next unit: SIGKILL its process
+        # the actor that just reported holds its next unit: SIGKILL its process
         if len(killed) == 0 and rep["unit"] is not None and len(seen) == 2:
             os.kill(rep["pid"], signal.SIGKILL)
-            killed.append(rep["pid"])
+            killed.append((rep["pid"], time.time()))
         seen.append(rep["unit"])
 
     seen: list[int] = []
@@ -48,7 +49,8 @@ def test_actor_process_killed_mid_scan_is_retried_with_identical_results(clean, 
     assert killed and res.retried, "the kill should have cost a unit"
     assert res.exit_code == 0 and not res.errors
     assert sorted(seen) == list(range(clean_res.n_units))  # each unit reported exactly once
-    assert killed[0] not in {r["pid"] for r in res.units[3:]}  # later units ran elsewhere
+    pid, when = killed[0]  # no unit started on the killed process after the kill
+    assert all(r["started"] < when for r in res.units if r["pid"] == pid)
     assert_same_results(out, clean_out)
 
 
@@ -111,3 +113,30 @@ def test_memory_estimate_of_a_streamed_tensor_is_chunks_not_copies():
     assert tensor_memory(emb, 5, Params()) < 5 * one / 5
     opted_in = Params(svd_embeddings=True, max_svd_numel=1 << 30)  # now it gets an SVD: whole
     assert tensor_memory(emb, 5, opted_in) == 5 * one + 12 * one
+
+
+def test_a_unit_that_kills_every_actor_is_given_up_alone(clean, tmp_path, monkeypatch):
+    """Actors hold two units at a time; a unit lost once runs alone afterwards, so a unit that
+    kills every actor it meets is given up after MAX_ATTEMPTS runs, and every other unit,
+    charged at most once for having shared an actor with it, is done exactly once."""
+    from rlvr_ray.engine import driver
+
+    sweep, _, clean_res = clean
+    victim = 5
+
+    class Poisoned(driver._Worker):  # a local class: Ray ships it by value
+        def run_unit(self, unit):
+            if unit.index == victim:
+                os._exit(1)  # the process dies, as under the OOM killer
+            return super().run_unit(unit)
+
+    monkeypatch.setattr(driver, "_Worker", Poisoned)
+    res = run_scan(sweep, str(tmp_path / "results"), unit_bytes=UNIT_BYTES)
+    assert res.errors == [f"group g: unit {victim} failed {driver.MAX_ATTEMPTS} times; "
+                          f"last: ActorDiedError"]  # fmt: skip
+    retried = [int(r.split("unit ")[1].split(":")[0]) for r in res.retried]
+    assert retried.count(victim) == driver.MAX_ATTEMPTS - 1
+    others = [u for u in retried if u != victim]
+    assert len(others) == len(set(others)) <= driver.MAX_ATTEMPTS - 1  # one charge at most
+    assert sorted(r["unit"] for r in res.units) == [u for u in range(clean_res.n_units) if u != victim]  # fmt: skip
+    assert res.exit_code != 0
