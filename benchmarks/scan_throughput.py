@@ -19,6 +19,9 @@ measures, each in a fresh subprocess so peak RSS is its own:
 and prints the ratios. Targets: scan >= 0.5x raw read; scan faster than naive, bounded memory.
 Each is measured twice: page cache warm, and cold (the page cache dropped before each method,
 as a scan of checkpoints on disk meets them; needs root, else the cold rows are left out).
+--repeat N runs N rounds of every method in turn and prints medians, their range, and each ratio
+as the median of its rounds' ratios (this machine's memory and disk speed drift with its
+neighbours: a ratio is only fair within a round).
 Nothing here needs Ray but the scan row (--kinds without it runs where Ray is not installed).
 """
 
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -175,6 +179,8 @@ def main() -> None:
                     help=f"comma-separated methods, of {','.join(KINDS)} (default: all but worker_cpu)")  # fmt: skip
     ap.add_argument("--no-cold", action="store_true", help="skip the cold page cache rows")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every method; medians and their range are printed (default 1)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dir = args.dir.resolve()
@@ -204,50 +210,71 @@ def main() -> None:
     print(f"\n{gb:.2f} GB in 5 checkpoints ({args.layers} layers of Qwen2-0.5B shapes), "
           f"{args.cpus} CPUs for Ray, worker on {args.device}")  # fmt: skip
     run_child("raw", args)  # warm the page cache
-    warm = {k: run_child(k, args) for k in kinds}
-    cold = {}
-    for k in kinds if not args.no_cold else ():
-        if not drop_page_cache():
-            break
-        cold[k] = run_child(k, args)
-    print(f"{'method':<14}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}")
+    # rounds of every method in turn: this machine's memory and disk speed drift with its
+    # neighbours, so each ratio is taken within a round and the median round is reported
+    warm = {k: [] for k in kinds}
+    cold = {k: [] for k in kinds}
+    for _ in range(args.repeat):
+        for k in kinds:
+            warm[k].append(run_child(k, args))
+    for _ in range(0 if args.no_cold else args.repeat):
+        for k in kinds:
+            if not drop_page_cache():
+                break
+            cold[k].append(run_child(k, args))
+    cold = {k: v for k, v in cold.items() if v}
+    spread = args.repeat > 1
+    print(f"{'method':<14}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}"
+          + (f"{'range (s)':>16}" if spread else ""))  # fmt: skip
+
+    def row(name, label, xs):
+        m = median(xs)
+        rng = f"{min(xs):>9.2f}-{max(xs):.2f}" if spread else ""
+        return f"{name:<14}{label:>6}{m:>9.2f}{gb / m:>8.2f}", rng
+
     for label, res in (("warm", warm), ("cold", cold)):
-        for name, r in res.items():
-            print(f"{name:<14}{label:>6}{r['seconds']:>9.2f}{gb / r['seconds']:>8.2f}{r['peak_rss'] / 1e9:>13.2f}")  # fmt: skip
+        for name, rs in res.items():
+            head, rng = row(name, label, [r["seconds"] for r in rs])
+            print(f"{head}{median([r['peak_rss'] for r in rs]) / 1e9:>13.2f}{rng}")
             if name == "scan":
-                u = r["unit_seconds"]
-                print(f"{'  units phase':<14}{label:>6}{u:>9.2f}{gb / u:>8.2f}")
+                head, rng = row("  units phase", label, [r["unit_seconds"] for r in rs])
+                print(f"{head}{'':>13}{rng}")
+
+    def ratio(res, a, b, ka="seconds", kb="seconds") -> str:
+        """median over the rounds of res[a] / res[b], each round's pair taken together"""
+        xs = [x[ka] / y[kb] for x, y in zip(res[a], res[b], strict=True)]
+        rng = f" ({min(xs):.2f}-{max(xs):.2f} over {len(xs)} rounds)" if spread else ""
+        return f"{median(xs):.2f}x{rng}"
+
     for label, res in (("warm", warm), ("cold", cold)):
         if not res or "raw" not in res:
             continue
-        raw = res["raw"]["seconds"]
         line = []
         if "scan" in res:
-            scan = res["scan"]
-            line.append(f"scan units phase / raw read {raw / scan['unit_seconds']:.2f}x (target >= 0.5x), "
-                        f"end to end {raw / scan['seconds']:.2f}x")  # fmt: skip
+            line.append(f"scan units phase / raw read {ratio(res, 'raw', 'scan', kb='unit_seconds')} "
+                        f"(target >= 0.5x), end to end {ratio(res, 'raw', 'scan')}")  # fmt: skip
             if "raw_1m" in res:
-                line.append(f"units phase / 1 MiB-read raw {res['raw_1m']['seconds'] / scan['unit_seconds']:.2f}x")  # fmt: skip
+                line.append(f"units phase / 1 MiB-read raw {ratio(res, 'raw_1m', 'scan', kb='unit_seconds')}")  # fmt: skip
         for w in ("worker", "worker_cpu", "worker_torch"):
             if w in res:
-                line.append(f"{w} / raw {raw / res[w]['seconds']:.2f}x")
+                line.append(f"{w} / raw {ratio(res, 'raw', w)}")
         if "naive" in res:
             for k in ("scan", "worker"):
                 if k in res:
-                    line.append(f"{k} vs naive {res['naive']['seconds'] / res[k]['seconds']:.2f}x faster")  # fmt: skip
+                    line.append(f"{k} vs naive {ratio(res, 'naive', k)} faster")
         if "worker" in res and "worker_torch" in res:
-            line.append(f"fused kernels vs torch path {res['worker_torch']['seconds'] / res['worker']['seconds']:.2f}x")  # fmt: skip
+            line.append(f"fused kernels vs torch path {ratio(res, 'worker_torch', 'worker')}")
         if "worker" in res and "worker_cpu" in res:
-            line.append(f"{args.device} vs cpu worker {res['worker_cpu']['seconds'] / res['worker']['seconds']:.2f}x")  # fmt: skip
+            line.append(f"{args.device} vs cpu worker {ratio(res, 'worker_cpu', 'worker')}")
         print(f"\n{label}: " + "; ".join(line))
     if "worker" in warm:
-        worker = warm["worker"]
+        worker = max(warm["worker"], key=lambda r: r["peak_rss"])
         bound = (len(RUNS) + 1) * worker["largest"]
         print(f"one worker, all units: peak RSS {worker['peak_rss'] / 1e9:.2f} GB "
               f"= {worker['idle_rss'] / 1e9:.2f} GB interpreter + {(worker['peak_rss'] - worker['idle_rss']) / 1e9:.2f} GB; "
               f"bound (runs + 1) x largest tensor = {bound / 1e9:.2f} GB")  # fmt: skip
         if "naive" in warm:
-            print(f"naive peak RSS / worker peak RSS: {warm['naive']['peak_rss'] / worker['peak_rss']:.1f}x")  # fmt: skip
+            print(f"naive peak RSS / worker peak RSS: {ratio(warm, 'naive', 'worker', 'peak_rss', 'peak_rss')}")  # fmt: skip
     if not args.keep:
         shutil.rmtree(args.dir)
 
