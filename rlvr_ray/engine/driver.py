@@ -177,6 +177,15 @@ def _report(rep: dict, result: ScanResult, on_unit) -> None:
         on_unit(rep)
 
 
+def _may_stack(nbytes: int, queued: int, n_actors: int, left: int) -> bool:
+    """Whether the queue's next unit (``nbytes``; ``queued`` units of ``left`` bytes in the
+    queue, itself included) may wait behind an actor's running unit rather than for the first
+    actor to be free: only while every other actor (live or starting) can still get a unit,
+    and only if it is no more than its share of what is left per actor (which actor frees
+    first is not known yet: a big unit stacked on a busy actor would end the scan late)."""
+    return queued > n_actors and nbytes * n_actors <= left
+
+
 def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
                progress: Progress, on_unit=None) -> None:  # fmt: skip
     """Run ``todo`` on a pool of actors; a unit whose actor or node died goes back in the queue
@@ -201,15 +210,16 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         return (u.scan_id, u.index)
 
     def give(a) -> None:  # fill actor a's in-flight list from the queue
-        nonlocal first
+        nonlocal first, left
         q = inflight[a]
         while queue and len(q) < UNITS_IN_FLIGHT:
-            # stack a unit behind a running one only while every actor can still get one,
-            # and never with a unit lost before (on either side)
-            if q and (len(queue) <= len(inflight) or key(queue[0]) in attempts
+            # never with a unit lost before (on either side)
+            if q and (not _may_stack(queue[0].nbytes, len(queue), len(inflight) + len(starting), left)
+                      or key(queue[0]) in attempts
                       or any(key(running[r][1]) in attempts for r in q)):  # fmt: skip
                 return
             u = queue.pop(0)
+            left -= u.nbytes
             ref = a.run_unit.remote(u)
             running[ref] = (a, u)
             q.append(ref)
@@ -230,6 +240,7 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         """``actor`` (its process or node) is gone: each unit it held and did not report back
         is charged an attempt and queued again (the driver cannot tell which was running: a
         unit's reply can die with its process); one fresh actor is started."""
+        nonlocal left
         ray.kill(actor, no_restart=True)
         back = []
         for ref in inflight.pop(actor):
@@ -248,9 +259,11 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
                 result.errors.append(f"group {unit.group}: unit {unit.index} failed {MAX_ATTEMPTS} "
                                      f"times; last: {type(err).__name__}")  # fmt: skip
         queue[:0] = back
+        left += sum(u.nbytes for u in back)
         start()
 
     queue = sorted(todo, key=lambda u: -u.nbytes)  # largest first balances the tail
+    left = sum(u.nbytes for u in queue)  # bytes in the queue
     attempts: dict[tuple[str, int], int] = {}
     running: dict = {}  # task ref -> (actor, unit)
     inflight: dict = {}  # live actor -> its task refs, oldest (the running one) first
