@@ -508,9 +508,10 @@ class ScanWorker:
                      else max(1, FUSED_WINDOW_NUMEL // max(cols, 1)) * cols)  # fmt: skip
             self.layout(len(unit.runs) + 1, numel)
         failed = {}  # the copies are read side by side; a failed read skips its run (or all)
-        for src, f in zip(sources, [self.io.submit(s.load) for s in sources], strict=True):
+        loads = [self.io.submit(s.load) if not s.stream else None for s in sources]
+        for src, f in zip(sources, loads, strict=True):
             try:
-                out.n_bytes += f.result()
+                out.n_bytes += f.result() if f is not None else 0
             except CheckpointError as e:
                 failed[id(src)] = str(e)
         if id(src0) in failed:
