@@ -22,7 +22,7 @@ from rlvr_ray.stats.consistency import (
     counts_from_hist,
     stats_from_counts,
 )
-from rlvr_ray.stats.masks import MaskStats, RowBinPool
+from rlvr_ray.stats.masks import MaskStats, bin_edges
 
 #: up to this many members, two coordinates' patterns share one histogram increment
 PAIR_MEMBERS = 6
@@ -65,11 +65,14 @@ class GroupAccumulator:
             self.hist = np.zeros((4, 1), dtype=np.int64)
         self._no_planes = np.zeros((0, 1, 1), dtype=np.uint16)
         self.has_consensus = M >= 2
-        self.pool = RowBinPool(rows, cols, map_size) if map_size else None
-        if self.pool is not None:
-            self.grid = np.zeros((R, *self.pool.grid.shape), dtype=np.float64)
-            self.row_bin = self.pool.row_bins()
-            self.col_edges = np.array(self.pool.col_edges, dtype=np.int64)
+        self.blocks: torch.Tensor | None = None  # each map block's element count
+        if map_size:  # the map's grid, as RowBinPool cuts it (the torch path's)
+            row_edges = np.array(bin_edges(rows, min(map_size, rows)), dtype=np.int64)
+            self.col_edges = np.array(bin_edges(cols, min(map_size, cols)), dtype=np.int64)
+            sizes = np.diff(row_edges), np.diff(self.col_edges)
+            self.grid = np.zeros((R, len(sizes[0]), len(sizes[1])), dtype=np.float64)
+            self.row_bin = np.repeat(np.arange(len(sizes[0])), sizes[0])
+            self.blocks = torch.from_numpy(np.outer(*sizes).astype(np.float64))
         else:
             self.grid = np.zeros((R, 0, 0), dtype=np.float64)
             self.row_bin = np.zeros(rows, dtype=np.int64)
@@ -113,7 +116,7 @@ class GroupAccumulator:
         """Run r's statistics (after ``finish``)."""
         ge = [int(x) for x in self.ge[r, : len(self.ulp_edges)]] + [0]
         hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
-        blocks = self.pool.blocks() if self.pool is not None else None
+        blocks = self.blocks
         return MaskStats(
             numel=self.rows * self.cols,
             n_changed=sum(hist),
@@ -137,8 +140,8 @@ class GroupAccumulator:
         m = self.members
         row_sum = torch.from_numpy(self.row_out[m].sum(0))
         col_sum = torch.from_numpy(self.col_out[m].sum(0))
-        pooled = torch.from_numpy(self.grid[m].sum(0)) if self.pool is not None else None
-        block = self.pool.blocks() if self.pool is not None else None
+        pooled = torch.from_numpy(self.grid[m].sum(0)) if self.blocks is not None else None
+        block = self.blocks
         if self.cons is not None:  # > 16 members: the bit planes went through M M^T
             return self.cons.finish(row_sum, col_sum, pooled, block)
         nv = 1 << len(m)

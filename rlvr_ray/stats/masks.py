@@ -78,8 +78,11 @@ def gini_counts(counts: np.ndarray) -> float | None:
     v = np.nonzero(h)[0]
     hv = h[v]
     start = np.cumsum(hv) - hv  # values below v: ranks start + 1 .. start + hv hold v
-    # sum of ranks x values = sum_v v * hv * (2 start + hv + 1) / 2, exact in Python ints
-    s = sum(int(x) for x in v * hv * (2 * start + hv + 1)) // 2
+    # sum of ranks x values = sum_v v * hv * (2 start + hv + 1) / 2 <= n x total: in int64
+    # where that fits, else in Python ints (object arrays) from the first product on
+    if n * total >= 1 << 62:
+        v, hv, start = v.astype(object), hv.astype(object), start.astype(object)
+    s = int((v * hv * (2 * start + hv + 1)).sum()) // 2
     return (2 * s - (n + 1) * total) / (n * total)
 
 

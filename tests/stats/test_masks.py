@@ -103,3 +103,13 @@ def test_gini_of_counts_is_exact():
         assert gini_counts(c) == float(exact)
     assert gini_counts(np.zeros(4, dtype=np.int64)) is None
     assert gini_counts(np.array([0, 0, 0, 1])) == 0.75
+
+
+def test_gini_of_counts_past_int64_stays_exact():
+    """a zeros and b entries of K have Gini a / (a + b) exactly; with n x total >= 2^62 the
+    rank sum leaves int64 (Python ints take it), below it stays there."""
+    a, b = 3 << 20, 1 << 20  # n = 2^22
+    for k in (1 << 19, 1 << 21):  # n x total = 2^61 (int64), 2^63 (Python ints)
+        c = np.concatenate([np.zeros(a, np.int64), np.full(b, k, np.int64)])
+        assert gini_counts(c) == 0.75
+        assert gini_counts(c[::-1]) == 0.75
