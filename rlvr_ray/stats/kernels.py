@@ -140,8 +140,8 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
             xr = flat[o : o + c]
             cr = co[r]
             b = pbit[r]
-            member = i32(1 if b >= 0 and use_hist else 0)
-            bs = i32(max(b, 0))
+            # this run's bit of the consensus pattern (0: not a member)
+            bitv = i32(i32(1) << i32(b)) if b >= 0 and use_hist else i32(0)
             rc = i32(0)
             g1 = i32(0)
             g2 = i32(0)
@@ -160,7 +160,8 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
                 m = i32(s != i32(0))
                 rc = i32(rc + m)
                 cr[j] = i32(cr[j] + m)
-                pat[j] = i32(pat[j] | i32(i32(m & member) << bs))
+                # a masked OR: a shift by a variable count is done in int64 lanes otherwise
+                pat[j] = i32(pat[j] | i32(i32(-m) & bitv))
                 g1 = i32(g1 + i32(s >= e1))
                 g2 = i32(g2 + i32(s >= e2))
                 g3 = i32(g3 + i32(s >= e3))
