@@ -4,9 +4,10 @@
 in L1: every run's mask statistics (``MaskStats``) and the members' consensus pattern come out
 of the one pass, so neither a run's mask nor its bit plane is ever written to memory. The
 copies' rows arrive as int16 bf16 patterns in one flat buffer (the worker reads each copy's
-rows into its slot), located by offsets. The consensus is counted as a histogram of the 2^R
-member patterns (R <= 16; two coordinates per increment for R <= 6, which halves the
-increments); beyond 16 members the kernel sets bit planes and ``ConsistencyAccumulator``
+rows into its slot), located by offsets. Up to 4 members the kernel tallies, in int32 lanes,
+the coordinates changed in exactly c members and each pair's intersection; up to 16 it counts
+a histogram of the 2^R member patterns (two coordinates per increment for R <= 6, which halves
+the increments); beyond 16 members it sets bit planes and ``ConsistencyAccumulator``
 multiplies them out (M M^T), as on a GPU.
 """
 
@@ -24,8 +25,12 @@ from rlvr_ray.stats.consistency import (
 )
 from rlvr_ray.stats.masks import MaskStats, bin_edges
 
-#: up to this many members, two coordinates' patterns share one histogram increment
+#: up to this many members, the kernel tallies exact counts and pair intersections in int32
+#: lanes (no histogram); up to PAIR_MEMBERS, two coordinates' patterns share one increment
+TALLY_MEMBERS = 4
 PAIR_MEMBERS = 6
+#: the pairs whose intersections the tallies hold, in order (the kernel's masks 3, 5, 9, ...)
+TALLY_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 #: rows per kernel call, and the most columns a tensor may have here: the kernel counts a row,
 #: and a column between two flushes, in int32 (the worker takes the torch path for wider rows)
 MAX_ROWS = MAX_COLS = (1 << 31) - 1
@@ -57,7 +62,9 @@ class GroupAccumulator:
         # the torch accumulator takes > 16 members' bit planes (M M^T); fewer are histogrammed
         self.cons = ConsistencyAccumulator(M, rows, cols, "cpu") if M > ConsistencyAccumulator.HIST_RUNS else None  # fmt: skip
         self.by_hist = M >= 2 and self.cons is None
-        if self.by_hist and M <= PAIR_MEMBERS:
+        if self.by_hist and M <= TALLY_MEMBERS:
+            self.hist = np.zeros((2, 6), dtype=np.int64)
+        elif self.by_hist and M <= PAIR_MEMBERS:
             self.hist = np.zeros((5, 1 << (2 * M)), dtype=np.int64)
         elif self.by_hist:
             self.hist = np.zeros((4, 1 << M), dtype=np.int64)
@@ -144,6 +151,16 @@ class GroupAccumulator:
         block = self.blocks
         if self.cons is not None:  # > 16 members: the bit planes went through M M^T
             return self.cons.finish(row_sum, col_sum, pooled, block)
+        if self.hist.shape[0] == 2:  # tallies: exact counts 1..4, pairs' intersections
+            M = len(m)
+            exact = [int(x) for x in self.hist[0, :M]]
+            counts = [self.rows * self.cols - sum(exact), *exact]
+            inter = np.diag(self.row_out[m].sum(1))
+            for (a, b), x in zip(TALLY_PAIRS, self.hist[1], strict=True):
+                if b < M:
+                    inter[a, b] = inter[b, a] = x
+            return stats_from_counts(M, self.rows, self.cols, counts, inter, row_sum, col_sum,
+                                     pooled, block)  # fmt: skip
         nv = 1 << len(m)
         h = self.hist[:4].sum(0)
         if self.hist.shape[0] == 5:  # pairs (lo | hi << M): each member pattern twice
