@@ -492,7 +492,7 @@ class ScanWorker:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
         rows0 = e0.shape[0] if len(e0.shape) >= 2 else 1
-        # the fused pass counts a row in int32 lanes: rows of 2^31 or more columns (no weight
+        # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
         # matrix has them) take the torch path
         fused = self.fused and e0.numel // max(rows0, 1) <= MAX_COLS
         if fused:  # every tensor not read whole for the SVD is read window by window

@@ -31,9 +31,11 @@ TALLY_MEMBERS = 4
 PAIR_MEMBERS = 6
 #: the pairs whose intersections the tallies hold, in order (the kernel's masks 3, 5, 9, ...)
 TALLY_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
-#: rows per kernel call, and the most columns a tensor may have here: the kernel counts a row,
-#: and a column between two flushes, in int32 (the worker takes the torch path for wider rows)
-MAX_ROWS = MAX_COLS = (1 << 31) - 1
+#: rows per kernel call: the kernel counts a column between two flushes in int32
+MAX_ROWS = (1 << 31) - 1
+#: the most columns a tensor may have here: the kernel sums min(ULP steps, 4) over a row in
+#: int32 (the worker takes the torch path for wider rows; no weight matrix has them)
+MAX_COLS = (1 << 29) - 1
 
 
 class GroupAccumulator:

@@ -72,9 +72,11 @@ def _jit(fn):
 
 
 def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
-    """ULP bin edges as the int32 array ``group_rows`` takes (at least 4, padded with 2^30)."""
-    if edges[0] != 1:
-        raise ValueError("ULP bins must start at 1")
+    """ULP bin edges as the int32 array ``group_rows`` takes (at least 4, padded with 2^30).
+    The main loop counts steps >= 1, 2, 3 and 4 (as sums of min(steps, k)): the edges must
+    start 1, 2, 3, 4 (or a prefix of it); the ones after are counted where a row reaches them."""
+    if tuple(edges[:4]) != (1, 2, 3, 4)[: len(edges)]:
+        raise ValueError(f"ULP bins must start 1, 2, 3, 4 (or a prefix of it), not {tuple(edges)}")
     return np.array([*edges, *[_BIG] * max(0, 4 - len(edges))], dtype=np.int32)
 
 
@@ -108,7 +110,6 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
         return
     i32 = np.int32
     k = edges.shape[0]
-    e1, e2, e3 = i32(edges[1]), i32(edges[2]), i32(edges[3])
     k0 = np.empty(c, np.int32)
     t0 = np.empty(c, np.int32)
     g0 = t0.view(np.float32)
@@ -182,9 +183,11 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
                 cr[j] = i32(cr[j] + m)
                 # a masked OR: a shift by a variable count is done in int64 lanes otherwise
                 pat[j] = i32(pat[j] | i32(i32(-m) & bitv))
-                g1 = i32(g1 + i32(s >= e1))
-                g2 = i32(g2 + i32(s >= e2))
-                g3 = i32(g3 + i32(s >= e3))
+                # sums of min(steps, k): steps >= k counted as their differences, in half
+                # the instructions of a compare and a count (c < 2^29: no overflow)
+                g1 = i32(g1 + i32(min(s, i32(2))))
+                g2 = i32(g2 + i32(min(s, i32(3))))
+                g3 = i32(g3 + i32(min(s, i32(4))))
                 rmax = i32(max(rmax, s))
                 t1[j] = i32(x1 << i32(16))
             if amag >= i32(0x7F80):  # NaN/Inf in this row of the run: count them
@@ -198,9 +201,9 @@ def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, g
                     planes[pl, i, j] |= np.uint16(k1 != k0[j]) * pm
             rows_out[r, g] = rc
             ge[r, 0] += rc
-            ge[r, 1] += g1
-            ge[r, 2] += g2
-            ge[r, 3] += g3
+            ge[r, 1] += g1 - rc  # steps >= 2
+            ge[r, 2] += g2 - g1  # >= 3
+            ge[r, 3] += g3 - g2  # >= 4
             if k > 4 and rmax >= edges[4]:  # rare for RL: steps of 5+ ULPs in this row
                 for q in range(4, k):
                     e = i32(edges[q])

@@ -193,7 +193,7 @@ def test_fused_kernels_and_torch_path_write_identical_tables(qwen_family, tmp_pa
 
 
 def test_rows_too_wide_for_the_fused_pass_take_the_torch_path(qwen_family, tmp_path, monkeypatch):
-    """A tensor whose rows pass MAX_COLS (2^31 - 1 in earnest; made small here) is scanned by
+    """A tensor whose rows pass MAX_COLS (2^29 - 1 in earnest; made small here) is scanned by
     the torch path, the rest by the fused pass, in one scan: the same tables as all fused."""
     from rlvr_ray.engine import worker
 

@@ -87,3 +87,18 @@ def test_group_pass_counts_nonfinite_per_copy():
     flat = np.concatenate([x.reshape(-1) for x in (b0, b1, b2)]).view(np.int16)
     acc.add(flat, np.array([0, 240, 480], dtype=np.int64), 6)
     assert [acc.nonfinite(k) for k in range(3)] == [1, 2, 0]
+
+
+def test_ulp_edges_must_start_1_2_3_4():
+    """The kernel counts steps >= 2, 3, 4 as differences of sums of min(steps, k): other
+    leading edges are refused by name; a prefix (two bins) is counted right."""
+    with pytest.raises(ValueError, match=r"must start 1, 2, 3, 4 .*not \(1, 2, 4, 8\)"):
+        GroupAccumulator(3, 5, 2, [0, 1], (1, 2, 4, 8))
+    rows, cols = 7, 9
+    b0, b1 = hard_pair((rows, cols), 3)
+    acc = GroupAccumulator(rows, cols, 1, [], (1, 2))
+    flat = np.concatenate([b0.reshape(-1), b1.reshape(-1)]).view(np.int16)
+    acc.add(flat, np.array([0, rows * cols], dtype=np.int64), rows)
+    acc.finish()
+    s = np.abs(key(b1) - key(b0))
+    assert acc.mask_stats(0).ulp_hist == [int((s == 1).sum()), int((s >= 2).sum())]
