@@ -46,8 +46,6 @@ class GroupAccumulator:
 
     def __init__(self, rows: int, cols: int, n_runs: int, members: list[int],
                  ulp_edges: tuple[int, ...], map_size: int | None = None):  # fmt: skip
-        if tuple(ulp_edges[:2]) != (1, 2):
-            raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
         if cols > MAX_COLS:
             raise ValueError(f"rows of {cols} columns: the fused pass takes at most {MAX_COLS}")
         R, M = n_runs, len(members)

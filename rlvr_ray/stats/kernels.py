@@ -74,9 +74,10 @@ def _jit(fn):
 def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
     """ULP bin edges as the int32 array ``group_rows`` takes (at least 4, padded with 2^30).
     The main loop counts steps >= 1, 2, 3 and 4 (as sums of min(steps, k)): the edges must
-    start 1, 2, 3, 4 (or a prefix of it); the ones after are counted where a row reaches them."""
-    if tuple(edges[:4]) != (1, 2, 3, 4)[: len(edges)]:
-        raise ValueError(f"ULP bins must start 1, 2, 3, 4 (or a prefix of it), not {tuple(edges)}")
+    start 1, 2, 3, 4 (or 1, 2 or 1, 2, 3); the ones after are counted where a row reaches them."""
+    if len(edges) < 2 or tuple(edges[:4]) != (1, 2, 3, 4)[: len(edges)]:
+        raise ValueError(f"ULP bins must start 1, 2 (the first bin is the 1-ULP count) and go on "
+                         f"3, 4 in the fused pass, not {tuple(edges)}")  # fmt: skip
     return np.array([*edges, *[_BIG] * max(0, 4 - len(edges))], dtype=np.int32)
 
 

@@ -92,8 +92,10 @@ def test_group_pass_counts_nonfinite_per_copy():
 def test_ulp_edges_must_start_1_2_3_4():
     """The kernel counts steps >= 2, 3, 4 as differences of sums of min(steps, k): other
     leading edges are refused by name; a prefix (two bins) is counted right."""
-    with pytest.raises(ValueError, match=r"must start 1, 2, 3, 4 .*not \(1, 2, 4, 8\)"):
+    with pytest.raises(ValueError, match=r"must start 1, 2 .* go on 3, 4 .*not \(1, 2, 4, 8\)"):
         GroupAccumulator(3, 5, 2, [0, 1], (1, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"the first bin is the 1-ULP count.*not \(1,\)"):
+        GroupAccumulator(3, 5, 2, [0, 1], (1,))
     rows, cols = 7, 9
     b0, b1 = hard_pair((rows, cols), 3)
     acc = GroupAccumulator(rows, cols, 1, [], (1, 2))
