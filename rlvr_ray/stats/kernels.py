@@ -26,8 +26,9 @@ try:  # numba is a dependency, but the torch path must keep working without it
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     njit = None
 
-#: pads the ULP edges to the four the main loop counts (no step reaches it: steps < 2^17);
-#: edges past the fourth are counted in a second loop, only in rows whose largest step needs it
+#: pads the ULP edges to the four columns of ``ge`` the main loop fills (it counts steps >= 1,
+#: 2, 3, 4 itself and never reads these); edges past the fourth are counted in a second loop,
+#: only in rows whose largest step reaches them (no step reaches 2^30: steps < 2^17)
 _BIG = np.int32(1 << 30)
 _FM = {"reassoc", "nsz", "contract"}  # reassociation lets LLVM vectorize the float64 sums
 
