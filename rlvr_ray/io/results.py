@@ -41,10 +41,13 @@ CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 #: zstd where it pays, on the maps' floats (-30% against lz4); elsewhere lz4: as small on the
 #: tables of a few rows and many columns, and 9% larger on the profiles, in half the time
 _COMPRESSION = {"maps": "zstd"}
-#: min/max statistics are kept for every column a query filters or joins on, but not for a
-#: long profile table's group name (one value per file: a unit is of one group) and axis
-#: (two): on dictionary-coded strings they cost as much as writing the rest of the table
-_NO_STATISTICS = {t: ("group_name", "axis") for t in ("profiles", "consensus_profiles")}
+#: min/max statistics on a long profile table's dictionary-coded strings cost as much as the
+#: rest of the table (Arrow finds the codes in use first, a hash pass over every row): they are
+#: kept on ``tensor`` only, the one that prunes parts (a unit holds neighbouring layers);
+#: the scan, group and run are the same few in every part of a scan, the axis is one of two
+_NO_STATISTICS = {
+    t: ("scan_id", "group_name", "run", "axis") for t in ("profiles", "consensus_profiles")
+}
 
 
 def storage_env(uri: str) -> dict[str, str]:
