@@ -390,7 +390,7 @@ class ScanWorker:
 
     def run_unit(self, unit: Unit) -> dict:
         """Scan every tensor of ``unit``, write its parts, mark it done; -> a small report."""
-        t0, started = time.perf_counter(), time.time()
+        t0, started, c0 = time.perf_counter(), time.time(), time.process_time()
         base = self.checkpoint(unit.base_ref)
         runs = [self.checkpoint(r.ref) for r in unit.runs]
         for ref in set(self._open) - {unit.base_ref, *(r.ref for r in unit.runs)}:
@@ -423,7 +423,8 @@ class ScanWorker:
         report = {
             "scan_id": unit.scan_id, "unit": unit.index, "group": unit.group,
             "n_tensors": len(unit.tensors), "n_bytes": out.n_bytes, "statuses": statuses,
-            "started": started, "seconds": round(time.perf_counter() - t0, 3), "device": str(self.device),
+            "started": started, "seconds": round(time.perf_counter() - t0, 3),
+            "cpu_seconds": round(time.process_time() - c0, 3), "device": str(self.device),
             "skipped": [f"{r['run']}/{r['tensor']}: {r['status']}: {r['message']}"
                         for r in out.tensors if r["status"] not in COMPARED][:50],
         }  # fmt: skip

@@ -61,6 +61,7 @@ def test_every_tensor_matches_numpy(qwen_family, tmp_path):
     fam = qwen_family
     con, reports, plan = scan(tmp_path, fam.base, fam.runs)
     assert len(plan.units) >= 16 and sum(r["n_tensors"] for r in reports) == len(fam.bits["base"])
+    assert all(r["seconds"] >= 0 and r["cpu_seconds"] > 0 for r in reports)  # a report's times
     rows = con.execute("SELECT run, tensor, n_changed, numel, update_density, ulp1_share, ulp_hist,"
                        " rel_frob, max_abs_update, status, stripe_row, stripe_col FROM tensors").fetchall()  # fmt: skip
     assert len(rows) == 4 * len(fam.bits["base"])
