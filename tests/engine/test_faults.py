@@ -6,7 +6,9 @@ import os
 import signal
 import time
 
+import pyarrow as pa
 import pytest
+import ray
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
 
 from rlvr_ray.engine.config import sweep_from_dict
@@ -81,9 +83,17 @@ def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local
     assert p.n_actors == 2  # 2 CPUs, no GPU
     assert p.options["memory"] == 2**29 and p.options["scheduling_strategy"] == "SPREAD"
     assert "num_gpus" not in p.options
-    assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+    arrow = {"ARROW_DEFAULT_MEMORY_POOL": "system"}  # not mimalloc (see worker_env)
+    assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", **arrow}}  # fmt: skip
     local = Placement.for_cluster("/tmp/x", 1, None, None, None)
-    assert local.n_actors == 1 and "runtime_env" not in local.options
+    assert local.n_actors == 1 and local.options["runtime_env"] == {"env_vars": arrow}
+    # an actor started with these options allocates Arrow's buffers with malloc
+    pool = ray.remote(lambda: pa.default_memory_pool().backend_name)
+    assert ray.get(pool.options(**local.options).remote()) == "system"
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")  # a user's choice is kept
+    assert Placement.for_cluster("/tmp/x", 1, None, None, None).options["runtime_env"] == {
+        "env_vars": {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
+    }
 
 
 def test_over_budget_names_the_tensor_that_cannot_fit(qwen_family, tmp_path):
