@@ -135,7 +135,7 @@ def _print_summary(out: str, fmt: str = "table") -> None:
     from rlvr_ray.io.summary import SUMMARY_SECTIONS
 
     for title, sql in SUMMARY_SECTIONS:
-        cols, rows = catalog.query(out, sql)
+        cols, rows = catalog.query(out, sql, external_access=False)
         if rows:
             if fmt == "table":
                 print(f"\n{title}")
@@ -148,9 +148,12 @@ def _sql(args) -> int:
     from rlvr_ray.io import catalog
 
     try:
-        cols, rows = catalog.query(args.out, args.query)
-    except (duckdb.Error, FileNotFoundError) as e:
-        print(f"rlvr-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        cols, rows = catalog.query(args.out, args.query, external_access=args.allow_external)
+    except (duckdb.Error, catalog.QueryError, FileNotFoundError) as e:
+        hint = ""
+        if isinstance(e, duckdb.PermissionException) and not args.allow_external:
+            hint = " (rlvr-ray sql reads the atlas only; --allow-external lifts this)"
+        print(f"rlvr-ray: error: {str(e).splitlines()[0]}{hint}", file=sys.stderr)
         return 2
     print_rows(cols, rows, args.format)
     return 0
@@ -177,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help='SQL, e.g. "SELECT * FROM run_sparsity"')
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument(
+        "--allow-external",
+        action="store_true",
+        help="let the SQL read and write other files, attach databases and install or load "
+        "DuckDB extensions (default: it reads the atlas only)",
+    )
     p.set_defaults(func=_sql)
     p = sub.add_parser("summary", help="print the headline table of a results directory")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip

@@ -178,9 +178,28 @@ def refresh(out: str | Path) -> str:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def connect(out: str | Path) -> duckdb.DuckDBPyConnection:
+class QueryError(ValueError):
+    """A query the catalog refuses before running it (more than one statement)."""
+
+
+def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    """Leave ``con`` able to read its catalog and nothing else. The tables are native (copied
+    from the parts), so no view reads a file at query time; with external access off, no
+    statement reads or writes another file (COPY, read_csv, ATTACH, EXPORT), installs or loads
+    an extension, or reaches the network, and the locked configuration cannot be set back."""
+    con.execute("SET temp_directory = ''")  # its directory would stay writable to COPY
+    con.execute("SET python_enable_replacements = false")  # no Python variable as a table
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def connect(out: str | Path, *, external_access: bool = True) -> duckdb.DuckDBPyConnection:
     """A connection to the atlas of ``out``: the file itself when local (read-only), else an
-    in-memory catalog built from the parts (object storage)."""
+    in-memory catalog built from the parts (object storage).
+
+    ``external_access=False`` (``rlvr-ray sql`` and ``summary``): the connection reads the
+    atlas and nothing else (see :func:`_lock`). A local atlas is then attached read-only to a
+    private in-memory database, so locking it leaves other connections to the file alone."""
     results = ResultsDir(out)
     if results.local:
         path = Path(results.path(ATLAS))
@@ -188,17 +207,33 @@ def connect(out: str | Path) -> duckdb.DuckDBPyConnection:
             if not results.exists("tables"):
                 raise FileNotFoundError(f"{results.uri}: no results here (no tables/ directory)")
             refresh(out)
-        return duckdb.connect(str(path), read_only=True)
-    con = duckdb.connect()
-    build(con, results)
+        if external_access:
+            return duckdb.connect(str(path), read_only=True)
+        con = duckdb.connect()
+        quoted = str(path.resolve()).replace("'", "''")
+        con.execute(f"ATTACH '{quoted}' AS atlas (READ_ONLY)")
+        con.execute("USE atlas")
+    else:
+        con = duckdb.connect()
+        build(con, results)
+    if not external_access:
+        _lock(con)
     return con
 
 
-def query(out: str | Path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
-    """Run ``sql`` on the atlas of ``out`` -> (column names, rows)."""
-    con = connect(out)
+def query(
+    out: str | Path, sql: str, params=None, *, external_access: bool = True
+) -> tuple[list[str], list[tuple]]:
+    """Run ``sql``, one statement, on the atlas of ``out`` -> (column names, rows).
+    ``external_access=False``: as in :func:`connect`."""
+    con = connect(out, external_access=external_access)
     try:
+        n = len(con.extract_statements(sql))
+        if n != 1:
+            raise QueryError(f"one SQL statement per query, got {n}")
         cur = con.execute(sql, params or [])
+        if cur.description is None:  # a statement without a result (SET, USE)
+            return [], []
         return [d[0] for d in cur.description], cur.fetchall()
     finally:
         con.close()

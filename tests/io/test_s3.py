@@ -91,6 +91,24 @@ def test_sql_reads_s3_with_the_endpoint_from_the_environment(scanned, s3, qwen_f
     assert lines == ["run,n", *(f"{r},{want[r]}" for r in sorted(want))]
 
 
+def test_sql_on_s3_reads_the_atlas_only(scanned, s3, capsys, monkeypatch, tmp_path):
+    """The in-memory catalog built from the bucket is locked like a local atlas."""
+    endpoint, _ = s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("k,v\nkey,hunter2\n")
+    capsys.readouterr()
+    q = f"SELECT * FROM read_csv('{secret}')"
+    assert main(["sql", q, "--out", f"s3://{BUCKET}/scan1"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err == (
+        f'rlvr-ray: error: Permission Error: Cannot access file "{secret}" - file system '
+        "operations are disabled by configuration (rlvr-ray sql reads the atlas only; "
+        "--allow-external lifts this)\n"
+    )
+
+
 @pytest.mark.slow
 def test_rerun_of_a_unit_replaces_its_objects_without_duplicates(scanned, s3):
     uri, sweep, first = scanned
