@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -113,18 +115,74 @@ def _scan_tables(plan: GroupPlan, run_cks: list[Checkpoint], params: Params) -> 
     return scans, pa.Table.from_pylist(rows, schema=CHECKPOINTS)
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Join ``address`` / the job's cluster, or start an embedded Ray; -> whether we started it."""
+def _init_ray(
+    address: str | None, num_cpus: int | None, warnings: list[str] | None = None
+) -> bool:
+    """Join ``address`` / the job's cluster, or start an embedded Ray that listens on 127.0.0.1
+    only; -> whether we started it. Warnings (a token file others can read) go to ``warnings``."""
     import ray
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
+    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    msg = _check_token_file(create=not joining)
+    if msg and warnings is not None:
+        warnings.append(msg)
+    if joining:
         ray.init(address=address, logging_level="WARNING")
-    else:  # "local": a new Ray even when `ray start` left one recorded on this machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 logging_level="WARNING")  # fmt: skip
+        return True
+    # "local": a new Ray even when `ray start` left one recorded on this machine. Ray turns a
+    # loopback node address into the machine's outward one (and its services then listen on
+    # every interface) unless it runs single-machine, as on macOS and Windows: that mode is
+    # read while ray.init starts the node, so it is on for that call only.
+    from ray._private import ray_constants
+
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
     return True
+
+
+def _check_token_file(create: bool) -> str | None:
+    """Token authentication (Ray's default for a new local Ray unless ``RAY_AUTH_MODE`` says
+    otherwise) with a token file only its owner can read: ``create`` makes a missing
+    ``~/.ray/auth_token`` with mode 0600 (Ray would write it with the umask's, usually 0644);
+    -> a one-line warning when an existing token file is readable by group or others."""
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if auth_mode != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if create and not named:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # as `ray get-auth-token --generate`: 256 bits
+            return None
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (
+            f"the Ray token file {path} is readable by group or others (mode {mode:04o}); "
+            f"anyone who reads it can run code on this Ray: chmod 600 {path}"
+        )
+    return None
 
 
 def worker_env() -> dict[str, str]:
@@ -410,7 +468,7 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     if todo:
         import ray
 
-        started = _init_ray(address, num_cpus)
+        started = _init_ray(address, num_cpus, result.warnings)
         prog = Progress(sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo), progress)
         try:
             place = Placement.for_cluster(results.uri, len(todo), workers, gpus_per_worker,
