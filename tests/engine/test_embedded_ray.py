@@ -123,9 +123,7 @@ def test_embedded_ray_listens_on_loopback_only_with_a_private_token(tmp_path):
         sockets = listening(child.pid)
         names = {p: _cmdline(p) for p in sockets}
     finally:
-        child.stdin.write("\n")
-        child.stdin.close()
-        child.wait(timeout=120)
+        child.communicate("\n", timeout=120)
     exposed = {names[p][:120]: a for p, a in sockets.items() if set(a) - LOOPBACK}
     assert exposed == {}
     # the check saw every service: GCS, raylet, agents, the driver and the actor
