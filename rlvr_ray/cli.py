@@ -87,9 +87,19 @@ def _scan(args) -> int:
                        num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
                        force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
                        memory_gb=args.memory_gb)  # fmt: skip
+    except SweepError as e:  # a local checkpoint path that does not exist
+        print(f"rlvr-ray: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # an unreachable store, a missing bucket, a read-only directory
         print(f"rlvr-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any unit ran (opening checkpoints, starting Ray)
+        print("rlvr-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if res.interrupted:
+        print(f"rlvr-ray: interrupted: {res.n_units_kept} of {res.n_units} units are kept in "
+              f"{res.out}; rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        return res.exit_code
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
     for msg in res.skipped[:20]:
@@ -101,6 +111,11 @@ def _scan(args) -> int:
     print(f"scanned {res.n_tensors} tensors in {res.n_units} units "
           f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read in "
           f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
+    if res.disk_full:
+        print(f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "
+              f"{res.n_units} units are kept; free some space and rerun the same command to "
+              "resume", file=sys.stderr)  # fmt: skip
+        return res.exit_code
     if res.scan_ids:
         _print_summary(res.out)
     return res.exit_code

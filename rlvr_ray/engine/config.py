@@ -56,6 +56,8 @@ class Run(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        if v == "base":  # the checkpoints table's row of the group's base has this name
+            raise ValueError("run name 'base' is reserved for the group's base checkpoint")
         return _check_name(v, "run")
 
     @field_validator("algorithm")
@@ -113,11 +115,15 @@ def _resolve(ref: str, root: Path) -> str:
 
 
 def _format(e: ValidationError, source: str) -> str:
-    errs = e.errors()
+    # a tuple whose items failed also reports itself too short (its valid items are counted):
+    # only the items' own errors say what is wrong
+    locs = [err["loc"] for err in e.errors()]
+    errs = [err for err in e.errors() if err["type"] != "too_short"
+            or not any(len(o) > len(err["loc"]) and o[: len(err["loc"])] == err["loc"] for o in locs)]  # fmt: skip
     parts = []
     for err in errs[:3]:
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
     return f"sweep {source}: " + "; ".join(parts) + more
 

@@ -10,10 +10,12 @@ interrupted resumes: units with a completion marker are skipped unless ``force``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,12 +26,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlvr_ray import __version__
-from rlvr_ray.engine.config import Params, Sweep
+from rlvr_ray.engine.config import Params, Sweep, SweepError
 from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
 from rlvr_ray.engine.worker import CHUNK_NUMEL, STREAM_WINDOW_NUMEL, ScanWorker, streams
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from rlvr_ray.io.families import family_for
 from rlvr_ray.io.results import ResultsDir, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, SCANS
 
@@ -38,6 +41,17 @@ MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or no
 UNITS_IN_FLIGHT = 2  # per actor: the one it runs and the next (no idle round trip between)
 PLACEMENT_TIMEOUT_S = 300  # no actor at all could be placed for this long: give up
 SCRATCH_COPIES = 12  # geometry: float64 W0 and W1 (4 + 4 copies) and SVD factors
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What could not be scanned: one run of a group (``run``), or the whole group (``run`` is
+    None: its base, its plan, or a unit, which holds tensors of every run of the group)."""
+
+    group: str
+    run: str | None
+    reason: str  # one line
+    unit: int | None = None
 
 
 @dataclass
@@ -55,11 +69,54 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
     units: list[dict] = field(default_factory=list)  # unit reports (with node_id and pid)
     retried: list[str] = field(default_factory=list)  # units run again after a lost actor
+    failures: list[Failure] = field(default_factory=list)  # errors, by group / run / unit
+    disk_full: bool = False  # writing results ran out of space: the scan stopped early
+    interrupted: bool = False  # Ctrl-C (SIGINT): the scan stopped early
 
     @property
     def exit_code(self) -> int:
-        """0: everything compared; 3: something was skipped (see errors / skipped)."""
-        return 3 if self.errors or self.skipped else 0
+        """0: everything compared; 3: something was skipped (see errors / skipped) or the disk
+        filled up; 130: interrupted."""
+        if self.interrupted:
+            return 130
+        return 3 if self.errors or self.skipped or self.disk_full else 0
+
+    @property
+    def n_units_kept(self) -> int:
+        """Units whose results are in the results directory (resumed ones included)."""
+        return self.n_units_resumed + len(self.units)
+
+    def fail(self, group: str, what: str, reason: str, run: str | None = None,
+             unit: int | None = None) -> None:  # fmt: skip
+        """Record a failure; ``what`` says what was skipped ("run grpo skipped")."""
+        self.failures.append(Failure(group, run, reason, unit))
+        self.errors.append(f"group {group}: {what}: {reason}")
+
+
+def one_line(e: BaseException, ref: str | None = None) -> str:
+    """A failure as one line: a CheckpointError's own message (it names the checkpoint, file
+    and tensor); anything else as ``[ref: ]Type: first line``."""
+    if isinstance(e, CheckpointError):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    lines = str(e).strip().splitlines()
+    msg = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return f"{ref}: {msg}" if ref else msg
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (an OSError, or a Ray / DuckDB / Arrow error carrying one) is ENOSPC."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def missing_refs(sweep: Sweep) -> list[str]:
+    """Local checkpoint paths of ``sweep`` that do not exist, as "group G: run R: PATH"
+    (remote references, ``hf://`` or ``s3://``, are resolved by the scan)."""
+    out = []
+    for g in sweep.groups:
+        for what, ref in [("base", g.base), *((f"run {r.name}", r.checkpoint) for r in g.runs)]:
+            if "://" not in ref and not os.path.exists(ref):
+                out.append(f"group {g.name}: {what}: {ref}")
+    return out
 
 
 def pinned(ref: str, ck: Checkpoint) -> str:
@@ -70,19 +127,23 @@ def pinned(ref: str, ck: Checkpoint) -> str:
     return ref
 
 
-def _open_group(group, errors: list[str]) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
+def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
+    """Open the base and every run of ``group``. Whatever goes wrong opening one checkpoint
+    (a bad header, an unreadable config.json, a symlink loop, a bug) skips that checkpoint
+    with one line and the others go on."""
     try:
         base = open_checkpoint(group.base)
-    except CheckpointError as e:
-        errors.append(f"group {group.name}: base skipped: {e}")
+        family_for(base.config)  # the plan reads the layer count from the base's config
+    except Exception as e:
+        result.fail(group.name, "base skipped", one_line(e, group.base))
         return None
     base.ref = pinned(base.ref, base)
     runs = []
     for r in group.runs:
         try:
             ck = open_checkpoint(r.checkpoint)
-        except CheckpointError as e:
-            errors.append(f"group {group.name}: run {r.name} skipped: {e}")
+        except Exception as e:
+            result.fail(group.name, f"run {r.name} skipped", one_line(e, r.checkpoint), r.name)
             continue
         ck.ref = pinned(r.checkpoint, ck)
         spec = RunSpec(r.name, ck.ref, ck.fingerprint, r.algorithm, r.step, r.dataset,
@@ -297,8 +358,12 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         except lost_errors:
             raise
         except Exception as e:  # a bug or an unreadable input: record, keep going
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            result.errors.append(f"group {unit.group}: unit {unit.index} failed: {msg}")
+            if is_disk_full(e):  # every later unit would fail the same way: stop handing out
+                result.disk_full = True
+                queue.clear()
+            else:
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                result.fail(unit.group, f"unit {unit.index} failed", msg, unit=unit.index)
         progress.update(len(unit.tensors), unit.nbytes)
         result.unit_seconds = time.perf_counter() - first
 
@@ -322,8 +387,8 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
                 result.retried.append(f"group {unit.group}: unit {unit.index}: {type(err).__name__}")  # fmt: skip
                 back.append(unit)
             else:
-                result.errors.append(f"group {unit.group}: unit {unit.index} failed {MAX_ATTEMPTS} "
-                                     f"times; last: {type(err).__name__}")  # fmt: skip
+                result.fail(unit.group, f"unit {unit.index} failed {MAX_ATTEMPTS} times; last",
+                            type(err).__name__, unit=unit.index)  # fmt: skip
         queue[:0] = back
         left += sum(u.nbytes for u in back)
         start()
@@ -348,9 +413,9 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         if not ready:
             if not running and time.monotonic() - waiting_since > PLACEMENT_TIMEOUT_S:
                 for u in queue:
-                    result.errors.append(f"group {u.group}: unit {u.index} not run: no actor "
-                                         f"could be placed in {PLACEMENT_TIMEOUT_S} s "
-                                         f"(asked for {place.options})")  # fmt: skip
+                    result.fail(u.group, f"unit {u.index} not run", f"no actor could be placed "
+                                f"in {PLACEMENT_TIMEOUT_S} s (asked for {place.options})",
+                                unit=u.index)  # fmt: skip
                 queue.clear()
             continue
         ref = ready[0]
@@ -434,26 +499,43 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
     more are refused (see :func:`over_budget`). ``on_unit``: called in the driver with each
     finished unit's report (``node_id``, ``pid``, ``seconds``, ...).
+
+    A local checkpoint path that does not exist raises :class:`SweepError` before anything is
+    created or started. The results directory filling up, or an interrupt (SIGINT), stop the
+    scan early with what was written kept (``disk_full``, ``interrupted``); a rerun resumes.
     """
     t0 = time.perf_counter()
+    missing = missing_refs(sweep)
+    if missing:
+        raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
     results = ResultsDir(out)
     results.ensure()
     result = ScanResult(results.uri)
     todo: list[Unit] = []
     for group in sweep.groups:
-        opened = _open_group(group, result.errors)
+        opened = _open_group(group, result)
         if opened is None:
             continue
         base, runs = opened
         if not runs:
-            result.errors.append(f"group {group.name}: no run could be opened; group skipped")
+            result.fail(group.name, "group skipped", "no run could be opened")
             continue
-        plan = plan_group(group, base, runs, sweep.params, unit_bytes)
-        result.scan_ids.append(plan.scan_id)
+        try:
+            plan = plan_group(group, base, runs, sweep.params, unit_bytes)
+        except Exception as e:
+            result.fail(group.name, "group skipped", f"cannot plan it: {one_line(e)}")
+            continue
         scans, cks = _scan_tables(plan, [ck for _, ck in runs], sweep.params)
-        if force or not results.exists("tables", "scans", f"{plan.scan_id}.parquet"):
-            results.write_table("scans", plan.scan_id, scans)
-        results.write_table("checkpoints", plan.scan_id, cks)
+        try:
+            if force or not results.exists("tables", "scans", f"{plan.scan_id}.parquet"):
+                results.write_table("scans", plan.scan_id, scans)
+            results.write_table("checkpoints", plan.scan_id, cks)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            result.disk_full = True
+            break
+        result.scan_ids.append(plan.scan_id)
         result.n_units += len(plan.units)
         result.n_tensors += plan.n_tensors
         for u in plan.units:
@@ -465,7 +547,7 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
         todo, refused = over_budget(todo, memory_gb)
         result.errors += refused
     stopping = None
-    if todo:
+    if todo and not result.disk_full:
         import ray
 
         started = _init_ray(address, num_cpus, result.warnings)
@@ -474,19 +556,35 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
             place = Placement.for_cluster(results.uri, len(todo), workers, gpus_per_worker,
                                           memory_gb)  # fmt: skip
             _run_units(todo, results.uri, result, place, prog, on_unit)
+        except KeyboardInterrupt:  # what was written is kept: stop Ray and say so
+            result.interrupted = True
         except BaseException:
             prog.close()
             if started:
                 ray.shutdown()
             raise
+        if result.interrupted:
+            prog.close()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
+            try:
+                if started:
+                    ray.shutdown()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            result.seconds = time.perf_counter() - t0
+            return result
         prog.close()
         if started:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
             stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
             stopping.start()
     try:
         if result.scan_ids:
-            catalog.refresh(results.uri)
+            catalog.refresh(results.uri, warn=result.warnings.append)
             result.warnings += _identical_runs(results.uri, result.scan_ids)
+    except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
+        if not is_disk_full(e):
+            raise
+        result.disk_full = True
     finally:
         if stopping is not None:
             stopping.join()

@@ -7,6 +7,12 @@ evidence in tags or name, safetensors present, tensor names / shapes / dtypes eq
 from HTTP range reads of the headers); download the survivors and the base (safetensors + json
 only); scan them together as runs of the group ``ORG__BASE`` with the real engine; record every
 decision in ``tables/watch/``; delete the downloads unless ``keep``.
+
+Failures are isolated: the scan reports which run failed and why (not error text to match), a
+candidate that cannot be opened fails alone with its one-line reason, a unit failure that
+cannot be pinned on one candidate is resolved by scanning each candidate of the round alone,
+and a base that cannot be opened is an error of the base's round: its candidates are not
+charged an attempt and come back next round.
 """
 
 from __future__ import annotations
@@ -172,25 +178,47 @@ class _Round:
             return False
 
 
+class BaseFailed(Exception):
+    """The base itself could not be scanned; its candidates are left for the next round."""
+
+
 def _scan(cfg: WatchConfig, base: str, base_sha: str, cands: list[Candidate], log: Log) -> None:
+    """Scan ``cands`` against the base and decide each: scanned, or failed with its own reason
+    (see the module docstring); raises BaseFailed when the base is what failed."""
     from rlvr_ray.engine.config import sweep_from_dict
     from rlvr_ray.engine.driver import run_scan
 
+    group = base_group(base)
     runs = [{"name": c.run, "checkpoint": f"hf://{c.repo}@{c.sha}",
              **({"algorithm": c.algorithm} if c.algorithm else {})} for c in cands]  # fmt: skip
-    data = {"groups": [{"name": base_group(base), "base": f"hf://{base}@{base_sha}", "runs": runs}],
+    data = {"groups": [{"name": group, "base": f"hf://{base}@{base_sha}", "runs": runs}],
             "params": {"geometry": cfg.geometry}}  # fmt: skip
     res = run_scan(sweep_from_dict(data, Path.cwd(), "(watch)"), cfg.out, address=cfg.address,
                    workers=cfg.workers, num_cpus=cfg.num_cpus, progress=cfg.progress)  # fmt: skip
+    if res.interrupted:  # Ctrl-C: the watch stops (what was written is kept)
+        raise KeyboardInterrupt
+    failures = [f for f in res.failures if f.group == group]
+    by_run = {f.run: f.reason for f in failures if f.run is not None}
+    if any(f.run is None and f.unit is None for f in failures) and len(by_run) < len(cands):
+        why = next(f.reason for f in failures if f.run is None and f.unit is None)
+        raise BaseFailed(client.scrub(why))
+    units = [f.reason for f in failures if f.unit is not None]
     scan_id = res.scan_ids[0] if res.scan_ids else None
+    left = [c for c in cands if c.run not in by_run]
     for c in cands:
-        errs = [e for e in res.errors if f": run {c.run} skipped" in e or ": unit " in e
-                or ": base skipped" in e or ": no run could be opened" in e]  # fmt: skip
-        if errs or scan_id is None:
+        if c.run in by_run:
+            c.status, c.reason = "failed", client.scrub(by_run[c.run])
+        elif res.disk_full or res.interrupted or scan_id is None:
             c.status = "failed"
-            c.reason = client.scrub(errs[0] if errs else "scan produced no scan id")
-        else:
+            c.reason = "results directory full" if res.disk_full else "scan stopped early"
+        elif not units:
             c.status, c.scan_id = "scanned", scan_id
+        elif len(left) == 1:  # alone in its scan: the failed unit is its own
+            c.status, c.reason = "failed", client.scrub(f"unit failed: {units[0]}")
+    if units and len(left) > 1:  # which candidate broke the unit? each alone says
+        log(f"watch: {base}: {len(units)} unit(s) failed; scanning {len(left)} candidates alone")
+        for c in left:
+            _scan(cfg, base, base_sha, [c], log)
     log(f"watch: {base}: scanned {sum(c.status == 'scanned' for c in cands)} of {len(cands)} "
         f"in {res.seconds:.1f} s")  # fmt: skip
 
@@ -223,6 +251,9 @@ def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log)
         if todo:
             rnd.call(lambda: client.download(base, base_state.sha), f"{base}: download")
             _scan(cfg, base, base_state.sha, todo, log)
+    except BaseFailed as e:  # not the candidates' fault: they are not charged an attempt
+        report.errors.append(f"base {base}@{base_state.sha[:7]}: {e}")
+        log(f"watch: base {base} not scanned this round: {e}")
     except Exception as e:  # the base could not be fetched or the scan broke
         for c in todo:
             c.status, c.reason = "failed", f"base/scan: {client.describe(e)}"
@@ -231,6 +262,7 @@ def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log)
             for c in cands:
                 client.remove_download(c.repo)
             client.remove_download(base)
+    cands = [c for c in cands if c.status != "pending"]  # left for the next round
     for c in cands:
         log(f"watch: {c.repo}@{c.sha[:7]}: {c.status}" + (f": {c.reason}" if c.reason else ""))
     if cands:

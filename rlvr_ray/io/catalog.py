@@ -11,16 +11,23 @@ a half-built catalog. Parts are read through pyarrow datasets, so local paths an
 Current views: when a (group, run) was scanned more than once (say, a group gained a run), the
 plain views (``tensors``, ``profiles``, ...) keep each run's latest scan and each group's latest
 consistency; ``*_all`` keep history.
+
+A part that cannot be loaded (truncated, corrupt, or of an incompatible schema) is moved aside to
+``quarantine/`` under the same relative path, named in one line, and the build goes on without
+it: one bad file never makes the rest unqueryable.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from rlvr_ray.io.results import ResultsDir
@@ -138,32 +145,74 @@ VIEWS: dict[str, str] = {
 }
 
 
-def _load(con: duckdb.DuckDBPyConnection, results: ResultsDir) -> None:
+QUARANTINE = "quarantine"
+
+Warn = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"rlvr-ray: {msg}", file=sys.stderr)
+
+
+def _unreadable(results: ResultsDir, part: str, schema: pa.Schema) -> str | None:
+    """Why ``part`` cannot be loaded as ``schema`` (one line), or None when it can."""
+    try:  # as the build reads it (a missing column reads as nulls)
+        pads.dataset([part], schema=schema, format="parquet", filesystem=results.fs).to_table()
+        return None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _quarantine(results: ResultsDir, part: str, why: str, warn: Warn) -> None:
+    rel = os.path.relpath(part, results.root) if results.local else part[len(results.root) :].lstrip("/")  # fmt: skip
+    dest = results.path(QUARANTINE, rel)
+    results.fs.create_dir(os.path.dirname(dest), recursive=True)
+    results.fs.move(part, dest)
+    warn(f"unreadable part {rel} moved to {QUARANTINE}/{rel} and left out of the atlas ({why})")
+
+
+def _load(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
     for table, schema in ALL_TABLES.items():
         parts = results.parts(table)
-        src = (pads.dataset(parts, schema=schema, format="parquet", filesystem=results.fs)
-               if parts else schema.empty_table())  # fmt: skip
-        con.register("_src", src)
-        con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _src")
-        con.unregister("_src")
+        for attempt in range(2):
+            src = (pads.dataset(parts, schema=schema, format="parquet", filesystem=results.fs)
+                   if parts else schema.empty_table())  # fmt: skip
+            con.register("_src", src)
+            try:
+                con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _src")
+                break
+            except (duckdb.Error, pa.ArrowException, OSError):
+                # a part that does not load: find which (only now, so a good build reads
+                # each footer once), move it aside and load the rest
+                bad = [(p, why) for p in parts if (why := _unreadable(results, p, schema))]
+                if attempt or not bad:
+                    raise
+                for p, why in bad:
+                    _quarantine(results, p, why, warn)
+                parts = [p for p in parts if p not in dict(bad)]
+            finally:
+                con.unregister("_src")
 
 
-def build(con: duckdb.DuckDBPyConnection, results: ResultsDir) -> None:
-    """Load every table and create every view in ``con``."""
-    _load(con, results)
+def build(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
+    """Load every table and create every view in ``con``; an unreadable part is moved to
+    ``quarantine/`` and ``warn`` gets one line naming it."""
+    _load(con, results, warn)
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
 
-def refresh(out: str | Path) -> str:
-    """(Re)build DIR/atlas.duckdb from the Parquet parts; -> its path or URI."""
+def refresh(out: str | Path, warn: Warn = _stderr) -> str:
+    """(Re)build DIR/atlas.duckdb from the Parquet parts; -> its path or URI. Unreadable parts
+    are quarantined (see :func:`build`), each reported to ``warn`` in one line."""
     results = ResultsDir(out)
     tmpdir = tempfile.mkdtemp(prefix=".atlas-", dir=results.root if results.local else None)
     try:
         tmp = os.path.join(tmpdir, ATLAS)
         con = duckdb.connect(tmp)
         try:
-            build(con, results)
+            build(con, results, warn)
             con.execute("CHECKPOINT")
         finally:
             con.close()

@@ -12,7 +12,7 @@ import ray
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
 
 from rlvr_ray.engine.config import sweep_from_dict
-from rlvr_ray.engine.driver import Placement, _open_group, over_budget, run_scan
+from rlvr_ray.engine.driver import Placement, ScanResult, _open_group, over_budget, run_scan
 from rlvr_ray.engine.plan import plan_group
 
 UNIT_BYTES = 1 << 10  # tiny units: the scan has many of them (MIN_UNITS or more)
@@ -98,8 +98,7 @@ def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local
 
 def test_over_budget_names_the_tensor_that_cannot_fit(qwen_family, tmp_path):
     sweep = sweep_from_dict(sweep_dict(qwen_family, geometry=True), tmp_path)
-    errors: list[str] = []
-    base, runs = _open_group(sweep.groups[0], errors)
+    base, runs = _open_group(sweep.groups[0], ScanResult(str(tmp_path)))
     plan = plan_group(sweep.groups[0], base, runs, sweep.params, UNIT_BYTES)
     # geometry on: 5 copies + 12 scratch copies; embed/lm_head 6144 B -> 17 x 6144 = 104448 B,
     # the next largest (gate/up/down 4096 B) -> 69632 B

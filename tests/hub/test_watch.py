@@ -120,3 +120,81 @@ def test_download_that_keeps_breaking_leaves_no_partial_file(hub, family, tmp_pa
     snap = cache_dir() / "models--lab--cut-grpo" / "snapshots"
     assert not list(snap.rglob("*.safetensors"))  # no half file where a reader would look
     assert watch_table(out)["lab/cut-grpo"][0] == "failed"
+
+
+def _corrupt_config(family, run: str) -> dict[str, bytes]:
+    """The run's files with a config.json that is not UTF-8 (its safetensors are fine, so the
+    header check before the download passes)."""
+    files = {p.name: p.read_bytes() for p in sorted(family.runs[run].iterdir()) if p.is_file()}
+    return files | {"config.json": b'{"model_type": "qwen2\xff\xfe"}'}
+
+
+def test_a_corrupt_candidate_fails_alone_and_is_retried(hub, family, ray_local, tmp_path):
+    hub.publish("org/base", family.base)
+    hub.publish("lab/good-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
+    bad = hub.publish("lab/bad-dapo", _corrupt_config(family, "dapo"), tags=["dapo"], base="org/base")  # fmt: skip
+    out = tmp_path / "out"
+    rep = watch_once(cfg(out))
+    assert rep.exit_code == 3 and rep.errors == []
+    decided = {c.repo: c for c in rep.decided}
+    assert decided["lab/good-grpo"].status == "scanned"
+    got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__good-grpo'"))
+    assert got == expected_changed(family, "grpo")
+    w = watch_table(out)
+    assert w["lab/good-grpo"][0] == "scanned" and w["lab/good-grpo"][3] is not None
+    status, reason, attempt = w["lab/bad-dapo"][:3]
+    assert (status, attempt) == ("failed", 1)
+    # its own one-line reason: which checkpoint (repo and commit) and why
+    assert f"hf://lab/bad-dapo@{bad.sha}" in reason and "\n" not in reason
+    assert "utf-8" in reason.lower() or "config.json" in reason
+    assert not rows(out, "SELECT * FROM tensors WHERE run = 'lab__bad-dapo'")
+    # the next round retries only the bad one (attempt 2); the good one is left alone
+    n_before = len(hub.requests)
+    rep = watch_once(cfg(out))
+    assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/bad-dapo", "failed", 2)]
+    assert not [r for r in hub.requests[n_before:] if "/lab/good-grpo/" in r[1]]
+    assert watch_table(out)["lab/good-grpo"][0] == "scanned"
+
+
+def test_a_unit_failure_is_pinned_on_its_candidate_by_scanning_each_alone(
+    hub, family, ray_local, tmp_path, monkeypatch
+):
+    """A unit fails (here: a worker that breaks on one candidate's tensors): the round's
+    candidates are scanned alone, the good one is scanned and the other fails by itself."""
+    from rlvr_ray.engine import driver
+
+    class Breaks(driver._Worker):  # a local class: Ray ships it by value
+        def run_unit(self, unit):
+            if any(r.name == "lab__poison-grpo" for r in unit.runs):
+                raise RuntimeError("cannot compare this checkpoint")
+            return super().run_unit(unit)
+
+    monkeypatch.setattr(driver, "_Worker", Breaks)
+    hub.publish("org/base", family.base)
+    hub.publish("lab/good-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
+    hub.publish("lab/poison-grpo", family.runs["dapo"], tags=["grpo"], base="org/base")
+    out = tmp_path / "out"
+    watch_once(cfg(out))
+    w = watch_table(out)
+    assert w["lab/good-grpo"][0] == "scanned"
+    assert w["lab/poison-grpo"][:2] == ("failed", "unit failed: RuntimeError: cannot compare this checkpoint")  # fmt: skip
+    got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__good-grpo'"))
+    assert got == expected_changed(family, "grpo")
+
+
+def test_a_corrupt_base_is_an_error_of_the_round_and_charges_no_candidate(
+    hub, family, ray_local, tmp_path
+):
+    files = {p.name: p.read_bytes() for p in sorted(family.base.iterdir()) if p.is_file()}
+    broken = hub.publish("org/base", files | {"config.json": b"\xff"})
+    hub.publish("lab/good-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
+    out = tmp_path / "out"
+    rep = watch_once(cfg(out))
+    assert rep.exit_code == 3 and rep.decided == []
+    (err,) = rep.errors
+    assert err.startswith(f"base org/base@{broken.sha[:7]}: hf://org/base@{broken.sha}")
+    assert not (out / "tables/watch").exists() or not list((out / "tables/watch").iterdir())
+    # the base is fixed (a new commit): the candidate is scanned at its first attempt
+    hub.publish("org/base", family.base)
+    rep = watch_once(cfg(out))
+    assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/good-grpo", "scanned", 1)]
