@@ -147,8 +147,11 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
                      if name in ck.entries)  # fmt: skip
         if fam.fused_experts(name) and len(shape) >= 2 and shape[0] > 0:
             # one matrix (or vector, for [experts, n] biases) per expert, each its own spec
-            specs += [TensorSpec(name, info.role, info.layer, info.depth, nbytes // shape[0],
-                                 tuple(shape[1:]), e, True) for e in range(shape[0])]  # fmt: skip
+            one, piece = nbytes // shape[0], tuple(shape[1:])
+            specs += [
+                TensorSpec(name, info.role, info.layer, info.depth, one, piece, e, fused=True)
+                for e in range(shape[0])
+            ]
             continue
         specs.append(
             TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape, info.expert)

@@ -421,8 +421,10 @@ def _block_scale(src: _Source, block: list | None) -> tuple[torch.Tensor, int, i
     if -(-rows // br) != srows or -(-cols // bc) != scols:
         br, bc = -(-rows // srows), -(-cols // scols)  # the config's blocks do not fit: shapes
     if -(-rows // br) != srows or -(-cols // bc) != scols:
-        raise ValueError(f"checkpoint {src.ck.ref}, tensor {name}: scale shape "
-                         f"{list(e.shape)} does not tile the weight [{rows}, {cols}]")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {src.ck.ref}, tensor {name}: scale shape "
+            f"{list(e.shape)} does not tile the weight [{rows}, {cols}]"
+        )
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"checkpoint {src.ck.ref}, tensor {name}: NaN/Inf scale")
     return scale, br, bc
@@ -649,8 +651,9 @@ class ScanWorker:
         geo = self._geometry(unit, spec, shape, src0, compared, out)
         values = self._fp8_values(src0, compared) if src0.dtype in FP8_DTYPES else {}
         for c in compared:
-            self._emit_run(unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out,
-                           values.get(c.run))  # fmt: skip
+            self._emit_run(
+                unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out, values.get(c.run)
+            )
 
     def _geometry(self, unit: Unit, spec: TensorSpec, shape, src0: _Source, compared, out) -> dict:
         """{run index: geometry columns}; the base is decomposed (or fetched) once for all."""
@@ -675,7 +678,10 @@ class ScanWorker:
                 continue
             cols[c.run] = row_columns(g)
             rows = spectra_rows(unit.scan_id, unit.group, unit.runs[c.run].name, spec.name, base, g)
-            out.add("spectra", rows.append_column("expert", pa.array([spec.expert] * rows.num_rows, pa.int32())))  # fmt: skip
+            out.add(
+                "spectra",
+                rows.append_column("expert", pa.array([spec.expert] * rows.num_rows, pa.int32())),
+            )
         return cols
 
     def _fp8_values(self, src0: _Source, compared: list[_Compared]) -> dict:
@@ -727,13 +733,22 @@ class ScanWorker:
                 self._skip(unit, spec, r, "unsupported_dtype", f"{where}: dtype {e1.dtype}", out)
                 continue
             if e1.dtype != e0.dtype and (e1.dtype in FP8_DTYPES or e0.dtype in FP8_DTYPES):
-                self._skip(unit, spec, r, "dtype_mismatch",
-                           f"{where}: dtype {e1.dtype} vs base {e0.dtype}", out)  # fmt: skip
+                self._skip(
+                    unit,
+                    spec,
+                    r,
+                    "dtype_mismatch",
+                    f"{where}: dtype {e1.dtype} vs base {e0.dtype}",
+                    out,
+                )
                 continue
             status, message, limit = "ok", None, None
             if e1.shape != e0.shape:
-                if (spec.piece is None and len(e1.shape) == len(e0.shape) >= 2
-                        and e1.shape[1:] == e0.shape[1:]):  # fmt: skip
+                if (
+                    spec.piece is None
+                    and len(e1.shape) == len(e0.shape) >= 2
+                    and e1.shape[1:] == e0.shape[1:]
+                ):
                     status, limit = "vocab_resized", min(e0.shape[0], e1.shape[0])
                     message = (f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}; "
                                f"compared the common {limit} rows")  # fmt: skip

@@ -129,8 +129,26 @@ def test_fp8_compared_in_its_own_format(fp8_family, tmp_path):
     assert all(r[3] == "ok" for r in rows), [r for r in rows if r[3] != "ok"]
     edges = [*ULP_BIN_EDGES, 1 << 30]
     seen = 0
-    for (run, tensor, role, _, dt0, dt1, rounded, numel, n_changed, hist, ulp1, ulp_max, rel,
-         max_abs, s_row, s_col, expert, message) in rows:  # fmt: skip
+    for (
+        run,
+        tensor,
+        role,
+        _,
+        dt0,
+        dt1,
+        rounded,
+        numel,
+        n_changed,
+        hist,
+        ulp1,
+        ulp_max,
+        rel,
+        max_abs,
+        s_row,
+        s_col,
+        expert,
+        message,
+    ) in rows:
         if tensor not in WEIGHTS:
             want = "norm" if tensor.endswith("layernorm.weight") else "scale"
             assert role == want and dt0 == dt1 == ("BF16" if want == "norm" else "F32")
@@ -232,8 +250,10 @@ def test_fp8_nan_is_an_error_for_that_tensor(tmp_path):
 def test_identical_warning_counts_only_compared_tensors(tmp_path):
     """Tensors that were not compared (here: integer dtypes) prove nothing: the warning says
     how many were compared, and a run with none compared is said to be so."""
-    ints = {f"{P}mlp.experts.{i}.gate_proj.weight": torch.arange(12, dtype=torch.int8).reshape(3, 4)
-            for i in range(2)}  # fmt: skip
+    ints = {
+        f"{P}mlp.experts.{i}.gate_proj.weight": torch.arange(12, dtype=torch.int8).reshape(3, 4)
+        for i in range(2)
+    }
     f32 = {P + "input_layernorm.weight": torch.linspace(-1, 1, 8)}
     base = write(tmp_path / "base", ints | f32)
     same = write(tmp_path / "same", ints | f32)

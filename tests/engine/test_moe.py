@@ -42,7 +42,9 @@ def load_file(path) -> dict:
 
 
 def bits_of(path) -> dict:
-    return {k: v.view(torch.int16).numpy() for k, v in load_file(path / "model.safetensors").items()}
+    return {
+        k: v.view(torch.int16).numpy() for k, v in load_file(path / "model.safetensors").items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,8 @@ def test_fused_experts_compared_per_expert(gpt_oss, tmp_path):
     assert len(rows) == 2 * (len(b0) - len(fused) + N_EXPERTS * len(fused))
     assert {s for *_, s in rows} == {"ok"}
     assert sorted((r, t, e) for r, t, e, _ in rows) == sorted(
-        (r, n, e) for r in runs for n in b0
-        for e in (range(N_EXPERTS) if n in fused else [None])
-    )  # fmt: skip
+        (r, n, e) for r in runs for n in b0 for e in (range(N_EXPERTS) if n in fused else [None])
+    )
     got = con.execute(
         "SELECT run, tensor, expert, role, layer, rows, cols, numel, n_changed, stripe_row, "
         "stripe_col FROM tensors WHERE tensor LIKE '%experts%'"
@@ -129,7 +130,9 @@ def test_per_expert_tensors_carry_their_expert_id(tmp_path):
     base = save_family("qwen3_moe", tmp_path / "base", seed=2)
     runs = planted_runs(base, tmp_path, 5, lambda rng, name, bits: rng.random(bits.shape) < 0.1)
     con, _, _ = scan(tmp_path, base, runs)
-    rows = con.execute("SELECT run, tensor, expert, role, status, n_changed FROM tensors").fetchall()
+    rows = con.execute(
+        "SELECT run, tensor, expert, role, status, n_changed FROM tensors"
+    ).fetchall()
     b0 = bits_of(base)
     assert len(rows) == 2 * len(b0) and {r[4] for r in rows} == {"ok"}
     for run, tensor, expert, role, _, n_changed in rows:
