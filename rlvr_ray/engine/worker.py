@@ -156,7 +156,8 @@ class _Source:
     the other of two buffers (``prefetch``), so reading overlaps the statistics."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
-                 limit: int | None = None, fused: bool = False, expert: int | None = None):  # fmt: skip
+                 limit: int | None = None, fused: bool = False,
+                 expert: int | None = None):  # fmt: skip
         e = ck.entries[name]
         self.worker, self.ck, self.name, self.slot, self.stream = worker, ck, name, slot, stream
         self.fused = fused  # read for the fused CPU pass: into the worker's slots
@@ -378,7 +379,8 @@ def _profiles_table(unit: Unit, pieces: list[tuple], schema: pa.Schema) -> pa.Ta
 
 def _map_row(unit: Unit, run: str, spec: TensorSpec, kind: str, pooled: torch.Tensor) -> dict:
     return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": spec.name,
-            "expert": spec.expert, "kind": kind, "map_rows": pooled.shape[0], "map_cols": pooled.shape[1],
+            "expert": spec.expert, "kind": kind, "map_rows": pooled.shape[0],
+            "map_cols": pooled.shape[1],
             "values": pooled.cpu().numpy().astype(np.float32).ravel()}  # fmt: skip
 
 
@@ -686,11 +688,13 @@ class ScanWorker:
 
     def _fp8_values(self, src0: _Source, compared: list[_Compared]) -> dict:
         """An FP8 tensor's value statistics, on values dequantized with each copy's own block
-        scales (W = FP8 value x scale of its block; float64 on the CPU, exact), a chunk of
+        scales (W = FP8 value x scale of its block; float64 on the CPU, where the products
+        are exact), a chunk of
         whole scale blocks at a time -> {run index: (sum of squared updates, base sum of
         squares over the rows compared, max |update|, None)}, or (None, 0, None, why) for a
         run whose scales cannot be used."""
-        block = (src0.ck.config or {}).get("quantization_config", {}).get("weight_block_size")
+        quant = (src0.ck.config or {}).get("quantization_config") or {}
+        block = quant.get("weight_block_size") if isinstance(quant, dict) else None
         scales, out = {}, {}
         for c in [None, *compared]:
             src = src0 if c is None else c.src
@@ -704,7 +708,7 @@ class ScanWorker:
         acc = {c.run: [0.0, 0.0, 0.0] for c in todo}  # update sumsq, base sumsq, max |update|
         rows, cols = src0.shape
         step = max(1, (1 << 20) // max(cols, 1))
-        blocks = math.lcm(*(scales[c.src.slot][1] for c in [_Compared(0, src0), *todo]))
+        blocks = math.lcm(scales[0][1], *(scales[c.src.slot][1] for c in todo))
         step = -(-step // blocks) * blocks  # whole blocks of every copy's scales
         for a in range(0, rows, step):
             w0 = _dequantized(src0, scales[0], a, min(a + step, rows))
@@ -893,7 +897,8 @@ class ScanWorker:
     def _emit_consistency(self, unit, spec, numel, members, cs: ConsistencyStats, is_matrix, out):
         out.consistency.append({
             "scan_id": unit.scan_id, "group_name": unit.group, "tensor": spec.name,
-            "expert": spec.expert, "family": unit.family, "layer": spec.layer, "depth": spec.depth, "role": spec.role,
+            "expert": spec.expert, "family": unit.family, "layer": spec.layer,
+            "depth": spec.depth, "role": spec.role,
             "numel": numel, "n_runs": cs.n_runs, "runs": [unit.runs[c.run].name for c in members],
             "mean_jaccard": cs.mean_jaccard, "jaccard_baseline": cs.jaccard_baseline,
             "consensus_counts": cs.consensus_counts, "status": "ok",

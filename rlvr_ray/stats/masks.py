@@ -7,10 +7,11 @@ tolerance. +0 and -0 count as unchanged. FP8 (e4m3fn, e5m2) is compared in its o
 :func:`fp8_bits` puts each 8-bit pattern's sign and magnitude into a 16-bit pattern, so the
 same comparisons (+0 == -0) and ordered keys count changes and ULP steps of the FP8 format, and
 its NaN/Inf become bf16 NaN (an error, as for bf16); the values those patterns stand for are
-not the weights' (a caller that needs values dequantizes). Other storage dtypes are rounded to
-bf16 first (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records
-that it was done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs
-more than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
+not the weights' (a caller that needs values dequantizes). Other storage dtypes are rounded
+to bf16 first (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records
+that it was done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no
+pass needs more than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a
+whole tensor.
 """
 
 from __future__ import annotations
