@@ -593,9 +593,14 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
 
 
 def _identical_runs(out: str, scan_ids: list[str]) -> list[str]:
+    """A warning per run with no change in any compared tensor, saying how many were compared
+    (rows of tensors that were not, e.g. an unsupported dtype, prove nothing) or that none was."""
     _, rows = catalog.query(
-        out, "SELECT group_name, run FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) "
-        "GROUP BY ALL HAVING sum(n_changed) = 0 AND count(*) FILTER "
-        "(WHERE status IN ('ok', 'vocab_resized')) > 0", [scan_ids])  # fmt: skip
-    return [f"group {g}: run {r} is bitwise identical to its base in every compared tensor"
-            for g, r in rows]  # fmt: skip
+        out, "SELECT group_name, run, count(*) FILTER (WHERE status IN ('ok', 'vocab_resized')), "
+        "count(*) FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) GROUP BY group_name, run "
+        "HAVING coalesce(sum(n_changed) FILTER (WHERE status IN ('ok', 'vocab_resized')), 0) = 0 "
+        "ORDER BY group_name, run", [scan_ids])  # fmt: skip
+    return [f"group {g}: run {r}: no tensor compared (0 of {n} tensors)" if not k else
+            f"group {g}: run {r} is bitwise identical to its base in all {k} compared tensors"
+            + (f" ({n - k} of {n} not compared)" if n > k else "")
+            for g, r, k, n in rows]  # fmt: skip

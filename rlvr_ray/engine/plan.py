@@ -21,7 +21,7 @@ from rlvr_ray.io.families import family_for
 
 MIN_UNITS = 16  # small models still spread over several actors
 SCHEMA_VERSION = 1  # bump when a statistic's definition changes: old scan ids stop matching
-PLAN_VERSION = 2  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
+PLAN_VERSION = 3  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,16 @@ class TensorSpec:
     depth: float | None
     nbytes: int  # summed over the base and every run that has it
     shape: tuple[int, ...] = ()  # the base's (else the first run's that has it)
+    #: the expert of a per-expert tensor (from its name), or of the one expert's matrix of a
+    #: fused [experts, rows, cols] tensor that this spec compares (``fused``; shape: [rows,
+    #: cols]); else None
+    expert: int | None = None
+    fused: bool = False
+
+    @property
+    def piece(self) -> int | None:
+        """The expert whose slice of a fused expert tensor is compared (None: the tensor)."""
+        return self.expert if self.fused else None
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,17 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
                      if name in ck.entries)  # fmt: skip
         shape = next(ck.entries[name].shape for ck in [base, *(c for _, c in runs)]
                      if name in ck.entries)  # fmt: skip
-        specs.append(TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape))
+        if fam.fused_experts(name) and len(shape) >= 2 and shape[0] > 0:
+            # one matrix (or vector, for [experts, n] biases) per expert, each its own spec
+            one, piece = nbytes // shape[0], tuple(shape[1:])
+            specs += [
+                TensorSpec(name, info.role, info.layer, info.depth, one, piece, e, fused=True)
+                for e in range(shape[0])
+            ]
+            continue
+        specs.append(
+            TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape, info.expert)
+        )
     run_specs = tuple(r for r, _ in runs)
     sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
     units = tuple(

@@ -10,11 +10,19 @@ that get no SVD, streamed in windows read ahead, and sync-free torch ops accumul
 statistics and the cross-run consensus chunk by chunk. Either way at most (runs + 1) x the
 tensor's bytes are resident, and scratch is a chunk, not a tensor. A tensor that cannot be
 compared gets a row whose ``status`` says why.
+
+FP8 copies (F8_E4M3, F8_E5M2) are compared in their own 8-bit patterns (``fp8_bits``), and the
+value statistics (``rel_frob``, ``max_abs_update``) of an FP8 tensor come from a second pass over
+its values dequantized with each copy's block scales (``<name>_scale_inv`` / ``<name>_scale``).
+A fused expert tensor [experts, rows, cols] is scanned as one matrix per expert (its
+``TensorSpec.expert``): rows ``expert * rows`` onward of the tensor viewed as [experts * rows,
+cols].
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +34,13 @@ import torch
 
 from rlvr_ray.engine.geometry import BaseCache, row_columns, skip_reason, spectra_rows
 from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
-from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
+from rlvr_ray.io.checkpoint import (
+    DTYPES,
+    FLOAT_DTYPES,
+    Checkpoint,
+    CheckpointError,
+    open_checkpoint,
+)
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
 from rlvr_ray.stats import kernels
@@ -35,9 +49,8 @@ from rlvr_ray.stats.group import MAX_COLS, GroupAccumulator
 from rlvr_ray.stats.masks import (
     MaskAccumulator,
     MaskStats,
-    as_matrix,
     base_stats,
-    bf16_bits,
+    compare_bits,
     gini_counts,
     nonfinite_count,
     update_mask,
@@ -52,10 +65,16 @@ STATUSES = {
     "missing_in_base": "tensor in the run but not in the base",
     "shape_mismatch": "shapes differ beyond the first dimension; not compared",
     "unsupported_dtype": "not a float tensor; not compared",
+    "dtype_mismatch": "FP8 in one copy, another dtype (or FP8 format) in the other; not compared",
     "nonfinite": "NaN or Inf in base or run; not compared",
     "read_error": "the tensor's bytes could not be read",
 }
 COMPARED = ("ok", "vocab_resized")
+#: FP8 storage dtypes: compared in their own 8-bit patterns, never rounded to bf16
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+COMPARABLE_DTYPES = (*FLOAT_DTYPES, *FP8_DTYPES)
+#: names of an FP8 weight's scale tensor: ``<weight name><suffix>`` (W = fp8 value x scale)
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
 #: elements per row chunk of the torch path on a CPU: scratch stays in L2 (measured best of
 #: 2^16..2^20) and float32 0/1 sums stay exact (< 2^24)
 CHUNK_NUMEL = 1 << 18
@@ -76,6 +95,22 @@ def streams(params, role: str, shape: tuple[int, ...], nbytes: int) -> bool:
     """Whether a tensor (one copy: ``nbytes``) is streamed row range by row range rather than
     read whole: huge tensors that get no SVD (the driver's memory estimate uses this too)."""
     return nbytes >= STREAM_MIN_BYTES and skip_reason(params, role, tuple(shape)) is not None
+
+
+def piece_shape(shape: tuple[int, ...], expert: int | None) -> tuple[int, ...]:
+    """The shape of what is compared: the tensor's, or one expert's of a fused expert tensor."""
+    return tuple(shape) if expert is None else tuple(shape[1:])
+
+
+def piece_layout(shape: tuple[int, ...], expert: int | None) -> tuple[int, int, int]:
+    """-> (first row, rows, cols) of the compared piece in the tensor's 2-D view: [shape[0],
+    rest] for a whole tensor (a vector is one row); [experts * shape[1], rest] for expert
+    ``expert``'s matrix of a fused [experts, rows, ...] tensor ([experts, n]: a vector each)."""
+    if expert is None:
+        rows = shape[0] if len(shape) >= 2 else 1
+        return 0, rows, math.prod(shape) // max(rows, 1)
+    rows = shape[1] if len(shape) >= 3 else 1
+    return expert * rows, rows, math.prod(shape[1:]) // max(rows, 1)
 
 
 @dataclass
@@ -111,7 +146,8 @@ def _reading(src: _Source, read, *args):
 
 
 class _Source:
-    """One checkpoint's tensor as int16 bf16 patterns [rows, cols], row range by row range.
+    """One checkpoint's tensor (or one expert's matrix of it) as int16 patterns [rows, cols]
+    (bf16, or FP8 by ``fp8_bits``), row range by row range.
 
     Either read whole into a reused buffer (tensors that get geometry, and small ones), or
     streamed: read from the file a window of rows at a time, so a huge tensor (an embedding)
@@ -120,14 +156,18 @@ class _Source:
     the other of two buffers (``prefetch``), so reading overlaps the statistics."""
 
     def __init__(self, worker: ScanWorker, ck: Checkpoint, name: str, slot: int, stream: bool,
-                 limit: int | None = None, fused: bool = False):  # fmt: skip
+                 limit: int | None = None, fused: bool = False,
+                 expert: int | None = None):  # fmt: skip
         e = ck.entries[name]
         self.worker, self.ck, self.name, self.slot, self.stream = worker, ck, name, slot, stream
         self.fused = fused  # read for the fused CPU pass: into the worker's slots
-        rows = e.shape[0] if len(e.shape) >= 2 else 1
-        self.shape = (min(rows, limit) if limit is not None else rows, e.numel // max(rows, 1))
-        self.dtype = e.dtype  # storage dtype; anything but BF16 is rounded to bf16
-        self.rounded = e.dtype != "BF16"
+        self.expert = expert
+        self.row0, rows, cols = piece_layout(e.shape, expert)
+        self._rows = rows
+        self.shape = (min(rows, limit) if limit is not None else rows, cols)
+        self.dtype = e.dtype  # storage dtype: BF16 is read as it is, anything else converted
+        self.converted = e.dtype != "BF16"
+        self.rounded = e.dtype not in ("BF16", *FP8_DTYPES)  # FP8 keeps its own patterns
         self.full: torch.Tensor | None = None
         self.edges: list[int] = []  # the pass's chunk edges: windows end on them
         self.window: tuple[int, int, torch.Tensor, int] | None = None  # a, end, rows, buffer
@@ -136,29 +176,46 @@ class _Source:
     @property
     def stored_rows(self) -> int:
         """Rows in the file (more than ``shape[0]`` when a resized vocabulary is cut)."""
+        return self._rows
+
+    def stored(self, a: int, b: int, key, device: torch.device | None = None) -> torch.Tensor:
+        """Rows [a, b) in the stored dtype, [b - a, cols], read into buffer ``key`` (then moved
+        to ``device``, if a GPU)."""
         e = self.ck.entries[self.name]
-        return e.shape[0] if len(e.shape) >= 2 else 1
+        dtype, size = DTYPES[e.dtype]
+        n = self.nbytes(a, b)
+        buf = self.worker.buffer(key, n)[:n]
+        if n:
+            start = (self.row0 + a) * self.shape[1] * size
+            self.ck.read_exact(e, start, memoryview(buf.numpy()))
+        t = buf.view(dtype).reshape(b - a, self.shape[1])
+        if device is not None and device.type == "cuda":
+            t = t.to(device, non_blocking=True)
+            self.worker.copied(key)
+        return t
 
     def read_into(self, a: int, b: int, dst: torch.Tensor) -> int:
         """Rows [a, b) as int16 patterns into the flat int16 ``dst`` (any thread; the fused CPU
-        pass) -> bytes read. A copy not stored as bf16 is read aside and rounded into it."""
+        pass) -> bytes read. A copy not stored as bf16 is read aside and converted into it."""
         n = (b - a) * self.shape[1]
-        if not self.rounded:
+        if not self.converted:
             e = self.ck.entries[self.name]
-            self.ck.read_exact(e, a * 2 * self.shape[1], memoryview(dst[:n].numpy()).cast("B"))
+            start = (self.row0 + a) * 2 * self.shape[1]
+            self.ck.read_exact(e, start, memoryview(dst[:n].numpy()).cast("B"))
             return 2 * n
-        raw = self.ck.read_rows(self.name, a, b, "cpu", self.worker.buffer(("raw", self.slot), self.nbytes(a, b)))  # fmt: skip
-        dst[:n].copy_(bf16_bits(raw)[0].reshape(-1))
+        raw = self.stored(a, b, ("raw", self.slot))
+        dst[:n].copy_(compare_bits(raw)[0].reshape(-1))
         return self.nbytes(a, b)
 
     def window_reader(self, dst: torch.Tensor):
         """-> read(a, b): rows [a, b) into the start of ``dst`` (int16, flat) -> bytes read.
         The fused pass reads every window of every copy through it: for a bf16 copy nothing
         but the system call (anything unusual takes ``read_into``, which says what went wrong)."""
-        if self.rounded:
+        if self.converted:
             return lambda a, b: self.read_into(a, b, dst)
         fd, start = self.ck.locate(self.name)
         row = 2 * self.shape[1]
+        start += self.row0 * row
         view = memoryview(dst.numpy()).cast("B")
 
         def read(a: int, b: int) -> int:
@@ -182,11 +239,9 @@ class _Source:
             n = self.read_into(0, rows, dst)
             self.full = dst[: rows * self.shape[1]].view(rows, self.shape[1])[: self.shape[0]]
             return n
-        nbytes = self.ck.entries[self.name].nbytes
-        raw = self.ck.read(self.name, self.worker.device, self.worker.buffer(("full", self.slot), nbytes))  # fmt: skip
-        self.worker.copied(("full", self.slot))
-        self.full = as_matrix(bf16_bits(raw)[0])[: self.shape[0]]
-        return nbytes
+        raw = self.stored(0, self.stored_rows, ("full", self.slot), self.worker.device)
+        self.full = compare_bits(raw)[0][: self.shape[0]]
+        return self.nbytes(0, self.stored_rows)
 
     def nbytes(self, a: int, b: int) -> int:
         """Bytes of rows [a, b) in the file."""
@@ -217,10 +272,8 @@ class _Source:
 
     def _read(self, a: int, end: int, buf: int) -> torch.Tensor:
         """Rows [a, end) into buffer ``buf`` (0 or 1), on the worker's device (any thread)."""
-        key = ("chunk", self.slot, buf)
-        data = self.ck.read_rows(self.name, a, end, self.worker.device, self.worker.buffer(key, self.nbytes(a, end)))  # fmt: skip
-        self.worker.copied(key)
-        return as_matrix(bf16_bits(data)[0])
+        data = self.stored(a, end, ("chunk", self.slot, buf), self.worker.device)
+        return compare_bits(data)[0]
 
     def fetch(self, a: int, b: int, pool: ThreadPoolExecutor) -> tuple[int, int, Future, int]:
         """The window serving rows [a, b): the prefetched one, or a read submitted now."""
@@ -282,15 +335,15 @@ class _Out:
     tensors: list[dict] = field(default_factory=list)
     consistency: list[dict] = field(default_factory=list)
     pieces: dict[str, list[pa.Table]] = field(default_factory=dict)
-    #: table -> (run, tensor, axis, values) per profile, made into one table per unit
+    #: table -> (run, tensor, axis, values, expert) per profile, made into one table per unit
     profiles: dict[str, list[tuple]] = field(default_factory=dict)
     n_bytes: int = 0
 
     def add(self, table: str, data: pa.Table) -> None:
         self.pieces.setdefault(table, []).append(data)
 
-    def profile(self, table: str, run: str | None, tensor: str, axis: str, values) -> None:
-        self.profiles.setdefault(table, []).append((run, tensor, axis, values))
+    def profile(self, table: str, run: str | None, spec: TensorSpec, axis: str, values) -> None:
+        self.profiles.setdefault(table, []).append((run, spec.name, axis, values, spec.expert))
 
 
 def _repeated(values: list[str], counts: np.ndarray) -> pa.Array:
@@ -311,8 +364,10 @@ def _profiles_table(unit: Unit, pieces: list[tuple], schema: pa.Schema) -> pa.Ta
     cols = {"scan_id": _repeated([unit.scan_id], one), "group_name": _repeated([unit.group], one)}
     if "run" in schema.names:
         cols["run"] = _repeated([p[0] for p in pieces], counts)
+    experts = np.array([-1 if p[4] is None else p[4] for p in pieces], dtype=np.int32)
     cols |= {
         "tensor": _repeated([p[1] for p in pieces], counts),
+        "expert": pa.array(np.repeat(experts, counts), mask=np.repeat(experts < 0, counts)),
         "axis": _repeated([p[2] for p in pieces], counts),
         "idx": np.arange(total, dtype=np.int32) - np.repeat(starts.astype(np.int32), counts),
         schema.names[-1]: np.concatenate([np.asarray(p[3], dtype=np.float32) for p in pieces]),
@@ -322,9 +377,10 @@ def _profiles_table(unit: Unit, pieces: list[tuple], schema: pa.Schema) -> pa.Ta
     return pa.table([cols[f.name] for f in schema], schema=coded)
 
 
-def _map_row(unit: Unit, run: str, tensor: str, kind: str, pooled: torch.Tensor) -> dict:
-    return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": tensor,
-            "kind": kind, "map_rows": pooled.shape[0], "map_cols": pooled.shape[1],
+def _map_row(unit: Unit, run: str, spec: TensorSpec, kind: str, pooled: torch.Tensor) -> dict:
+    return {"scan_id": unit.scan_id, "group_name": unit.group, "run": run, "tensor": spec.name,
+            "expert": spec.expert, "kind": kind, "map_rows": pooled.shape[0],
+            "map_cols": pooled.shape[1],
             "values": pooled.cpu().numpy().astype(np.float32).ravel()}  # fmt: skip
 
 
@@ -342,6 +398,47 @@ def _maps_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
         offsets, pa.array(np.concatenate(values), pa.float32())
     )
     return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def _block_scale(src: _Source, block: list | None) -> tuple[torch.Tensor, int, int]:
+    """An FP8 copy's scales -> (scale per block [scale rows, scale cols] float64, block rows,
+    block cols): from ``<name>_scale_inv`` or ``<name>_scale`` (one expert's slice of a fused
+    one), with block sizes from ``block`` (the config's ``weight_block_size``) or from the
+    shapes; no scale tensor: 1 (the stored values are the weights). Raises ValueError naming
+    the scale tensor when its shape does not tile the weight."""
+    rows, cols = src.stored_rows, src.shape[1]
+    name = next((src.name + x for x in SCALE_SUFFIXES if src.name + x in src.ck.entries), None)
+    if name is None:
+        return torch.ones(1, 1, dtype=torch.float64), max(rows, 1), max(cols, 1)
+    e = src.ck.entries[name]
+    if e.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"checkpoint {src.ck.ref}, tensor {name}: scale dtype {e.dtype}")
+    scale = src.ck.read(name).to(torch.float64)
+    weight_dims = len(src.ck.entries[src.name].shape)
+    if src.expert is not None and scale.dim() == weight_dims and scale.dim() >= 2:
+        scale = scale[src.expert]  # a fused tensor's scales: one expert's
+    scale = scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(scale.shape[0], -1)
+    srows, scols = scale.shape
+    br, bc = (int(block[0]), int(block[1])) if block else (-(-rows // srows), -(-cols // scols))
+    if -(-rows // br) != srows or -(-cols // bc) != scols:
+        br, bc = -(-rows // srows), -(-cols // scols)  # the config's blocks do not fit: shapes
+    if -(-rows // br) != srows or -(-cols // bc) != scols:
+        raise ValueError(
+            f"checkpoint {src.ck.ref}, tensor {name}: scale shape "
+            f"{list(e.shape)} does not tile the weight [{rows}, {cols}]"
+        )
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"checkpoint {src.ck.ref}, tensor {name}: NaN/Inf scale")
+    return scale, br, bc
+
+
+def _dequantized(src: _Source, scale: tuple[torch.Tensor, int, int], a: int, b: int):
+    """Rows [a, b) of an FP8 copy (a: a multiple of the block rows) as float64 values [b - a,
+    cols]: each FP8 value times the scale of its block."""
+    s, br, bc = scale
+    w = src.stored(a, b, ("value", src.slot)).to(torch.float64)
+    s = s[a // br : -(-b // br)].repeat_interleave(br, 0)[: b - a]
+    return w * s.repeat_interleave(bc, 1)[:, : w.shape[1]]
 
 
 def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
@@ -412,7 +509,7 @@ class ScanWorker:
             elif table == "maps":
                 data = _maps_table([r for t in out.pieces.get("maps", []) for r in t], schema)
             else:
-                pieces = [p.cast(schema) for p in out.pieces.get(table, [])]
+                pieces = [p.select(schema.names).cast(schema) for p in out.pieces.get(table, [])]
                 data = pa.concat_tables(pieces) if pieces else schema.empty_table()
             tables[table] = data
         # side by side (Parquet encoding releases the GIL); all written before the marker
@@ -435,7 +532,8 @@ class ScanWorker:
 
     def _row(self, unit: Unit, spec: TensorSpec, run: RunSpec, **kw) -> dict:
         row = {"scan_id": unit.scan_id, "group_name": unit.group, "run": run.name,
-               **run.labels(), "family": unit.family, "tensor": spec.name, "layer": spec.layer,
+               **run.labels(), "family": unit.family, "tensor": spec.name, "expert": spec.expert,
+               "layer": spec.layer,
                "depth": spec.depth, "role": spec.role, "geometry_status": None}  # fmt: skip
         row.update(kw)
         return row
@@ -488,19 +586,20 @@ class ScanWorker:
                     self._skip(unit, spec, r, "missing_in_base",
                                f"tensor {name} is in run {r.name} but not in the base", out)  # fmt: skip
             return
-        if e0.dtype not in FLOAT_DTYPES:
+        if e0.dtype not in COMPARABLE_DTYPES:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
-        rows0 = e0.shape[0] if len(e0.shape) >= 2 else 1
+        shape = piece_shape(e0.shape, spec.piece)
+        _, rows0, cols0 = piece_layout(e0.shape, spec.piece)
         # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
         # matrix has them) take the torch path
-        fused = self.fused and e0.numel // max(rows0, 1) <= MAX_COLS
+        fused = self.fused and cols0 <= MAX_COLS
         if fused:  # every tensor not read whole for the SVD is read window by window
-            stream = skip_reason(unit.params, spec.role, tuple(e0.shape)) is not None
+            stream = skip_reason(unit.params, spec.role, shape) is not None
         else:
-            stream = streams(unit.params, spec.role, e0.shape, e0.nbytes)
-        src0 = _Source(self, base, name, 0, stream, fused=fused)
+            stream = streams(unit.params, spec.role, shape, rows0 * cols0 * DTYPES[e0.dtype][1])
+        src0 = _Source(self, base, name, 0, stream, fused=fused, expert=spec.piece)
         compared = self._load_runs(unit, spec, base, runs, stream, out, fused)
         sources = [src0, *(c.src for c in compared)]
         if fused:
@@ -551,13 +650,18 @@ class ScanWorker:
                 compared.remove(c)
         if cons is not None:
             self._emit_consistency(unit, spec, *cons, out)
-        geo = self._geometry(unit, spec, e0.shape, src0, compared, out)
+        geo = self._geometry(unit, spec, shape, src0, compared, out)
+        values = self._fp8_values(src0, compared) if src0.dtype in FP8_DTYPES else {}
         for c in compared:
-            self._emit_run(unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out)
+            self._emit_run(
+                unit, spec, src0, c, stats[c.run], geo.get(c.run, {}), out, values.get(c.run)
+            )
 
     def _geometry(self, unit: Unit, spec: TensorSpec, shape, src0: _Source, compared, out) -> dict:
         """{run index: geometry columns}; the base is decomposed (or fetched) once for all."""
         reason = skip_reason(unit.params, spec.role, tuple(shape))
+        if reason is None and src0.dtype in FP8_DTYPES:
+            reason = "skipped_fp8"  # the SVD of dequantized FP8 weights is not implemented
         if reason is not None:
             return {c.run: {"geometry_status": reason} for c in compared}
         cols: dict[int, dict] = {}
@@ -575,9 +679,49 @@ class ScanWorker:
                 cols[c.run] = {"geometry_status": f"error: {str(e).splitlines()[0][:200]}"}
                 continue
             cols[c.run] = row_columns(g)
-            out.add("spectra", spectra_rows(unit.scan_id, unit.group, unit.runs[c.run].name,
-                                            spec.name, base, g))  # fmt: skip
+            rows = spectra_rows(unit.scan_id, unit.group, unit.runs[c.run].name, spec.name, base, g)
+            out.add(
+                "spectra",
+                rows.append_column("expert", pa.array([spec.expert] * rows.num_rows, pa.int32())),
+            )
         return cols
+
+    def _fp8_values(self, src0: _Source, compared: list[_Compared]) -> dict:
+        """An FP8 tensor's value statistics, on values dequantized with each copy's own block
+        scales (W = FP8 value x scale of its block; float64 on the CPU, where the products
+        are exact), a chunk of
+        whole scale blocks at a time -> {run index: (sum of squared updates, base sum of
+        squares over the rows compared, max |update|, None)}, or (None, 0, None, why) for a
+        run whose scales cannot be used."""
+        quant = (src0.ck.config or {}).get("quantization_config") or {}
+        block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+        scales, out = {}, {}
+        for c in [None, *compared]:
+            src = src0 if c is None else c.src
+            try:
+                scales[src.slot] = _block_scale(src, block)
+            except (ValueError, CheckpointError) as e:
+                if c is None:
+                    return {c.run: (None, 0, None, str(e)) for c in compared}
+                out[c.run] = (None, 0, None, str(e))
+        todo = [c for c in compared if c.run not in out]
+        acc = {c.run: [0.0, 0.0, 0.0] for c in todo}  # update sumsq, base sumsq, max |update|
+        rows, cols = src0.shape
+        step = max(1, (1 << 20) // max(cols, 1))
+        blocks = math.lcm(scales[0][1], *(scales[c.src.slot][1] for c in todo))
+        step = -(-step // blocks) * blocks  # whole blocks of every copy's scales
+        for a in range(0, rows, step):
+            w0 = _dequantized(src0, scales[0], a, min(a + step, rows))
+            for c in todo:
+                b = min(a + step, c.src.shape[0])
+                if b <= a:
+                    continue
+                d = _dequantized(c.src, scales[c.src.slot], a, b) - w0[: b - a]
+                s = acc[c.run]
+                s[0] += float(torch.dot(d.reshape(-1), d.reshape(-1)))
+                s[1] += float(w0[: b - a].square().sum())
+                s[2] = max(s[2], float(d.abs().max())) if d.numel() else s[2]
+        return out | {run: (s[0], s[1], s[2], None) for run, s in acc.items()}
 
     def _load_runs(self, unit, spec, base, runs, stream: bool, out, fused: bool = False) -> list[_Compared]:  # fmt: skip
         """The runs' sources of a tensor (nothing read yet); rows for runs that cannot be."""
@@ -589,12 +733,26 @@ class ScanWorker:
             if e1 is None:
                 self._skip(unit, spec, r, "missing_in_run", f"{where}: not in the run", out)
                 continue
-            if e1.dtype not in FLOAT_DTYPES:
+            if e1.dtype not in COMPARABLE_DTYPES:
                 self._skip(unit, spec, r, "unsupported_dtype", f"{where}: dtype {e1.dtype}", out)
+                continue
+            if e1.dtype != e0.dtype and (e1.dtype in FP8_DTYPES or e0.dtype in FP8_DTYPES):
+                self._skip(
+                    unit,
+                    spec,
+                    r,
+                    "dtype_mismatch",
+                    f"{where}: dtype {e1.dtype} vs base {e0.dtype}",
+                    out,
+                )
                 continue
             status, message, limit = "ok", None, None
             if e1.shape != e0.shape:
-                if len(e1.shape) == len(e0.shape) >= 2 and e1.shape[1:] == e0.shape[1:]:
+                if (
+                    spec.piece is None
+                    and len(e1.shape) == len(e0.shape) >= 2
+                    and e1.shape[1:] == e0.shape[1:]
+                ):
                     status, limit = "vocab_resized", min(e0.shape[0], e1.shape[0])
                     message = (f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}; "
                                f"compared the common {limit} rows")  # fmt: skip
@@ -602,7 +760,7 @@ class ScanWorker:
                     self._skip(unit, spec, r, "shape_mismatch",
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
-            src = _Source(self, ck, name, i + 1, stream, limit, fused)
+            src = _Source(self, ck, name, i + 1, stream, limit, fused, spec.piece)
             compared.append(_Compared(i, src, status, message))
         return compared
 
@@ -708,10 +866,16 @@ class ScanWorker:
                 _reading(s, s.install, fetched, self.io)
         return [_reading(s, s.rows, a, b) for s in sources]
 
-    def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out):
+    def _emit_run(self, unit, spec, src0: _Source, c: _Compared, stats, geo, out, values=None):
+        """One run's tensors row (and profiles, map). ``values``: an FP8 tensor's value
+        statistics from ``_fp8_values`` (the mask pass's are of patterns, not values)."""
         ms, base_ss = stats
         ms: MaskStats
         r = unit.runs[c.run]
+        update_ss, max_abs, message = ms.update_sumsq, ms.max_abs_update, c.message
+        if src0.dtype in FP8_DTYPES:
+            update_ss, base_ss, max_abs, why = values or (None, 0, None, "no values")
+            message = "; ".join(m for m in (message, why) if m) or None
         rows, cols = c.src.shape
         is_matrix = rows > 1
         row = self._row(
@@ -721,28 +885,25 @@ class ScanWorker:
             stripe_row=gini_counts(ms.row_counts) if is_matrix else None,
             stripe_col=gini_counts(ms.col_counts) if is_matrix else None,
             ulp1_share=ms.ulp1_share, ulp_hist=ms.ulp_hist, ulp_max=ms.ulp_max,
-            rel_frob=(ms.update_sumsq / base_ss) ** 0.5 if base_ss > 0 else None,
-            max_abs_update=ms.max_abs_update, status=c.status, message=c.message, **geo,
+            rel_frob=(update_ss / base_ss) ** 0.5 if base_ss and update_ss is not None else None,
+            max_abs_update=max_abs, status=c.status, message=message, **geo,
         )  # fmt: skip
         out.tensors.append(row)
         if is_matrix:
-            out.profile("profiles", r.name, spec.name, "row", ms.row_ratio.numpy())
-            out.profile("profiles", r.name, spec.name, "col", ms.col_ratio.numpy())
-            out.add("maps", [_map_row(unit, r.name, spec.name, "mask", ms.pooled)])
+            out.profile("profiles", r.name, spec, "row", ms.row_ratio.numpy())
+            out.profile("profiles", r.name, spec, "col", ms.col_ratio.numpy())
+            out.add("maps", [_map_row(unit, r.name, spec, "mask", ms.pooled)])
 
     def _emit_consistency(self, unit, spec, numel, members, cs: ConsistencyStats, is_matrix, out):
         out.consistency.append({
             "scan_id": unit.scan_id, "group_name": unit.group, "tensor": spec.name,
-            "family": unit.family, "layer": spec.layer, "depth": spec.depth, "role": spec.role,
+            "expert": spec.expert, "family": unit.family, "layer": spec.layer,
+            "depth": spec.depth, "role": spec.role,
             "numel": numel, "n_runs": cs.n_runs, "runs": [unit.runs[c.run].name for c in members],
             "mean_jaccard": cs.mean_jaccard, "jaccard_baseline": cs.jaccard_baseline,
             "consensus_counts": cs.consensus_counts, "status": "ok",
         })  # fmt: skip
         if is_matrix:
-            out.profile(
-                "consensus_profiles", None, spec.name, "row", cs.row_consensus.cpu().numpy()
-            )
-            out.profile(
-                "consensus_profiles", None, spec.name, "col", cs.col_consensus.cpu().numpy()
-            )
-            out.add("maps", [_map_row(unit, "*", spec.name, "consensus", cs.pooled)])
+            out.profile("consensus_profiles", None, spec, "row", cs.row_consensus.cpu().numpy())
+            out.profile("consensus_profiles", None, spec, "col", cs.col_consensus.cpu().numpy())
+            out.add("maps", [_map_row(unit, "*", spec, "consensus", cs.pooled)])

@@ -2,7 +2,9 @@
 
 Qwen2/Qwen3, Llama, Mistral (and other Llama-like families) share one naming scheme, so they
 share one entry; a new family is a new JSON entry, not new code. Unknown names get role
-``other`` and are still scanned.
+``other`` and are still scanned. Mixture-of-experts names carry their expert index
+(``experts.N.``); a fused expert tensor (every expert stacked, ``experts.gate_up_proj``) is
+recognised by name, and the planner cuts it into one matrix per expert.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from functools import lru_cache
 from importlib import resources
 
 ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router", "embed",
-         "lm_head", "norm", "bias", "other")  # fmt: skip
+         "lm_head", "norm", "bias", "scale", "sinks", "other")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor sits in its model: canonical role, layer index, relative depth in [0, 1]."""
+    """Where a tensor sits in its model: canonical role, layer index, relative depth in [0, 1],
+    expert index (a per-expert tensor's; None otherwise, fused expert tensors included)."""
 
     role: str
     layer: int | None
     depth: float | None
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class Family:
     layer_re: re.Pattern
     roles: tuple[tuple[re.Pattern, str], ...]
     n_layers: int | None
+    expert_re: re.Pattern | None = None
+    fused_re: re.Pattern | None = None
 
     def classify(self, tensor: str) -> TensorInfo:
         role = next((r for pat, r in self.roles if pat.search(tensor)), "other")
@@ -41,7 +47,12 @@ class Family:
         if layer is not None:
             n = self.n_layers if self.n_layers else layer + 1
             depth = layer / (n - 1) if n > 1 else 0.0
-        return TensorInfo(role, layer, depth)
+        em = self.expert_re.search(tensor) if self.expert_re else None
+        return TensorInfo(role, layer, depth, int(em.group(1)) if em else None)
+
+    def fused_experts(self, tensor: str) -> bool:
+        """Whether ``tensor`` stacks every expert on its first dimension."""
+        return bool(self.fused_re and self.fused_re.search(tensor))
 
 
 @lru_cache(maxsize=1)
@@ -70,4 +81,6 @@ def family_for(config: dict | None) -> Family:
         layer_re=re.compile(entry["layer"]),
         roles=tuple((re.compile(p), r) for p, r in entry["roles"]),
         n_layers=n_layers,
+        expert_re=re.compile(entry["expert"]) if "expert" in entry else None,
+        fused_re=re.compile(entry["fused_experts"]) if "fused_experts" in entry else None,
     )

@@ -61,6 +61,7 @@ TENSORS = pa.schema(
         *_LABELS,
         pa.field("family", pa.string()),
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),  # expert index of an MoE expert's matrix; else null
         pa.field("layer", pa.int32()),
         pa.field("depth", pa.float64()),  # layer / (n_layers - 1); null if not in a layer
         pa.field("role", pa.string()),
@@ -103,6 +104,7 @@ PROFILES = pa.schema(
         pa.field("group_name", pa.string(), nullable=False),
         pa.field("run", pa.string(), nullable=False),
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
         pa.field("axis", pa.string(), nullable=False),  # 'row' | 'col'
         pa.field("idx", pa.int32(), nullable=False),
         pa.field("ratio", pa.float32()),  # share of that row's (column's) coordinates changed
@@ -114,6 +116,7 @@ CONSISTENCY = pa.schema(
         pa.field("scan_id", pa.string(), nullable=False),
         pa.field("group_name", pa.string(), nullable=False),
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
         pa.field("family", pa.string()),
         pa.field("layer", pa.int32()),
         pa.field("depth", pa.float64()),
@@ -135,6 +138,7 @@ CONSENSUS_PROFILES = pa.schema(
         pa.field("scan_id", pa.string(), nullable=False),
         pa.field("group_name", pa.string(), nullable=False),
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
         pa.field("axis", pa.string(), nullable=False),
         pa.field("idx", pa.int32(), nullable=False),
         pa.field("consensus", pa.float32()),  # mean of C_ij over the row (column)
@@ -147,6 +151,7 @@ SPECTRA = pa.schema(
         pa.field("group_name", pa.string(), nullable=False),
         pa.field("run", pa.string(), nullable=False),
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
         pa.field("i", pa.int32(), nullable=False),
         pa.field("sigma_base", pa.float64()),
         pa.field("sigma_run", pa.float64()),
@@ -161,6 +166,7 @@ MAPS = pa.schema(
         pa.field("group_name", pa.string(), nullable=False),
         pa.field("run", pa.string(), nullable=False),  # '*' for the consensus map
         pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
         pa.field("kind", pa.string(), nullable=False),  # 'mask' | 'consensus'
         pa.field("map_rows", pa.int32()),
         pa.field("map_cols", pa.int32()),

@@ -3,10 +3,15 @@
 Pure torch: the path of a GPU (and of a CPU without numba, or with ``RLVR_RAY_KERNELS=torch``);
 a CPU scan otherwise takes the fused pass of ``rlvr_ray.stats.group``, which gives the same
 answers. Weights are compared as raw 16-bit bf16 patterns (int16 views), never with a
-tolerance. +0 and -0 count as unchanged. Other storage dtypes are rounded to bf16 first
-(round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records that it was
-done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no pass needs
-more than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a whole tensor.
+tolerance. +0 and -0 count as unchanged. FP8 (e4m3fn, e5m2) is compared in its own format:
+:func:`fp8_bits` puts each 8-bit pattern's sign and magnitude into a 16-bit pattern, so the
+same comparisons (+0 == -0) and ordered keys count changes and ULP steps of the FP8 format, and
+its NaN/Inf become bf16 NaN (an error, as for bf16); the values those patterns stand for are
+not the weights' (a caller that needs values dequantizes). Other storage dtypes are rounded
+to bf16 first (round-to-nearest-even, as ``Tensor.to(torch.bfloat16)``) and the caller records
+that it was done. Big tensors are consumed in row chunks by :class:`MaskAccumulator`, so no
+pass needs more than a chunk of scratch memory; :func:`mask_stats` is the one-call form for a
+whole tensor.
 """
 
 from __future__ import annotations
@@ -26,6 +31,29 @@ def bf16_bits(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if w.dtype == torch.bfloat16:
         return w.view(torch.int16), False
     return w.to(torch.bfloat16).view(torch.int16), True
+
+
+#: FP8 formats compared in their own 8-bit patterns -> the smallest magnitude that is NaN/Inf
+FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+_NAN = 0x7FC0  # a bf16 NaN pattern: what an FP8 NaN/Inf becomes
+
+
+def fp8_bits(w: torch.Tensor) -> torch.Tensor:
+    """FP8 tensor [...] (float8_e4m3fn or float8_e5m2) -> int16 patterns [...]: the FP8 sign as
+    bit 15, its 7 magnitude bits as bits 0-6 (NaN/Inf: a bf16 NaN pattern). ``update_mask``
+    and ``ulp_steps`` on them count FP8 changes and FP8 ULP steps exactly."""
+    b = w.view(torch.uint8).to(torch.int32)
+    mag = b & 0x7F
+    mag = torch.where(mag >= FP8_NONFINITE[w.dtype], _NAN, mag)
+    return (mag - ((b & 0x80) << 8)).to(torch.int16)  # sign bit 15 as int16: -32768 + mag
+
+
+def compare_bits(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A stored tensor [...] -> (the int16 patterns it is compared by, rounded to bf16?): FP8
+    in its own format (``fp8_bits``), everything else as ``bf16_bits``."""
+    if w.dtype in FP8_NONFINITE:
+        return fp8_bits(w), False
+    return bf16_bits(w)
 
 
 def nonfinite_count(bits: torch.Tensor, chunk: int = 1 << 20) -> int:

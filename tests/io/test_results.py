@@ -23,7 +23,7 @@ def test_profiles_part_reads_back_plain_with_its_encodings(tmp_path):
         "scan_id": _coded(["s1"], [0] * n), "group_name": _coded(["g"], [0] * n),
         "run": _coded(["a", "b"], [0] * 500 + [1] * 500),
         "tensor": _coded(["t1", "t2"], [0] * 250 + [1] * 250 + [0] * 250 + [1] * 250),
-        "axis": _coded(["row"], [0] * n),
+        "expert": pa.nulls(n, pa.int32()), "axis": _coded(["row"], [0] * n),
         "idx": pa.array(np.tile(np.arange(250, dtype=np.int32), 4)), "ratio": pa.array(ratio),
     })  # fmt: skip
     path = res.write_table("profiles", "p-00000", data)

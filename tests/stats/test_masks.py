@@ -113,3 +113,25 @@ def test_gini_of_counts_past_int64_stays_exact():
         c = np.concatenate([np.zeros(a, np.int64), np.full(b, k, np.int64)])
         assert gini_counts(c) == 0.75
         assert gini_counts(c[::-1]) == 0.75
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nonfinite"), [(torch.float8_e4m3fn, 0x7F), (torch.float8_e5m2, 0x7C)]
+)
+def test_fp8_patterns_every_pair(dtype, nonfinite):
+    """Every pair of FP8 patterns: changed iff the patterns differ and are not +0/-0; ULP steps
+    = distance of sign-magnitude keys; NaN/Inf (magnitude >= ``nonfinite``) counted as such."""
+    from rlvr_ray.stats.masks import fp8_bits
+
+    p = np.arange(256, dtype=np.uint8)
+    p0, p1 = np.repeat(p, 256), np.tile(p, 256)
+    bits = lambda a: fp8_bits(torch.from_numpy(a).view(dtype))  # noqa: E731
+    b0, b1 = bits(p0), bits(p1)
+    finite = ((p0 & 0x7F) < nonfinite) & ((p1 & 0x7F) < nonfinite)
+    key = lambda a: np.where(a & 0x80, -(a & 0x7F).astype(int), (a & 0x7F).astype(int))  # noqa: E731
+    changed = (p0 != p1) & (((p0 | p1) & 0x7F) != 0)
+    got = update_mask(b0, b1).numpy()
+    assert (got[finite] == changed[finite]).all()
+    steps = ulp_steps(b0, b1).numpy()
+    assert (steps[finite] == np.abs(key(p1) - key(p0))[finite]).all()
+    assert nonfinite_count(bits(p)) == 2 * (0x80 - nonfinite)
