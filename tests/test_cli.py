@@ -237,3 +237,15 @@ def test_demo_hints_name_a_command_that_runs(monkeypatch, tmp_path):
     assert cli_command() == os.path.join(script.parent.name, "rlvr-ray")
     monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}/usr/bin:/bin")
     assert cli_command() == "rlvr-ray"
+
+
+def test_listing_of_optional_commands_matches_their_parsers():
+    import argparse
+    import importlib
+
+    from rlvr_ray.cli import OPTIONAL_COMMANDS
+
+    for name, (module, _, help_text) in OPTIONAL_COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).add_parser(sub)
+        assert [(a.dest, a.help) for a in sub._choices_actions] == [(name, help_text)]
