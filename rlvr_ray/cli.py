@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from rlvr_ray.io.summary import SUMMARY_SECTIONS
+
 DEFAULT_OUT = "results"
 
 
@@ -162,7 +164,6 @@ def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> No
     """The summary tables: as titled tables, one JSON object keyed by table name, or (csv) the
     one table named by ``table``."""
     from rlvr_ray.io import catalog
-    from rlvr_ray.io.summary import SUMMARY_SECTIONS
 
     sections = [s for s in SUMMARY_SECTIONS if table is None or s[0] == table]
     if fmt == "json":
@@ -200,8 +201,6 @@ def _sql(args) -> int:
 
 
 def _summary(args) -> int:
-    from rlvr_ray.io.summary import SUMMARY_SECTIONS
-
     if args.format == "csv" and args.table is None:
         names = ", ".join(name for name, _, _ in SUMMARY_SECTIONS)
         return _error(f"--format csv writes one table: add --table NAME ({names})")
@@ -257,7 +256,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help=FORMAT_HELP)
     p.add_argument(
         "--table",
-        choices=["runs", "runs_geometry", "groups"],
+        choices=[name for name, _, _ in SUMMARY_SECTIONS],
         help="print this table only (needed by --format csv) (default: all)",
     )
     p.set_defaults(func=_summary)
