@@ -2,6 +2,9 @@
 #   make demo   set up .venv, build the lab checkpoint families, scan them, print the headline
 #   make test   set up .venv with the dev tools and run the tests (slow ones: make test-slow)
 PY ?= python3
+# where torch comes from; e.g. make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu for
+# the CPU-only build (on Linux, PyPI's torch is the CUDA one). Default: pip's configured index.
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,9 +12,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[lab,report,dev]'
+	# the versions the tests run on (pyproject.toml declares ranges)
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e '.[lab,report,dev]' 'ray[default]==2.60.0'
 	touch $(STAMP)
 
 setup: $(STAMP)

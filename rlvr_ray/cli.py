@@ -4,16 +4,26 @@ rlvr-ray scan SWEEP.yaml --out results/
 rlvr-ray scan --base BASE --run grpo=RUN_DIR --run sft=SFT_DIR --out results/
 rlvr-ray summary --out results/
 rlvr-ray sql "SELECT * FROM run_sparsity" --out results/
+
+Only the command that runs is imported: ``sql``, ``summary`` and ``--help`` load DuckDB and
+Arrow, never torch, Ray or numba.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
+import decimal
 import importlib
+import importlib.util
 import json
+import math
+import os
 import sys
 from pathlib import Path
+
+from rlvr_ray.io.summary import SUMMARY_SECTIONS
 
 DEFAULT_OUT = "results"
 
@@ -127,6 +137,26 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _json_value(v):
+    """A value JSON can hold: NaN and infinities become null (JSON has neither)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, decimal.Decimal):
+        return _json_value(float(v))
+    if isinstance(v, (dt.date, dt.datetime, dt.time)):
+        return v.isoformat()
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return v
+
+
+def json_rows(cols: list[str], rows: list[tuple]) -> list[dict]:
+    """Rows as a list of ``{column: value}`` objects, every value valid JSON."""
+    return [{c: _json_value(v) for c, v in zip(cols, r, strict=True)} for r in rows]
+
+
 def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=None) -> None:
     stream = stream or sys.stdout
     if fmt == "csv":
@@ -134,7 +164,7 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
         w.writerow(cols)
         w.writerows(rows)
     elif fmt == "json":
-        json.dump([dict(zip(cols, r, strict=True)) for r in rows], stream, default=str, indent=1)
+        json.dump(json_rows(cols, rows), stream, default=str, indent=1, allow_nan=False)
         stream.write("\n")
     else:
         cells = [[_fmt(v) for v in r] for r in rows]
@@ -145,16 +175,32 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
             stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")  # fmt: skip
 
 
-def _print_summary(out: str, fmt: str = "table") -> None:
+def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> None:
+    """The summary tables: as titled tables, one JSON object keyed by table name, or (csv) the
+    one table named by ``table``."""
     from rlvr_ray.io import catalog
-    from rlvr_ray.io.summary import SUMMARY_SECTIONS
 
-    for title, sql in SUMMARY_SECTIONS:
+    sections = [s for s in SUMMARY_SECTIONS if table is None or s[0] == table]
+    if fmt == "json":
+        doc = {
+            name: json_rows(*catalog.query(out, sql, external_access=False))
+            for name, _, sql in sections
+        }
+        json.dump(doc, sys.stdout, default=str, indent=1, allow_nan=False)
+        sys.stdout.write("\n")
+        return
+    for _, title, sql in sections:
         cols, rows = catalog.query(out, sql, external_access=False)
-        if rows:
-            if fmt == "table":
-                print(f"\n{title}")
+        if fmt == "csv":
             print_rows(cols, rows, fmt)
+        elif rows:
+            print(f"\n{title}")
+            print_rows(cols, rows, fmt)
+
+
+def _error(msg: str) -> int:
+    print(f"rlvr-ray: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def _sql(args) -> int:
@@ -164,26 +210,46 @@ def _sql(args) -> int:
 
     try:
         cols, rows = catalog.query(args.out, args.query, external_access=args.allow_external)
-    except (duckdb.Error, catalog.QueryError, FileNotFoundError) as e:
+    except duckdb.Error as e:  # DuckDB's whole message: its "Did you mean" and LINE hints
         hint = ""
         if isinstance(e, duckdb.PermissionException) and not args.allow_external:
             hint = " (rlvr-ray sql reads the atlas only; --allow-external lifts this)"
-        print(f"rlvr-ray: error: {str(e).splitlines()[0]}{hint}", file=sys.stderr)
-        return 2
+        return _error(str(e).strip() + hint)
+    except (catalog.QueryError, FileNotFoundError) as e:
+        return _error(str(e).splitlines()[0])
     print_rows(cols, rows, args.format)
     return 0
 
 
 def _summary(args) -> int:
+    if args.format == "csv" and args.table is None:
+        names = ", ".join(name for name, _, _ in SUMMARY_SECTIONS)
+        return _error(f"--format csv writes one table: add --table NAME ({names})")
     try:
-        _print_summary(args.out, args.format)
+        _print_summary(args.out, args.format, args.table)
     except FileNotFoundError as e:
-        print(f"rlvr-ray: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+SQL_DESCRIPTION = """\
+Run one SQL statement on a results directory's atlas (DuckDB, read-only) and print the rows.
+The views hold each run's latest scan: tensors, profiles, spectra, checkpoints, consistency,
+maps and the aggregates run_sparsity, summary, group_summary, density_by_role_depth, ...;
+*_all tables keep every scan. SHOW TABLES lists them all."""
+
+SUMMARY_DESCRIPTION = """\
+Print the headline tables of a results directory: runs (sparsity, 1-ULP share per run),
+runs_geometry (overlap with principal / low-magnitude weights, NSS, principal angles; scans
+with geometry only) and groups (cross-run Jaccard of update masks vs its baseline).
+--format json prints one object keyed by table name; --format csv prints the one table named
+by --table."""
+
+FORMAT_HELP = "table (aligned text), csv or json (default: table)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the optional subcommands only ``command``'s module is imported."""
     parser = argparse.ArgumentParser(
         prog="rlvr-ray",
         description="Where fine-tuning moved a model's bf16 weights: scan checkpoints on Ray, "
@@ -191,10 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_scan(sub)
-    p = sub.add_parser("sql", help="run SQL over a results directory's atlas")
+    p = sub.add_parser(
+        "sql",
+        help="run SQL over a results directory's atlas",
+        description=SQL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("query", help='SQL, e.g. "SELECT * FROM run_sparsity"')
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help=FORMAT_HELP)
     p.add_argument(
         "--allow-external",
         action="store_true",
@@ -202,33 +273,123 @@ def build_parser() -> argparse.ArgumentParser:
         "DuckDB extensions (default: it reads the atlas only)",
     )
     p.set_defaults(func=_sql)
-    p = sub.add_parser("summary", help="print the headline table of a results directory")
+    p = sub.add_parser(
+        "summary",
+        help="print the headline tables of a results directory",
+        description=SUMMARY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help=FORMAT_HELP)
+    p.add_argument(
+        "--table",
+        choices=[name for name, _, _ in SUMMARY_SECTIONS],
+        help="print this table only (needed by --format csv) (default: all)",
+    )
     p.set_defaults(func=_summary)
-    # optional subcommands: each module has add_parser(subparsers)
-    for name, mod in OPTIONAL_COMMANDS.items():
-        try:
-            importlib.import_module(mod).add_parser(sub)
-        except ImportError as e:  # a missing extra: the command explains instead of vanishing
-            p = sub.add_parser(name, help=f"(unavailable: {e})")
-            p.set_defaults(func=lambda args, e=e, name=name: _unavailable(name, e))
+    _add_optional(sub, command)
     return parser
 
 
-OPTIONAL_COMMANDS = {"lab": "rlvr_ray.lab.cli", "report": "rlvr_ray.report.cli",
-                     "watch": "rlvr_ray.hub.cli", "demo": "rlvr_ray.demo"}  # fmt: skip
+# Optional subcommands: name -> (module with add_parser(subparsers), the extra it needs, help).
+# Only the module of the command that runs is imported, so --help and sql stay light.
+OPTIONAL_COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "lab": (
+        "rlvr_ray.lab.cli",
+        "lab",
+        "train small Qwen2/Llama/Mistral checkpoint families (base, RL and SFT runs)",
+    ),
+    "report": ("rlvr_ray.report.cli", "report", "write an HTML report of a results directory"),
+    "watch": ("rlvr_ray.hub.cli", None, "scan newly published RL fine-tunes of Hub bases"),
+    "demo": (
+        "rlvr_ray.demo",
+        None,
+        "build demo checkpoints, scan them on an embedded Ray, print the headline",
+    ),
+}
+
+# The extras of pyproject.toml: the modules each brings.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "lab": ("transformers",),
+    "report": ("matplotlib",),
+    "s3": ("boto3",),
+}
 
 
-def _unavailable(name: str, e: ImportError) -> int:
-    print(f"rlvr-ray: error: `{name}` is unavailable here ({e}); install the extras, e.g. "
-          "pip install 'rlvr-ray[lab,report]'", file=sys.stderr)  # fmt: skip
+def _extra_error(command: str, module: str, extra: str, hint: str = "") -> str:
+    return (
+        f"rlvr-ray {command}: error: needs {module}, from the `{extra}` extra: "
+        f"pip install 'rlvr-ray[{extra}]'{hint}"
+    )
+
+
+def missing_extra(command: str, extra: str, hint: str = "") -> str | None:
+    """The one-line error when a module of ``extra`` cannot be found, else None."""
+    for module in EXTRAS[extra]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return _extra_error(command, module, extra, hint)
+    return None
+
+
+def _extra_of_module(name: str | None) -> str | None:
+    top = (name or "").split(".")[0]
+    return next((extra for extra, mods in EXTRAS.items() if top in mods), None)
+
+
+def _add_optional(sub, command: str | None) -> None:
+    for name, (module, extra, help_text) in OPTIONAL_COMMANDS.items():
+        if name == command:
+            try:
+                importlib.import_module(module).add_parser(sub)
+                continue
+            except ImportError as e:  # the command explains instead of vanishing
+                sub.add_parser(name, help=help_text).set_defaults(
+                    func=lambda args, e=e, name=name: _unavailable(name, e)
+                )
+                continue
+        if extra and missing_extra(name, extra):
+            help_text += f" (needs pip install 'rlvr-ray[{extra}]')"
+        sub.add_parser(name, help=help_text)
+
+
+def _unavailable(command: str, e: ImportError) -> int:
+    extra = _extra_of_module(e.name)
+    if extra:
+        return _error_line(_extra_error(command, e.name, extra))
+    return _error_line(f"rlvr-ray {command}: error: unavailable here ({str(e).splitlines()[0]})")
+
+
+def _error_line(msg: str) -> int:
+    print(msg, file=sys.stderr)
     return 2
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_of(argv)
+    args = build_parser(command).parse_args(argv)
+    extra = OPTIONAL_COMMANDS.get(args.command, ("", None, ""))[1]
+    msg = extra and missing_extra(args.command, extra)
+    if msg:
+        return _error_line(msg)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:  # an extra's module missing below the command
+        if _extra_of_module(e.name) is None:
+            raise
+        return _unavailable(args.command, e)
+    except BrokenPipeError:  # the reader (| head) is gone: stop quietly, like the shell's tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not fail again
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

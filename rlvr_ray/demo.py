@@ -9,6 +9,8 @@ Everything runs locally: an embedded Ray, a local results directory, checkpoints
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,8 +56,36 @@ HEADLINE = [
 ]  # fmt: skip
 
 
+def cli_command() -> str:
+    """How to call ``rlvr-ray`` from here: its name when that is on PATH, else the script next to
+    this Python (``.venv/bin/rlvr-ray``), else ``python -m rlvr_ray.cli``."""
+    bindir = Path(sys.executable).parent
+    script = bindir / "rlvr-ray"
+    found = shutil.which("rlvr-ray")
+    if found and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "rlvr-ray"
+    if not script.exists():
+        return f"{sys.executable} -m rlvr_ray.cli"
+    return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+
+
 def run(args: argparse.Namespace) -> int:
-    from rlvr_ray.cli import print_rows
+    from rlvr_ray.cli import missing_extra, print_rows
+    from rlvr_ray.lab.settings import PRESETS
+
+    if args.preset not in PRESETS:
+        presets = ", ".join(sorted(PRESETS))
+        print(
+            f"rlvr-ray demo: error: unknown preset {args.preset!r} (presets: {presets})",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.planted:
+        msg = missing_extra("demo", "lab", hint=" (or run the demo with --planted)")
+        if msg:
+            print(msg, file=sys.stderr)
+            return 2
+
     from rlvr_ray.engine.config import load_sweep
     from rlvr_ray.engine.driver import run_scan
     from rlvr_ray.io import catalog
@@ -64,11 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.planted:
         sweep = _planted_sweep(out / "checkpoints")
     else:
-        try:
-            from rlvr_ray.lab.build import build_lab
-        except ImportError as e:
-            print(f"rlvr-ray: the lab needs the `lab` extra ({e}); try --planted", file=sys.stderr)
-            return 2
+        from rlvr_ray.lab.build import build_lab
+
         print(f"building the lab families in {out / 'lab'} (cached after the first run) ...")
         sweep = build_lab(out / "lab", preset=args.preset)
     results = out / "results"
@@ -82,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
         cols, rows = catalog.query(str(results), sql)
         print(f"\n{title}")
         print_rows(cols, rows)
-    print(f"\nevery run:  rlvr-ray summary --out {results}")
-    print(f'query it:   rlvr-ray sql "SELECT * FROM run_sparsity" --out {results}')
-    print(f"report:     rlvr-ray report --out {results}")
-    print(f"open it:    duckdb {results / 'atlas.duckdb'}")
+    cli = cli_command()
+    print(f"\nevery run:  {cli} summary --out {results}")
+    print(f'query it:   {cli} sql "SELECT * FROM run_sparsity" --out {results}')
+    print(f"report:     {cli} report --out {results}")
+    duckdb_cli = "" if shutil.which("duckdb") else "  (the CLI: pip install duckdb-cli)"
+    print(f"open it:    duckdb {results / 'atlas.duckdb'}{duckdb_cli}")
     return res.exit_code
 
 
@@ -93,6 +122,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="build demo checkpoints, scan them on an embedded Ray, print the headline")  # fmt: skip
     p.add_argument("--out", default="demo-out", help="where checkpoints and results go (default: demo-out)")  # fmt: skip
     p.add_argument("--planted", action="store_true", help="planted synthetic families instead of the trained lab")  # fmt: skip
-    p.add_argument("--preset", default="default", help="lab preset: default or tiny (default: default)")  # fmt: skip
+    p.add_argument("--preset", default="default", help="lab preset: default (minutes) or tiny (seconds) (default: default)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.set_defaults(func=run)

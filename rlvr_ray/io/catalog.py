@@ -34,6 +34,7 @@ from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import ALL_TABLES
 
 ATLAS = "atlas.duckdb"
+STORAGE_VERSION = "v1.0.0"
 _OK = "status IN ('ok', 'vocab_resized')"
 
 VIEWS: dict[str, str] = {
@@ -210,10 +211,14 @@ def refresh(out: str | Path, warn: Warn = _stderr) -> str:
     tmpdir = tempfile.mkdtemp(prefix=".atlas-", dir=results.root if results.local else None)
     try:
         tmp = os.path.join(tmpdir, ATLAS)
-        con = duckdb.connect(tmp)
+        con = duckdb.connect()
         try:
+            # the storage format every DuckDB 1.x reader (the `duckdb` CLI) opens
+            path = tmp.replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS atlas (STORAGE_VERSION '{STORAGE_VERSION}')")
+            con.execute("USE atlas")
             build(con, results, warn)
-            con.execute("CHECKPOINT")
+            con.execute("CHECKPOINT atlas")
         finally:
             con.close()
         final = results.path(ATLAS)

@@ -1,0 +1,251 @@
+"""The ``rlvr-ray`` command as a user runs it: real subprocesses, a real scan, a real atlas."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from rlvr_ray.cli import main
+from rlvr_ray.engine.config import sweep_from_dict
+from rlvr_ray.engine.driver import run_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = {"torch", "ray", "numba", "transformers"}
+
+# Put first on PYTHONPATH, this makes the modules named in $RLVR_TEST_BLOCK unimportable: a real
+# import failure, as when an extra is not installed.
+BLOCKER = """\
+import os, sys
+
+BLOCKED = set(os.environ.get("RLVR_TEST_BLOCK", "").split(","))
+
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def n_changed(fam, run):
+    """Weights whose bf16 bits changed, +0/-0 not counted (numpy, independent of the scan)."""
+    base = fam.bits["base"]
+    return sum(
+        int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
+        for k, b in fam.bits[run].items()
+    )
+
+
+def cli(*args, block=(), cwd=None, tmp=None, **kw):
+    env = dict(os.environ)
+    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    if block:
+        (tmp / "sitecustomize.py").write_text(BLOCKER)
+        paths.insert(0, str(tmp))
+        env["RLVR_TEST_BLOCK"] = ",".join(block)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def results(llama_family, tmp_path_factory, ray_local):
+    runs = [{"name": n, "checkpoint": str(p), "algorithm": n} for n, p in llama_family.runs.items()]
+    sweep = {
+        "groups": [{"name": "llama", "base": str(llama_family.base), "runs": runs}],
+        "params": {"geometry": False},
+    }
+    out = tmp_path_factory.mktemp("cli") / "results"
+    res = run_scan(sweep_from_dict(sweep, out.parent), str(out))
+    assert res.exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "argv, block, line",
+    [
+        (
+            ["lab", "--preset", "tiny"],
+            ["transformers"],
+            "rlvr-ray lab: error: needs transformers, from the `lab` extra: pip install 'rlvr-ray[lab]'",
+        ),
+        (
+            ["report"],
+            ["matplotlib"],
+            "rlvr-ray report: error: needs matplotlib, from the `report` extra: "
+            "pip install 'rlvr-ray[report]'",
+        ),
+        (
+            ["demo", "--preset", "tiny"],
+            ["transformers"],
+            "rlvr-ray demo: error: needs transformers, from the `lab` extra: "
+            "pip install 'rlvr-ray[lab]' (or run the demo with --planted)",
+        ),
+    ],
+)
+def test_a_command_whose_extra_is_missing_names_it_in_one_line(tmp_path, argv, block, line):
+    r = cli("-m", "rlvr_ray.cli", *argv, "--out", str(tmp_path / "out"), block=block, tmp=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n")
+    assert not (tmp_path / "out").exists()
+    listing = cli("-m", "rlvr_ray.cli", "--help", block=block, tmp=tmp_path).stdout
+    extra = line.split("`")[1]
+    if argv[0] != "demo":  # the demo needs the lab only without --planted
+        # argparse wraps the help text, at spaces and hyphens
+        assert f"(needspipinstall'rlvr-ray[{extra}]')" in "".join(listing.split())
+
+
+def imported(r) -> set[str]:
+    """Top-level packages named in ``python -X importtime``'s report."""
+    names = [
+        line.split("|")[-1].strip()
+        for line in r.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
+    return {n.split(".")[0] for n in names[1:]}  # the first line is the header
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["sql", "--help"],
+        ["sql", "SELECT 42 AS x"],
+        ["summary"],
+        ["summary", "--format", "json"],
+        ["report", "--report", "REPORT"],
+    ],
+)
+def test_query_commands_import_no_torch_ray_or_numba(results, tmp_path, argv):
+    argv = [str(tmp_path / "r.html") if a == "REPORT" else a for a in argv]
+    out = [] if "--help" in argv else ["--out", str(results)]
+    r = cli("-X", "importtime", "-m", "rlvr_ray.cli", *argv, *out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = imported(r)
+    assert "duckdb" in mods or "--help" in argv
+    assert mods & HEAVY == set()
+
+
+def test_summary_json_is_one_object_keyed_by_table(results, llama_family, capsys):
+    assert main(["summary", "--out", str(results), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc) == ["runs", "runs_geometry", "groups"]
+    total = sum(v.size for v in llama_family.bits["base"].values())
+    got = {r["run"]: r["sparsity"] for r in doc["runs"]}
+    assert got == {
+        run: pytest.approx(1 - n_changed(llama_family, run) / total, abs=5e-5 + 1e-12)
+        for run in ("grpo", "ppo")
+    }
+    assert doc["runs_geometry"] == []  # scanned without geometry
+    assert [(g["group_name"], g["n_runs"]) for g in doc["groups"]] == [("llama", 2)]
+
+
+def test_summary_csv_is_one_table_chosen_by_name(results, capsys):
+    assert main(["summary", "--out", str(results), "--format", "csv"]) == 2
+    assert capsys.readouterr().err == (
+        "rlvr-ray: error: --format csv writes one table: add "
+        "--table NAME (runs, runs_geometry, groups)\n"
+    )
+    assert main(["summary", "--out", str(results), "--format", "csv", "--table", "runs"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["group_name", "run", "algorithm", "step", "sparsity", "ulp1_share"]
+    assert sorted(r[1] for r in rows[1:]) == ["grpo", "ppo"]
+
+
+def test_sql_json_has_no_nan_and_numbers_stay_numbers(results, capsys):
+    q = "SELECT 'nan'::DOUBLE AS x, 1.5::DECIMAL(4, 2) AS d, DATE '2026-01-02' AS day"
+    assert main(["sql", q, "--out", str(results), "--format", "json"]) == 0
+
+    def strict(name):
+        raise ValueError(f"{name} is not JSON")
+
+    got = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert got == [{"x": None, "d": 1.5, "day": "2026-01-02"}]
+
+
+def test_sql_error_keeps_duckdbs_hints(results, capsys):
+    q = "SELECT run FROM run_sparsty"
+    con = duckdb.connect(str(results / "atlas.duckdb"), read_only=True)
+    with pytest.raises(duckdb.Error) as direct:
+        con.execute(q)
+    con.close()
+    assert main(["sql", q, "--out", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rlvr-ray: error: {str(direct.value).strip()}\n"
+    assert 'Did you mean "run_sparsity"' in err
+
+
+def test_a_closed_pipe_ends_quietly(results):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlvr_ray.cli",
+            "sql",
+            "SELECT * FROM range(300000)",
+            "--out",
+            str(results),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert p.stdout.readline() == b"range\n"
+    p.stdout.close()  # as `| head -1` does
+    err = p.stderr.read().decode()
+    assert (p.wait(timeout=60), err) == (141, "")
+
+
+def test_sql_and_summary_help_describe_them(capsys):
+    for cmd, words in [("sql", "SHOW TABLES lists them"), ("summary", "keyed by table name")]:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert words in " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_rejects_an_unknown_preset_in_one_line(tmp_path, capsys):
+    assert main(["demo", "--preset", "tny", "--out", str(tmp_path / "d")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "rlvr-ray demo: error: unknown preset 'tny' (presets: default, tiny)\n"
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_hints_name_a_command_that_runs(monkeypatch, tmp_path):
+    from rlvr_ray.demo import cli_command
+
+    script = Path(sys.executable).parent / "rlvr-ray"
+    if not script.exists():
+        pytest.skip("no rlvr-ray script next to this Python")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert cli_command() == str(script)
+    monkeypatch.chdir(script.parent.parent)
+    assert cli_command() == os.path.join(script.parent.name, "rlvr-ray")
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}/usr/bin:/bin")
+    assert cli_command() == "rlvr-ray"
+
+
+def test_listing_of_optional_commands_matches_their_parsers():
+    import argparse
+    import importlib
+
+    from rlvr_ray.cli import OPTIONAL_COMMANDS
+
+    for name, (module, _, help_text) in OPTIONAL_COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).add_parser(sub)
+        assert [(a.dest, a.help) for a in sub._choices_actions] == [(name, help_text)]
