@@ -210,11 +210,12 @@ def _sql(args) -> int:
 
     try:
         cols, rows = catalog.query(args.out, args.query, external_access=args.allow_external)
+    except duckdb.PermissionException as e:  # a refusal: one line, and how to lift it
+        hint = " (rlvr-ray sql reads the atlas only; --allow-external lifts this)"
+        hint = "" if args.allow_external else hint
+        return _error(str(e).splitlines()[0] + hint)
     except duckdb.Error as e:  # DuckDB's whole message: its "Did you mean" and LINE hints
-        hint = ""
-        if isinstance(e, duckdb.PermissionException) and not args.allow_external:
-            hint = " (rlvr-ray sql reads the atlas only; --allow-external lifts this)"
-        return _error(str(e).strip() + hint)
+        return _error(str(e).strip())
     except (catalog.QueryError, FileNotFoundError) as e:
         return _error(str(e).splitlines()[0])
     print_rows(cols, rows, args.format)
