@@ -52,6 +52,7 @@ STATUSES = {
     "missing_in_base": "tensor in the run but not in the base",
     "shape_mismatch": "shapes differ beyond the first dimension; not compared",
     "unsupported_dtype": "not a float tensor; not compared",
+    "empty": "the base's tensor has no elements (a 0 in its shape); nothing to compare or read",
     "nonfinite": "NaN or Inf in base or run; not compared",
     "read_error": "the tensor's bytes could not be read",
 }
@@ -491,6 +492,11 @@ class ScanWorker:
         if e0.dtype not in FLOAT_DTYPES:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
+            return
+        if e0.numel == 0:  # no row or column is allocated for it (a [2^40, 0] shape is valid)
+            for r in unit.runs:
+                msg = f"checkpoint {unit.base_ref}, tensor {name}: shape {list(e0.shape)} is empty"
+                self._skip(unit, spec, r, "empty", msg, out, numel=0, dtype_base=e0.dtype)
             return
         rows0 = e0.shape[0] if len(e0.shape) >= 2 else 1
         # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
