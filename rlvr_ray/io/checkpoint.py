@@ -147,6 +147,7 @@ def _open_regular(path: Path, ckpt: str) -> tuple[int, int]:
         os.close(fd)
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
         _fail(ckpt, f"not a regular file ({kind})", path.name)
+    os.set_blocking(fd, True)  # O_NONBLOCK was for the open only
     return fd, st.st_size
 
 
@@ -223,6 +224,12 @@ def read_header(path: Path, ckpt: str) -> tuple[dict, int, bytes, int]:
     header = _parse_json(raw, ckpt, name, "corrupt header")
     if not isinstance(header, dict):
         _fail(ckpt, "corrupt header (not a JSON object)", name)
+    if b"\\u" in raw:  # an escape may be a lone surrogate, which serde_json refuses
+        meta = header.get("__metadata__")
+        texts = [*header, *(meta.items() if isinstance(meta, dict) else ())]
+        bad = next((t for t in texts if not _utf8(str(t))), None)
+        if bad is not None:
+            _fail(ckpt, f"corrupt header ({bad!r} is not UTF-8)", name)
     return header, 8 + n, raw, size
 
 
@@ -245,41 +252,34 @@ def _entries(path: Path, ckpt: str, header: dict, offset: int, size: int) -> dic
     name = path.name
     items = []
     for tname, e in header.items():
-        if not _utf8(tname):
-            _fail(ckpt, f"corrupt header (name {tname!r} is not UTF-8)", name)
         if tname == "__metadata__":
             if e is not None and not (
-                isinstance(e, dict)
-                and all(isinstance(v, str) and _utf8(k + v) for k, v in e.items())
+                isinstance(e, dict) and all(isinstance(v, str) for v in e.values())
             ):
                 _fail(ckpt, "corrupt header (__metadata__ must map strings to strings)", name)
             continue
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             _fail(ckpt, "corrupt header entry (needs dtype, shape, data_offsets)", name, tname)
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        problem = None
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            _fail(ckpt, f"corrupt header: no safetensors dtype {dtype!r}", name, tname)
-        if not isinstance(shape, list) or not all(_usize(d) for d in shape):
-            _fail(
-                ckpt, f"corrupt header: shape {shape!r} is not a list of integers >= 0", name, tname
-            )
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_usize, offsets))):
-            _fail(
-                ckpt,
-                f"corrupt header: data_offsets {offsets!r} are not 2 integers >= 0",
-                name,
-                tname,
-            )
-        numel = 1
-        for d in shape:  # in order, as the crate's checked multiplication
-            numel *= d
-            if numel > _USIZE_MAX:
-                _fail(ckpt, f"corrupt header: shape {shape} overflows", name, tname)
-        bits = numel * DTYPES[dtype][0]
-        if bits > _USIZE_MAX or bits % 8:
-            _fail(
-                ckpt, f"corrupt header: {dtype}{shape} is not a whole number of bytes", name, tname
-            )
+            problem = f"no safetensors dtype {dtype!r}"
+        elif not isinstance(shape, list) or not all(map(_usize, shape)):
+            problem = f"shape {shape!r} is not a list of integers >= 0"
+        elif not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_usize, offsets))):
+            problem = f"data_offsets {offsets!r} are not 2 integers >= 0"
+        else:
+            numel = 1
+            for d in shape:  # in order, as the crate's checked multiplication
+                numel *= d
+                if numel > _USIZE_MAX:
+                    problem = f"shape {shape} overflows"
+                    break
+            bits = numel * DTYPES[dtype][0]
+            if not problem and (bits > _USIZE_MAX or bits % 8):
+                problem = f"{dtype}{shape} is not a whole number of bytes"
+        if problem:
+            _fail(ckpt, f"corrupt header: {problem}", name, tname)
         items.append((offsets[0], offsets[1], tname, dtype, tuple(shape), bits // 8))
     out: dict[str, TensorEntry] = {}
     end, last = 0, None
