@@ -57,6 +57,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 _USIZE_MAX = 2**64 - 1  # safetensors' dims, offsets and sizes are u64
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 4096
 _JSON_SPACE = b" \t\r\n"
+_EXTRA_DEPTH = 125  # nesting left to a tensor entry's extra keys under serde_json's limit
 
 
 class CheckpointError(Exception):
@@ -237,6 +238,15 @@ def _usize(x) -> bool:
     return type(x) is int and 0 <= x <= _USIZE_MAX
 
 
+def _too_deep(value, room: int) -> bool:
+    """Whether a parsed JSON value nests arrays/objects more than ``room`` deep."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return room == 0 or any(_too_deep(v, room - 1) for v in value)
+    return False
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")  # a lone surrogate escape (serde_json refuses it)
@@ -268,6 +278,8 @@ def _entries(path: Path, ckpt: str, header: dict, offset: int, size: int) -> dic
             problem = f"shape {shape!r} is not a list of integers >= 0"
         elif not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_usize, offsets))):
             problem = f"data_offsets {offsets!r} are not 2 integers >= 0"
+        elif len(e) > 3 and any(_too_deep(v, _EXTRA_DEPTH) for v in e.values()):
+            problem = "nested too deeply"  # serde_json's limit: 127 levels in all
         else:
             numel = 1
             for d in shape:  # in order, as the crate's checked multiplication

@@ -133,6 +133,10 @@ def _u8(start: int, end: int, shape=None) -> dict:
     return {"dtype": "U8", "shape": shape or [end - start], "data_offsets": [start, end]}
 
 
+def deep(n: int) -> list:
+    return json.loads("[" * n + "]" * n)
+
+
 ALIASED = {f"t{i}": _u8(0, 4) for i in range(2000)}
 REFUSED = [
     (
@@ -200,6 +204,7 @@ REFUSED = [
         "nested too deeply",
     ),
     ("not_utf8", b'{"\xff":1}', 0, "m.safetensors", "not UTF-8"),
+    ("extra_deep", {"a": {**_u8(0, 2), "x": deep(126)}}, 2, "tensor a", "nested too deeply"),
     (
         "surrogate",
         b'{"\\ud800":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}',
@@ -272,13 +277,14 @@ def test_every_safetensors_dtype_opens_and_unknown_ones_are_corrupt(tmp_path):
 
 
 def test_valid_edge_headers_open(tmp_path):
-    """A zero-element [2^40, 0] tensor, leading whitespace, null metadata, extra entry keys."""
+    """A zero-element [2^40, 0] tensor, leading whitespace, null metadata, extra entry keys
+    nested as deep as safetensors reads them."""
     path = tmp_path / "m.safetensors"
     header = {
         "__metadata__": None,
         "e": _u8(0, 0, [2**40, 0]),
         "z": _u8(0, 0, [0]),
-        "a": {**_u8(0, 2), "extra": [1]},
+        "a": {**_u8(0, 2), "extra": deep(125)},  # 127 levels in all: serde_json's limit
     }
     _raw_file(path, b"\n " + json.dumps(header).encode(), b"\1\2")
     assert not _safe_open_refuses(path)
