@@ -164,10 +164,27 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+class _Object(dict):
+    """A parsed JSON object that remembers which of its keys were repeated."""
+
+    repeated: frozenset = frozenset()
+
+
+def _object(pairs: list[tuple]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        obj.repeated = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
 def _parse_json(raw: bytes, ckpt: str, file: str, what: str):
-    """Strict JSON, as serde_json reads it: UTF-8, no NaN/Infinity; a one-line error."""
+    """Strict JSON, as serde_json reads it: UTF-8, no NaN/Infinity; a one-line error. Objects
+    remember repeated keys (safetensors refuses a repeated field, not a repeated name)."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_object
+        )
     except UnicodeDecodeError:
         _fail(ckpt, f"{what} (not UTF-8)", file)
     except RecursionError:
@@ -225,6 +242,8 @@ def read_header(path: Path, ckpt: str) -> tuple[dict, int, bytes, int]:
     header = _parse_json(raw, ckpt, name, "corrupt header")
     if not isinstance(header, dict):
         _fail(ckpt, "corrupt header (not a JSON object)", name)
+    if "__metadata__" in header.repeated:
+        _fail(ckpt, "corrupt header (__metadata__ given twice)", name)
     if b"\\u" in raw:  # an escape may be a lone surrogate, which serde_json refuses
         meta = header.get("__metadata__")
         texts = [*header, *(meta.items() if isinstance(meta, dict) else ())]
@@ -272,7 +291,9 @@ def _entries(path: Path, ckpt: str, header: dict, offset: int, size: int) -> dic
             _fail(ckpt, "corrupt header entry (needs dtype, shape, data_offsets)", name, tname)
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         problem = None
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if twice := sorted(e.repeated & {"dtype", "shape", "data_offsets"}):
+            problem = f"{twice[0]} given twice"
+        elif not isinstance(dtype, str) or dtype not in DTYPES:
             problem = f"no safetensors dtype {dtype!r}"
         elif not isinstance(shape, list) or not all(map(_usize, shape)):
             problem = f"shape {shape!r} is not a list of integers >= 0"

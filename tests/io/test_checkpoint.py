@@ -204,6 +204,20 @@ REFUSED = [
         "nested too deeply",
     ),
     ("not_utf8", b'{"\xff":1}', 0, "m.safetensors", "not UTF-8"),
+    (
+        "twice",
+        b'{"a":{"dtype":"F32","dtype":"U8","shape":[2],"data_offsets":[0,2]}}',
+        2,
+        "tensor a",
+        "dtype given twice",
+    ),
+    (
+        "meta_twice",
+        b'{"__metadata__":{},"__metadata__":{}}',
+        0,
+        "m.safetensors",
+        "__metadata__ given twice",
+    ),
     ("extra_deep", {"a": {**_u8(0, 2), "x": deep(126)}}, 2, "tensor a", "nested too deeply"),
     (
         "surrogate",
