@@ -40,6 +40,7 @@ from rlvr_ray.io.checkpoint import (
     Checkpoint,
     CheckpointError,
     open_checkpoint,
+    torch_dtype,
 )
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import TABLES, ULP_BIN_EDGES
@@ -66,6 +67,7 @@ STATUSES = {
     "shape_mismatch": "shapes differ beyond the first dimension; not compared",
     "unsupported_dtype": "not a float tensor; not compared",
     "dtype_mismatch": "FP8 in one copy, another dtype (or FP8 format) in the other; not compared",
+    "empty": "the base's tensor has no elements (a 0 in its shape); nothing to compare or read",
     "nonfinite": "NaN or Inf in base or run; not compared",
     "read_error": "the tensor's bytes could not be read",
 }
@@ -182,7 +184,7 @@ class _Source:
         """Rows [a, b) in the stored dtype, [b - a, cols], read into buffer ``key`` (then moved
         to ``device``, if a GPU)."""
         e = self.ck.entries[self.name]
-        dtype, size = DTYPES[e.dtype]
+        dtype, size = torch_dtype(e.dtype)
         n = self.nbytes(a, b)
         buf = self.worker.buffer(key, n)[:n]
         if n:
@@ -590,6 +592,11 @@ class ScanWorker:
             for r in unit.runs:
                 self._skip(unit, spec, r, "unsupported_dtype", f"base dtype {e0.dtype}", out)
             return
+        if e0.numel == 0:  # no row or column is allocated for it (a [2^40, 0] shape is valid)
+            for r in unit.runs:
+                msg = f"checkpoint {unit.base_ref}, tensor {name}: shape {list(e0.shape)} is empty"
+                self._skip(unit, spec, r, "empty", msg, out, numel=0, dtype_base=e0.dtype)
+            return
         shape = piece_shape(e0.shape, spec.piece)
         _, rows0, cols0 = piece_layout(e0.shape, spec.piece)
         # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
@@ -598,7 +605,7 @@ class ScanWorker:
         if fused:  # every tensor not read whole for the SVD is read window by window
             stream = skip_reason(unit.params, spec.role, shape) is not None
         else:
-            stream = streams(unit.params, spec.role, shape, rows0 * cols0 * DTYPES[e0.dtype][1])
+            stream = streams(unit.params, spec.role, shape, rows0 * cols0 * DTYPES[e0.dtype][0] // 8)
         src0 = _Source(self, base, name, 0, stream, fused=fused, expert=spec.piece)
         compared = self._load_runs(unit, spec, base, runs, stream, out, fused)
         sources = [src0, *(c.src for c in compared)]

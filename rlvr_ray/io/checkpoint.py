@@ -3,67 +3,60 @@
 A reference is an HF-layout directory (``config.json`` + ``*.safetensors``, optionally sharded
 with ``model.safetensors.index.json``), a single ``.safetensors`` file, or ``scheme://...`` for a
 registered scheme (``hf://`` comes from ``rlvr_ray.hub``). Only headers are read up front; the
-header is parsed and checked by our own code so that every defect gets a one-line error naming
-the checkpoint, the file and the tensor. Pickle checkpoints are refused without being opened.
+header is parsed and checked by our own code (``rlvr_ray.io.files``) so that every defect gets a
+one-line error naming the checkpoint, the file and the tensor. Pickle checkpoints are refused
+without being opened.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import struct
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from rlvr_ray.io.files import (
+    DTYPES,
+    FILE_KINDS,
+    FLOAT_DTYPES,
+    MAX_HEADER_BYTES,
+    CheckpointError,
+    TensorEntry,
+    fail,
+    header_entries,
+    open_regular,
+    read_header,
+    read_json,
+)
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's limit
+if TYPE_CHECKING:  # torch is imported where tensors are built: reading headers needs none
+    import torch
+
+__all__ = [
+    "DTYPES",
+    "torch_dtype",
+    "FLOAT_DTYPES",
+    "INDEX_NAME",
+    "MAX_HEADER_BYTES",
+    "PICKLE_SUFFIXES",
+    "Checkpoint",
+    "CheckpointError",
+    "ResolvedRef",
+    "TensorEntry",
+    "fingerprint_files",
+    "open_checkpoint",
+    "read_header",
+    "register_scheme",
+    "resolve",
+]
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2), "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
-    "I16": (torch.int16, 2), "I32": (torch.int32, 4), "I64": (torch.int64, 8),
-    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-}  # fmt: skip
-FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 64, 4096
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be read; the message is one line naming checkpoint, file, tensor."""
-
-
-def _fail(ckpt: str, msg: str, file: str | None = None, tensor: str | None = None):
-    where = f"checkpoint {ckpt}"
-    if file:
-        where += f", file {file}"
-    if tensor:
-        where += f", tensor {tensor}"
-    raise CheckpointError(f"{where}: {msg}")
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor's place on disk: absolute byte range [start, end) of ``file``."""
-
-    name: str
-    file: str
-    dtype: str  # safetensors code, e.g. "BF16"
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -88,58 +81,19 @@ def resolve(ref: str) -> ResolvedRef:
         if scheme not in _SCHEMES and scheme == "hf":
             import rlvr_ray.hub  # noqa: F401  (registers the hf scheme)
         if scheme not in _SCHEMES:
-            _fail(ref, f"unknown reference scheme {scheme!r} (known: {sorted(_SCHEMES)})")
+            fail(ref, f"unknown reference scheme {scheme!r} (known: {sorted(_SCHEMES)})")
         return _SCHEMES[scheme](ref)
     return ResolvedRef(Path(ref).expanduser())
 
 
-def read_header(path: Path, ckpt: str) -> tuple[dict, int, bytes]:
-    """Parse and check a safetensors header -> (entries json, data offset, raw header bytes)."""
-    name = path.name
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            _fail(ckpt, f"truncated: {size} bytes, shorter than the 8-byte header length", name)
-        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-            _fail(
-                ckpt, "a pickle/zip torch file named .safetensors; refused, never unpickled", name
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            _fail(ckpt, f"oversized header: {n} bytes > {MAX_HEADER_BYTES} limit", name)
-        if 8 + n > size:
-            _fail(ckpt, f"truncated: header of {n} bytes but file is {size} bytes", name)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        _fail(ckpt, f"corrupt header (not JSON: {e})", name)
-    if not isinstance(header, dict):
-        _fail(ckpt, "corrupt header (not a JSON object)", name)
-    return header, 8 + n, raw
+def torch_dtype(code: str) -> tuple[torch.dtype, int] | None:
+    """The torch dtype a stored safetensors dtype reads as, and its size in bytes (None for a
+    sub-byte dtype or one this torch lacks). Imports torch."""
+    import torch
 
-
-def _entries(path: Path, ckpt: str, header: dict, offset: int) -> dict[str, TensorEntry]:
-    size = path.stat().st_size
-    out: dict[str, TensorEntry] = {}
-    for tname, e in header.items():
-        if tname == "__metadata__":
-            continue
-        try:
-            dtype, shape, (s, t) = e["dtype"], tuple(int(x) for x in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            _fail(ckpt, "corrupt header entry (needs dtype, shape, data_offsets)", path.name, tname)
-        if dtype not in DTYPES:
-            _fail(ckpt, f"unsupported dtype {dtype}", path.name, tname)
-        if any(d < 0 for d in shape) or not 0 <= s <= t:
-            _fail(ckpt, f"corrupt header entry (shape {shape}, offsets {s}..{t})", path.name, tname)
-        if t - s != math.prod(shape) * DTYPES[dtype][1]:
-            _fail(ckpt, f"corrupt header: {t - s} bytes for {dtype}{list(shape)}", path.name, tname)
-        if offset + t > size:
-            _fail(ckpt, f"truncated: data ends at byte {offset + t}, file has {size}", path.name, tname)  # fmt: skip
-        out[tname] = TensorEntry(tname, str(path), dtype, shape, offset + s, offset + t)
-    return out
+    bits, torch_name = DTYPES[code]
+    dtype = getattr(torch, torch_name or "", None)
+    return (dtype, bits // 8) if bits % 8 == 0 and isinstance(dtype, torch.dtype) else None
 
 
 @dataclass
@@ -171,8 +125,17 @@ class Checkpoint:
         """Rows [a, b) of a tensor's first dimension, shape [b - a, *shape[1:]] (a 0-d or 1-D
         tensor counts as one row: the whole of it). Positional reads on a descriptor kept open
         per file: safe from any thread."""
+        import torch
+
         e = self.entries[name]
-        dtype, size = DTYPES[e.dtype]
+        if (kind := torch_dtype(e.dtype)) is None:
+            fail(
+                self.ref,
+                f"dtype {e.dtype} cannot be read as a tensor here",
+                Path(e.file).name,
+                name,
+            )
+        dtype, size = kind
         shape = e.shape if len(e.shape) >= 2 else (1, *e.shape)
         row_bytes = math.prod(shape[1:]) * size
         nbytes = (b - a) * row_bytes
@@ -193,13 +156,13 @@ class Checkpoint:
             while got < n and (k := os.preadv(fd, [view[got:]], e.start + offset + got)):
                 got += k
         except OSError as err:
-            _fail(self.ref, f"read failed ({err.strerror})", Path(e.file).name, e.name)
+            fail(self.ref, f"read failed ({err.strerror})", Path(e.file).name, e.name)
         return got
 
     def read_exact(self, e: TensorEntry, offset: int, view: memoryview) -> None:
         """``pread``, or a one-line error naming the file and tensor if the file ends early."""
         if (got := self.pread(e, offset, view)) != len(view):
-            _fail(self.ref, f"short read ({got} of {len(view)} bytes)", Path(e.file).name, e.name)
+            fail(self.ref, f"short read ({got} of {len(view)} bytes)", Path(e.file).name, e.name)
 
     def will_need(self, name: str) -> bool:
         """Ask the kernel to start reading a tensor's bytes into the page cache (returns at
@@ -223,10 +186,7 @@ class Checkpoint:
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as err:
-                _fail(self.ref, f"cannot open ({err.strerror})", Path(file).name)
+            fd, _ = open_regular(Path(file), self.ref)
             if (kept := self._fds.setdefault(file, fd)) != fd:  # another thread was first
                 os.close(fd)
                 fd = kept
@@ -256,32 +216,43 @@ def _resident(fd: int, offset: int) -> bool:
 def _refuse_pickles(ckpt: str, paths: list[Path]) -> None:
     pickles = [p.name for p in paths if p.suffix in PICKLE_SUFFIXES]
     if pickles:
-        _fail(ckpt, f"pickle checkpoint ({', '.join(sorted(pickles))}) refused: rlvr-ray never "
+        fail(ckpt, f"pickle checkpoint ({', '.join(sorted(pickles))}) refused: rlvr-ray never "
                     "unpickles; convert it to safetensors")  # fmt: skip
 
 
-def _shard_files(ckpt: str, root: Path) -> list[Path]:
+def _shard_files(ckpt: str, root: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """-> (the directory's safetensors files, the index's tensor -> shard map if it has one)."""
     index = root / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            _fail(ckpt, f"malformed index ({e})", INDEX_NAME)
+    if os.path.lexists(index):
+        weight_map = read_json(index, ckpt, "malformed index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and not Path(v).is_absolute() and ".." not in Path(v).parts
+            for v in weight_map.values()
+        ):
+            fail(
+                ckpt,
+                "malformed index (weight_map must map tensors to shard file names)",
+                INDEX_NAME,
+            )
         files = []
         for shard in sorted(set(weight_map.values())):
-            if not (root / shard).is_file():
+            if not os.path.lexists(root / shard):
                 names = sorted(k for k, v in weight_map.items() if v == shard)
-                _fail(ckpt, f"index names missing shard {shard}", INDEX_NAME, names[0])
+                fail(ckpt, f"index names missing shard {shard}", INDEX_NAME, names[0])
             files.append(root / shard)
-        return files
-    files = sorted(root.glob("*.safetensors"))
+        return files, weight_map
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as err:
+        fail(ckpt, f"cannot list ({err.strerror})", root.name)
+    files = [root / n for n in names if n.endswith(".safetensors")]
     if not files:
-        _refuse_pickles(ckpt, sorted(root.iterdir()))
-        _fail(ckpt, f"no *.safetensors files in {root} (empty checkpoint)")
-    return files
+        _refuse_pickles(ckpt, [root / n for n in names])
+        fail(ckpt, f"no *.safetensors files in {root} (empty checkpoint)")
+    return files, None
 
 
-def fingerprint_files(files: list[Path], headers: list[bytes]) -> str:
+def fingerprint_files(files: list[Path], headers: list[bytes], ckpt: str = "") -> str:
     """sha256 over each file's name, size, header and 64 sampled 4 KiB data blocks.
 
     Headers alone would collide (a run and its base share names, shapes and offsets); the
@@ -289,15 +260,17 @@ def fingerprint_files(files: list[Path], headers: list[bytes]) -> str:
     """
     h = hashlib.sha256()
     for path, raw in zip(files, headers, strict=True):
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        h.update(raw)
-        start = 8 + len(raw)
-        span = max(size - start - _SAMPLE_BYTES, 0)
-        with open(path, "rb") as f:
+        fd, size = open_regular(path, ckpt or str(path))
+        try:
+            h.update(f"{path.name}\0{size}\0".encode())
+            h.update(raw)
+            start = 8 + len(raw)
+            span = max(size - start - _SAMPLE_BYTES, 0)
             for i in range(_SAMPLE_BLOCKS):
-                f.seek(start + span * i // max(_SAMPLE_BLOCKS - 1, 1))
-                h.update(f.read(_SAMPLE_BYTES))
+                at = start + span * i // max(_SAMPLE_BLOCKS - 1, 1)
+                h.update(os.pread(fd, _SAMPLE_BYTES, at))
+        finally:
+            os.close(fd)
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -305,37 +278,50 @@ def open_checkpoint(ref: str, fingerprint: bool = True) -> Checkpoint:
     """Resolve ``ref``, read and check every header; no tensor data is read (but samples).
 
     ``fingerprint=False`` skips the sampled content hash (workers re-opening a planned ref).
+    Any defect of the checkpoint's files raises CheckpointError (one line), nothing else.
     """
     resolved = resolve(ref)
+    try:
+        return _open_local(ref, resolved, fingerprint)
+    except OSError as err:  # anything the checks above did not foresee (the files changed)
+        where = Path(err.filename).name if err.filename else None
+        fail(ref, f"cannot read ({err.strerror or err})", where)
+
+
+def _open_local(ref: str, resolved: ResolvedRef, fingerprint: bool) -> Checkpoint:
     root = resolved.path
-    if not root.exists():
-        _fail(ref, f"path {root} does not exist")
-    if root.is_file():
+    try:
+        mode = os.stat(root).st_mode
+    except OSError as err:
+        if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+            fail(ref, f"path {root} does not exist")
+        fail(ref, f"cannot open ({err.strerror})", root.name)
+    weight_map = None
+    if stat.S_ISREG(mode):
         _refuse_pickles(ref, [root])
         if root.suffix != ".safetensors":
-            _fail(ref, "not a .safetensors file or HF directory", root.name)
+            fail(ref, "not a .safetensors file or HF directory", root.name)
         files, cfg_path = [root], root.parent / "config.json"
+    elif stat.S_ISDIR(mode):
+        files, weight_map = _shard_files(ref, root)
+        cfg_path = root / "config.json"
     else:
-        files, cfg_path = _shard_files(ref, root), root / "config.json"
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+        fail(ref, f"not a .safetensors file or HF directory ({kind})", root.name)
     config = None
-    if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            _fail(ref, f"malformed config.json ({e})", "config.json")
+    if os.path.lexists(cfg_path):
+        config = read_json(cfg_path, ref, "malformed config.json")
     entries: dict[str, TensorEntry] = {}
     raws = []
     for f in files:
-        header, offset, raw = read_header(f, ref)
+        header, offset, raw, size = read_header(f, ref)
         raws.append(raw)
-        for name, e in _entries(f, ref, header, offset).items():
+        for name, e in header_entries(f, ref, header, offset, size).items():
             if name in entries:
-                _fail(ref, f"tensor also in {Path(entries[name].file).name}", f.name, name)
+                fail(ref, f"tensor also in {Path(entries[name].file).name}", f.name, name)
             entries[name] = e
-    index = root / INDEX_NAME if root.is_dir() else None
-    if index is not None and index.exists():
-        for name, shard in json.loads(index.read_text())["weight_map"].items():
-            if name not in entries or Path(entries[name].file).name != shard:
-                _fail(ref, f"index places tensor in {shard} but it is not there", shard, name)
-    fp = resolved.fingerprint or (fingerprint_files(files, raws) if fingerprint else "")
+    for name, shard in (weight_map or {}).items():
+        if name not in entries or Path(entries[name].file) != root / shard:
+            fail(ref, f"index places tensor in {shard} but it is not there", shard, name)
+    fp = resolved.fingerprint or (fingerprint_files(files, raws, ref) if fingerprint else "")
     return Checkpoint(ref, root, entries, config, fp, files)

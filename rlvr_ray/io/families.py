@@ -10,6 +10,7 @@ recognised by name, and the planner cuts it into one matrix per expert.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,10 +62,21 @@ def _table() -> dict:
     return json.loads(text)
 
 
+def _layer_count(value) -> int | None:
+    """A positive layer count from a config value (an int, or a float or digit string of
+    one), else None: null, "many", 1e999 (inf), a bool or a negative count is unknown."""
+    whole = isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    if whole or (isinstance(value, str) and value.strip().isdecimal()):
+        value = int(value)
+    elif isinstance(value, bool):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def family_for(config: dict | None) -> Family:
     """Pick the family entry for a parsed ``config.json`` (None or unknown -> the default)."""
     table = _table()
-    config = config or {}
+    config = config if isinstance(config, dict) else {}
     model_type = str(config.get("model_type") or "").lower()
     entry_name = table["default"]
     for name, entry in table["families"].items():
@@ -73,9 +85,8 @@ def family_for(config: dict | None) -> Family:
             break
     entry = table["families"][entry_name]
     text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    n_layers = next(
-        (int(c[k]) for c in (config, text_cfg) for k in entry["n_layers_keys"] if k in c), None
-    )
+    counts = (_layer_count(c.get(k)) for c in (config, text_cfg) for k in entry["n_layers_keys"])
+    n_layers = next((n for n in counts if n is not None), None)
     return Family(
         name=model_type or "unknown",
         layer_re=re.compile(entry["layer"]),

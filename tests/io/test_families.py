@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlvr_ray.io.families import family_for
+from rlvr_ray.io.families import TensorInfo, family_for
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,42 @@ def test_depth_without_a_layer_count_and_without_config():
     fam = family_for(None)
     assert fam.name == "unknown"
     assert fam.classify("model.layers.4.self_attn.v_proj.weight").depth == 1.0
+
+
+@pytest.mark.parametrize("count", [None, "many", float("inf"), True, False, -3, 0, 2.5, [4], {}])
+def test_a_layer_count_that_is_not_one_is_unknown(count):
+    """Depth then comes from the layers seen, as when the key is absent."""
+    fam = family_for({"model_type": "llama", "num_hidden_layers": count})
+    assert fam.n_layers is None
+    absent = family_for({"model_type": "llama"})
+    name = "model.layers.3.mlp.up_proj.weight"
+    assert fam.classify(name) == absent.classify(name) == TensorInfo("up", 3, 1.0)
+
+
+def test_a_bad_count_falls_back_to_the_text_config():
+    cfg = {
+        "model_type": "llama",
+        "num_hidden_layers": "many",
+        "text_config": {"num_hidden_layers": 5.0},
+    }
+    assert family_for(cfg).n_layers == 5
+    assert family_for({"model_type": "llama", "num_hidden_layers": "12"}).n_layers == 12
+
+
+def test_config_json_with_1e999_layers_opens_and_plans(tmp_path):
+    """The JSON number 1e999 parses as inf: the checkpoint opens and its depth is unknown."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rlvr_ray.io.checkpoint import open_checkpoint
+
+    save_file(
+        {"model.layers.1.mlp.up_proj.weight": torch.ones(2, 2)}, str(tmp_path / "m.safetensors")
+    )
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1e999}')
+    ck = open_checkpoint(str(tmp_path))
+    assert ck.config["num_hidden_layers"] == float("inf")
+    assert family_for(ck.config).classify("model.layers.1.mlp.up_proj.weight").depth == 1.0
 
 
 # -- mixture-of-experts families, as transformers 5 saves them --------------------------------
