@@ -20,7 +20,7 @@ from rlvr_ray.io.checkpoint import Checkpoint
 from rlvr_ray.io.families import family_for
 
 MIN_UNITS = 16  # small models still spread over several actors
-SCHEMA_VERSION = 1  # bump when a statistic's definition changes: old scan ids stop matching
+SCHEMA_VERSION = 2  # bump when a statistic's definition changes: old scan ids stop matching
 PLAN_VERSION = 2  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
 
 
@@ -49,6 +49,16 @@ class TensorSpec:
     depth: float | None
     nbytes: int  # summed over the base and every run that has it
     shape: tuple[int, ...] = ()  # the base's (else the first run's that has it)
+    tower: str = "text"
+    #: the base's tensor compared as this one, when not ``name``: a tied embedding standing in
+    #: for an output head the base does not store
+    base_tensor: str | None = None
+    #: per run, the run's tensor compared as this one (likewise); empty: ``name`` in every run
+    run_tensors: tuple[str, ...] = ()
+
+    def run_tensor(self, i: int) -> str:
+        """The tensor read from run i (a checkpoint without it reads as missing)."""
+        return self.run_tensors[i] if self.run_tensors else self.name
 
 
 @dataclass(frozen=True)
@@ -129,13 +139,18 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
     for _, ck in runs:
         names.update(ck.entries)
     specs = []
+    cks = [base, *(c for _, c in runs)]
     for name in sorted(names, key=natural_key):
         info = fam.classify(name)
-        nbytes = sum(ck.entries[name].nbytes for ck in [base, *(c for _, c in runs)]
-                     if name in ck.entries)  # fmt: skip
-        shape = next(ck.entries[name].shape for ck in [base, *(c for _, c in runs)]
-                     if name in ck.entries)  # fmt: skip
-        specs.append(TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape))
+        # the tensor each checkpoint holds for ``name``: itself, or a tied embedding for a head
+        srcs = [fam.stand_in(name, ck.entries, ck.config) or name for ck in cks]
+        held = [ck.entries[n] for ck, n in zip(cks, srcs, strict=True) if n in ck.entries]
+        nbytes, shape = sum(e.nbytes for e in held), held[0].shape
+        specs.append(TensorSpec(
+            name, info.role, info.layer, info.depth, nbytes, shape, info.tower,
+            base_tensor=srcs[0] if srcs[0] != name else None,
+            run_tensors=tuple(srcs[1:]) if any(n != name for n in srcs[1:]) else (),
+        ))  # fmt: skip
     run_specs = tuple(r for r, _ in runs)
     sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
     units = tuple(
