@@ -132,7 +132,7 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
 
 def _print_summary(out: str, fmt: str = "table") -> None:
     from rlvr_ray.io import catalog
-    from rlvr_ray.io.summary import SUMMARY_SECTIONS
+    from rlvr_ray.io.summary import COVERAGE_SQL, COVERAGE_WARN, SUMMARY_SECTIONS, coverage_warning
 
     for title, sql in SUMMARY_SECTIONS:
         cols, rows = catalog.query(out, sql)
@@ -140,6 +140,8 @@ def _print_summary(out: str, fmt: str = "table") -> None:
             if fmt == "table":
                 print(f"\n{title}")
             print_rows(cols, rows, fmt)
+    for row in catalog.query(out, COVERAGE_SQL, [COVERAGE_WARN])[1]:
+        print(f"rlvr-ray: {coverage_warning(*row)}", file=sys.stderr)
 
 
 def _sql(args) -> int:
