@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlvr_ray import __version__
 from rlvr_ray.engine.config import Group, Params
@@ -146,11 +146,10 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
         srcs = [fam.stand_in(name, ck.entries, ck.config) or name for ck in cks]
         held = [ck.entries[n] for ck, n in zip(cks, srcs, strict=True) if n in ck.entries]
         nbytes, shape = sum(e.nbytes for e in held), held[0].shape
-        specs.append(TensorSpec(
-            name, info.role, info.layer, info.depth, nbytes, shape, info.tower,
-            base_tensor=srcs[0] if srcs[0] != name else None,
-            run_tensors=tuple(srcs[1:]) if any(n != name for n in srcs[1:]) else (),
-        ))  # fmt: skip
+        base_tensor = srcs[0] if srcs[0] != name else None
+        run_tensors = tuple(srcs[1:]) if any(n != name for n in srcs[1:]) else ()
+        spec = TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape, info.tower)
+        specs.append(replace(spec, base_tensor=base_tensor, run_tensors=run_tensors))
     run_specs = tuple(r for r, _ in runs)
     sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
     units = tuple(

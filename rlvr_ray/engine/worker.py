@@ -440,9 +440,12 @@ class ScanWorker:
         rname = spec.run_tensor(unit.runs.index(run))
         ck = self._open.get(run.ref)
         e1 = ck.entries.get(rname) if ck is not None else None
-        row |= {"tower": spec.tower, "base_tensor": spec.base_tensor,
-                "run_tensor": rname if rname != spec.name else None,
-                "run_numel": e1.numel if e1 is not None else None}  # fmt: skip
+        row |= {
+            "tower": spec.tower,
+            "base_tensor": spec.base_tensor,
+            "run_tensor": rname if rname != spec.name else None,
+            "run_numel": e1.numel if e1 is not None else None,
+        }
         row.update(kw)
         return row
 

@@ -51,7 +51,9 @@ class Family:
     def classify(self, tensor: str) -> TensorInfo:
         role = next((r for pat, r in self.roles if pat.search(tensor)), "other")
         tower = next((t for t in self.towers if t.match.search(tensor)), None)
-        layer_re, n_layers = (tower.layer_re, tower.n_layers) if tower else (self.layer_re, self.n_layers)  # fmt: skip
+        layer_re, n_layers = (
+            (tower.layer_re, tower.n_layers) if tower else (self.layer_re, self.n_layers)
+        )
         m = layer_re.search(tensor) if layer_re is not None else None
         layer = int(m.group(1)) if m else None
         depth = None
@@ -114,7 +116,9 @@ def family_for(config: dict | None) -> Family:
     )
     towers = []
     for t in entry.get("towers", []):
-        n = next((int(v) for k in t["n_layers_keys"] if (v := _lookup(config, k)) is not None), None)  # fmt: skip
+        n = next(
+            (int(v) for k in t["n_layers_keys"] if (v := _lookup(config, k)) is not None), None
+        )
         layer_re = re.compile(t["layer"]) if t["layer"] else None
         towers.append(Tower(t["tower"], re.compile(t["match"]), layer_re, n))
     tied = entry.get("tied")

@@ -20,8 +20,10 @@ SUMMARY_SECTIONS: list[tuple[str, str]] = [
 
 #: a run whose compared share of weights is below this gets a one-line warning
 COVERAGE_WARN = 0.99
-COVERAGE_SQL = ("SELECT group_name, run, coverage, n_tensors, n_tensors_all FROM run_sparsity "
-                "WHERE coverage < ? ORDER BY group_name, run")  # fmt: skip
+COVERAGE_SQL = (
+    "SELECT group_name, run, coverage, n_tensors, n_tensors_all FROM run_sparsity "
+    "WHERE coverage < ? ORDER BY group_name, run"
+)
 
 
 def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_all: int) -> str:
@@ -31,7 +33,9 @@ def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_al
     def quoted(v: str) -> str:
         return "'" + v.replace("'", "''") + "'"
 
-    return (f"warning: group {group}, run {run}: only {pct:.1f}% of the run's weights were "
-            f"compared ({n_tensors or 0} of {n_all} tensors); see SELECT tensor, status, message "
-            f"FROM tensors WHERE group_name = {quoted(group)} AND run = {quoted(run)} "
-            "AND status NOT IN ('ok', 'vocab_resized')")  # fmt: skip
+    return (
+        f"warning: group {group}, run {run}: only {pct:.1f}% of the run's weights were "
+        f"compared ({n_tensors or 0} of {n_all} tensors); see SELECT tensor, status, message "
+        f"FROM tensors WHERE group_name = {quoted(group)} AND run = {quoted(run)} "
+        "AND status NOT IN ('ok', 'vocab_resized')"
+    )

@@ -37,8 +37,15 @@ def phi3(root):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=2, vocab_size=256, pad_token_id=0)  # fmt: skip
+    cfg = Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+    )
     model = Phi3ForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(root / "phi3-base", safe_serialization=True)
     gen = torch.Generator().manual_seed(1)
@@ -55,8 +62,7 @@ def scanned(qwen_family, tmp_path_factory):
     fam = qwen_family
     gap = dict(fam.bits["grpo-b"])
     gap[UP1] = gap[UP1][:, :16].copy()  # shape_mismatch: not compared
-    runs = {"full": fam.runs["grpo-a"],
-            "gap": write_checkpoint(root / "gap", gap, "qwen2", 2)}  # fmt: skip
+    runs = {"full": fam.runs["grpo-a"], "gap": write_checkpoint(root / "gap", gap, "qwen2", 2)}
     for name, src in [("vocab1", "dapo"), ("vocab2", "grpo-a")]:
         b = dict(fam.bits[src])
         for t in ("model.embed_tokens.weight", "lm_head.weight"):  # 96 -> 98 rows
@@ -64,22 +70,37 @@ def scanned(qwen_family, tmp_path_factory):
         runs[name] = write_checkpoint(root / name, b, "qwen2", 2)
     other = planted_family(root / "other", "qwen2", layers=2, seed=7, runs={"grpo": 0.3})
     phi_base, phi_run = phi3(root)
-    sweep = {"groups": [
-        {"name": "g", "base": str(fam.base),
-         "runs": [{"name": n, "checkpoint": str(p)} for n, p in runs.items()]},
-        {"name": "other", "base": str(other.base),
-         "runs": [{"name": "grpo", "checkpoint": str(other.runs["grpo"])}]},
-        {"name": "phi3", "base": str(phi_base), "runs": [{"name": "run", "checkpoint": str(phi_run)}]}],
-        "params": {"geometry": False}}  # fmt: skip
+    sweep = {
+        "groups": [
+            {
+                "name": "g",
+                "base": str(fam.base),
+                "runs": [{"name": n, "checkpoint": str(p)} for n, p in runs.items()],
+            },
+            {
+                "name": "other",
+                "base": str(other.base),
+                "runs": [{"name": "grpo", "checkpoint": str(other.runs["grpo"])}],
+            },
+            {
+                "name": "phi3",
+                "base": str(phi_base),
+                "runs": [{"name": "run", "checkpoint": str(phi_run)}],
+            },
+        ],
+        "params": {"geometry": False},
+    }
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     worker = ScanWorker(str(root / "out"))
     for group in load_sweep(root / "sweep.yaml").groups:  # the units `scan` plans (--unit-mb 256)
         base, runs = _open_group(group, [])
-        for unit in plan_group(group, base, runs, load_sweep(root / "sweep.yaml").params, 256 << 20).units:  # fmt: skip
+        for unit in plan_group(
+            group, base, runs, load_sweep(root / "sweep.yaml").params, 256 << 20
+        ).units:
             worker.run_unit(unit)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        main(["scan", str(root / "sweep.yaml"), "--out", str(root / "out"), "--progress", "quiet"])  # fmt: skip
+        main(["scan", str(root / "sweep.yaml"), "--out", str(root / "out"), "--progress", "quiet"])
     return root, fam, gap, other, err.getvalue()
 
 
@@ -89,18 +110,21 @@ def test_scan_and_summary_warn_once_per_run_below_99_percent(scanned, capsys):
     total = sum(v.size for v in gap.values())
     cov = (total - gap[UP1].size) / total
     n = len(gap)
-    warning = (f"rlvr-ray: warning: group g, run gap: only {math.floor(cov * 1000) / 10:.1f}% "
-               f"of the run's weights were compared ({n - 1} of {n} tensors); see SELECT tensor, "
-               "status, message FROM tensors WHERE group_name = 'g' AND run = 'gap' AND status "
-               "NOT IN ('ok', 'vocab_resized')")  # fmt: skip
+    warning = (
+        f"rlvr-ray: warning: group g, run gap: only {math.floor(cov * 1000) / 10:.1f}% "
+        f"of the run's weights were compared ({n - 1} of {n} tensors); see SELECT tensor, "
+        "status, message FROM tensors WHERE group_name = 'g' AND run = 'gap' AND status "
+        "NOT IN ('ok', 'vocab_resized')"
+    )
     assert [x for x in scan_err.splitlines() if "warning:" in x] == [warning]
     assert main(["summary", "--out", out]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [warning]
     assert "coverage" in captured.out.splitlines()[2]
     con = duckdb.connect(str(root / "out" / "atlas.duckdb"), read_only=True)
-    got = con.execute("SELECT coverage, tensor_coverage, run_numel FROM run_sparsity "
-                      "WHERE run = 'gap'").fetchone()  # fmt: skip
+    got = con.execute(
+        "SELECT coverage, tensor_coverage, run_numel FROM run_sparsity WHERE run = 'gap'"
+    ).fetchone()
     assert got == (pytest.approx(cov, rel=1e-12), (n - 1) / n, total)
     cov_vocab = con.execute("SELECT coverage FROM summary WHERE run = 'vocab1'").fetchone()[0]
     base_total = sum(v.size for v in fam.bits["base"].values())
@@ -112,8 +136,9 @@ def test_scan_and_summary_warn_once_per_run_below_99_percent(scanned, capsys):
 def test_group_summary_counts_the_groups_runs(scanned):
     root = scanned[0]
     con = duckdb.connect(str(root / "out" / "atlas.duckdb"), read_only=True)
-    per_tensor = con.execute("SELECT DISTINCT n_runs FROM consistency WHERE group_name = 'g' "
-                             "ORDER BY 1").fetchall()  # fmt: skip
+    per_tensor = con.execute(
+        "SELECT DISTINCT n_runs FROM consistency WHERE group_name = 'g' ORDER BY 1"
+    ).fetchall()
     # the resized embedding and head were compared in 2 runs, the gap run's up_proj in 3
     assert per_tensor == [(2,), (3,), (4,)]
     got = con.execute("SELECT group_name, n_runs FROM group_summary ORDER BY 1").fetchall()
@@ -123,21 +148,31 @@ def test_group_summary_counts_the_groups_runs(scanned):
 def test_cross_family_keeps_bases_apart_and_lines_up_fused_projections(scanned):
     root, fam, _, other, _ = scanned
     con = duckdb.connect(str(root / "out" / "atlas.duckdb"), read_only=True)
-    bases = con.execute("SELECT count(DISTINCT base_fingerprint) FROM cross_family "
-                        "WHERE family = 'qwen2'").fetchone()  # fmt: skip
+    bases = con.execute(
+        "SELECT count(DISTINCT base_fingerprint) FROM cross_family WHERE family = 'qwen2'"
+    ).fetchone()
     assert bases == (2,)
-    runs = con.execute("SELECT DISTINCT base_ref, n_runs FROM cross_family WHERE family = 'qwen2' "
-                       "AND role = 'q' ORDER BY n_runs").fetchall()  # fmt: skip
+    runs = con.execute(
+        "SELECT DISTINCT base_ref, n_runs FROM cross_family WHERE family = 'qwen2' "
+        "AND role = 'q' ORDER BY n_runs"
+    ).fetchall()
     assert runs == [(str(other.base), 1), (str(fam.base), 4)]
     # the pooled qkv cell of layer 0 of the other base: q, k and v weights (biases are 'bias')
     names = [f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv"]
     b0, b1 = other.bits["base"], other.bits["grpo"]
     want = sum(np_changed(b0[t], b1[t]) for t in names) / sum(b0[t].size for t in names)
-    got = con.execute("SELECT update_density, pooled FROM cross_family WHERE base_ref = ? "
-                      "AND role = 'qkv' AND depth_bin = 0", [str(other.base)]).fetchall()  # fmt: skip
+    got = con.execute(
+        "SELECT update_density, pooled FROM cross_family WHERE base_ref = ? "
+        "AND role = 'qkv' AND depth_bin = 0",
+        [str(other.base)],
+    ).fetchall()
     assert got == [(pytest.approx(want, rel=1e-12), True)]
-    sim = {(a, b): n for a, b, n in con.execute(
-        "SELECT base_a, base_b, n_cells FROM cross_family_similarity").fetchall()}  # fmt: skip
+    sim = {
+        (a, b): n
+        for a, b, n in con.execute(
+            "SELECT base_a, base_b, n_cells FROM cross_family_similarity"
+        ).fetchall()
+    }
     phi = str(root / "phi3-base")
     # two qwen2 bases: 9 roles (norm q k v o gate up down bias) x 2 depth bins, pooled cells not
     # repeated; Phi-3 vs either: norm, qkv, o, gate_up, down x 2 bins

@@ -26,9 +26,15 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 def qwen2_config(tied: bool):
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                       num_key_value_heads=2, num_hidden_layers=1, vocab_size=1024,
-                       tie_word_embeddings=tied)  # fmt: skip
+    return Qwen2Config(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
+        vocab_size=1024,
+        tie_word_embeddings=tied,
+    )
 
 
 def bump(w: torch.Tensor, density: float, gen: torch.Generator) -> None:
@@ -77,15 +83,23 @@ def heads(tmp_path_factory):
 def scan(root, base: str, runs: list[str], out):
     """Plan one group and run its units in-process (no Ray) -> (unit reports, DuckDB over the
     tensors parts)."""
-    cks = [(RunSpec(r, str(root / r), ck.fingerprint), ck)
-           for r in runs for ck in [open_checkpoint(str(root / r))]]  # fmt: skip
-    group = Group(name="g", base=str(root / base),
-                  runs=[Run(name=r, checkpoint=str(root / r)) for r in runs])  # fmt: skip
-    plan = plan_group(group, open_checkpoint(str(root / base)), cks, Params(geometry=False), 1 << 28)  # fmt: skip
+    cks = [
+        (RunSpec(r, str(root / r), ck.fingerprint), ck)
+        for r in runs
+        for ck in [open_checkpoint(str(root / r))]
+    ]
+    group = Group(
+        name="g", base=str(root / base), runs=[Run(name=r, checkpoint=str(root / r)) for r in runs]
+    )
+    plan = plan_group(
+        group, open_checkpoint(str(root / base)), cks, Params(geometry=False), 1 << 28
+    )
     worker = ScanWorker(str(out))
     reports = [worker.run_unit(u) for u in plan.units]
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW tensors AS SELECT * FROM read_parquet('{out}/tables/tensors/*.parquet')")  # fmt: skip
+    con.execute(
+        f"CREATE VIEW tensors AS SELECT * FROM read_parquet('{out}/tables/tensors/*.parquet')"
+    )
     return reports, con
 
 
@@ -107,7 +121,9 @@ def test_untied_run_head_is_compared_with_the_tied_base_embedding(heads, tmp_pat
     assert skipped(reports) == []
     got = con.execute(
         "SELECT status, base_tensor, run_tensor, numel, run_numel, n_changed FROM tensors "
-        "WHERE tensor = ?", [HEAD]).fetchall()  # fmt: skip
+        "WHERE tensor = ?",
+        [HEAD],
+    ).fetchall()
     want = n_changed(bits(heads / "base_tied", EMBED), bits(heads / "run_untied", HEAD))
     assert want > 0.29 * 1024 * 1536
     assert got == [("ok", EMBED, None, 1024 * 1536, 1024 * 1536, want)]
@@ -142,15 +158,27 @@ def test_a_base_whose_config_unties_a_missing_head_still_reports_it(heads, tmp_p
 
 @pytest.mark.slow
 def test_a_scan_of_both_pairings_exits_clean(heads, tmp_path, ray_local):
-    sweep = {"groups": [
-        {"name": "tied-base", "base": str(heads / "base_tied"),
-         "runs": [{"name": "untied", "checkpoint": str(heads / "run_untied")}]},
-        {"name": "untied-base", "base": str(heads / "run_untied"),
-         "runs": [{"name": "tied", "checkpoint": str(heads / "run_tied")}]}],
-        "params": {"geometry": False}}  # fmt: skip
+    sweep = {
+        "groups": [
+            {
+                "name": "tied-base",
+                "base": str(heads / "base_tied"),
+                "runs": [{"name": "untied", "checkpoint": str(heads / "run_untied")}],
+            },
+            {
+                "name": "untied-base",
+                "base": str(heads / "run_untied"),
+                "runs": [{"name": "tied", "checkpoint": str(heads / "run_tied")}],
+            },
+        ],
+        "params": {"geometry": False},
+    }
     res = run_scan(sweep_from_dict(sweep, tmp_path), str(tmp_path / "out"))
     assert (res.exit_code, res.skipped, res.errors) == (0, [], [])
     con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
-    got = con.execute("SELECT group_name, base_tensor, run_tensor FROM tensors WHERE tensor = ? "
-                      "ORDER BY group_name", [HEAD]).fetchall()  # fmt: skip
+    got = con.execute(
+        "SELECT group_name, base_tensor, run_tensor FROM tensors WHERE tensor = ? "
+        "ORDER BY group_name",
+        [HEAD],
+    ).fetchall()
     assert got == [("tied-base", EMBED, None), ("untied-base", None, EMBED)]

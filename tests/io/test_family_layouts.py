@@ -32,13 +32,26 @@ def gemma3(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = Gemma3Config(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=256),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=28, patch_size=14,
-                           vision_use_head=False),
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=256,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            vision_use_head=False,
+        ),
         mm_tokens_per_image=4,
-    )  # fmt: skip
+    )
     return saved(Gemma3ForConditionalGeneration(cfg), tmp_path_factory.mktemp("gemma3"))
 
 
@@ -71,18 +84,32 @@ def test_gemma3_vision_tower_has_its_own_layers_and_depth(gemma3):
     assert got["vision_tower.encoder.layers.1.self_attn.q_proj.weight"] == ("q", 1, 0.5, "vision")
     assert got["language_model.model.layers.1.self_attn.q_proj.weight"] == ("q", 1, 1.0, "text")
     fam = family_for(config)
-    assert fam.stand_in("lm_head.weight", names, config) == "language_model.model.embed_tokens.weight"  # fmt: skip
+    assert (
+        fam.stand_in("lm_head.weight", names, config) == "language_model.model.embed_tokens.weight"
+    )
 
 
 def test_qwen2_5_vl_vision_blocks_and_merger(tmp_path):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=256),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=64, fullatt_block_indexes=[2]),
-    )  # fmt: skip
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=256,
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=[2],
+        ),
+    )
     config, names = saved(Qwen2_5_VLForConditionalGeneration(cfg), tmp_path)
     got = classified(config, names)
     vision = Counter((r, layer) for r, layer, _, t in got.values() if t == "vision")
@@ -102,18 +129,32 @@ def test_qwen2_5_vl_vision_blocks_and_merger(tmp_path):
 def test_deepseek_v3_mla_roles(tmp_path):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           first_k_dense_replace=2, num_attention_heads=2, num_key_value_heads=2,
-                           q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-                           qk_nope_head_dim=16, v_head_dim=16, vocab_size=256)  # fmt: skip
+    cfg = DeepseekV3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        vocab_size=256,
+    )
     config, names = saved(DeepseekV3ForCausalLM(cfg), tmp_path)
     got = classified(config, names)
     attn = {n.split("self_attn.")[1]: v[0] for n, v in got.items() if ".layers.1.self_attn." in n}
     assert attn == {
-        "q_a_proj.weight": "q_a", "q_b_proj.weight": "q_b", "kv_a_proj_with_mqa.weight": "kv_a",
-        "kv_b_proj.weight": "kv_b", "o_proj.weight": "o", "q_a_layernorm.weight": "norm",
+        "q_a_proj.weight": "q_a",
+        "q_b_proj.weight": "q_b",
+        "kv_a_proj_with_mqa.weight": "kv_a",
+        "kv_b_proj.weight": "kv_b",
+        "o_proj.weight": "o",
+        "q_a_layernorm.weight": "norm",
         "kv_a_layernorm.weight": "norm",
-    }  # fmt: skip
+    }
     assert not [n for n, v in got.items() if v[0] == "other"]
     assert all(v[3] == "text" for v in got.values())
 
@@ -121,13 +162,23 @@ def test_deepseek_v3_mla_roles(tmp_path):
 def test_phi3_fused_projections(tmp_path):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    cfg = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=2, vocab_size=256, pad_token_id=0)  # fmt: skip
+    cfg = Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+    )
     config, names = saved(Phi3ForCausalLM(cfg), tmp_path)
     got = classified(config, names)
     layer1 = {n.split("layers.1.")[1]: v[0] for n, v in got.items() if ".layers.1." in n}
     assert layer1 == {
-        "self_attn.qkv_proj.weight": "qkv", "self_attn.o_proj.weight": "o",
-        "mlp.gate_up_proj.weight": "gate_up", "mlp.down_proj.weight": "down",
-        "input_layernorm.weight": "norm", "post_attention_layernorm.weight": "norm",
-    }  # fmt: skip
+        "self_attn.qkv_proj.weight": "qkv",
+        "self_attn.o_proj.weight": "o",
+        "mlp.gate_up_proj.weight": "gate_up",
+        "mlp.down_proj.weight": "down",
+        "input_layernorm.weight": "norm",
+        "post_attention_layernorm.weight": "norm",
+    }
