@@ -21,9 +21,21 @@ def saved(model, path) -> tuple[dict, list[str]]:
     return json.loads((path / "config.json").read_text()), names
 
 
+def numbered(name: str) -> int | None:
+    """The layer number a saved name carries (``layers.N.`` or ``blocks.N.``), by hand."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "blocks") and b.isdigit():
+            return int(b)
+    return None
+
+
 def classified(config: dict, names: list[str]) -> dict[str, tuple]:
+    """name -> (role, layer, depth, tower); every name's layer is the number it carries."""
     fam = family_for(config)
-    return {n: (i.role, i.layer, i.depth, i.tower) for n in names for i in [fam.classify(n)]}
+    got = {n: (i.role, i.layer, i.depth, i.tower) for n in names for i in [fam.classify(n)]}
+    assert {n: v[1] for n, v in got.items()} == {n: numbered(n) for n in names}
+    return got
 
 
 @pytest.fixture(scope="module")
