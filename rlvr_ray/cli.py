@@ -180,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=_sql)
-    p = sub.add_parser("summary", help="print the headline table of a results directory")
+    p = sub.add_parser(
+        "summary",
+        help="print the headline tables of a results directory; warns (stderr) about each run "
+        "with under 99%% of its weights compared",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=_summary)
