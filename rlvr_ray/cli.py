@@ -179,6 +179,7 @@ def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> No
     """The summary tables: as titled tables, one JSON object keyed by table name, or (csv) the
     one table named by ``table``."""
     from rlvr_ray.io import catalog
+    from rlvr_ray.io.summary import COVERAGE_SQL, COVERAGE_WARN, coverage_warning
 
     sections = [s for s in SUMMARY_SECTIONS if table is None or s[0] == table]
     if fmt == "json":
@@ -188,14 +189,15 @@ def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> No
         }
         json.dump(doc, sys.stdout, default=str, indent=1, allow_nan=False)
         sys.stdout.write("\n")
-        return
-    for _, title, sql in sections:
+    for _, title, sql in sections if fmt != "json" else ():
         cols, rows = catalog.query(out, sql, external_access=False)
         if fmt == "csv":
             print_rows(cols, rows, fmt)
         elif rows:
             print(f"\n{title}")
             print_rows(cols, rows, fmt)
+    for row in catalog.query(out, COVERAGE_SQL, [COVERAGE_WARN], external_access=False)[1]:
+        print(f"rlvr-ray: {coverage_warning(*row)}", file=sys.stderr)
 
 
 def _error(msg: str) -> int:
@@ -276,7 +278,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_sql)
     p = sub.add_parser(
         "summary",
-        help="print the headline tables of a results directory",
+        help="print the headline tables of a results directory; warns (stderr) about each run "
+        "with under 99%% of its weights compared",
         description=SUMMARY_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

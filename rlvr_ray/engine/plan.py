@@ -20,7 +20,7 @@ from rlvr_ray.io.checkpoint import Checkpoint
 from rlvr_ray.io.families import family_for
 
 MIN_UNITS = 16  # small models still spread over several actors
-SCHEMA_VERSION = 1  # bump when a statistic's definition changes: old scan ids stop matching
+SCHEMA_VERSION = 2  # bump when a statistic's definition changes: old scan ids stop matching
 PLAN_VERSION = 3  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
 
 
@@ -54,11 +54,21 @@ class TensorSpec:
     #: cols]); else None
     expert: int | None = None
     fused: bool = False
+    tower: str = "text"
+    #: the base's tensor compared as this one, when not ``name``: a tied embedding standing in
+    #: for an output head the base does not store
+    base_tensor: str | None = None
+    #: per run, the run's tensor compared as this one (likewise); empty: ``name`` in every run
+    run_tensors: tuple[str, ...] = ()
 
     @property
     def piece(self) -> int | None:
         """The expert whose slice of a fused expert tensor is compared (None: the tensor)."""
         return self.expert if self.fused else None
+
+    def run_tensor(self, i: int) -> str:
+        """The tensor read from run i (a checkpoint without it reads as missing)."""
+        return self.run_tensors[i] if self.run_tensors else self.name
 
 
 @dataclass(frozen=True)
@@ -139,23 +149,30 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
     for _, ck in runs:
         names.update(ck.entries)
     specs = []
+    cks = [base, *(c for _, c in runs)]
     for name in sorted(names, key=natural_key):
         info = fam.classify(name)
-        nbytes = sum(ck.entries[name].nbytes for ck in [base, *(c for _, c in runs)]
-                     if name in ck.entries)  # fmt: skip
-        shape = next(ck.entries[name].shape for ck in [base, *(c for _, c in runs)]
-                     if name in ck.entries)  # fmt: skip
+        # the tensor each checkpoint holds for ``name``: itself, or a tied embedding for a head
+        srcs = [fam.stand_in(name, ck.entries, ck.config) or name for ck in cks]
+        held = [ck.entries[n] for ck, n in zip(cks, srcs, strict=True) if n in ck.entries]
+        nbytes, shape = sum(e.nbytes for e in held), held[0].shape
+        where = {
+            "tower": info.tower,
+            "base_tensor": srcs[0] if srcs[0] != name else None,
+            "run_tensors": tuple(srcs[1:]) if any(n != name for n in srcs[1:]) else (),
+        }
         if fam.fused_experts(name) and len(shape) >= 2 and shape[0] > 0:
             # one matrix (or vector, for [experts, n] biases) per expert, each its own spec
             one, piece = nbytes // shape[0], tuple(shape[1:])
             specs += [
-                TensorSpec(name, info.role, info.layer, info.depth, one, piece, e, fused=True)
+                TensorSpec(
+                    name, info.role, info.layer, info.depth, one, piece, expert=e, fused=True, **where
+                )
                 for e in range(shape[0])
             ]
             continue
-        specs.append(
-            TensorSpec(name, info.role, info.layer, info.depth, nbytes, shape, info.expert)
-        )
+        info_args = (name, info.role, info.layer, info.depth, nbytes, shape)
+        specs.append(TensorSpec(*info_args, expert=info.expert, **where))
     run_specs = tuple(r for r, _ in runs)
     sid = scan_id_for(group.name, base.fingerprint, run_specs, params, unit_bytes)
     units = tuple(

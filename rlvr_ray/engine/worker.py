@@ -537,6 +537,15 @@ class ScanWorker:
                **run.labels(), "family": unit.family, "tensor": spec.name, "expert": spec.expert,
                "layer": spec.layer,
                "depth": spec.depth, "role": spec.role, "geometry_status": None}  # fmt: skip
+        rname = spec.run_tensor(unit.runs.index(run))
+        ck = self._open.get(run.ref)
+        e1 = ck.entries.get(rname) if ck is not None else None
+        row |= {
+            "tower": spec.tower,
+            "base_tensor": spec.base_tensor,
+            "run_tensor": rname if rname != spec.name else None,
+            "run_numel": e1.numel if e1 is not None else None,
+        }
         row.update(kw)
         return row
 
@@ -581,10 +590,10 @@ class ScanWorker:
     def _scan_tensor(self, unit: Unit, spec: TensorSpec, base: Checkpoint,
                      runs: list[Checkpoint], out: _Out) -> None:  # fmt: skip
         name = spec.name
-        e0 = base.entries.get(name)
+        e0 = base.entries.get(spec.base_tensor or name)
         if e0 is None:
-            for r, ck in zip(unit.runs, runs, strict=True):
-                if name in ck.entries:
+            for i, (r, ck) in enumerate(zip(unit.runs, runs, strict=True)):
+                if spec.run_tensor(i) in ck.entries:
                     self._skip(unit, spec, r, "missing_in_base",
                                f"tensor {name} is in run {r.name} but not in the base", out)  # fmt: skip
             return
@@ -606,7 +615,7 @@ class ScanWorker:
             stream = skip_reason(unit.params, spec.role, shape) is not None
         else:
             stream = streams(unit.params, spec.role, shape, rows0 * cols0 * DTYPES[e0.dtype][0] // 8)
-        src0 = _Source(self, base, name, 0, stream, fused=fused, expert=spec.piece)
+        src0 = _Source(self, base, spec.base_tensor or name, 0, stream, fused=fused, expert=spec.piece)
         compared = self._load_runs(unit, spec, base, runs, stream, out, fused)
         sources = [src0, *(c.src for c in compared)]
         if fused:
@@ -645,10 +654,10 @@ class ScanWorker:
                 if isinstance(err, _ReadFailed):
                     status, msg = "read_error", err.message
                 elif base_bad:
-                    status, msg = "nonfinite", (f"checkpoint {unit.base_ref}, tensor {name}: "
+                    status, msg = "nonfinite", (f"checkpoint {unit.base_ref}, tensor {src0.name}: "
                                                 f"{src0.nonfinite()} NaN/Inf values in the base")  # fmt: skip
                 else:
-                    status, msg = "nonfinite", (f"checkpoint {unit.runs[c.run].ref}, tensor {name}: "
+                    status, msg = "nonfinite", (f"checkpoint {unit.runs[c.run].ref}, tensor {c.src.name}: "
                                                 f"{c.src.nonfinite()} NaN/Inf values")  # fmt: skip
                 for bad in compared if base_bad else [c]:
                     self._skip(unit, spec, unit.runs[bad.run], status, msg, out)
@@ -732,11 +741,12 @@ class ScanWorker:
 
     def _load_runs(self, unit, spec, base, runs, stream: bool, out, fused: bool = False) -> list[_Compared]:  # fmt: skip
         """The runs' sources of a tensor (nothing read yet); rows for runs that cannot be."""
-        name, e0 = spec.name, base.entries[spec.name]
+        e0 = base.entries[spec.base_tensor or spec.name]
         compared = []
         for i, (r, ck) in enumerate(zip(unit.runs, runs, strict=True)):
-            e1 = ck.entries.get(name)
-            where = f"checkpoint {r.ref}, tensor {name}"
+            rname = spec.run_tensor(i)  # the run's tied embedding may stand in for its head
+            e1 = ck.entries.get(rname)
+            where = f"checkpoint {r.ref}, tensor {rname}"
             if e1 is None:
                 self._skip(unit, spec, r, "missing_in_run", f"{where}: not in the run", out)
                 continue
@@ -767,7 +777,7 @@ class ScanWorker:
                     self._skip(unit, spec, r, "shape_mismatch",
                                f"{where}: shape {list(e1.shape)} vs base {list(e0.shape)}", out)  # fmt: skip
                     continue
-            src = _Source(self, ck, name, i + 1, stream, limit, fused, spec.piece)
+            src = _Source(self, ck, rname, i + 1, stream, limit, fused, spec.piece)
             compared.append(_Compared(i, src, status, message))
         return compared
 
@@ -905,7 +915,7 @@ class ScanWorker:
         out.consistency.append({
             "scan_id": unit.scan_id, "group_name": unit.group, "tensor": spec.name,
             "expert": spec.expert, "family": unit.family, "layer": spec.layer,
-            "depth": spec.depth, "role": spec.role,
+            "depth": spec.depth, "role": spec.role, "tower": spec.tower,
             "numel": numel, "n_runs": cs.n_runs, "runs": [unit.runs[c.run].name for c in members],
             "mean_jaccard": cs.mean_jaccard, "jaccard_baseline": cs.jaccard_baseline,
             "consensus_counts": cs.consensus_counts, "status": "ok",

@@ -68,39 +68,67 @@ VIEWS: dict[str, str] = {
           OR (m.run = '*' AND EXISTS (SELECT 1 FROM current_groups g
              WHERE g.scan_id = m.scan_id AND g.group_name = m.group_name))""",
     # -- aggregates ---------------------------------------------------------------------------
+    # coverage: the share of the run's weights (its tensors' elements) that were compared, and
+    # of the tensors; sparsity is over the compared ones only
     "run_sparsity": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(step) AS step,
                any_value(series) AS series, any_value(family) AS family,
-               count(*) AS n_tensors, sum(numel) AS numel, sum(n_changed) AS n_changed,
-               1 - sum(n_changed) / sum(numel) AS sparsity,
-               sum(ulp1_share * n_changed) / nullif(sum(n_changed), 0) AS ulp1_share,
-               sqrt(sum(rel_frob * rel_frob)) AS rel_frob_l2
-        FROM tensors WHERE {_OK} GROUP BY group_name, run""",
+               count(*) FILTER (WHERE {_OK}) AS n_tensors,
+               sum(numel) FILTER (WHERE {_OK}) AS numel,
+               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
+               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
+               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
+                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share,
+               sqrt(sum(rel_frob * rel_frob) FILTER (WHERE {_OK})) AS rel_frob_l2,
+               count(*) AS n_tensors_all, sum(run_numel) AS run_numel,
+               coalesce(sum(numel) FILTER (WHERE {_OK}), 0) / nullif(sum(run_numel), 0) AS coverage,
+               count(*) FILTER (WHERE {_OK}) / count(*) AS tensor_coverage
+        FROM tensors GROUP BY group_name, run""",
     "density_by_role_depth": f"""
-        SELECT family, algorithm, role, round(depth * 10) / 10 AS depth_bin,
-               sum(n_changed) / sum(numel) AS update_density,
+        SELECT family, algorithm, coalesce(tower, 'text') AS tower, role,
+               round(depth * 10) / 10 AS depth_bin, sum(n_changed) / sum(numel) AS update_density,
                avg(stripe_row) AS stripe_row, avg(stripe_col) AS stripe_col, count(*) AS n
         FROM tensors WHERE {_OK} GROUP BY ALL""",
     "consistency_by_role": """
-        SELECT group_name, family, role, avg(mean_jaccard) AS mean_jaccard,
+        SELECT group_name, family, coalesce(tower, 'text') AS tower, role,
+               avg(mean_jaccard) AS mean_jaccard,
                avg(jaccard_baseline) AS jaccard_baseline,
                avg(mean_jaccard) / nullif(avg(jaccard_baseline), 0) AS lift, count(*) AS n
         FROM consistency WHERE mean_jaccard IS NOT NULL GROUP BY ALL""",
+    # one row per (tower, role, depth bin) of each family AND base (two bases of one family,
+    # say Qwen2.5-Math-1.5B and R1-Distill-Qwen-1.5B, stay apart). Fused projections line up
+    # with split ones: q, k and v are also pooled into a 'qkv' row, gate and up into 'gate_up'
+    # (pooled = true), so a family that stores qkv_proj / gate_up_proj (Phi-3, GPT-2) meets the
+    # others on those cells
     "cross_family": f"""
-        SELECT role, round(depth * 4) / 4 AS depth_bin, family,
+        WITH t AS (
+          SELECT t.*, coalesce(t.tower, 'text') AS tower_, s.base_fingerprint, s.base_ref
+          FROM tensors t JOIN scans_all s USING (scan_id)
+          WHERE {_OK} AND depth IS NOT NULL AND coalesce(algorithm, '') <> 'sft'),
+        lined AS (
+          SELECT *, role AS line_role, false AS pooled FROM t
+          UNION ALL
+          SELECT *, CASE WHEN role IN ('q', 'k', 'v') THEN 'qkv' ELSE 'gate_up' END, true
+          FROM t WHERE role IN ('q', 'k', 'v', 'gate', 'up'))
+        SELECT tower_ AS tower, line_role AS role, round(depth * 4) / 4 AS depth_bin, family,
+               base_fingerprint, any_value(base_ref) AS base_ref, pooled,
                sum(n_changed) / sum(numel) AS update_density,
                avg(stripe_row) AS stripe_row, avg(stripe_col) AS stripe_col,
                count(DISTINCT group_name || '/' || run) AS n_runs
-        FROM tensors WHERE {_OK} AND depth IS NOT NULL AND coalesce(algorithm, '') <> 'sft'
-        GROUP BY ALL""",
-    # how alike two families' update patterns are: correlation of their density profiles over
-    # the (role, depth_bin) cells both have
+        FROM lined GROUP BY tower_, line_role, depth_bin, family, base_fingerprint, pooled""",
+    # how alike two (family, base) update patterns are: correlation of their density profiles
+    # over the (tower, role, depth_bin) cells both have; a cell pooled on both sides repeats
+    # their q/k/v (gate/up) cells and is left out
     "cross_family_similarity": """
-        SELECT a.family AS family_a, b.family AS family_b, count(*) AS n_cells,
+        SELECT a.family AS family_a, any_value(a.base_ref) AS base_a, b.family AS family_b,
+               any_value(b.base_ref) AS base_b, count(*) AS n_cells,
                corr(a.update_density, b.update_density) AS density_corr,
                corr(a.stripe_row, b.stripe_row) AS stripe_row_corr
-        FROM cross_family a JOIN cross_family b USING (role, depth_bin)
-        WHERE a.family < b.family GROUP BY ALL""",
+        FROM cross_family a JOIN cross_family b USING (tower, role, depth_bin)
+        WHERE (a.family < b.family
+               OR (a.family = b.family AND a.base_fingerprint < b.base_fingerprint))
+          AND NOT (a.pooled AND b.pooled)
+        GROUP BY a.family, a.base_fingerprint, b.family, b.base_fingerprint""",
     # geometry: overlaps (weighted by the number of changed weights) vs their random baselines
     "overlap_by_role_depth": """
         SELECT family, algorithm, role, round(depth * 10) / 10 AS depth_bin,
@@ -128,16 +156,22 @@ VIEWS: dict[str, str] = {
         FROM tensors WHERE geometry_status = 'ok' GROUP BY group_name, run""",
     "summary": """
         SELECT s.group_name, s.run, s.algorithm, s.step, round(s.sparsity, 4) AS sparsity,
+               round(s.coverage, 4) AS coverage, round(s.tensor_coverage, 4) AS tensor_coverage,
                round(s.ulp1_share, 4) AS ulp1_share, round(g.overlap_princ, 4) AS overlap_princ,
                round(g.princ_density, 4) AS princ_baseline, round(g.overlap_low, 4) AS overlap_low,
                round(g.low_density, 4) AS low_baseline, g.median_nss, g.median_max_angle,
-               s.n_tensors, s.numel
+               s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
+    # n_runs: the group's runs (its current checkpoints), not the runs of any one tensor (a
+    # resized embedding leaves its resized runs out of that tensor's consistency)
     "group_summary": """
-        SELECT group_name, any_value(n_runs) AS n_runs, avg(mean_jaccard) AS mean_jaccard,
-               avg(jaccard_baseline) AS jaccard_baseline
-        FROM consistency WHERE mean_jaccard IS NOT NULL GROUP BY group_name""",
+        SELECT c.group_name, any_value(r.n_runs) AS n_runs, avg(c.mean_jaccard) AS mean_jaccard,
+               avg(c.jaccard_baseline) AS jaccard_baseline
+        FROM consistency c LEFT JOIN (
+          SELECT group_name, count(DISTINCT run) AS n_runs FROM checkpoints
+          WHERE NOT coalesce(is_base, false) GROUP BY group_name) r USING (group_name)
+        WHERE c.mean_jaccard IS NOT NULL GROUP BY c.group_name""",
     # the Hub watch: the latest decision about each (repo, commit) it has seen
     "watch": """
         SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (

@@ -65,9 +65,11 @@ TENSORS = pa.schema(
         pa.field("layer", pa.int32()),
         pa.field("depth", pa.float64()),  # layer / (n_layers - 1); null if not in a layer
         pa.field("role", pa.string()),
+        pa.field("tower", pa.string()),  # 'text' | 'vision' | 'projector'; layer/depth within it
         pa.field("rows", pa.int64()),
         pa.field("cols", pa.int64()),
         pa.field("numel", pa.int64()),  # coordinates compared
+        pa.field("run_numel", pa.int64()),  # elements of the run's tensor; null: not in the run
         pa.field("dtype_base", pa.string()),
         pa.field("dtype_run", pa.string()),
         pa.field("rounded_to_bf16", pa.bool_()),
@@ -82,6 +84,10 @@ TENSORS = pa.schema(
         pa.field("max_abs_update", pa.float64()),
         pa.field("status", pa.string()),  # see rlvr_ray.engine.worker.STATUSES
         pa.field("message", pa.string()),
+        # the base's (run's) tensor compared, when not ``tensor``: a tied embedding standing in
+        # for an output head that checkpoint does not store
+        pa.field("base_tensor", pa.string()),
+        pa.field("run_tensor", pa.string()),
         # geometry (null when not computed; geometry_status says why)
         pa.field("geometry_status", pa.string()),
         pa.field("overlap_princ", pa.float64()),
@@ -121,6 +127,7 @@ CONSISTENCY = pa.schema(
         pa.field("layer", pa.int32()),
         pa.field("depth", pa.float64()),
         pa.field("role", pa.string()),
+        pa.field("tower", pa.string()),
         pa.field("numel", pa.int64()),
         pa.field("n_runs", pa.int64()),
         pa.field("runs", pa.list_(pa.string())),

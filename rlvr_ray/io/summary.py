@@ -1,10 +1,14 @@
 """The headline tables of ``rlvr-ray summary`` (and of the end of a scan), as SQL over the atlas."""
 
+import math
+
 # (name, title, SQL): the name keys ``--format json`` and picks a table with ``--table``
 SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
     ("runs",
-     "Per run: share of bf16 weights bitwise unchanged (sparsity) and of changes that moved 1 ULP",
-     "SELECT group_name, run, algorithm, step, sparsity, ulp1_share FROM summary"),
+     "Per run: share of bf16 weights bitwise unchanged (sparsity), of changes that moved 1 ULP, "
+     "and of the run's weights (coverage) and tensors that were compared",
+     "SELECT group_name, run, algorithm, step, sparsity, ulp1_share, coverage, tensor_coverage "
+     "FROM summary"),
     ("runs_geometry",
      "Per run: overlap of the update with principal / low-magnitude weights vs random baseline, "
      "median NSS and max principal angle (rad) over tensors",
@@ -17,3 +21,25 @@ SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
      "round(mean_jaccard / nullif(jaccard_baseline, 0), 2) AS lift FROM group_summary "
      "ORDER BY group_name"),
 ]  # fmt: skip
+
+#: a run whose compared share of weights is below this gets a one-line warning
+COVERAGE_WARN = 0.99
+COVERAGE_SQL = (
+    "SELECT group_name, run, coverage, n_tensors, n_tensors_all FROM run_sparsity "
+    "WHERE coverage < ? ORDER BY group_name, run"
+)
+
+
+def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_all: int) -> str:
+    """The one line that says a run's sparsity stands on part of its weights."""
+    pct = math.floor(coverage * 1000) / 10  # never rounds up to the threshold
+
+    def quoted(v: str) -> str:
+        return "'" + v.replace("'", "''") + "'"
+
+    return (
+        f"warning: group {group}, run {run}: only {pct:.1f}% of the run's weights were "
+        f"compared ({n_tensors or 0} of {n_all} tensors); see SELECT tensor, status, message "
+        f"FROM tensors WHERE group_name = {quoted(group)} AND run = {quoted(run)} "
+        "AND status NOT IN ('ok', 'vocab_resized')"
+    )

@@ -370,9 +370,18 @@ def cross_family(con, sc: Scope) -> Section:
                   "Share of weights changed by RL runs at each relative depth (0 = first layer, "
                   "1 = last), per role and family: similar curves mean the families concentrate "
                   "their updates alike.")  # fmt: skip
-    found = rows(con, """SELECT role, depth_bin, family, update_density FROM cross_family
-                         WHERE family IN (SELECT DISTINCT family FROM tensors
-                                          WHERE list_contains(?, group_name))""", [sc.groups])  # fmt: skip
+    # one line per family, or per family and base where a family has several bases
+    found = rows(
+        con,
+        """WITH c AS (SELECT * FROM cross_family WHERE tower = 'text' AND NOT pooled
+             AND family IN (SELECT DISTINCT family FROM tensors WHERE list_contains(?, group_name))),
+           n AS (SELECT family, count(DISTINCT base_fingerprint) AS bases FROM c GROUP BY family)
+           SELECT role, depth_bin, update_density,
+                  CASE WHEN bases > 1 THEN family || ' (' || regexp_extract(base_ref, '[^/]+$')
+                       || ')' ELSE family END AS family
+           FROM c JOIN n USING (family)""",
+        [sc.groups],
+    )
     # the view spans groups; restrict to the families of the groups in scope
     roles = sorted({r["role"] for r in found if r["role"] not in ("norm", "bias", "other")},
                    key=role_key)  # fmt: skip
