@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -120,7 +121,11 @@ def test_embedded_ray_listens_on_loopback_only_with_a_private_token(tmp_path):
         line = child.stdout.readline()
         assert line, "the child process ended before Ray was up"
         report = json.loads(line)
-        sockets = listening(child.pid)
+        deadline = time.monotonic() + 30  # an actor's sockets may come up after its reply
+        while not {child.pid, report["actor"]} <= set(sockets := listening(child.pid)):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         names = {p: _cmdline(p) for p in sockets}
     finally:
         child.communicate("\n", timeout=120)
