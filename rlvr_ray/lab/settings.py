@@ -27,8 +27,9 @@ Size: the default is 128 wide with 4 blocks, so that the rank rule of the geomet
 (k = 0.0417 of a matrix's short side) leaves k = 5 on the 128-wide matrices and 3 on the 64-wide
 k/v projections, well below their rank (a 64-wide model at the paper's fixed k = 64 made the
 principal set the exact complement of the low-magnitude one). CPU cost per family, one thread
-(measured): RL 0.46 s per step at 128 x 4 (0.11 at 64 x 2, 1.55 at 256 x 4), so 256 x 4 would
-take ~35 minutes of 2 cores for the three families. ``paper`` (512 wide, 8 blocks: k = 21)
+(measured): RL 0.46 s per step at 128 x 4 (0.11 at 64 x 2, 1.55 at 256 x 4); the default qwen2
+family took 390 CPU seconds in all (user + sys), so the three take ~10 minutes of 2 cores, and
+256 x 4 would take ~35. ``paper`` (512 wide, 8 blocks: k = 21)
 follows the same recipe; the lab trains on the CPU only, where it takes hours.
 
 The ``tiny`` preset is a smoke test: its learning rates are raised (RL 1e-4, SFT 1e-3) so that
