@@ -38,9 +38,17 @@ def _gapped_spectrum(p: int, k: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("shape", "k"),
-    [((64, 64), 3), ((256, 1536), 11), ((1536, 1536), 64), ((1536, 8960), 64),
-     ((4096, 4096), 171), ((5120, 4096), 171), ((4, 7), 1), ((1, 300), 1)],
-)  # fmt: skip
+    [
+        ((64, 64), 3),
+        ((256, 1536), 11),
+        ((1536, 1536), 64),
+        ((1536, 8960), 64),
+        ((4096, 4096), 171),
+        ((5120, 4096), 171),
+        ((4, 7), 1),
+        ((1, 300), 1),
+    ],
+)
 def test_rank_rule_on_real_widths(shape, k):
     assert rank_for(shape) == k == max(1, math.floor(0.0417 * min(shape) + 0.5))
     assert Params().ks(shape) == (k, k)
