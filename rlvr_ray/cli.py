@@ -45,9 +45,22 @@ def _add_scan(sub) -> None:
     p.add_argument("--unit-mb", type=int, default=256, help="target size of a work unit across all checkpoints, MiB (default: 256)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo units already done")
     p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
-    p.add_argument("--rank-k", type=int, help="k of the rank-k reconstruction (default: the sweep's, else 64)")  # fmt: skip
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank-k", type=int, metavar="N",
+                      help="absolute k of the rank-k reconstruction for M_princ, every matrix "
+                      "(default: the sweep's, else --rank-frac)")  # fmt: skip
+    rank.add_argument("--rank-frac", type=float, metavar="F",
+                      help="k of M_princ as a share of each matrix's short side p: "
+                      "floor(F * p + 0.5), at least 1 (default: the sweep's, else 0.0417: "
+                      "k = 64 at p = 1536)")  # fmt: skip
     p.add_argument("--alpha", type=float, help="share of weights in M_princ and M_low (default: the sweep's, else 0.5)")  # fmt: skip
-    p.add_argument("--spectral-k", type=int, help="top-k singular subspaces compared (default: the sweep's, else 64)")  # fmt: skip
+    spectral = p.add_mutually_exclusive_group()
+    spectral.add_argument("--spectral-k", type=int, metavar="N",
+                          help="absolute k of the singular subspaces compared "
+                          "(default: the sweep's, else --spectral-frac)")  # fmt: skip
+    spectral.add_argument("--spectral-frac", type=float, metavar="F",
+                          help="spectral k as a share of each matrix's short side, like "
+                          "--rank-frac (default: the sweep's, else 0.0417)")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
     p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
     p.set_defaults(func=_scan)
@@ -59,6 +72,9 @@ def _sweep_from_args(args):
     # flags given on the command line override the sweep file's params; absent ones do not
     params = {k: v for k, v in {"rank_k": args.rank_k, "alpha": args.alpha,
                                 "spectral_k": args.spectral_k}.items() if v is not None}  # fmt: skip
+    for kind in ("rank", "spectral"):  # a fraction on the command line beats the sweep's k
+        if getattr(args, f"{kind}_frac") is not None:
+            params |= {f"{kind}_frac": getattr(args, f"{kind}_frac"), f"{kind}_k": None}
     if args.no_geometry:
         params["geometry"] = False
     if args.svd_embeddings:
@@ -117,6 +133,10 @@ def _scan(args) -> int:
     if len(res.skipped) > 20:
         print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
               "(SELECT * FROM tensors WHERE status NOT IN ('ok', 'vocab_resized'))", file=sys.stderr)  # fmt: skip
+    if res.scan_ids:
+        warning = geometry_warning(res.out, res.scan_ids)
+        if warning:
+            print(f"rlvr-ray: {warning}", file=sys.stderr)
     rate = f" ({res.n_bytes / 1e9 / res.unit_seconds:.2f} GB/s)" if res.unit_seconds else ""
     print(f"scanned {res.n_tensors} tensors in {res.n_units} units "
           f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read in "
@@ -129,6 +149,29 @@ def _scan(args) -> int:
     if res.scan_ids:
         _print_summary(res.out)
     return res.exit_code
+
+
+FLAGGED_WHY = {"k_not_below_rank": "k > short side / 4",
+               "small_gap": "relative singular-value gap at k < 0.001"}  # fmt: skip
+
+
+def geometry_warning(out: str, scan_ids: list[str]) -> str | None:
+    """One line when the scans decomposed matrices whose geometry is no finding, else None."""
+    from rlvr_ray.io import catalog
+
+    _, found = catalog.query(out, """
+        SELECT geometry_status, count(DISTINCT group_name || '/' || tensor) FROM tensors_all
+        WHERE list_contains(?, scan_id) AND geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')
+        GROUP BY ALL ORDER BY 2 DESC, 1""", [list(scan_ids)])  # fmt: skip
+    counts = dict(found)
+    flagged = [(s, n) for s, n in found if s != "ok"]
+    if not flagged:
+        return None
+    why = ", ".join(f"{n} {s} ({FLAGGED_WHY[s]})" for s, n in flagged)
+    return (f"warning: geometry of {sum(n for _, n in flagged)} of {sum(counts.values())} "
+            f"decomposed matrices is no finding: {why}; summary and views leave their overlaps "
+            "and angles out (SELECT tensor, rows, cols, rank_k, sigma_gap, geometry_status FROM "
+            "tensors WHERE geometry_status <> 'ok')")  # fmt: skip
 
 
 def _fmt(v) -> str:

@@ -35,7 +35,8 @@ def _planted_sweep(root: Path) -> Path:
 HEADLINE = [
     ("RL vs SFT, final checkpoints: sparsity (share of bf16 weights bitwise unchanged), share of "
      "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
-     "baseline 0.5 each), median NSS and median max principal angle (rad)", """
+     "baseline 0.5 each; k = 0.0417 of each matrix's short side; matrices whose geometry_status "
+     "is not 'ok' left out), median NSS and median max principal angle (rad)", """
      WITH runs AS (SELECT group_name, run, series, step FROM checkpoints WHERE NOT is_base),
           last AS (SELECT group_name, series, max(step) AS step FROM runs GROUP BY ALL),
           final AS (SELECT s.* FROM summary s JOIN runs r USING (group_name, run)
@@ -70,7 +71,7 @@ def cli_command() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlvr_ray.cli import missing_extra, print_rows
+    from rlvr_ray.cli import geometry_warning, missing_extra, print_rows
     from rlvr_ray.lab.settings import PRESETS
 
     if args.preset not in PRESETS:
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     res = run_scan(load_sweep(sweep), str(results), num_cpus=args.num_cpus)
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
+    warning = geometry_warning(str(results), res.scan_ids) if res.scan_ids else None
+    if warning:
+        print(f"rlvr-ray: {warning}", file=sys.stderr)
     print(f"scanned {res.n_tensors} tensors ({res.n_units_resumed} of {res.n_units} units "
           f"already done) in {res.seconds:.1f} s")  # fmt: skip
     for title, sql in HEADLINE:
@@ -122,6 +126,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="build demo checkpoints, scan them on an embedded Ray, print the headline")  # fmt: skip
     p.add_argument("--out", default="demo-out", help="where checkpoints and results go (default: demo-out)")  # fmt: skip
     p.add_argument("--planted", action="store_true", help="planted synthetic families instead of the trained lab")  # fmt: skip
-    p.add_argument("--preset", default="default", help="lab preset: default (minutes) or tiny (seconds) (default: default)")  # fmt: skip
+    p.add_argument("--preset", default="default", help="lab preset: default (minutes), tiny (seconds) or paper (wide; hours on a CPU) (default: default)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.set_defaults(func=run)

@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlvr_ray.stats.principal import RANK_FRAC, rank_for
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")
 
 
@@ -88,14 +90,31 @@ class Params(_Frozen):
     """Statistics parameters; part of the scan id, so changing one makes a new scan."""
 
     geometry: bool = Field(True, description="principal overlaps, NSS and principal angles")
-    rank_k: int = Field(64, ge=1, description="k of the rank-k reconstruction for M_princ")
+    rank_k: int | None = Field(None, ge=1, description="absolute k of M_princ; overrides rank_frac")
+    rank_frac: float = Field(
+        RANK_FRAC,
+        gt=0,
+        le=1,
+        description="default k of M_princ as a share of a matrix's short side p: "
+        "floor(rank_frac * p + 0.5), at least 1 (0.0417: k = 64 at p = 1536, as in the paper)",
+    )
     alpha: float = Field(0.5, gt=0, lt=1, description="share of entries in M_princ / M_low")
-    spectral_k: int = Field(64, ge=1, description="top-k singular subspaces compared")
+    spectral_k: int | None = Field(
+        None, ge=1, description="absolute spectral k; overrides spectral_frac"
+    )
+    spectral_frac: float = Field(
+        RANK_FRAC, gt=0, le=1, description="default spectral k as a share of p, like rank_frac"
+    )
     max_svd_numel: int = Field(
         64 * 1024 * 1024, ge=1, description="tensors larger than this skip SVD (embeddings)"
     )
     svd_embeddings: bool = Field(False, description="decompose embed/lm_head too")
     map_size: int = Field(64, ge=1, le=512, description="pooled mask/consensus map side")
+
+    def ks(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(rank_k, spectral_k) used for a matrix of ``shape`` (`rlvr_ray.stats.principal.rank_for`)."""
+        rank_k = rank_for(shape, self.rank_k, self.rank_frac)
+        return rank_k, rank_for(shape, self.spectral_k, self.spectral_frac)
 
 
 class Sweep(_Frozen):

@@ -1,6 +1,11 @@
 """The worker's geometry stage: which tensors get SVD-based statistics, the base decomposition
 cache, and the rows the stage adds (tensors columns, the spectra table).
 
+Each matrix gets its own k (`Params.ks`: relative to its short side unless set absolutely); a
+decomposed matrix's geometry_status is 'ok', 'k_not_below_rank' or 'small_gap'
+(`rlvr_ray.stats.spectral.geometry_status`), one that was not decomposed says why (`skip_reason`,
+'skipped_<run status>', 'error: ...'). GEOMETRY_FLAGGED lists the decomposed-but-not-ok ones.
+
 The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: singular values and vectors,
 principal and low-magnitude masks) is computed once per tensor per scan and reused for every
 run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
@@ -11,6 +16,7 @@ already seen does not decompose it again (and a stale entry can never be used).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields
 
 import pyarrow as pa
 import torch
@@ -23,6 +29,8 @@ from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
 
 GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
 EMBEDDING_ROLES = ("embed", "lm_head")
+#: decomposed, but the overlaps and angles are no finding (the views leave them out)
+GEOMETRY_FLAGGED = ("k_not_below_rank", "small_gap")
 
 
 def skip_reason(params: Params, role: str, shape: tuple[int, ...]) -> str | None:
@@ -46,9 +54,10 @@ class BaseCache:
         self.hits = self.misses = 0
 
     def _key(self, bits0: torch.Tensor, params: Params) -> str:
+        rank_k, spectral_k = params.ks(tuple(bits0.shape))
         h = hashlib.blake2b(digest_size=16)
         h.update(bits0.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(f"v{GEOMETRY_VERSION}:{params.rank_k}:{params.alpha}:{params.spectral_k}".encode())
+        h.update(f"v{GEOMETRY_VERSION}:{rank_k}:{params.alpha}:{spectral_k}".encode())
         return h.hexdigest()
 
     def get(self, base_fp: str, bits0: torch.Tensor, params: Params) -> BaseGeometry:
@@ -64,19 +73,21 @@ class BaseCache:
         except (FileNotFoundError, OSError):
             pass
         self.misses += 1
-        geo = base_geometry(bits0.view(torch.bfloat16), params.rank_k, params.alpha, params.spectral_k)  # fmt: skip
+        rank_k, spectral_k = params.ks(tuple(bits0.shape))
+        geo = base_geometry(bits0.view(torch.bfloat16), rank_k, params.alpha, spectral_k)
         blob = st_save({k: v.detach().cpu().contiguous() for k, v in geo.to_tensors().items()})
         self.results.write_bytes(rel, blob)
         return geo
 
 
+#: the tensors-table columns the geometry stage fills: RunGeometry's scalar fields
+_NOT_COLUMNS = ("sigma_run", "angle_left", "angle_right", "angle_error_bound")
+ROW_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
+
+
 def row_columns(g: RunGeometry) -> dict:
-    """The tensors-table columns of one run's geometry."""
-    return {"geometry_status": "ok", "overlap_princ": g.overlap_princ, "overlap_low": g.overlap_low,
-            "overlap_princ_not_low": g.overlap_princ_not_low, "princ_density": g.princ_density,
-            "low_density": g.low_density, "princ_not_low_density": g.princ_not_low_density,
-            "nss": g.nss, "max_angle_left": g.max_angle_left, "max_angle_right": g.max_angle_right,
-            "rank_k": g.rank_k, "spectral_k": g.spectral_k}  # fmt: skip
+    """The tensors-table columns of one run's geometry (filled whatever its status)."""
+    return {n: getattr(g, n) for n in ROW_COLUMNS}
 
 
 def spectra_rows(scan_id: str, group: str, run: str, tensor: str, base: BaseGeometry,

@@ -36,6 +36,8 @@ from rlvr_ray.io.schema import ALL_TABLES
 ATLAS = "atlas.duckdb"
 STORAGE_VERSION = "v1.0.0"
 _OK = "status IN ('ok', 'vocab_resized')"
+_GEO_OK = "geometry_status = 'ok'"
+_GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
 
 VIEWS: dict[str, str] = {
     "scans": "SELECT * FROM scans_all",
@@ -129,7 +131,10 @@ VIEWS: dict[str, str] = {
                OR (a.family = b.family AND a.base_fingerprint < b.base_fingerprint))
           AND NOT (a.pooled AND b.pooled)
         GROUP BY a.family, a.base_fingerprint, b.family, b.base_fingerprint""",
-    # geometry: overlaps (weighted by the number of changed weights) vs their random baselines
+    # geometry: overlaps (weighted by the number of changed weights) vs their random baselines,
+    # and principal angles, only where geometry_status = 'ok' (k well below the rank, a gap at
+    # k); NSS (all singular values, no k) over every decomposed matrix; n_flagged counts the
+    # decomposed matrices left out ('k_not_below_rank', 'small_gap')
     "overlap_by_role_depth": """
         SELECT family, algorithm, role, round(depth * 10) / 10 AS depth_bin,
                sum(overlap_princ * n_changed) / sum(n_changed) AS overlap_princ,
@@ -137,30 +142,37 @@ VIEWS: dict[str, str] = {
                sum(overlap_low * n_changed) / sum(n_changed) AS overlap_low,
                avg(low_density) AS low_density,
                sum(overlap_princ_not_low * n_changed) / sum(n_changed) AS overlap_princ_not_low,
-               avg(princ_not_low_density) AS princ_not_low_density, count(*) AS n
+               avg(princ_not_low_density) AS princ_not_low_density, count(*) AS n,
+               median(rank_k) AS median_rank_k
         FROM tensors WHERE geometry_status = 'ok' AND n_changed > 0 GROUP BY ALL""",
-    "geometry_by_layer": """
+    "geometry_by_layer": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(family) AS family,
                layer, avg(nss) AS mean_nss, max(nss) AS max_nss,
-               max(max_angle_left) AS max_angle_left, max(max_angle_right) AS max_angle_right,
-               count(*) AS n_tensors
-        FROM tensors WHERE geometry_status = 'ok' GROUP BY group_name, run, layer""",
-    "run_geometry": """
+               max(max_angle_left) FILTER ({_GEO_OK}) AS max_angle_left,
+               max(max_angle_right) FILTER ({_GEO_OK}) AS max_angle_right,
+               count(*) FILTER ({_GEO_OK}) AS n_tensors,
+               count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
+        FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run, layer""",
+    "run_geometry": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm,
-               sum(overlap_princ * n_changed) / nullif(sum(n_changed), 0) AS overlap_princ,
-               avg(princ_density) AS princ_density,
-               sum(overlap_low * n_changed) / nullif(sum(n_changed), 0) AS overlap_low,
-               avg(low_density) AS low_density, median(nss) AS median_nss,
-               median(greatest(max_angle_left, max_angle_right)) AS median_max_angle,
-               count(*) AS n_tensors
-        FROM tensors WHERE geometry_status = 'ok' GROUP BY group_name, run""",
+               sum(overlap_princ * n_changed) FILTER ({_GEO_OK})
+                 / nullif(sum(n_changed) FILTER ({_GEO_OK}), 0) AS overlap_princ,
+               avg(princ_density) FILTER ({_GEO_OK}) AS princ_density,
+               sum(overlap_low * n_changed) FILTER ({_GEO_OK})
+                 / nullif(sum(n_changed) FILTER ({_GEO_OK}), 0) AS overlap_low,
+               avg(low_density) FILTER ({_GEO_OK}) AS low_density, median(nss) AS median_nss,
+               median(greatest(max_angle_left, max_angle_right)) FILTER ({_GEO_OK})
+                 AS median_max_angle,
+               count(*) FILTER ({_GEO_OK}) AS n_tensors,
+               count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
+        FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run""",
     "summary": """
         SELECT s.group_name, s.run, s.algorithm, s.step, round(s.sparsity, 4) AS sparsity,
                round(s.coverage, 4) AS coverage, round(s.tensor_coverage, 4) AS tensor_coverage,
                round(s.ulp1_share, 4) AS ulp1_share, round(g.overlap_princ, 4) AS overlap_princ,
                round(g.princ_density, 4) AS princ_baseline, round(g.overlap_low, 4) AS overlap_low,
                round(g.low_density, 4) AS low_baseline, g.median_nss, g.median_max_angle,
-               s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
+               g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
     # n_runs: the group's runs (its current checkpoints), not the runs of any one tensor (a

@@ -88,7 +88,8 @@ TENSORS = pa.schema(
         # for an output head that checkpoint does not store
         pa.field("base_tensor", pa.string()),
         pa.field("run_tensor", pa.string()),
-        # geometry (null when not computed; geometry_status says why)
+        # geometry (null when not computed; geometry_status says why, or that it is no finding:
+        # 'ok' | 'k_not_below_rank' | 'small_gap' | 'skipped_...' | 'error: ...')
         pa.field("geometry_status", pa.string()),
         pa.field("overlap_princ", pa.float64()),
         pa.field("overlap_low", pa.float64()),
@@ -99,8 +100,9 @@ TENSORS = pa.schema(
         pa.field("nss", pa.float64()),
         pa.field("max_angle_left", pa.float64()),
         pa.field("max_angle_right", pa.float64()),
-        pa.field("rank_k", pa.int64()),
+        pa.field("rank_k", pa.int64()),  # the k used for this matrix (relative rule or absolute)
         pa.field("spectral_k", pa.int64()),
+        pa.field("sigma_gap", pa.float64()),  # relative singular-value gap at k (the smaller)
     ]
 )
 

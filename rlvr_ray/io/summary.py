@@ -11,9 +11,10 @@ SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
      "FROM summary"),
     ("runs_geometry",
      "Per run: overlap of the update with principal / low-magnitude weights vs random baseline, "
-     "median NSS and max principal angle (rad) over tensors",
+     "median NSS and max principal angle (rad) over tensors; overlaps and angles over tensors "
+     "with geometry_status 'ok' only (geometry_flagged: the others)",
      "SELECT group_name, run, algorithm, overlap_princ, princ_baseline, overlap_low, low_baseline, "
-     "median_nss, median_max_angle FROM summary WHERE median_nss IS NOT NULL"),
+     "median_nss, median_max_angle, geometry_flagged FROM summary WHERE median_nss IS NOT NULL"),
     ("groups",
      "Per group: mean pairwise Jaccard of update masks vs the independent-Bernoulli baseline",
      "SELECT group_name, n_runs, round(mean_jaccard, 4) AS mean_jaccard, "

@@ -1,6 +1,6 @@
 """Build the lab: per architecture a pretrained base and its RL/SFT runs, plus the sweep YAML.
 
-    build_lab(Path("lab-out"))                 # default preset, three families (a few minutes)
+    build_lab(Path("lab-out"))                 # default preset, three families (~10 min, 2 cores)
     build_lab(Path("/tmp/lab"), preset="tiny") # seconds; used by the tests
 
 Layout under ``out`` (checkpoints are Hugging Face directories: config.json + bf16

@@ -2,7 +2,9 @@
 
 These read the SVD-based columns of ``tensors`` and the ``spectra`` table. A scan made with
 ``--no-geometry`` (or before geometry existed) has them all NULL; the sections then say so
-instead of drawing empty axes.
+instead of drawing empty axes. Overlaps and principal angles are drawn for matrices whose
+geometry_status is 'ok' only; when some are not (k not well below the rank, no singular-value
+gap at k), a warning above the figures says how many and why.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ def _why_no_geometry(con, sc: Scope) -> str:
     return NO_GEOMETRY + (f" (geometry status of tensors: {extra})" if extra else "")
 
 
+FLAGGED = {"k_not_below_rank": "k > short side / 4", "small_gap": "singular-value gap at k < 0.001"}
+
+
+def _flagged_note(con, sc: Scope) -> str | None:
+    """A warning when decomposed matrices in scope have a geometry_status other than 'ok'."""
+    st = rows(con, """SELECT geometry_status AS s, count(DISTINCT group_name || '/' || tensor) AS n
+                      FROM tensors WHERE list_contains(?, group_name)
+                      AND geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')
+                      GROUP BY ALL ORDER BY n DESC, s""", [sc.groups])  # fmt: skip
+    bad = [r for r in st if r["s"] != "ok"]
+    if not bad:
+        return None
+    why = ", ".join(f"{r['n']} {r['s']} ({FLAGGED[r['s']]})" for r in bad)
+    return (f"Warning: the geometry of {sum(r['n'] for r in bad)} of {sum(r['n'] for r in st)} "
+            f"decomposed matrices is no finding ({why}); their overlaps and principal angles "
+            "are left out below, their NSS (which needs no k) is kept.")  # fmt: skip
+
+
 def _lines(found: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """(group, RL|SFT) -> rows, for one line per group and class."""
     out: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -67,10 +87,14 @@ def overlaps(con, sc: Scope) -> Section:
     found = rows(con, f"""SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
                           AS algorithm, layer, {cols} FROM tensors
                           WHERE list_contains(?, group_name) AND layer IS NOT NULL
-                          AND overlap_princ IS NOT NULL AND n_changed > 0
+                          AND geometry_status = 'ok' AND n_changed > 0
                           GROUP BY ALL ORDER BY layer""", [sc.groups])  # fmt: skip
+    flagged = _flagged_note(con, sc)
+    if flagged:
+        sec.notes.append(flagged)
     if not found:
-        sec.notes.append(_why_no_geometry(con, sc))
+        if not flagged:
+            sec.notes.append(_why_no_geometry(con, sc))
         return sec
     lines = _lines(found)
     style = _styles(lines)
@@ -99,15 +123,20 @@ def spectral(con, sc: Scope) -> Section:
                   "NSS about 1e-5 to 6e-5) while SFT rotates and drifts them (NSS about 1e-1).")  # fmt: skip
     found = rows(con, """SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
                          AS algorithm, layer, avg(nss) AS nss,
-                         max(greatest(max_angle_left, max_angle_right)) AS angle
+                         max(greatest(max_angle_left, max_angle_right)) FILTER
+                           (WHERE geometry_status = 'ok') AS angle
                          FROM tensors WHERE list_contains(?, group_name) AND layer IS NOT NULL
                          AND nss IS NOT NULL GROUP BY ALL ORDER BY layer""", [sc.groups])  # fmt: skip
+    flagged = _flagged_note(con, sc)
+    if flagged:
+        sec.notes.append(flagged)
     if not found:
         sec.notes.append(_why_no_geometry(con, sc))
         return sec
     summary = rows(con, """SELECT CASE WHEN lower(algorithm) = 'sft' THEN 'SFT' ELSE 'RL' END
                            AS cls, count(*) AS n, median(nss) AS nss, max(nss) AS nss_max,
-                           median(greatest(max_angle_left, max_angle_right)) AS angle
+                           median(greatest(max_angle_left, max_angle_right)) FILTER
+                             (WHERE geometry_status = 'ok') AS angle
                            FROM tensors WHERE list_contains(?, group_name) AND nss IS NOT NULL
                            GROUP BY ALL ORDER BY cls""", [sc.groups])  # fmt: skip
     sec.tables.append(Table("spectral-table",
@@ -144,6 +173,8 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
     sql = """SELECT s.run, t.algorithm, s.i, s.sigma_base, s.sigma_run, s.angle_left,
              s.angle_right FROM spectra s LEFT JOIN (SELECT DISTINCT group_name, run, algorithm
              FROM tensors) t USING (group_name, run) WHERE s.group_name = ? AND s.tensor = ?
+             AND EXISTS (SELECT 1 FROM tensors o WHERE o.group_name = s.group_name
+               AND o.run = s.run AND o.tensor = s.tensor AND o.geometry_status = 'ok')
              ORDER BY s.run, s.i"""
     # the first detail matrix (q, then k, ...) that has a stored spectrum
     found, role, tensor = [], "", ""

@@ -12,6 +12,14 @@ ascending): among entries with equal score the one with the lower flat index is 
 "Bottom alpha of |W0|" is the top alpha of -|W0| under the same rule, so ties are again taken in
 flat-index order. The selection is O(numel) (one ``kthvalue`` and one ``cumsum``), not a sort.
 
+Which k. A fixed k means different things on different matrices: at k = 64 a 64-wide matrix is
+its own rank-k reconstruction (M_princ is then exactly the complement of M_low). The paper
+(arXiv 2511.08567) and the work its principal weights come from take k = 64 on matrices
+1.5k-4k wide, a few percent of the short side. So k is relative by default: ``rank_for`` gives
+k = floor(RANK_FRAC * min(m, n) + 0.5), at least 1, with RANK_FRAC = 0.0417 (~ 64 / 1536: the
+paper's k on its 1536-wide 1.5B models; 2048 -> 85, 4096 -> 171, 256 -> 11, 64 -> 3); an
+absolute k overrides it (clipped to [1, min(m, n)]).
+
 W0_k is computed in float64; its |entries| rarely tie, but on another device (or BLAS) the last
 bits of W0_k may differ, so entries within rounding of the threshold can land on either side.
 """
@@ -21,6 +29,20 @@ from __future__ import annotations
 import math
 
 import torch
+
+#: default k as a share of a matrix's short side (see the module docstring)
+RANK_FRAC = 0.0417
+
+
+def rank_for(shape: tuple[int, ...], k: int | None = None, frac: float = RANK_FRAC) -> int:
+    """Matrix shape (m, n) -> the k used for it: the absolute ``k`` when given, else
+    floor(frac * min(m, n) + 0.5); either way clipped to [1, min(m, n)]."""
+    p = min(shape)
+    if k is None:
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"rank fraction must be in (0, 1], got {frac}")
+        k = math.floor(frac * p + 0.5)
+    return max(1, min(k, p))
 
 
 def top_fraction_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -59,15 +81,15 @@ def rank_k_reconstruction(w0: torch.Tensor, v_k: torch.Tensor) -> torch.Tensor:
     return (w @ v_k) @ v_k.T
 
 
-def principal_mask(w0: torch.Tensor, rank_k: int = 64, alpha: float = 0.5) -> torch.Tensor:
-    """Base weights [m, n] -> BoolTensor [m, n]: top alpha of |W0_k|, k clipped to min(m, n).
+def principal_mask(w0: torch.Tensor, rank_k: int | None = None, alpha: float = 0.5) -> torch.Tensor:
+    """Base weights [m, n] -> BoolTensor [m, n]: top alpha of |W0_k|, k = rank_for(shape, rank_k).
 
     Standalone form with its own float64 SVD; `base_geometry` reuses its decomposition instead.
     """
     if w0.ndim != 2:
         raise ValueError(f"principal_mask needs a matrix, got shape {tuple(w0.shape)}")
     w = w0.to(torch.float64)
-    k = max(1, min(rank_k, *w.shape))
+    k = rank_for(tuple(w.shape), rank_k)
     _, _, vh = torch.linalg.svd(w, full_matrices=False)
     return top_fraction_mask(rank_k_reconstruction(w, vh[:k].T).abs(), alpha)
 

@@ -30,6 +30,21 @@ decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
   rad, or the rounding floor), with a full ``eigh`` when it stagnates (large, SFT-like updates).
   At p = 896 it measured no faster than ``eigh`` on CPU; it is kept for larger p and GPUs.
 
+Whether the geometry means anything (``geometry_status``): a top-k subspace is only a finding
+when k is well below the rank and separated from the rest of the spectrum. With p = min(m, n):
+
+- 'k_not_below_rank' when rank_k or spectral_k exceeds p / 4 (MAX_K_SHARE): at k = p the top-k
+  subspace is the whole space (every angle is 0 for any update) and W0_k = W0, so M_princ is
+  the exact complement of M_low; well below p the paper's k = 64 on 1.5k-4k-wide matrices sits
+  at 1.5-4% of p;
+- 'small_gap' when the relative gap (sigma_k - sigma_{k+1}) / sigma_k at rank_k or at
+  spectral_k (the smaller of the two is ``sigma_gap``; sigma_{p+1} = 0) is below MIN_SIGMA_GAP
+  = 1e-3: by Wedin's theorem an update moves the top-k subspace by up to ||W1 - W0||_2 /
+  (sigma_k - sigma_{k+1}), so when sigma_k and sigma_{k+1} are within 0.1% an RL update of
+  1e-4..1e-3 of sigma_k can swap the k-th and (k+1)-th directions: the angles then measure a
+  reordering, not a rotation, and W0_k (so M_princ) is not fixed by the base to that precision;
+- 'ok' otherwise. The statistics are computed either way; the views present only 'ok' ones.
+
 Accuracy measured against float64 ``torch.linalg.svd`` of the decoded bf16 values and the
 sine formula of ``scipy.linalg.subspace_angles`` (benchmarks/geometry.py, Qwen2-0.5B
 shapes, power-law spectra, 1-3 ULP updates on 40% of entries, angles 1e-2..7e-2 rad, NSS ~1e-4):
@@ -45,12 +60,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr_ray.stats.principal import low_magnitude_mask, mask_overlaps, top_fraction_mask
+from rlvr_ray.stats.principal import (
+    low_magnitude_mask,
+    mask_overlaps,
+    rank_for,
+    top_fraction_mask,
+)
 
 _RTOL = 1e-3  # certified angle error target, relative to the largest angle
 _ATOL = 1e-10  # ... or absolute, in rad
 _MAX_ITER = 6  # Davidson expansions before falling back to a full eigh
 _FLOOR = 64.0  # rounding-floor multiple (of eps * sqrt(p) * lambda_max) counted as converged
+MAX_K_SHARE = 0.25  # k above this share of min(m, n): 'k_not_below_rank'
+MIN_SIGMA_GAP = 1e-3  # relative singular-value gap at k below this: 'small_gap'
 
 
 def _oriented(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -164,6 +186,29 @@ def eigh_top_subspace(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return lam, q, res_norm / gap if gap > 0 else math.inf
 
 
+def relative_gap(sigma: torch.Tensor, k: int) -> float:
+    """Singular values [p] (descending) -> (sigma_k - sigma_{k+1}) / sigma_k, 1-based k in
+    [1, p], sigma_{p+1} = 0; 0.0 when sigma_k = 0 (no top-k subspace to speak of)."""
+    top = float(sigma[k - 1])
+    nxt = float(sigma[k]) if k < sigma.numel() else 0.0
+    return (top - nxt) / top if top > 0 else 0.0
+
+
+def geometry_status(sigma: torch.Tensor, rank_k: int, spectral_k: int) -> tuple[str, float]:
+    """Singular values [p] (descending) of W0 and the two k -> (status, sigma_gap).
+
+    status: 'k_not_below_rank' if max(rank_k, spectral_k) > MAX_K_SHARE * p, else 'small_gap'
+    if sigma_gap < MIN_SIGMA_GAP, else 'ok'; sigma_gap is the smaller relative gap at the two k.
+    """
+    p = sigma.numel()
+    gap = min(relative_gap(sigma, rank_k), relative_gap(sigma, spectral_k))
+    if max(rank_k, spectral_k) > MAX_K_SHARE * p:
+        return "k_not_below_rank", gap
+    if not gap >= MIN_SIGMA_GAP:
+        return "small_gap", gap
+    return "ok", gap
+
+
 @dataclass(frozen=True)
 class BaseGeometry:
     """What per-run work needs from a base tensor W0 [m, n], decomposed once (p = min(m, n)).
@@ -188,6 +233,11 @@ class BaseGeometry:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.princ_mask.shape)
+
+    @property
+    def status(self) -> tuple[str, float]:
+        """(geometry_status, sigma_gap) of this base at its rank_k and spectral_k."""
+        return geometry_status(self.sigma, self.rank_k, self.spectral_k)
 
     @property
     def sigma_base(self) -> torch.Tensor:
@@ -231,7 +281,8 @@ class RunGeometry:
     sigma_run: float64 [spectral_k] top singular values of W1; angle_left, angle_right: float64
     [spectral_k] principal angles (rad, descending) between the top-spectral_k left (right)
     singular subspaces of W0 and W1; angle_error_bound: certified bound (rad) on the absolute
-    error of every angle.
+    error of every angle. geometry_status, sigma_gap: the base's (`geometry_status`); the
+    other fields are filled whatever the status.
     """
 
     overlap_princ: float
@@ -249,6 +300,8 @@ class RunGeometry:
     angle_left: torch.Tensor
     angle_right: torch.Tensor
     angle_error_bound: float
+    geometry_status: str
+    sigma_gap: float
 
 
 def _check_matrix(w: torch.Tensor, what: str) -> None:
@@ -259,11 +312,12 @@ def _check_matrix(w: torch.Tensor, what: str) -> None:
 
 
 def base_geometry(
-    w0: torch.Tensor, rank_k: int = 64, alpha: float = 0.5, spectral_k: int = 64
+    w0: torch.Tensor, rank_k: int | None = None, alpha: float = 0.5, spectral_k: int | None = None
 ) -> BaseGeometry:
     """Base weights [m, n] (bf16 or any float dtype) -> BaseGeometry, on w0's device.
 
-    rank_k and spectral_k are clipped to [1, min(m, n)]. Raises ValueError for a non-matrix
+    rank_k and spectral_k: absolute k clipped to [1, min(m, n)], or None for the relative
+    default (`rlvr_ray.stats.principal.rank_for`). Raises ValueError for a non-matrix
     (e.g. a 1-D norm vector) or non-finite weights.
     """
     _check_matrix(w0, "base tensor")
@@ -271,7 +325,7 @@ def base_geometry(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     w, transposed = _oriented(w0)
     p = w.shape[1]
-    rank_k, spectral_k = max(1, min(rank_k, p)), max(1, min(spectral_k, p))
+    rank_k, spectral_k = rank_for((p, p), rank_k), rank_for((p, p), spectral_k)
     lam, v = _eig_desc(w.T @ w, vectors=True)
     wv = w @ v[:, : max(rank_k, spectral_k)]  # columns u_i * sigma_i
     u = torch.linalg.qr(wv[:, :spectral_k]).Q.contiguous()
@@ -318,6 +372,7 @@ def run_geometry(
     tall_right = principal_angles(base.v[:, :k], q)
     tall_left = principal_angles(base.u, u1)
     right, left = (tall_left, tall_right) if base.transposed else (tall_right, tall_left)
+    status, gap = base.status
     return RunGeometry(
         **mask_overlaps(base.princ_mask, base.low_mask, mask.to(device)),
         nss=normalized_spectral_shift(base.sigma, sigma),
@@ -329,4 +384,6 @@ def run_geometry(
         angle_left=left,
         angle_right=right,
         angle_error_bound=bound,
+        geometry_status=status,
+        sigma_gap=gap,
     )

@@ -75,3 +75,32 @@ def test_base_decompositions_are_cached_across_scans(qwen_family, tmp_path):
     assert (w.cache.hits, w.cache.misses) == (n_matrices, 0)
     cached = list((tmp_path / "out" / "cache").rglob("*.safetensors"))
     assert len(cached) == n_matrices
+
+
+def test_default_k_follows_each_matrix_short_side(qwen_family, tmp_path):
+    """Default params: k = floor(0.0417 * min(rows, cols) + 0.5), at least 1, per tensor, with
+    geometry_status and sigma_gap from the base's float64 singular values."""
+    fam = qwen_family
+    con, _, _ = scan(tmp_path, fam.base, {"grpo-a": fam.runs["grpo-a"]}, Params())
+    got = con.execute(
+        "SELECT tensor, rank_k, spectral_k, geometry_status, sigma_gap FROM tensors "
+        "WHERE nss IS NOT NULL"
+    ).fetchall()
+    bases = fam.bits["base"]
+    matrices = [k for k, v in bases.items() if v.ndim == 2 and not k.startswith(("model.e", "lm"))]
+    assert sorted(r[0] for r in got) == sorted(matrices)
+    for tensor, rank_k, spectral_k, status, gap in got:
+        s = np.linalg.svd(bf16_bits_to_f64(fam.bits["base"][tensor]), compute_uv=False)
+        k = max(1, int(np.floor(0.0417 * s.size + 0.5)))
+        assert (rank_k, spectral_k) == (k, k)
+        assert gap == pytest.approx((s[k - 1] - s[k]) / s[k - 1], rel=1e-9)
+        expected = "k_not_below_rank" if 4 * k > s.size else "small_gap" if gap < 1e-3 else "ok"
+        assert status == expected
+    assert {r[3] for r in got} == {"ok"}  # random 16- to 64-wide bases: k = 1, a clear gap
+    # an absolute k = 64 on these 16- to 64-wide matrices: clipped to the short side, flagged
+    con, _, _ = scan(tmp_path / "abs", fam.base, {"grpo-a": fam.runs["grpo-a"]}, Params(rank_k=64))
+    rows = con.execute(
+        "SELECT DISTINCT geometry_status, rank_k = least(rows, cols) FROM tensors "
+        "WHERE nss IS NOT NULL"
+    ).fetchall()
+    assert rows == [("k_not_below_rank", True)]

@@ -200,9 +200,10 @@ def test_cli_report_and_bad_input(scans, tmp_path, capsys):
 MATRIX_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _plant_geometry(out) -> list[tuple[str, float]]:
+def _plant_geometry(out, flag: dict[str, str] | None = None) -> list[tuple[str, float]]:
     """Fill the geometry columns of every tensors part (as a geometry scan would) and add a
-    spectra part; -> (RL|SFT, nss) of every matrix row, for the expected medians."""
+    spectra part; -> (RL|SFT, nss) of every matrix row, for the expected medians. flag: role ->
+    geometry_status for roles whose geometry is no finding (the rest are 'ok')."""
     planted = []
     for part in (out / "tables" / "spectra").glob("*.parquet"):  # the engine's own: replaced
         part.unlink()
@@ -222,6 +223,7 @@ def _plant_geometry(out) -> list[tuple[str, float]]:
             d["overlap_princ"][i], d["princ_density"][i] = (0.6, 0.5) if sft else (0.4, 0.5)
             d["overlap_low"][i], d["low_density"][i] = 0.55, 0.5
             d["overlap_princ_not_low"][i], d["princ_not_low_density"][i] = 0.2, 0.25
+            d["geometry_status"][i] = (flag or {}).get(role, "ok")
         pq.write_table(pa.Table.from_pydict(d, schema=t.schema), part)
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
     scan_id, tensor = con.execute("""SELECT scan_id, tensor FROM tensors WHERE group_name =
@@ -282,3 +284,24 @@ def test_report_renders_in_headless_chromium(scans, multi_report, tmp_path):
     assert res.returncode == 0 and decode_png(shot.read_bytes()) == (1200, 2400)
     with PILImage.open(shot) as im:
         assert np.asarray(im.convert("L")).std() > 10  # a rendered page, not a blank one
+
+
+def test_flagged_geometry_is_warned_about_and_left_out(scans, tmp_path):
+    out = tmp_path / "flagged"
+    shutil.copytree(scans["multi"], out)
+    _plant_geometry(out, {"k": "k_not_below_rank", "v": "small_gap"})
+    con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
+    n = dict(con.execute("SELECT role, count(DISTINCT group_name || tensor) FROM tensors "
+                         "WHERE role IN ('q', 'k', 'v', 'o', 'gate', 'up', 'down') GROUP BY role").fetchall())  # fmt: skip
+    con.close()
+    total = sum(n.values())
+    warning = (f"Warning: the geometry of {n['k'] + n['v']} of {total} decomposed matrices is no "
+               f"finding ({n['k']} k_not_below_rank (k > short side / 4), {n['v']} small_gap "
+               "(singular-value gap at k < 0.001)); their overlaps and principal angles are left "
+               "out below, their NSS (which needs no k) is kept.")  # fmt: skip
+    page = parse(Path(write_report(out)[0]).read_text())
+    assert page.notes["overlaps"] == [warning] and page.notes["spectral"] == [warning]
+    # the warning comes before the figures it is about
+    html = (out / "report.html").read_text()
+    assert html.index("Warning: the geometry") < html.index('alt="overlaps"')
+    assert page.images_by_section["overlaps"] == 1

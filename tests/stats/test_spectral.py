@@ -97,7 +97,8 @@ def test_identical_run_and_empty_mask():
 
 def test_clipping_and_bad_input():
     w0 = _powerlaw_bf16(6, 20, seed=50)
-    base = base_geometry(w0)
+    assert base_geometry(w0).rank_k == 1  # the relative default: floor(0.0417 * 6 + 0.5) -> 1
+    base = base_geometry(w0, rank_k=64, spectral_k=64)  # absolute k is clipped to min(m, n)
     assert (base.rank_k, base.spectral_k, base.sigma_base.shape) == (6, 6, (6,))
     out = run_geometry(base, _ulp_update(w0, seed=51), torch.ones(6, 20, dtype=torch.bool))
     assert out.max_angle_right > 0.0 and out.max_angle_left < 1e-12  # left space is all of R^6

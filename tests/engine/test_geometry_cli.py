@@ -1,0 +1,66 @@
+"""The scan command's geometry flags and its one-line warning when geometry is no finding."""
+
+import duckdb
+import pytest
+
+from rlvr_ray.cli import build_parser, main
+
+WARNING = (
+    "rlvr-ray: warning: geometry of {n} of {n} decomposed matrices is no finding: "
+    "{n} k_not_below_rank (k > short side / 4); summary and views leave their overlaps and "
+    "angles out (SELECT tensor, rows, cols, rank_k, sigma_gap, geometry_status FROM tensors "
+    "WHERE geometry_status <> 'ok')"
+)
+
+
+def _decomposed(fam) -> int:
+    """Matrices that get geometry by default: 2-D, not embed / lm_head (hand count)."""
+    names = [k for k, v in fam.bits["base"].items() if v.ndim == 2]
+    return len([k for k in names if "embed_tokens" not in k and not k.startswith("lm_head")])
+
+
+def _scan(fam, out, *flags) -> int:
+    run = f"grpo-a:grpo={fam.runs['grpo-a']}"
+    return main(["scan", "--base", str(fam.base), "--run", run, "--out", str(out), *flags])
+
+
+def test_full_rank_k_warns_once_and_views_leave_it_out(qwen_family, ray_local, tmp_path, capsys):
+    n = _decomposed(qwen_family)
+    assert n == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert _scan(qwen_family, tmp_path / "abs", "--rank-k", "64", "--progress", "quiet") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning: geometry" in line] == [WARNING.format(n=n)]
+    con = duckdb.connect(str(tmp_path / "abs" / "atlas.duckdb"), read_only=True)
+    row = con.execute(
+        "SELECT overlap_princ, overlap_low, median_max_angle, n_tensors, n_flagged, "
+        "median_nss IS NOT NULL FROM run_geometry"
+    ).fetchone()
+    assert row == (None, None, None, 0, n, True)  # NSS needs no k; overlaps and angles do
+    assert con.execute("SELECT count(*) FROM overlap_by_role_depth").fetchone() == (0,)
+    summary = con.execute("SELECT overlap_princ, geometry_flagged FROM summary").fetchone()
+    assert summary == (None, n)
+
+
+@pytest.mark.slow  # a second scan on Ray; the rule itself: test_geometry_stage.py
+def test_relative_k_scans_without_warning(qwen_family, ray_local, tmp_path, capsys):
+    assert _scan(qwen_family, tmp_path / "rel", "--rank-frac", "0.05", "--progress", "quiet") == 0
+    assert "warning: geometry" not in capsys.readouterr().err
+    con = duckdb.connect(str(tmp_path / "rel" / "atlas.duckdb"), read_only=True)
+    row = con.execute("SELECT n_tensors, n_flagged, overlap_princ IS NOT NULL FROM run_geometry")
+    assert row.fetchone() == (_decomposed(qwen_family), 0, True)
+    ks = con.execute("SELECT DISTINCT least(rows, cols), rank_k FROM tensors WHERE nss > 0")
+    assert sorted(ks.fetchall()) == [(16, 1), (32, 2)]  # floor(0.05 * p + 0.5)
+
+
+def test_a_fraction_on_the_command_line_replaces_the_sweeps_k(tmp_path):
+    from rlvr_ray.cli import _sweep_from_args
+
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        "groups: [{name: g, base: b, runs: [{name: r, checkpoint: c}]}]\n"
+        "params: {rank_k: 64, spectral_k: 32}\n"
+    )
+    args = build_parser().parse_args(["scan", str(f), "--rank-frac", "0.1"])
+    p = _sweep_from_args(args).params
+    assert (p.rank_k, p.rank_frac, p.spectral_k) == (None, 0.1, 32)
+    assert p.ks((256, 1024)) == (26, 32)
