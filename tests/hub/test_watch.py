@@ -192,7 +192,10 @@ def test_a_corrupt_base_is_an_error_of_the_round_and_charges_no_candidate(
     rep = watch_once(cfg(out))
     assert rep.exit_code == 3 and rep.decided == []
     (err,) = rep.errors
-    assert err.startswith(f"base org/base@{broken.sha[:7]}: hf://org/base@{broken.sha}")
+    assert err == (
+        f"base org/base@{broken.sha[:7]}: checkpoint hf://org/base@{broken.sha}, "
+        "file config.json: malformed config.json (not UTF-8)"
+    )
     assert not (out / "tables/watch").exists() or not list((out / "tables/watch").iterdir())
     # the base is fixed (a new commit): the candidate is scanned at its first attempt
     hub.publish("org/base", family.base)

@@ -185,7 +185,7 @@ def test_sql_and_summary_answer_from_the_locked_atlas(scanned, llama_family, cap
     assert stdout.splitlines() == ["run,n", *(f"{r},{want[r]}" for r in sorted(want))]
     assert main(["summary", "--out", str(scanned), "--format", "csv", "--table", "runs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "group_name,run,algorithm,step,sparsity,ulp1_share"
+    assert lines[0] == "group_name,run,algorithm,step,sparsity,ulp1_share,coverage,tensor_coverage"
     assert sorted(line.split(",")[1] for line in lines[1 : 1 + len(want)]) == sorted(want)
 
 
