@@ -38,6 +38,9 @@ STORAGE_VERSION = "v1.0.0"
 _OK = "status IN ('ok', 'vocab_resized')"
 _GEO_OK = "geometry_status = 'ok'"
 _GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
+# an overlap is a share of the changed weights: a matrix with none has no overlap (NaN), and a
+# weighted mean must leave it out rather than add NaN x 0
+_GEO_OVERLAP = f"{_GEO_OK} AND n_changed > 0"
 
 VIEWS: dict[str, str] = {
     "scans": "SELECT * FROM scans_all",
@@ -155,12 +158,12 @@ VIEWS: dict[str, str] = {
         FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run, layer""",
     "run_geometry": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm,
-               sum(overlap_princ * n_changed) FILTER ({_GEO_OK})
-                 / nullif(sum(n_changed) FILTER ({_GEO_OK}), 0) AS overlap_princ,
-               avg(princ_density) FILTER ({_GEO_OK}) AS princ_density,
-               sum(overlap_low * n_changed) FILTER ({_GEO_OK})
-                 / nullif(sum(n_changed) FILTER ({_GEO_OK}), 0) AS overlap_low,
-               avg(low_density) FILTER ({_GEO_OK}) AS low_density, median(nss) AS median_nss,
+               sum(overlap_princ * n_changed) FILTER ({_GEO_OVERLAP})
+                 / nullif(sum(n_changed) FILTER ({_GEO_OVERLAP}), 0) AS overlap_princ,
+               avg(princ_density) FILTER ({_GEO_OVERLAP}) AS princ_density,
+               sum(overlap_low * n_changed) FILTER ({_GEO_OVERLAP})
+                 / nullif(sum(n_changed) FILTER ({_GEO_OVERLAP}), 0) AS overlap_low,
+               avg(low_density) FILTER ({_GEO_OVERLAP}) AS low_density, median(nss) AS median_nss,
                median(greatest(max_angle_left, max_angle_right)) FILTER ({_GEO_OK})
                  AS median_max_angle,
                count(*) FILTER ({_GEO_OK}) AS n_tensors,
