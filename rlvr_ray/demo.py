@@ -37,16 +37,11 @@ HEADLINE = [
      "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
      "baseline 0.5 each; k = 0.0417 of each matrix's short side; matrices whose geometry_status "
      "is not 'ok' left out), median NSS and median max principal angle (rad)", """
-     WITH runs AS (SELECT group_name, run, series, step FROM checkpoints WHERE NOT is_base),
-          last AS (SELECT group_name, series, max(step) AS step FROM runs GROUP BY ALL),
-          final AS (SELECT s.* FROM summary s JOIN runs r USING (group_name, run)
-                    LEFT JOIN last l ON l.group_name = r.group_name AND l.series = r.series
-                    WHERE r.step IS NULL OR r.step = l.step)
      SELECT group_name, algorithm, count(*) AS runs, round(avg(sparsity), 3) AS sparsity,
             round(avg(ulp1_share), 3) AS ulp1_share, round(avg(overlap_princ), 3) AS overlap_princ,
             round(avg(overlap_low), 3) AS overlap_low, avg(median_nss) AS nss,
             avg(median_max_angle) AS max_angle
-     FROM final GROUP BY group_name, algorithm
+     FROM summary_final GROUP BY group_name, algorithm
      ORDER BY group_name, algorithm = 'sft', algorithm"""),
     ("Cross-run consistency of the RL runs' update masks: mean pairwise Jaccard vs the "
      "independent-Bernoulli baseline", """

@@ -139,7 +139,7 @@ def test_query_commands_import_no_torch_ray_or_numba(results, tmp_path, argv):
 def test_summary_json_is_one_object_keyed_by_table(results, llama_family, capsys):
     assert main(["summary", "--out", str(results), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert list(doc) == ["runs", "runs_geometry", "groups"]
+    assert list(doc) == ["runs", "runs_geometry", "algorithms", "groups"]
     total = sum(v.size for v in llama_family.bits["base"].values())
     got = {r["run"]: r["sparsity"] for r in doc["runs"]}
     assert got == {
@@ -147,6 +147,7 @@ def test_summary_json_is_one_object_keyed_by_table(results, llama_family, capsys
         for run in ("grpo", "ppo")
     }
     assert doc["runs_geometry"] == []  # scanned without geometry
+    assert [(a["algorithm"], a["n_runs"]) for a in doc["algorithms"]] == [("grpo", 1), ("ppo", 1)]
     assert [(g["group_name"], g["n_runs"]) for g in doc["groups"]] == [("llama", 2)]
 
 
@@ -154,7 +155,7 @@ def test_summary_csv_is_one_table_chosen_by_name(results, capsys):
     assert main(["summary", "--out", str(results), "--format", "csv"]) == 2
     assert capsys.readouterr().err == (
         "rlvr-ray: error: --format csv writes one table: add "
-        "--table NAME (runs, runs_geometry, groups)\n"
+        "--table NAME (runs, runs_geometry, algorithms, groups)\n"
     )
     assert main(["summary", "--out", str(results), "--format", "csv", "--table", "runs"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))

@@ -178,6 +178,24 @@ VIEWS: dict[str, str] = {
                g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
+    # the final checkpoint of each training series: its latest step (a run without a step is
+    # final). Intermediate steps are runs too, and would otherwise weigh in every average
+    "final_runs": """
+        SELECT group_name, run, series, step FROM (
+          SELECT group_name, run, coalesce(series, run) AS series, step,
+                 max(step) OVER (PARTITION BY group_name, coalesce(series, run)) AS last
+          FROM checkpoints WHERE NOT coalesce(is_base, false))
+        WHERE step IS NULL OR step = last""",
+    "summary_final": "SELECT * FROM summary SEMI JOIN final_runs USING (group_name, run)",
+    # the headline per algorithm, over final checkpoints only
+    "algorithm_summary": """
+        SELECT s.algorithm, count(*) AS n_runs, avg(s.sparsity) AS sparsity,
+               min(s.sparsity) AS min_sparsity, max(s.sparsity) AS max_sparsity,
+               avg(s.ulp1_share) AS ulp1_share, avg(g.overlap_princ) AS overlap_princ,
+               avg(g.overlap_low) AS overlap_low, median(g.median_nss) AS median_nss
+        FROM run_sparsity s SEMI JOIN final_runs USING (group_name, run)
+        LEFT JOIN run_geometry g USING (group_name, run)
+        GROUP BY s.algorithm""",
     # n_runs: the group's runs (its current checkpoints), not the runs of any one tensor (a
     # resized embedding leaves its resized runs out of that tensor's consistency)
     "group_summary": """

@@ -15,6 +15,14 @@ SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
      "with geometry_status 'ok' only (geometry_flagged: the others)",
      "SELECT group_name, run, algorithm, overlap_princ, princ_baseline, overlap_low, low_baseline, "
      "median_nss, median_max_angle, geometry_flagged FROM summary WHERE median_nss IS NOT NULL"),
+    ("algorithms",
+     "Per algorithm, final checkpoints only (the latest step of each series): mean sparsity "
+     "(and its range over runs), 1-ULP share, overlaps, median NSS",
+     "SELECT algorithm, n_runs, round(sparsity, 4) AS sparsity, "
+     "round(min_sparsity, 4) AS min_sparsity, round(max_sparsity, 4) AS max_sparsity, "
+     "round(ulp1_share, 4) AS ulp1_share, round(overlap_princ, 4) AS overlap_princ, "
+     "round(overlap_low, 4) AS overlap_low, median_nss FROM algorithm_summary "
+     "ORDER BY algorithm = 'sft', algorithm"),
     ("groups",
      "Per group: mean pairwise Jaccard of update masks vs the independent-Bernoulli baseline",
      "SELECT group_name, n_runs, round(mean_jaccard, 4) AS mean_jaccard, "
