@@ -35,6 +35,14 @@ def _add_scan(sub) -> None:
     p.add_argument("--base", help="base checkpoint (quick form, instead of a sweep file)")
     p.add_argument("--run", action="append", default=[], metavar="NAME=PATH",
                    help="a run of the quick form; repeatable. NAME may carry ':ALGORITHM'")  # fmt: skip
+    p.add_argument(
+        "--no-consistency",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this --run out of the group's cross-run consistency; repeatable (default: RL "
+        "runs and runs without an algorithm are in, SFT runs out)",
+    )
     p.add_argument("--group", default="default", help="group name of the quick form (default: default)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory or s3:// URI (default: {DEFAULT_OUT})")  # fmt: skip
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)")  # fmt: skip
@@ -79,7 +87,7 @@ def _sweep_from_args(args):
         params["geometry"] = False
     if args.svd_embeddings:
         params["svd_embeddings"] = True
-    if args.sweep and (args.base or args.run):
+    if args.sweep and (args.base or args.run or args.no_consistency):
         raise SweepError("give a sweep file or --base/--run, not both")
     if args.sweep:
         sweep = load_sweep(args.sweep)
@@ -95,6 +103,10 @@ def _sweep_from_args(args):
         name, path = spec.split("=", 1)
         name, _, algo = name.partition(":")
         runs.append({"name": name, "checkpoint": path, **({"algorithm": algo} if algo else {})})
+        if name in args.no_consistency:
+            runs[-1]["consistency"] = False
+    if unknown := sorted(set(args.no_consistency) - {r["name"] for r in runs}):
+        raise SweepError(f"--no-consistency {unknown[0]}: no --run of that name")
     data = {"groups": [{"name": args.group, "base": args.base, "runs": runs}], "params": params}
     return sweep_from_dict(data, Path.cwd(), "(command line)")
 

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlvr_ray.stats.principal import RANK_FRAC, rank_for
 
+#: algorithms of the supervised class: their runs stay out of a group's cross-run consistency
+#: unless they ask in (consistency compares runs of one class: RL runs with RL runs)
+SFT_ALGORITHMS = ("sft",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")
 
 
@@ -53,7 +56,11 @@ class Run(_Frozen):
     dataset: str | None = None
     seed: int | None = None
     series: str | None = Field(None, description="groups the steps of one training run")
-    consistency: bool = Field(True, description="include in the group's cross-run consistency")
+    consistency: bool = Field(
+        None,
+        description="include in the group's cross-run consistency (default: yes for RL runs and "
+        "runs without an algorithm, no for SFT runs: consistency compares runs of one class)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -66,6 +73,12 @@ class Run(_Frozen):
     @classmethod
     def _algo(cls, v: str | None) -> str | None:
         return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _consistency_by_class(self) -> Run:
+        if self.consistency is None:  # frozen: set once, here, from the algorithm's class
+            object.__setattr__(self, "consistency", self.algorithm not in SFT_ALGORITHMS)
+        return self
 
 
 class Group(_Frozen):

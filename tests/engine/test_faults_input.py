@@ -139,3 +139,31 @@ def test_each_broken_checkpoint_is_one_line_and_the_sweep_goes_on(tmp_path):
     for g, r, t, n in rows:
         got.setdefault(g, {})[(r, t)] = n
     assert got == {g: expected_changed(f) for g, f in fams.items()}
+
+
+def test_consistency_compares_runs_of_one_class_by_default(tmp_path):
+    """An SFT run stays out of the group's consistency unless it asks in; the quick form's
+    --no-consistency takes any run out, and names only runs it has."""
+    from rlvr_ray.cli import _sweep_from_args, build_parser
+
+    runs = [
+        {"name": "grpo", "checkpoint": "g", "algorithm": "GRPO"},
+        {"name": "sft", "checkpoint": "s", "algorithm": "sft"},
+        {"name": "sft-in", "checkpoint": "s2", "algorithm": "sft", "consistency": True},
+        {"name": "plain", "checkpoint": "p"},
+    ]
+    sweep = sweep_from_dict({"groups": [{"name": "g", "base": "b", "runs": runs}]}, tmp_path)
+    got = {r.name: r.consistency for r in sweep.groups[0].runs}
+    assert got == {"grpo": True, "sft": False, "sft-in": True, "plain": True}
+
+    def quick(*extra):
+        argv = ["scan", "--base", "b", "--run", "grpo:grpo=g", "--run", "ppo:ppo=p",
+                "--run", "sft:sft=s", *extra]  # fmt: skip
+        return _sweep_from_args(build_parser("scan").parse_args(argv))
+
+    got = {r.name: r.consistency for r in quick().groups[0].runs}
+    assert got == {"grpo": True, "ppo": True, "sft": False}
+    got = {r.name: r.consistency for r in quick("--no-consistency", "ppo").groups[0].runs}
+    assert got == {"grpo": True, "ppo": False, "sft": False}
+    with pytest.raises(SweepError, match=r"^--no-consistency nope: no --run of that name$"):
+        quick("--no-consistency", "nope")
