@@ -24,7 +24,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlvr_ray.engine.geometry import BaseCache, row_columns, skip_reason, spectra_rows
+from rlvr_ray.engine.geometry import BaseCache, row_columns, spectra_rows
+from rlvr_ray.engine.memory import (
+    CHUNK_NUMEL,
+    FUSED_WINDOW_NUMEL,
+    GPU_CHUNK_NUMEL,
+    STREAM_WINDOW_NUMEL,
+    skip_reason,
+    streams,
+)
 from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir
@@ -56,26 +64,8 @@ STATUSES = {
     "read_error": "the tensor's bytes could not be read",
 }
 COMPARED = ("ok", "vocab_resized")
-#: elements per row chunk of the torch path on a CPU: scratch stays in L2 (measured best of
-#: 2^16..2^20) and float32 0/1 sums stay exact (< 2^24)
-CHUNK_NUMEL = 1 << 18
-#: on a GPU each chunk is a handful of kernel launches and host syncs: make them worth it
-GPU_CHUNK_NUMEL = 1 << 22
-#: a streamed tensor is read this many elements (of each copy) at a time
-STREAM_WINDOW_NUMEL = 1 << 22
-#: the fused CPU pass reads every copy's rows this many elements at a time, straight into one
-#: buffer that stays in the caches (L2 + L3) while the pass walks it
-FUSED_WINDOW_NUMEL = 1 << 18
 #: concurrent reads per worker: the base's and the runs' copies of a tensor
 IO_THREADS = 8
-#: tensors this large (bytes) that get no SVD are streamed rather than read whole
-STREAM_MIN_BYTES = 16 << 20
-
-
-def streams(params, role: str, shape: tuple[int, ...], nbytes: int) -> bool:
-    """Whether a tensor (one copy: ``nbytes``) is streamed row range by row range rather than
-    read whole: huge tensors that get no SVD (the driver's memory estimate uses this too)."""
-    return nbytes >= STREAM_MIN_BYTES and skip_reason(params, role, tuple(shape)) is not None
 
 
 @dataclass
