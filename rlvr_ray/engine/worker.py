@@ -15,6 +15,8 @@ compared gets a row whose ``status`` says why.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import ctypes
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ from rlvr_ray.engine.memory import (
     CHUNK_NUMEL,
     FUSED_WINDOW_NUMEL,
     GPU_CHUNK_NUMEL,
+    MMAP_THRESHOLD,
     STREAM_WINDOW_NUMEL,
     skip_reason,
     streams,
@@ -334,6 +337,13 @@ def _maps_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 
+def _map_large_allocations() -> None:
+    """Have glibc map allocations of MMAP_THRESHOLD bytes or more on their own, so that freed
+    tensors go back to the system (elsewhere: nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
 def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
     """Ask for every copy of ``names``, tensor by tensor, to be read into the page cache."""
     for name in names:
@@ -351,6 +361,7 @@ class ScanWorker:
     def __init__(self, out: str, device: str | None = None, threads: int | None = None,
                  io_threads: int = IO_THREADS):  # fmt: skip
         self.results = ResultsDir(out)
+        _map_large_allocations()
         # the base's and every run's copy of a tensor are read side by side (readinto and the
         # numba kernels release the GIL, so reads also overlap the statistics)
         self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlvr-read")

@@ -91,6 +91,13 @@ def test_many_runs_on_a_tensor_above_2_24_elements(R, tmp_path):
 
 
 @pytest.mark.slow
+def test_many_runs_on_a_narrow_tensor(tmp_path):
+    """17 runs of a 32769 x 256 tensor, geometry on: the per-run scratch (8-32 MB arrays) is
+    given back between runs, and the estimate bounds the measured peak."""
+    check_bound(probe(write_group(tmp_path, ((1 << 15) + 1, 256), 17)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1024, 1024), (3072, 1024), (2048, 2048), (4096, 4096),
                                    (12288, 4096)])  # fmt: skip
 def test_geometry_of_layer_shapes(shape, tmp_path):
