@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import secrets
 import signal
@@ -27,9 +26,10 @@ import pyarrow as pa
 
 from rlvr_ray import __version__
 from rlvr_ray.engine.config import Params, Sweep, SweepError
-from rlvr_ray.engine.plan import GroupPlan, RunSpec, TensorSpec, Unit, plan_group
+from rlvr_ray.engine.memory import over_budget
+from rlvr_ray.engine.plan import GroupPlan, RunSpec, Unit, plan_group
 from rlvr_ray.engine.progress import Progress
-from rlvr_ray.engine.worker import CHUNK_NUMEL, STREAM_WINDOW_NUMEL, ScanWorker, streams
+from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.families import family_for
@@ -40,7 +40,6 @@ DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
 UNITS_IN_FLIGHT = 2  # per actor: the one it runs and the next (no idle round trip between)
 PLACEMENT_TIMEOUT_S = 300  # no actor at all could be placed for this long: give up
-SCRATCH_COPIES = 12  # geometry: float64 W0 and W1 (4 + 4 copies) and SVD factors
 
 
 @dataclass(frozen=True)
@@ -442,51 +441,6 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
             running.pop(r)
     for a in [*actors, *starting.values()]:
         ray.kill(a, no_restart=True)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def tensor_memory(spec: TensorSpec, n_copies: int, params: Params) -> int:
-    """Bytes an actor needs for one tensor: every checkpoint's copy ((runs + 1) x its bytes,
-    resident together) plus scratch: chunked masks and, with geometry, the float64 SVD of one
-    copy (estimated as SCRATCH_COPIES x one copy's bytes). A streamed tensor (huge, no SVD)
-    needs (runs + 1) x 2 read windows and chunk-sized scratch instead."""
-    one = spec.nbytes / max(n_copies, 1)
-    if streams(params, spec.role, spec.shape, int(one)):
-        # two read windows per copy (one computed on, the next being read); host scratch of
-        # CPU chunks (a GPU's scratch is on the GPU)
-        window = min(one, STREAM_WINDOW_NUMEL * one / max(math.prod(spec.shape), 1))
-        return int(n_copies * 2 * window + 16 * 8 * CHUNK_NUMEL)
-    scratch = SCRATCH_COPIES if params.geometry else 2
-    return int(spec.nbytes + scratch * one)
-
-
-def over_budget(units: list[Unit], memory_gb: float) -> tuple[list[Unit], list[str]]:
-    """Split ``units`` into those that fit ``memory_gb`` per actor and errors for the rest.
-
-    An actor holds one tensor at a time, so a unit needs what its largest tensor needs; a
-    tensor cannot be split (its statistics need every run's copy together), so a unit with a
-    tensor over the budget is refused, named, and left for a rerun with a larger budget.
-    """
-    budget = memory_gb * 2**30
-    fit, errors = [], []
-    for u in units:
-        need, spec = max(((tensor_memory(t, len(u.runs) + 1, u.params), t) for t in u.tensors),
-                         key=lambda x: x[0])  # fmt: skip
-        if need <= budget:
-            fit.append(u)
-            continue
-        copies = len(u.runs) + 1
-        errors.append(
-            f"group {u.group}: unit {u.index} refused: tensor {spec.name} needs {_size(need)} "
-            f"({copies} copies x {_size(spec.nbytes / copies)} + scratch) > --memory-gb "
-            f"{memory_gb:g}; rerun with a larger --memory-gb (done units are kept)")  # fmt: skip
-    return fit, errors
 
 
 def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int | None = None,

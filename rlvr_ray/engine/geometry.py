@@ -24,26 +24,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from rlvr_ray.engine.config import Params
+from rlvr_ray.engine.memory import EMBEDDING_ROLES, skip_reason  # noqa: F401 (re-exported)
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
 
 GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
-EMBEDDING_ROLES = ("embed", "lm_head")
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
 GEOMETRY_FLAGGED = ("k_not_below_rank", "small_gap")
-
-
-def skip_reason(params: Params, role: str, shape: tuple[int, ...]) -> str | None:
-    """None if the tensor gets geometry, else the geometry_status saying why not."""
-    if not params.geometry:
-        return "disabled"
-    if len(shape) != 2:
-        return "skipped_vector" if len(shape) < 2 else "skipped_not_matrix"
-    if role in EMBEDDING_ROLES and not params.svd_embeddings:
-        return "skipped_embedding"
-    if shape[0] * shape[1] > params.max_svd_numel:
-        return "skipped_size"
-    return None
 
 
 class BaseCache:
@@ -56,7 +43,7 @@ class BaseCache:
     def _key(self, bits0: torch.Tensor, params: Params) -> str:
         rank_k, spectral_k = params.ks(tuple(bits0.shape))
         h = hashlib.blake2b(digest_size=16)
-        h.update(bits0.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(bits0.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy
         h.update(f"v{GEOMETRY_VERSION}:{rank_k}:{params.alpha}:{spectral_k}".encode())
         return h.hexdigest()
 

@@ -22,6 +22,8 @@ cols].
 from __future__ import annotations
 
 import bisect
+import contextlib
+import ctypes
 import math
 import os
 import time
@@ -32,7 +34,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rlvr_ray.engine.geometry import BaseCache, row_columns, skip_reason, spectra_rows
+from rlvr_ray.engine.geometry import BaseCache, row_columns, spectra_rows
+from rlvr_ray.engine.memory import (
+    CHUNK_NUMEL,
+    FUSED_WINDOW_NUMEL,
+    GPU_CHUNK_NUMEL,
+    MMAP_THRESHOLD,
+    STREAM_WINDOW_NUMEL,
+    skip_reason,
+    streams,
+)
 from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.io.checkpoint import (
     DTYPES,
@@ -77,26 +88,8 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 COMPARABLE_DTYPES = (*FLOAT_DTYPES, *FP8_DTYPES)
 #: names of an FP8 weight's scale tensor: ``<weight name><suffix>`` (W = fp8 value x scale)
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
-#: elements per row chunk of the torch path on a CPU: scratch stays in L2 (measured best of
-#: 2^16..2^20) and float32 0/1 sums stay exact (< 2^24)
-CHUNK_NUMEL = 1 << 18
-#: on a GPU each chunk is a handful of kernel launches and host syncs: make them worth it
-GPU_CHUNK_NUMEL = 1 << 22
-#: a streamed tensor is read this many elements (of each copy) at a time
-STREAM_WINDOW_NUMEL = 1 << 22
-#: the fused CPU pass reads every copy's rows this many elements at a time, straight into one
-#: buffer that stays in the caches (L2 + L3) while the pass walks it
-FUSED_WINDOW_NUMEL = 1 << 18
 #: concurrent reads per worker: the base's and the runs' copies of a tensor
 IO_THREADS = 8
-#: tensors this large (bytes) that get no SVD are streamed rather than read whole
-STREAM_MIN_BYTES = 16 << 20
-
-
-def streams(params, role: str, shape: tuple[int, ...], nbytes: int) -> bool:
-    """Whether a tensor (one copy: ``nbytes``) is streamed row range by row range rather than
-    read whole: huge tensors that get no SVD (the driver's memory estimate uses this too)."""
-    return nbytes >= STREAM_MIN_BYTES and skip_reason(params, role, tuple(shape)) is not None
 
 
 def piece_shape(shape: tuple[int, ...], expert: int | None) -> tuple[int, ...]:
@@ -443,6 +436,13 @@ def _dequantized(src: _Source, scale: tuple[torch.Tensor, int, int], a: int, b: 
     return w * s.repeat_interleave(bc, 1)[:, : w.shape[1]]
 
 
+def _map_large_allocations() -> None:
+    """Have glibc map allocations of MMAP_THRESHOLD bytes or more on their own, so that freed
+    tensors go back to the system (elsewhere: nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
 def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
     """Ask for every copy of ``names``, tensor by tensor, to be read into the page cache."""
     for name in names:
@@ -460,6 +460,7 @@ class ScanWorker:
     def __init__(self, out: str, device: str | None = None, threads: int | None = None,
                  io_threads: int = IO_THREADS):  # fmt: skip
         self.results = ResultsDir(out)
+        _map_large_allocations()
         # the base's and every run's copy of a tensor are read side by side (readinto and the
         # numba kernels release the GIL, so reads also overlap the statistics)
         self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlvr-read")

@@ -6,9 +6,14 @@ planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes se
 run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
 answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
 pairwise intersection a sum over the patterns holding those bits. Beyond 16 runs the planes are
-unpacked into a float32 0/1 matrix M [R, n] and one product M M^T gives every intersection
-(exact: 0/1 sums below 2^24, and chunks are kept far below that). Consensus profiles and maps
-are the members' own row/column counts summed, so they cost nothing here.
+unpacked into a float32 0/1 matrix M [R, n] and one product M M^T gives every intersection.
+
+Every count is an exact integer for any R and any tensor size: float32 holds every integer up
+to 2^24, so each chunk is consumed in pieces of at most ``piece_numel`` (<= 2^24) coordinates,
+each piece's float32 histogram or product is rounded to int64 and the pieces are summed in
+int64. The pieces also bound the scratch (R x piece x 4 bytes for the product), whatever rows
+a caller hands in at once. Consensus profiles and maps are the members' own row/column counts
+summed, so they cost nothing here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from itertools import combinations
 
 import numpy as np
 import torch
+
+from rlvr_ray.stats.masks import EXACT_NUMEL
+
+#: coordinates per piece of a chunk (CPU: the R x piece float32 product stays in the caches;
+#: a GPU: a few launches per chunk), both within EXACT_NUMEL
+CPU_PIECE_NUMEL = 1 << 18
+GPU_PIECE_NUMEL = 1 << 22
 
 
 @dataclass
@@ -59,9 +71,15 @@ class ConsistencyAccumulator:
     #: up to this many runs the 2^R pattern histogram is used; beyond, M M^T
     HIST_RUNS = 16
 
-    def __init__(self, n_runs: int, rows: int, cols: int, device=None):
+    def __init__(self, n_runs: int, rows: int, cols: int, device=None,
+                 piece_numel: int | None = None):  # fmt: skip
         self.R, self.rows, self.cols = n_runs, rows, cols
         self.device = torch.device(device or "cpu")
+        if piece_numel is None:
+            piece_numel = CPU_PIECE_NUMEL if self.device.type == "cpu" else GPU_PIECE_NUMEL
+        if not 1 <= piece_numel <= EXACT_NUMEL:
+            raise ValueError(f"piece_numel must be in [1, 2^24], not {piece_numel}")
+        self.piece_numel = piece_numel
         self.n_planes = (n_runs + 15) // 16
         self.by_hist = n_runs <= self.HIST_RUNS
         if self.by_hist:
@@ -83,18 +101,27 @@ class ConsistencyAccumulator:
 
     def add(self, planes: list[torch.Tensor]) -> None:
         """The next chunk's bit planes (each int16 [r, cols]), every run's bit set."""
-        r = planes[0].shape[0]
+        flat = [p.reshape(-1) for p in planes]
+        n = flat[0].numel()
+        for a in range(0, n, self.piece_numel):
+            self._add_piece([p[a : a + self.piece_numel] for p in flat])
+        self.next_row += planes[0].shape[0]
+
+    def _add_piece(self, planes: list[torch.Tensor]) -> None:
+        """Bit planes of at most ``piece_numel`` coordinates (int16 [n]): every float32 partial
+        sum below is an integer <= n <= 2^24, hence exact; the totals are kept in int64."""
         if self.by_hist:  # histc, unlike bincount, never waits for the host to size it
             nb = 1 << self.R
             p = (planes[0].to(torch.int32) & 0xFFFF).float()  # integers, exact in float32
             self.hist += torch.histc(p, bins=nb, min=-0.5, max=nb - 0.5).round_().to(torch.int64)
-        else:
-            m = torch.stack([(planes[k // 16] >> (k % 16)) & 1 for k in range(self.R)])
-            m = m.reshape(self.R, -1).float()  # [R, n]
-            self.inter += (m @ m.T).round_().to(torch.int64)
-            count = m.sum(0)  # [n]: how many runs changed each coordinate (exact small ints)
-            self.ge += torch.stack([(count - (k - 1)).clamp_(0, 1).sum() for k in range(1, self.R + 1)]).to(torch.int64)  # fmt: skip
-        self.next_row += r
+            return
+        m = torch.empty(self.R, planes[0].numel(), dtype=torch.float32, device=self.device)
+        for k in range(self.R):  # unpacked straight into M [R, n]: one float32 copy, no stack
+            torch.bitwise_and(planes[k // 16] >> (k % 16), 1, out=m[k])
+        self.inter += (m @ m.T).round_().to(torch.int64)
+        count = m.sum(0)  # [n]: how many runs changed each coordinate (exact small ints)
+        ge = [(count - (k - 1)).clamp_(0, 1).sum() for k in range(1, self.R + 1)]
+        self.ge += torch.stack(ge).to(torch.int64)  # float32 0/1 sums: exact in a piece
 
     def _counts(self) -> tuple[list[int], np.ndarray]:
         """-> (consensus counts [R + 1], intersections int64 [R, R] with the sizes on the diagonal)."""

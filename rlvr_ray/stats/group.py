@@ -7,8 +7,8 @@ copies' rows arrive as int16 bf16 patterns in one flat buffer (the worker reads 
 rows into its slot), located by offsets. Up to 4 members the kernel tallies, in int32 lanes,
 the coordinates changed in exactly c members and each pair's intersection; up to 16 it counts
 a histogram of the 2^R member patterns (two coordinates per increment for R <= 6, which halves
-the increments); beyond 16 members it sets bit planes and ``ConsistencyAccumulator``
-multiplies them out (M M^T), as on a GPU.
+the increments); beyond 16 members it sets bit planes, a piece of rows per kernel call, and
+``ConsistencyAccumulator`` multiplies them out (M M^T, exact in pieces), as on a GPU.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ class GroupAccumulator:
     """Consumes a [rows, cols] tensor's base and R runs in consecutive row ranges.
 
     ``members``: the runs (indices into the R) whose masks enter the consensus (none, or at
-    least two); ``map_size``: the pooled density map's size (None: no map)."""
+    least two); ``map_size``: the pooled density map's size (None: no map); ``piece_numel``:
+    beyond 16 members, the coordinates per M M^T piece (``ConsistencyAccumulator``'s)."""
 
     def __init__(self, rows: int, cols: int, n_runs: int, members: list[int],
-                 ulp_edges: tuple[int, ...], map_size: int | None = None):  # fmt: skip
+                 ulp_edges: tuple[int, ...], map_size: int | None = None,
+                 piece_numel: int | None = None):  # fmt: skip
         if cols > MAX_COLS:
             raise ValueError(f"rows of {cols} columns: the fused pass takes at most {MAX_COLS}")
         R, M = n_runs, len(members)
@@ -60,7 +62,9 @@ class GroupAccumulator:
         self.pbit = np.full(R, -1, dtype=np.int64)
         self.pbit[self.members] = np.arange(M)
         # the torch accumulator takes > 16 members' bit planes (M M^T); fewer are histogrammed
-        self.cons = ConsistencyAccumulator(M, rows, cols, "cpu") if M > ConsistencyAccumulator.HIST_RUNS else None  # fmt: skip
+        self.cons = None
+        if M > ConsistencyAccumulator.HIST_RUNS:
+            self.cons = ConsistencyAccumulator(M, rows, cols, "cpu", piece_numel)
         self.by_hist = M >= 2 and self.cons is None
         if self.by_hist and M <= TALLY_MEMBERS:
             self.hist = np.zeros((2, 6), dtype=np.int64)
@@ -90,8 +94,11 @@ class GroupAccumulator:
     def add(self, flat: np.ndarray, off: np.ndarray, n: int) -> None:
         """The next n rows: copy k's (0: the base, r + 1: run r) start at ``flat[off[k]]``
         (int16 patterns, rows of ``cols`` elements, contiguous)."""
-        for a in range(0, n, MAX_ROWS):  # the kernel counts columns in int32 within a call
-            m = min(MAX_ROWS, n - a)
+        step = MAX_ROWS  # the kernel counts columns in int32 within a call
+        if self.cons is not None:  # bit planes of a piece's rows at a time: bounded scratch
+            step = max(1, self.cons.piece_numel // max(self.cols, 1))
+        for a in range(0, n, step):
+            m = min(step, n - a)
             planes = self._no_planes
             if self.cons is not None:
                 planes = np.stack([p.numpy() for p in self.cons.planes(m)]).view(np.uint16)

@@ -24,6 +24,8 @@ import torch
 
 _MAG = 0x7FFF  # magnitude bits of a bf16 pattern
 _EXP = 0x7F80  # exponent bits: all ones means Inf or NaN
+#: float32 holds every integer up to 2^24: the most 0/1 values one float32 sum may cover
+EXACT_NUMEL = 1 << 24
 
 
 def bf16_bits(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -143,12 +145,14 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
 
     The torch path (GPU, or CPU without numba): int32 ordered keys handle sign flips and
     +0/-0; the float64 difference of two bf16 values (8 significant bits) is exact unless their
-    exponents are more than 45 apart; float32 sums of 0/1 are exact below 2^24 elements, and
-    chunks are kept below that."""
+    exponents are more than 45 apart; float32 sums of 0/1 are exact up to 2^24 elements, and
+    chunks are kept below that (a chunk of one row longer than that is counted in integers)."""
     steps = ulp_steps(b0, b1)
     m = steps.clamp(max=1).float()
     if steps.is_cuda:  # one launch for every edge
         ge = (steps.reshape(-1, 1) >= edges).sum(0)
+    elif steps.numel() > EXACT_NUMEL:  # int64 counts: beyond float32's exact integers
+        ge = torch.stack([(steps >= e).sum() for e in edges.tolist()])
     else:  # on a CPU: a pass per edge, float32 clamp-sums (bool reductions are slow there)
         sf = steps.float()
         ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges.tolist()]).to(torch.int64)  # fmt: skip
@@ -270,7 +274,10 @@ class MaskAccumulator:
         r0, r = self.next_row, bits0.shape[0]
         plane = planes[bit // 16] if planes is not None and bit >= 0 else None
         m, ge, smax, ss, amax, nf = chunk_stats(bits0, bits1, self._edges_t)
-        self.row_counts[r0 : r0 + r] = m.sum(1).to(torch.int64)
+        if self.cols <= EXACT_NUMEL:  # float32 row sums of 0/1: exact
+            self.row_counts[r0 : r0 + r] = m.sum(1).to(torch.int64)
+        else:
+            self.row_counts[r0 : r0 + r] = torch.count_nonzero(m, dim=1)
         col = self.pool.add_rows(r0, m) if self.pool is not None else m.sum(0).to(torch.int64)
         if plane is not None:
             plane |= m.to(torch.int16) << (bit % 16)

@@ -62,14 +62,15 @@ def top_fraction_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
     above = flat > threshold
     tied = flat == threshold
     need = count - int(torch.count_nonzero(above))
-    take = tied & (torch.cumsum(tied, 0) <= need)
+    rank = torch.int32 if numel < 2**31 else torch.int64  # half the scratch of int64
+    take = tied & (torch.cumsum(tied, 0, dtype=rank) <= need)
     return (above | take).reshape(score.shape)
 
 
 def low_magnitude_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Base weights [m, n] (any float dtype) -> BoolTensor [m, n]: bottom alpha of |W0|."""
     exact = torch.float32 if w0.dtype in (torch.bfloat16, torch.float16) else torch.float64
-    return top_fraction_mask(-w0.to(exact).abs(), alpha)
+    return top_fraction_mask(w0.to(exact, copy=True).abs_().neg_(), alpha)  # one copy
 
 
 def rank_k_reconstruction(w0: torch.Tensor, v_k: torch.Tensor) -> torch.Tensor:

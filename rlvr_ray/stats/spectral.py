@@ -328,14 +328,18 @@ def base_geometry(
     rank_k, spectral_k = rank_for((p, p), rank_k), rank_for((p, p), spectral_k)
     lam, v = _eig_desc(w.T @ w, vectors=True)
     wv = w @ v[:, : max(rank_k, spectral_k)]  # columns u_i * sigma_i
+    del w  # 8 bytes an element: freed before the masks' own full-size scratch
     u = torch.linalg.qr(wv[:, :spectral_k]).Q.contiguous()
-    w0k = wv[:, :rank_k] @ v[:, :rank_k].T
-    w0k = w0k.T if transposed else w0k
+    # W0_k in W0's own frame, contiguous: its |.| is taken in place and never copied
+    a, b = wv[:, :rank_k], v[:, :rank_k]
+    w0k = b @ a.T if transposed else a @ b.T
+    princ = top_fraction_mask(w0k.abs_(), alpha)
+    del w0k
     return BaseGeometry(
         sigma=_sqrt_clamped(lam),
         v=v,
         u=u,
-        princ_mask=top_fraction_mask(w0k.abs(), alpha),
+        princ_mask=princ,
         low_mask=low_magnitude_mask(w0, alpha),
         rank_k=rank_k,
         spectral_k=spectral_k,

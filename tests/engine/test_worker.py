@@ -21,10 +21,10 @@ def read_mode(request, monkeypatch):
     """Every test here runs twice: tensors read whole, and streamed row range by row range
     (in windows of 97 elements, so a tiny tensor takes several, each read ahead; the fused
     CPU pass, which streams every tensor it does not decompose, in windows of 97 too)."""
-    from rlvr_ray.engine import worker
+    from rlvr_ray.engine import memory, worker
 
     if request.param == "streamed":
-        monkeypatch.setattr(worker, "STREAM_MIN_BYTES", 0)
+        monkeypatch.setattr(memory, "STREAM_MIN_BYTES", 0)
         monkeypatch.setattr(worker, "STREAM_WINDOW_NUMEL", 97)
         monkeypatch.setattr(worker, "FUSED_WINDOW_NUMEL", 97)
     return request.param

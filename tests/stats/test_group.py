@@ -21,21 +21,25 @@ def bin_edges(n, k):
     return [i * n // k for i in range(k + 1)]
 
 
-@pytest.mark.parametrize("R,members,step", [(2, [0, 1], 5), (4, [1, 2, 3], 2),
-                                            (5, [0, 2, 3, 4], 3), (6, [0, 1, 2, 3, 5], 4),
-                                            (6, list(range(6)), 9), (8, list(range(8)), 64),
-                                            (18, list(range(1, 18)), 7), (3, [], 4)])  # fmt: skip
-def test_group_pass_matches_numpy(R, members, step):
+@pytest.mark.parametrize("R,members,step,piece", [(2, [0, 1], 5, None), (4, [1, 2, 3], 2, None),
+                                            (5, [0, 2, 3, 4], 3, None), (6, [0, 1, 2, 3, 5], 4, None),
+                                            (6, list(range(6)), 9, None), (8, list(range(8)), 64, None),
+                                            (18, list(range(1, 18)), 7, None), (3, [], 4, None),
+                                            (18, list(range(1, 18)), 23, 100),
+                                            (33, list(range(1, 33)), 23, 50)])  # fmt: skip
+def test_group_pass_matches_numpy(R, members, step, piece):
     """Tallies (<= 4 members), pairs of patterns per increment (5-6), one per increment
     (7-16), bit planes and M M^T (> 16), no consensus; windows of ``step`` rows straddling
-    the map's row bins."""
+    the map's row bins. ``piece``: the float32 pieces of M M^T shrunk from 2^18 coordinates,
+    so that a whole tensor handed in at once (23 rows) is cut into kernel calls of 2 rows
+    (and of 1 row, narrower than a row) as a tensor above 2^18 elements is."""
     rows, cols = 23, 41
     b0, _ = hard_pair((rows, cols), R)
     runs = [hard_pair((rows, cols), R)[1] if k % 3 else hard_pair((rows, cols), 100 + k)[1]
             for k in range(R)]  # fmt: skip
     runs = [np.where(np.random.default_rng(k).random((rows, cols)) < 0.5, r, b0).astype(np.uint16)
             for k, r in enumerate(runs)]  # fmt: skip
-    acc = GroupAccumulator(rows, cols, R, members, EDGES, map_size=4)
+    acc = GroupAccumulator(rows, cols, R, members, EDGES, map_size=4, piece_numel=piece)
     assert (acc.hist.shape == (2, 6)) == (2 <= len(members) <= 4)  # the tallies' path
     flat = np.empty((R + 1) * step * cols, dtype=np.int16)
     off = np.arange(R + 1, dtype=np.int64) * step * cols

@@ -135,3 +135,21 @@ def test_fp8_patterns_every_pair(dtype, nonfinite):
     steps = ulp_steps(b0, b1).numpy()
     assert (steps[finite] == np.abs(key(p1) - key(p0))[finite]).all()
     assert nonfinite_count(bits(p)) == 2 * (0x80 - nonfinite)
+
+
+@pytest.mark.slow
+def test_counts_exact_in_a_row_above_2_24_elements():
+    """A vector of 2^25 + 1 elements is one chunk of one row (the torch path cuts chunks by
+    rows): its changed count, ULP histogram and row count are exact integers, as numpy counts
+    them, though the counts of 1 ULP and >= 1 ULP exceed what a float32 sum holds exactly."""
+    n = (1 << 25) + 1
+    rng = np.random.default_rng(7)
+    b0 = rng.integers(0x3C00, 0x3F00, n, dtype=np.uint16)
+    steps = np.ones(n, dtype=np.uint16)  # odd counts above 2^24: not float32 numbers
+    steps[rng.choice(n, 1002, replace=False)] = [0, 0, *[2] * 1000]
+    b1 = b0 + steps
+    w0, w1 = t16(b0).view(torch.bfloat16), t16(b1).view(torch.bfloat16)
+    st = mask_stats(w0, w1, ulp_edges=(1, 2, 3))
+    assert st.n_changed == n - 2 == int((steps > 0).sum())
+    assert st.ulp_hist == [n - 1002, 1000, 0]
+    assert st.row_counts.tolist() == [n - 2]
