@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rlvr_ray.stats.principal import RANK_FRAC, rank_for
+from rlvr_ray.stats.rank_rule import RANK_FRAC, rank_for
 
 #: algorithms of the supervised class: their runs stay out of a group's cross-run consistency
 #: unless they ask in (consistency compares runs of one class: RL runs with RL runs)

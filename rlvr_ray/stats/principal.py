@@ -30,19 +30,7 @@ import math
 
 import torch
 
-#: default k as a share of a matrix's short side (see the module docstring)
-RANK_FRAC = 0.0417
-
-
-def rank_for(shape: tuple[int, ...], k: int | None = None, frac: float = RANK_FRAC) -> int:
-    """Matrix shape (m, n) -> the k used for it: the absolute ``k`` when given, else
-    floor(frac * min(m, n) + 0.5); either way clipped to [1, min(m, n)]."""
-    p = min(shape)
-    if k is None:
-        if not 0.0 < frac <= 1.0:
-            raise ValueError(f"rank fraction must be in (0, 1], got {frac}")
-        k = math.floor(frac * p + 0.5)
-    return max(1, min(k, p))
+from rlvr_ray.stats.rank_rule import RANK_FRAC, rank_for  # noqa: F401 (re-exported)
 
 
 def top_fraction_mask(score: torch.Tensor, fraction: float) -> torch.Tensor:
