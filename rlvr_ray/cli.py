@@ -149,10 +149,7 @@ def _scan(args) -> int:
         warning = geometry_warning(res.out, res.scan_ids)
         if warning:
             print(f"rlvr-ray: {warning}", file=sys.stderr)
-    rate = f" ({res.n_bytes / 1e9 / res.unit_seconds:.2f} GB/s)" if res.unit_seconds else ""
-    print(f"scanned {res.n_tensors} tensors in {res.n_units} units "
-          f"({res.n_units_resumed} already done), {res.n_bytes / 1e9:.2f} GB read in "
-          f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
+    print(scan_line(res))
     if res.disk_full:
         print(f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "
               f"{res.n_units} units are kept; free some space and rerun the same command to "
@@ -228,6 +225,19 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
         stream.write("  ".join("-" * w for w in widths) + "\n")
         for r in cells:
             stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")  # fmt: skip
+
+
+def scan_line(res) -> str:
+    """The one line that says what a scan did (or that it had nothing left to do)."""
+    from rlvr_ray.engine.progress import size_text
+
+    if res.n_units and res.n_units_resumed == res.n_units:
+        return (f"nothing new to scan: all {res.n_units} units ({res.n_tensors} tensors) were "
+                f"already done (--force redoes them) -> {res.out}")  # fmt: skip
+    rate = f" ({size_text(res.n_bytes / res.unit_seconds)}/s)" if res.unit_seconds else ""
+    return (f"scanned {res.n_tensors} tensors in {res.n_units} units "
+            f"({res.n_units_resumed} already done), {size_text(res.n_bytes)} read in "
+            f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
 
 
 def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> None:

@@ -15,6 +15,17 @@ def _dur(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _unit(n: float) -> tuple[float, str]:
+    """The decimal unit a byte count reads best in -> (its size in bytes, its name)."""
+    return next(((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if n >= s), (1, "B"))
+
+
+def size_text(n: float) -> str:
+    """A byte count in the unit it reads best in: 3.02 GB, 12.50 MB, 512 B."""
+    scale, unit = _unit(n)
+    return f"{n / scale:.2f} {unit}" if scale > 1 else f"{int(n)} B"
+
+
 class Progress:
     def __init__(self, total_tensors: int, total_bytes: int, mode: str | None = None,
                  every: float = 10.0, stream=None):  # fmt: skip
@@ -25,19 +36,27 @@ class Progress:
         self.total_t, self.total_b = total_tensors, total_bytes
         self.done_t = self.done_b = 0
         self.t0 = self.last = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, bytes done) at the first report
 
     def line(self) -> str:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.done_b / dt
-        left = (self.total_b - self.done_b) / rate if rate > 0 else float("nan")
-        eta = _dur(left) if left == left else "?"
-        return (f"tensors {self.done_t}/{self.total_t}  {self.done_b / 1e9:.2f}/"
-                f"{self.total_b / 1e9:.2f} GB  {rate / 1e9:.2f} GB/s  ETA {eta}")  # fmt: skip
+        now = time.perf_counter()
+        rate = self.done_b / max(now - self.t0, 1e-9)
+        # the ETA extrapolates from the first report on: the time before it is start-up (Ray,
+        # actors importing torch), not throughput, and would make a scan of seconds say minutes
+        eta = "?"
+        if self.first is not None and self.done_b > self.first[1] and now > self.first[0]:
+            pace = (self.done_b - self.first[1]) / (now - self.first[0])
+            eta = _dur((self.total_b - self.done_b) / pace)
+        scale, unit = _unit(self.total_b)
+        return (f"tensors {self.done_t}/{self.total_t}  {self.done_b / scale:.2f}/"
+                f"{self.total_b / scale:.2f} {unit}  {size_text(rate)}/s  ETA {eta}")  # fmt: skip
 
     def update(self, tensors: int, nbytes: int) -> None:
         self.done_t += tensors
         self.done_b += nbytes
         now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done_b)
         if self.mode == "tty":
             self.stream.write("\r\033[K" + self.line())
             self.stream.flush()
