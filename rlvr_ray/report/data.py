@@ -87,8 +87,9 @@ def scope(con: duckdb.DuckDBPyConnection, group: str | None = None,
     return sc
 
 
-def detail_tensors(con: duckdb.DuckDBPyConnection, group: str,
-                   layer: int) -> list[tuple[str, str, int | None]]:  # fmt: skip
+def detail_tensors(
+    con: duckdb.DuckDBPyConnection, group: str, layer: int
+) -> list[tuple[str, str, int | None]]:
     """(role, tensor, expert) of the chosen layer's detail matrices in ``group``, in display order.
 
     MoE experts are never drawn over each other: a role that has a matrix outside the experts

@@ -131,28 +131,53 @@ def sparsity(con, sc: Scope) -> Section:
         [False] * 4 + [True] * 5,
         "Sparsity = 1 - changed / compared over all scanned tensors of the run; 1-ULP share = "
         "changed weights that moved by exactly one bf16 step."))  # fmt: skip
-    algos = rows(con, """SELECT s.algorithm, count(*) AS n_runs, avg(s.sparsity) AS sparsity,
+    algos = rows(
+        con,
+        """SELECT s.algorithm, count(*) AS n_runs, avg(s.sparsity) AS sparsity,
                          min(s.sparsity) AS lo, max(s.sparsity) AS hi,
                          avg(s.ulp1_share) AS ulp1_share, avg(g.overlap_princ) AS overlap_princ,
                          avg(g.overlap_low) AS overlap_low, median(g.median_nss) AS nss
                          FROM run_sparsity s SEMI JOIN final_runs USING (group_name, run)
                          LEFT JOIN run_geometry g USING (group_name, run)
                          WHERE list_contains(?, s.group_name) GROUP BY s.algorithm""",
-                 [sc.groups])  # fmt: skip
+        [sc.groups],
+    )
     algos.sort(key=lambda r: (_algo(r["algorithm"]) == "sft", _algo(r["algorithm"])))
     if runs:
-        sec.images.append(Image("sparsity", _sparsity_bars(runs, len(sc.groups) > 1),
-                                _sparsity_reading(algos)))  # fmt: skip
-    sec.tables.append(Table("algorithm-table",
-        ["Algorithm", "Runs", "Mean sparsity", "Range", "1-ULP share", "Overlap principal",
-         "Overlap low-magnitude", "Median NSS"],
-        [[r["algorithm"] or "", str(r["n_runs"]), pct(r["sparsity"], 1),
-          f"{pct(r['lo'], 1)} - {pct(r['hi'], 1)}", pct(r["ulp1_share"], 1),
-          num(r["overlap_princ"], 3), num(r["overlap_low"], 3),
-          "" if r["nss"] is None else f"{r['nss']:.3g}"] for r in algos],
-        [False] + [True] * 7,
-        "Per algorithm, over final checkpoints only (the latest step of each series; the "
-        "algorithm_summary view): intermediate steps would weigh in every average."))  # fmt: skip
+        sec.images.append(
+            Image("sparsity", _sparsity_bars(runs, len(sc.groups) > 1), _sparsity_reading(algos))
+        )
+    sec.tables.append(
+        Table(
+            "algorithm-table",
+            [
+                "Algorithm",
+                "Runs",
+                "Mean sparsity",
+                "Range",
+                "1-ULP share",
+                "Overlap principal",
+                "Overlap low-magnitude",
+                "Median NSS",
+            ],
+            [
+                [
+                    r["algorithm"] or "",
+                    str(r["n_runs"]),
+                    pct(r["sparsity"], 1),
+                    f"{pct(r['lo'], 1)} - {pct(r['hi'], 1)}",
+                    pct(r["ulp1_share"], 1),
+                    num(r["overlap_princ"], 3),
+                    num(r["overlap_low"], 3),
+                    "" if r["nss"] is None else f"{r['nss']:.3g}",
+                ]
+                for r in algos
+            ],
+            [False] + [True] * 7,
+            "Per algorithm, over final checkpoints only (the latest step of each series; the "
+            "algorithm_summary view): intermediate steps would weigh in every average.",
+        )
+    )
     sec.tables.append(Table("paper-sparsity", ["Base", "Tuned", "Algorithm", "Sparsity"],
         [list(r) for r in PAPER_SPARSITY], [False, False, False, True],
         "For reference: bf16 sparsity of published checkpoints reported by the paper "
@@ -167,8 +192,10 @@ def _sparsity_reading(algos: list[dict]) -> str:
         lo, hi = 100 * r["lo"], 100 * r["hi"]
         span = f"{lo:.1f}%" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f}%"
         parts.append(f"{_algo(r['algorithm'])} {span} ({r['n_runs']})")
-    return ("Final checkpoints leave this share of weights bitwise unchanged, by algorithm "
-            "(number of runs): " + "; ".join(parts) + ".")  # fmt: skip
+    return (
+        "Final checkpoints leave this share of weights bitwise unchanged, by algorithm "
+        "(number of runs): " + "; ".join(parts) + "."
+    )
 
 
 def _sparsity_bars(runs: list[dict], show_group: bool) -> bytes:
@@ -214,16 +241,25 @@ def maps(con, sc: Scope) -> Section:
 def _group_maps(con, g: str, layer: int) -> Image | None:
     detail = detail_tensors(con, g, layer)
     keys = [detail_key(t, e) for _, t, e in detail]
-    found = rows(con, f"""SELECT m.run, {DETAIL_KEY} AS key, m.kind, m.map_rows, m.map_cols,
+    found = rows(
+        con,
+        f"""SELECT m.run, {DETAIL_KEY} AS key, m.kind, m.map_rows, m.map_cols,
                           m.values, t.algorithm, t.step FROM maps m LEFT JOIN (SELECT DISTINCT
                           group_name, run, algorithm, step FROM tensors) t USING (group_name, run)
                           WHERE m.group_name = ? AND list_contains(?, {DETAIL_KEY})""",
-                 [g, keys])  # fmt: skip
+        [g, keys],
+    )
     if not found:
         return None
-    shape = {detail_key(r["tensor"], r["expert"]): (r["rows"], r["cols"]) for r in rows(con,
-             "SELECT DISTINCT tensor, expert, rows, cols FROM tensors WHERE group_name = ? "
-             "AND layer = ?", [g, layer])}  # fmt: skip
+    shape = {
+        detail_key(r["tensor"], r["expert"]): (r["rows"], r["cols"])
+        for r in rows(
+            con,
+            "SELECT DISTINCT tensor, expert, rows, cols FROM tensors WHERE group_name = ? "
+            "AND layer = ?",
+            [g, layer],
+        )
+    }
     # the runs of the consensus (final RL checkpoints) first, then SFT, then earlier steps
     members = {r for (r,) in con.execute(
         "SELECT DISTINCT unnest(runs) FROM consistency WHERE group_name = ?", [g]).fetchall()}  # fmt: skip
@@ -235,8 +271,11 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
     shown = [r for *_, r in runs][:MAX_MAP_RUNS]
     lines = shown + (["*"] if any(r["kind"] == "consensus" for r in found) else [])
     by = {(r["run"], r["key"]): r for r in found}
-    grids = {k: np.asarray(r["values"], dtype=np.float64).reshape(r["map_rows"], r["map_cols"])
-             for k, r in by.items() if k[0] in lines}  # fmt: skip
+    grids = {
+        k: np.asarray(r["values"], dtype=np.float64).reshape(r["map_rows"], r["map_cols"])
+        for k, r in by.items()
+        if k[0] in lines
+    }
     # one colour scale for every panel (RL, SFT and the consensus alike: all are shares of
     # weights changed), so panels compare; never 0 so an all-unchanged layer still draws
     vmax = max((float(m.max()) for m in grids.values()), default=0.0) or 1e-12
@@ -246,7 +285,9 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
     sizes = []
     for k in keys:
         nr, nc = shape.get(k, (1, 1))
-        sizes.append((max(2, round(cell * nr / max(nr, nc))), max(2, round(cell * nc / max(nr, nc)))))  # fmt: skip
+        sizes.append(
+            (max(2, round(cell * nr / max(nr, nc))), max(2, round(cell * nc / max(nr, nc))))
+        )
     heights = [max(h for h, _ in sizes)] * len(lines)
     x0 = np.concatenate([[0], np.cumsum([w + gap for _, w in sizes])])
     y0 = np.concatenate([[0], np.cumsum([h + pad for h in heights])])
@@ -264,19 +305,42 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
     ax.imshow(canvas, interpolation="nearest")
     ax.axis("off")
     for j, (role, _, expert) in enumerate(detail):
-        ax.text(x0[j] + sizes[j][1] / 2, -4, detail_label(role, expert), ha="center",
-                va="bottom", fontsize=9)  # fmt: skip
+        ax.text(
+            x0[j] + sizes[j][1] / 2,
+            -4,
+            detail_label(role, expert),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     for i, run in enumerate(lines):
-        ax.text(-6, y0[i] + heights[i] / 2, "consensus" if run == "*" else run, ha="right",
-                va="center", fontsize=8)  # fmt: skip
+        ax.text(
+            -6,
+            y0[i] + heights[i] / 2,
+            "consensus" if run == "*" else run,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
         for j in range(len(keys)):
             label = f"mean {means[(i, j)]:.3f}" if (i, j) in means else "not stored"
-            ax.text(x0[j] + sizes[j][1] / 2, y0[i] + sizes[j][0] + 1, label, ha="center",
-                    va="top", fontsize=6.5)  # fmt: skip
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, shrink=0.8, pad=0.02,
-                 label="share of weights changed (pooled)")  # fmt: skip
+            ax.text(
+                x0[j] + sizes[j][1] / 2,
+                y0[i] + sizes[j][0] + 1,
+                label,
+                ha="center",
+                va="top",
+                fontsize=6.5,
+            )
+    fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm, cmap),
+        ax=ax,
+        shrink=0.8,
+        pad=0.02,
+        label="share of weights changed (pooled)",
+    )
     more = f" ({len(runs) - len(shown)} more runs not shown)" if len(runs) > len(shown) else ""
-    ax.set_title(f"{g}, layer {layer}{more}", fontsize=10, pad=16)
+    ax.set_title(f"{g}, layer {layer}{more}", fontsize=10, pad=24)
     experts = [detail_label(r, e) for r, _, e in detail if e is not None]
     which = f" MoE: {', '.join(experts)} shown, the other experts are not." if experts else ""
     cap = (
@@ -284,7 +348,9 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
         f"one colour scale for every panel, 0 to {vmax:.3g} (the largest pooled share), "
         f"matrices drawn at their true aspect. {_map_reading(lines, means, by, keys)}{which}"
     )
-    return Image(f"maps-{g}", png(fig), cap, {"vmax": vmax, "sizes": dict(zip(keys, sizes, strict=True))})
+    return Image(
+        f"maps-{g}", png(fig), cap, {"vmax": vmax, "sizes": dict(zip(keys, sizes, strict=True))}
+    )
 
 
 def _map_reading(lines: list[str], means: dict, by: dict, keys: list[str]) -> str:
@@ -350,8 +416,10 @@ def consistency(con, sc: Scope) -> Section:
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
     above = [r for r in found if r["lift"] is not None and r["lift"] > 1]
     lifts = [r["lift"] for r in found if r["lift"] is not None]
-    cap = (f"One y range for every panel (0 to {top:.3g}). Observed Jaccard is above the "
-           f"random baseline for {len(above)} of {len(found)} (group, role) cells")  # fmt: skip
+    cap = (
+        f"One y range for every panel (0 to {top:.3g}). Observed Jaccard is above the "
+        f"random baseline for {len(above)} of {len(found)} (group, role) cells"
+    )
     cap += f"; lift {min(lifts):.2f}x to {max(lifts):.2f}x." if lifts else "."
     sec.images.append(Image("consistency", png(fig), cap, {"ylim": top}))
     return sec
@@ -407,9 +475,11 @@ def cross_family(con, sc: Scope) -> Section:
     rl = [r for r in found if r["role"] in roles and r["update_density"] is not None]
     lo = min(rl, key=lambda r: r["update_density"])
     hi = max(rl, key=lambda r: r["update_density"])
-    cap = (f"RL update density ranges from {100 * lo['update_density']:.1f}% ({lo['family']}, "
-           f"{lo['role']}, depth {lo['depth_bin']:.2f}) to {100 * hi['update_density']:.1f}% "
-           f"({hi['family']}, {hi['role']}, depth {hi['depth_bin']:.2f}).")  # fmt: skip
+    cap = (
+        f"RL update density ranges from {100 * lo['update_density']:.1f}% ({lo['family']}, "
+        f"{lo['role']}, depth {lo['depth_bin']:.2f}) to {100 * hi['update_density']:.1f}% "
+        f"({hi['family']}, {hi['role']}, depth {hi['depth_bin']:.2f})."
+    )
     sec.images.append(Image("cross-family", png(fig), cap))
     if len(fams) == 1:
         sec.notes.append(f"only one family ({fams[0]}) in this scan: nothing to compare it with")

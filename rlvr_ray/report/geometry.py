@@ -119,8 +119,14 @@ def overlaps(con, sc: Scope) -> Section:
     axs[0, 0].set_ylabel("overlap with update mask")
     fig.tight_layout()
     handles, labels = axs[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               title="bold: observed\nfaint: baseline", title_fontsize=7)  # fmt: skip
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        title="bold: observed\nfaint: baseline",
+        title_fontsize=7,
+    )
     sec.images.append(Image("overlaps", png(fig), _overlap_reading(lines)))
     return sec
 
@@ -134,7 +140,7 @@ def _overlap_reading(lines: dict[tuple[str, str], list[dict]]) -> str:
         base = np.mean([r["princ_density"] for r in rs])
         word = "below" if obs < base else "above"
         parts.append(f"{g} {cls}: {obs:.3f} vs baseline {base:.3f} ({word})")
-    return ("Overlap with the principal weights, mean over layers: " + "; ".join(parts) + ".")
+    return "Overlap with the principal weights, mean over layers: " + "; ".join(parts) + "."
 
 
 def spectral(con, sc: Scope) -> Section:
@@ -184,7 +190,9 @@ def spectral(con, sc: Scope) -> Section:
     handles, labels = axs[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
     med = {r["cls"]: r["nss"] for r in summary}
-    cap = "Median NSS over decomposed matrices: " + ", ".join(f"{c} {v:.3g}" for c, v in med.items())  # fmt: skip
+    cap = "Median NSS over decomposed matrices: " + ", ".join(
+        f"{c} {v:.3g}" for c, v in med.items()
+    )
     if "RL" in med and "SFT" in med and med["RL"] > 0:
         cap += f" (SFT {med['SFT'] / med['RL']:.3g}x RL)"
     sec.images.append(Image("spectral", png(fig), cap + "."))
@@ -238,14 +246,20 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
     axs[0, 2].set(yscale="log", xlabel="i", ylabel="angle (rad)",
                   title="principal angles (solid: left, dotted: right)")  # fmt: skip
     # one legend entry per class (not per run), outside the axes
-    handles = [Line2D([], [], color=CLASS_COLOR[c], label=f"{c} ({n} runs)")
-               for c, n in sorted(n_class.items())]  # fmt: skip
+    handles = [
+        Line2D([], [], color=CLASS_COLOR[c], label=f"{c} ({n} runs)")
+        for c, n in sorted(n_class.items())
+    ]
     fig.suptitle(f"{g}: {tensor}" + ("" if expert is None else f" (expert {expert})"), fontsize=10)
     fig.tight_layout()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5))
     shift_by = defaultdict(list)
     for rs in by.values():
-        shift_by[run_class(rs[0]["algorithm"])] += [abs(r["sigma_run"] - r["sigma_base"]) / r["sigma_base"] for r in rs if r["sigma_base"] and r["sigma_run"] is not None]  # fmt: skip
+        shift_by[run_class(rs[0]["algorithm"])] += [
+            abs(r["sigma_run"] - r["sigma_base"]) / r["sigma_base"]
+            for r in rs
+            if r["sigma_base"] and r["sigma_run"] is not None
+        ]
     reading = ", ".join(f"{c} {np.median(v):.3g}" for c, v in sorted(shift_by.items()) if v)
     cap = (
         f"{g}, layer {layer}, {detail_label(role, expert)} projection: blue = RL runs, red = SFT "

@@ -30,28 +30,44 @@ def bin_labels() -> list[str]:
 
 def run_hists(con, groups: list[str]) -> list[dict]:
     """Per run: group_name, run, algorithm, final (its series' last step), hist (summed counts)."""
-    cells = rows(con, f"""SELECT group_name, run, algorithm, i, sum(c) AS n FROM (
+    cells = rows(
+        con,
+        f"""SELECT group_name, run, algorithm, i, sum(c) AS n FROM (
                           SELECT group_name, run, algorithm, unnest(ulp_hist) AS c,
                                  generate_subscripts(ulp_hist, 1) AS i FROM tensors
                           WHERE {COUNTED} AND list_contains(?, group_name))
-                          GROUP BY ALL ORDER BY group_name, run""", [groups])  # fmt: skip
-    final = {(r["group_name"], r["run"]) for r in rows(con, "SELECT group_name, run FROM final_runs")}  # fmt: skip
+                          GROUP BY ALL ORDER BY group_name, run""",
+        [groups],
+    )
+    final = {
+        (r["group_name"], r["run"]) for r in rows(con, "SELECT group_name, run FROM final_runs")
+    }
     found: dict[tuple[str, str], dict] = {}
     for c in cells:
         key = (c["group_name"], c["run"])
-        r = found.setdefault(key, {"group_name": key[0], "run": key[1],
-                                   "algorithm": c["algorithm"], "final": key in final,
-                                   "hist": np.zeros(len(ULP_BIN_EDGES), dtype=np.int64)})  # fmt: skip
+        r = found.setdefault(
+            key,
+            {
+                "group_name": key[0],
+                "run": key[1],
+                "algorithm": c["algorithm"],
+                "final": key in final,
+                "hist": np.zeros(len(ULP_BIN_EDGES), dtype=np.int64),
+            },
+        )
         r["hist"][c["i"] - 1] += int(c["n"])
     return list(found.values())
 
 
 def precision(con, sc: Scope) -> Section:
     """ULP-step histogram of changed weights per algorithm (final checkpoints), and per run."""
-    sec = Section("precision", "Precision gate: how far changed weights moved",
-                  "Changed weights by the number of bf16 steps (ULPs) they moved: an update made "
-                  "mostly of one-ULP moves sits at the edge of bf16 precision, where a smaller "
-                  "step would have been rounded away.")  # fmt: skip
+    sec = Section(
+        "precision",
+        "Precision gate: how far changed weights moved",
+        "Changed weights by the number of bf16 steps (ULPs) they moved: an update made "
+        "mostly of one-ULP moves sits at the edge of bf16 precision, where a smaller "
+        "step would have been rounded away.",
+    )
     runs = run_hists(con, sc.groups)
     runs = [r for r in runs if r["hist"].sum() > 0]
     if not runs:
@@ -67,17 +83,31 @@ def precision(con, sc: Scope) -> Section:
             n_runs[a] = n_runs.get(a, 0) + 1
     algos = sorted(by_algo, key=lambda a: (a == "sft", a))
     sec.images.append(_figure(by_algo, algos, n_runs, labels))
-    sec.tables.append(Table("precision-table", ["Group", "Run", "Algorithm", "Changed", *labels],
-        [[r["group_name"], r["run"], r["algorithm"] or "", f"{int(r['hist'].sum()):,}",
-          *[pct(c / r["hist"].sum(), 1) for c in r["hist"]]] for r in runs],
-        [False] * 3 + [True] * (1 + len(labels)),
-        "Share of each run's changed weights per ULP-step bin (bins from ULP_BIN_EDGES; every "
-        "compared tensor, every saved step)."))  # fmt: skip
+    sec.tables.append(
+        Table(
+            "precision-table",
+            ["Group", "Run", "Algorithm", "Changed", *labels],
+            [
+                [
+                    r["group_name"],
+                    r["run"],
+                    r["algorithm"] or "",
+                    f"{int(r['hist'].sum()):,}",
+                    *[pct(c / r["hist"].sum(), 1) for c in r["hist"]],
+                ]
+                for r in runs
+            ],
+            [False] * 3 + [True] * (1 + len(labels)),
+            "Share of each run's changed weights per ULP-step bin (bins from ULP_BIN_EDGES; every "
+            "compared tensor, every saved step).",
+        )
+    )
     return sec
 
 
-def _figure(by_algo: dict[str, np.ndarray], algos: list[str], n_runs: dict[str, int],
-            labels: list[str]) -> Image:  # fmt: skip
+def _figure(
+    by_algo: dict[str, np.ndarray], algos: list[str], n_runs: dict[str, int], labels: list[str]
+) -> Image:
     colors = algo_colors(algos)
     shares = {a: by_algo[a] / by_algo[a].sum() for a in algos}
     fig, axs = subplots(1, 1, 8, 3.2)
@@ -85,18 +115,25 @@ def _figure(by_algo: dict[str, np.ndarray], algos: list[str], n_runs: dict[str, 
     x = np.arange(len(labels))
     w = 0.8 / len(algos)
     for k, a in enumerate(algos):
-        ax.bar(x - 0.4 + (k + 0.5) * w, 100 * shares[a], w,
-               color=SFT_COLOR if a == "sft" else colors[a], label=f"{a} ({n_runs[a]} runs)")  # fmt: skip
+        ax.bar(
+            x - 0.4 + (k + 0.5) * w,
+            100 * shares[a],
+            w,
+            color=SFT_COLOR if a == "sft" else colors[a],
+            label=f"{a} ({n_runs[a]} runs)",
+        )
     ax.set_xticks(x, labels)
     ax.set_xlabel("ULP steps moved (bf16)")
     ax.set_ylabel("share of changed weights (%)")
     ax.grid(axis="x", visible=False)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="algorithm (final)",
-              title_fontsize=8)  # fmt: skip
+    ax.legend(
+        loc="center left", bbox_to_anchor=(1.01, 0.5), title="algorithm (final)", title_fontsize=8
+    )
     small = int(np.searchsorted(ULP_BIN_EDGES, 5))  # bins below 5 ULPs
     reading = "; ".join(
         f"{a}: {100 * shares[a][0]:.0f}% moved one ULP, {100 * shares[a][:small].sum():.0f}% "
-        "at most 4" for a in algos
+        "at most 4"
+        for a in algos
     )
     cap = f"Final checkpoints, summed over each algorithm's runs. {reading}."
     return Image("precision", to_png(fig), cap, {"hist": {a: by_algo[a].tolist() for a in algos}})

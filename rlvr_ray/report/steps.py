@@ -21,59 +21,82 @@ MAX_SERIES = 3  # series whose row/column profiles are drawn
 
 def steps(con, sc: Scope) -> Section:
     """Sparsity per step of every series, and the row/column profiles of the longest ones."""
-    sec = Section("steps", "Sparsity and update ratios over training steps",
-                  "How the share of unchanged weights, and the per-row and per-column shares of "
-                  "changed weights, evolve across the saved steps of one training run: stripes "
-                  "that appear early and persist show the update pattern is fixed from the "
-                  "start.")  # fmt: skip
-    series = rows(con, """SELECT group_name, series, count(DISTINCT step) AS n FROM run_sparsity
+    sec = Section(
+        "steps",
+        "Sparsity and update ratios over training steps",
+        "How the share of unchanged weights, and the per-row and per-column shares of "
+        "changed weights, evolve across the saved steps of one training run: stripes "
+        "that appear early and persist show the update pattern is fixed from the "
+        "start.",
+    )
+    series = rows(
+        con,
+        """SELECT group_name, series, count(DISTINCT step) AS n FROM run_sparsity
                           WHERE series IS NOT NULL AND step IS NOT NULL
                           AND list_contains(?, group_name) GROUP BY ALL HAVING n >= 2
-                          ORDER BY n DESC, group_name, series""", [sc.groups])  # fmt: skip
+                          ORDER BY n DESC, group_name, series""",
+        [sc.groups],
+    )
     if not series:
-        sec.notes.append("no training series with several steps in this scan (label runs with "
-                         "series and step to follow a run over training)")  # fmt: skip
+        sec.notes.append(
+            "no training series with several steps in this scan (label runs with "
+            "series and step to follow a run over training)"
+        )
         return sec
     sec.images.append(_sparsity_by_step(con, series))
     for s in series[:MAX_SERIES]:
         g = s["group_name"]
         layer = sc.layers.get(g)
         if layer is None:
-            layer = rows(con, "SELECT max(layer) // 2 AS l FROM tensors WHERE group_name = ?", [g])[0]["l"]  # fmt: skip
+            layer = rows(con, "SELECT max(layer) // 2 AS l FROM tensors WHERE group_name = ?", [g])[
+                0
+            ]["l"]
         img = _series_profiles(con, g, s["series"], layer)
         if img is None:
-            sec.notes.append(f"{g} / {s['series']}: no row/column profiles stored for layer {layer}")  # fmt: skip
+            sec.notes.append(
+                f"{g} / {s['series']}: no row/column profiles stored for layer {layer}"
+            )
         else:
             sec.images.append(img)
     if len(series) > MAX_SERIES:
-        sec.notes.append(f"{len(series) - MAX_SERIES} more series not drawn (pass --group to choose)")  # fmt: skip
+        sec.notes.append(
+            f"{len(series) - MAX_SERIES} more series not drawn (pass --group to choose)"
+        )
     return sec
 
 
 def _sparsity_by_step(con, series: list[dict]) -> Image:
     """One line per (group, series): run_sparsity's sparsity at each of its steps."""
-    pts = rows(con, """SELECT group_name, series, step, sparsity FROM run_sparsity
+    pts = rows(
+        con,
+        """SELECT group_name, series, step, sparsity FROM run_sparsity
                        WHERE list_contains(?, group_name || '/' || series) AND step IS NOT NULL
                        ORDER BY group_name, series, step""",
-               [[f"{s['group_name']}/{s['series']}" for s in series]])  # fmt: skip
+        [[f"{s['group_name']}/{s['series']}" for s in series]],
+    )
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in pts:
-        lines.setdefault(f"{r['group_name']} / {r['series']}", []).append((r["step"], r["sparsity"]))  # fmt: skip
+        lines.setdefault(f"{r['group_name']} / {r['series']}", []).append(
+            (r["step"], r["sparsity"])
+        )
     fig, axs = subplots(1, 1, 7.5, 3.2)
     ax = axs[0, 0]
     for name, xy in lines.items():
         ax.plot([x for x, _ in xy], [100 * y for _, y in xy], marker="o", ms=4, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("sparsity: weights unchanged (%)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="group / series",
-              title_fontsize=8)  # fmt: skip
+    ax.legend(
+        loc="center left", bbox_to_anchor=(1.01, 0.5), title="group / series", title_fontsize=8
+    )
     reading = "; ".join(
         f"{name}: {100 * xy[0][1]:.1f}% unchanged at step {xy[0][0]}, "
         f"{100 * xy[-1][1]:.1f}% at step {xy[-1][0]}"
         for name, xy in lines.items()
     )
-    cap = (f"Sparsity of each saved step (every scanned tensor of the checkpoint). {reading}: "
-           "updates accumulate, so later steps leave fewer weights untouched.")  # fmt: skip
+    cap = (
+        f"Sparsity of each saved step (every scanned tensor of the checkpoint). {reading}: "
+        "updates accumulate, so later steps leave fewer weights untouched."
+    )
     if any(xy[-1][1] > xy[0][1] for xy in lines.values()):
         cap = f"Sparsity of each saved step (every scanned tensor of the checkpoint). {reading}."
     return Image("sparsity-by-step", to_png(fig), cap, {"points": lines})
@@ -82,11 +105,14 @@ def _sparsity_by_step(con, series: list[dict]) -> Image:
 def _series_profiles(con, g: str, series: str, layer: int) -> Image | None:
     detail = detail_tensors(con, g, layer)
     keys = [detail_key(t, e) for _, t, e in detail]
-    found = rows(con, f"""SELECT t.step, {DETAIL_KEY} AS key, p.axis, p.idx, p.ratio
+    found = rows(
+        con,
+        f"""SELECT t.step, {DETAIL_KEY} AS key, p.axis, p.idx, p.ratio
                           FROM profiles p JOIN (SELECT DISTINCT group_name, run, step FROM tensors
                           WHERE group_name = ? AND series = ? AND step IS NOT NULL) t
                           USING (group_name, run) WHERE list_contains(?, {DETAIL_KEY})""",
-                 [g, series, keys])  # fmt: skip
+        [g, series, keys],
+    )
     if not found:
         return None
     all_steps = sorted({r["step"] for r in found})
@@ -110,8 +136,10 @@ def _series_profiles(con, g: str, series: str, layer: int) -> Image | None:
             strip[:, j * (width + gap) : j * (width + gap) + width] = _resample(m, width)
         im = ax.imshow(strip, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=vmax)
         ax.grid(False)
-        ax.set_xticks([(j + 0.5) * (width + gap) - gap / 2 for j in range(len(keys))],
-                      [detail_label(role, e) for role, _, e in detail])  # fmt: skip
+        ax.set_xticks(
+            [(j + 0.5) * (width + gap) - gap / 2 for j in range(len(keys))],
+            [detail_label(role, e) for role, _, e in detail],
+        )
         ax.set_yticks(range(len(all_steps)), [str(s) for s in all_steps])
         ax.set_ylabel("step")
         name = "row" if axis == "row" else "column"
@@ -143,4 +171,7 @@ def _resample(m: np.ndarray, width: int) -> np.ndarray:
     edges = np.arange(width + 1) * n // width
     with warnings.catch_warnings():  # a block with no stored ratio stays blank (NaN)
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.stack([np.nanmean(m[:, a:b], axis=1) for a, b in zip(edges[:-1], edges[1:], strict=True)], axis=1)  # fmt: skip
+        return np.stack(
+            [np.nanmean(m[:, a:b], axis=1) for a, b in zip(edges[:-1], edges[1:], strict=True)],
+            axis=1,
+        )

@@ -128,8 +128,14 @@ def test_every_image_decodes_and_pngs_match(scans, multi_report):
     paths, _, page = multi_report
     geo = has_geometry(scans["multi"])
     # sparsity, maps x2 groups, one series, consistency, cross-family (+ overlaps, spectral)
-    want = {"sparsity": 1, "precision": 1, "maps": 2, "steps": 2, "consistency": 1,
-            "cross-family": 1}  # fmt: skip
+    want = {
+        "sparsity": 1,
+        "precision": 1,
+        "maps": 2,
+        "steps": 2,
+        "consistency": 1,
+        "cross-family": 1,
+    }
     if geo:
         want |= {"overlaps": 1, "spectral": 3}
     assert page.images_by_section == want
@@ -323,9 +329,12 @@ def multi_sections(scans):
 
 
 #: final checkpoints by algorithm: the series grpo-s1 ends at step 150, other runs have no step
-FINAL = {"grpo": [("qwen2-lab", "grpo-s150"), ("llama-lab", "grpo")],
-         "dapo": [("qwen2-lab", "dapo")], "ppo": [("llama-lab", "ppo")],
-         "sft": [("qwen2-lab", "sft"), ("llama-lab", "sft")]}  # fmt: skip
+FINAL = {
+    "grpo": [("qwen2-lab", "grpo-s150"), ("llama-lab", "grpo")],
+    "dapo": [("qwen2-lab", "dapo")],
+    "ppo": [("llama-lab", "ppo")],
+    "sft": [("qwen2-lab", "sft"), ("llama-lab", "sft")],
+}
 
 
 def sparsity_of(scans, g, run) -> float:
@@ -345,8 +354,9 @@ def ulp_hist_of(scans, g, run) -> np.ndarray:
     hist = np.zeros(len(ULP_BIN_EDGES), dtype=np.int64)
     for k, changed in masks(fam, run).items():
         steps = np.abs(ordered(fam.bits[run][k]) - ordered(fam.bits["base"][k]))[changed]
-        hist += np.bincount(np.searchsorted(ULP_BIN_EDGES, steps, side="right") - 1,
-                            minlength=len(ULP_BIN_EDGES))  # fmt: skip
+        hist += np.bincount(
+            np.searchsorted(ULP_BIN_EDGES, steps, side="right") - 1, minlength=len(ULP_BIN_EDGES)
+        )
     return hist
 
 
@@ -370,10 +380,13 @@ def test_precision_gate_matches_numpy(scans, multi_report, multi_sections):
     for algo, runs in FINAL.items():
         summed = np.sum([h for g, r, h in hist_rows if (g, r) in runs], axis=0)
         assert img.meta["hist"][algo] == summed.tolist()
-        assert summed.tolist() == np.sum([ulp_hist_of(scans, g, r) for g, r in runs], axis=0).tolist()  # fmt: skip
+        assert (
+            summed.tolist() == np.sum([ulp_hist_of(scans, g, r) for g, r in runs], axis=0).tolist()
+        )
         share = summed / summed.sum()
-        assert (f"{algo}: {100 * share[0]:.0f}% moved one ULP, {100 * share[:4].sum():.0f}% at "
-                "most 4") in img.caption  # fmt: skip
+        assert (
+            f"{algo}: {100 * share[0]:.0f}% moved one ULP, {100 * share[:4].sum():.0f}% at most 4"
+        ) in img.caption
 
 
 def test_sparsity_by_step_is_run_sparsity(scans, multi_sections):
@@ -384,13 +397,15 @@ def test_sparsity_by_step_is_run_sparsity(scans, multi_sections):
     assert [s for s, _ in pts] == [50, 100, 150]
     np.testing.assert_allclose([v for _, v in pts], [v for _, v in want], rtol=1e-12)
     con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
-    view = con.execute("SELECT step, sparsity FROM run_sparsity WHERE series = 'grpo-s1' "
-                       "ORDER BY step").fetchall()  # fmt: skip
+    view = con.execute(
+        "SELECT step, sparsity FROM run_sparsity WHERE series = 'grpo-s1' ORDER BY step"
+    ).fetchall()
     con.close()
     assert [tuple(p) for p in pts] == view
     (s0, v0), (s1, v1) = want[0], want[-1]
-    assert (f"qwen2-lab / grpo-s1: {100 * v0:.1f}% unchanged at step {s0}, {100 * v1:.1f}% at "
-            f"step {s1}") in img.caption  # fmt: skip
+    assert (
+        f"qwen2-lab / grpo-s1: {100 * v0:.1f}% unchanged at step {s0}, {100 * v1:.1f}% at step {s1}"
+    ) in img.caption
 
 
 def test_algorithm_table_is_over_final_checkpoints(scans, multi_report, multi_sections):
@@ -414,11 +429,23 @@ def test_maps_share_one_colour_scale_at_true_aspect(scans, multi_sections):
         g = img.name.removeprefix("maps-")
         # every panel drawn (five runs at most: all shown, plus the consensus) of layer 1's
         # q, k, v, o and down
-        names = [k for k in scans["families"][g].bits["base"] if ".layers.1." in k
-                 and k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                 "o_proj.weight", "down_proj.weight"))]  # fmt: skip
-        values = con.execute("SELECT values FROM maps WHERE group_name = ? AND list_contains(?, tensor)",  # fmt: skip
-                             [g, names]).fetchall()  # fmt: skip
+        names = [
+            k
+            for k in scans["families"][g].bits["base"]
+            if ".layers.1." in k
+            and k.endswith(
+                (
+                    "q_proj.weight",
+                    "k_proj.weight",
+                    "v_proj.weight",
+                    "o_proj.weight",
+                    "down_proj.weight",
+                )
+            )
+        ]
+        values = con.execute(
+            "SELECT values FROM maps WHERE group_name = ? AND list_contains(?, tensor)", [g, names]
+        ).fetchall()
         vmax = max(max(v) for (v,) in values)
         assert img.meta["vmax"] == pytest.approx(vmax, rel=1e-6)
         assert f"0 to {vmax:.3g} (the largest pooled share)" in img.caption
@@ -434,7 +461,9 @@ def test_maps_share_one_colour_scale_at_true_aspect(scans, multi_sections):
 
 def test_jaccard_panels_share_one_y_range(scans, multi_sections):
     con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
-    top = con.execute("SELECT max(greatest(mean_jaccard, jaccard_baseline)) FROM consistency_by_role").fetchone()[0]  # fmt: skip
+    top = con.execute(
+        "SELECT max(greatest(mean_jaccard, jaccard_baseline)) FROM consistency_by_role"
+    ).fetchone()[0]
     con.close()
     [img] = multi_sections["consistency"].images
     assert img.meta["ylim"] == pytest.approx(1.15 * top)
