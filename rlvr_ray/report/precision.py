@@ -82,7 +82,10 @@ def precision(con, sc: Scope) -> Section:
             by_algo[a] = by_algo.get(a, 0) + r["hist"]
             n_runs[a] = n_runs.get(a, 0) + 1
     algos = sorted(by_algo, key=lambda a: (a == "sft", a))
-    sec.images.append(_figure(by_algo, algos, n_runs, labels))
+    if algos:
+        sec.images.append(_figure(by_algo, algos, n_runs, labels))
+    else:
+        sec.notes.append("no final checkpoint changed any weight: only earlier steps did")
     sec.tables.append(
         Table(
             "precision-table",
