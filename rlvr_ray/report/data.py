@@ -87,11 +87,37 @@ def scope(con: duckdb.DuckDBPyConnection, group: str | None = None,
     return sc
 
 
-def detail_tensors(con: duckdb.DuckDBPyConnection, group: str, layer: int) -> list[tuple[str, str]]:
-    """(role, tensor) of the chosen layer's detail matrices in ``group``, in display order."""
-    found = rows(con, """SELECT DISTINCT role, tensor FROM tensors WHERE group_name = ?
+def detail_tensors(
+    con: duckdb.DuckDBPyConnection, group: str, layer: int
+) -> list[tuple[str, str, int | None]]:
+    """(role, tensor, expert) of the chosen layer's detail matrices in ``group``, in display order.
+
+    MoE experts are never drawn over each other: a role that has a matrix outside the experts
+    (attention, a shared expert) shows only those; a role held by experts alone shows its
+    lowest-numbered expert (``detail_label`` names it)."""
+    found = rows(con, """SELECT DISTINCT role, tensor, expert FROM tensors WHERE group_name = ?
                          AND layer = ? AND list_contains(?, role) AND cols > 1""",
                  [group, layer, list(DETAIL_ROLES)])  # fmt: skip
-    return sorted(
-        ((r["role"], r["tensor"]) for r in found), key=lambda rt: (role_key(rt[0]), rt[1])
-    )
+    keep = []
+    for role in {r["role"] for r in found}:
+        of_role = [r for r in found if r["role"] == role]
+        chosen = [r for r in of_role if r["expert"] is None]
+        if not chosen:
+            first = min(r["expert"] for r in of_role)
+            chosen = [r for r in of_role if r["expert"] == first]
+        keep += chosen
+    out = [(r["role"], r["tensor"], r["expert"]) for r in keep]
+    return sorted(out, key=lambda d: (role_key(d[0]), d[1], -1 if d[2] is None else d[2]))
+
+
+def detail_key(tensor: str, expert: int | None) -> str:
+    """One string per (tensor, expert): the report's queries match it against ``DETAIL_KEY``."""
+    return f"{tensor}#{'' if expert is None else expert}"
+
+
+#: SQL for detail_key of a row with ``tensor`` and ``expert`` columns
+DETAIL_KEY = "tensor || '#' || coalesce(CAST(expert AS VARCHAR), '')"
+
+
+def detail_label(role: str, expert: int | None) -> str:
+    return role if expert is None else f"{role} (expert {expert})"

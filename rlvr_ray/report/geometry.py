@@ -12,9 +12,17 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from rlvr_ray.report.data import NO_GEOMETRY, Scope, detail_tensors, rows, run_class
+from rlvr_ray.report.data import (
+    NO_GEOMETRY,
+    Scope,
+    detail_label,
+    detail_tensors,
+    rows,
+    run_class,
+)
 from rlvr_ray.report.figures import (
     BASE_COLOR,
     RL_COLOR,
@@ -109,10 +117,30 @@ def overlaps(con, sc: Scope) -> Section:
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axs[0, 0].set_ylabel("overlap with update mask")
-    axs[0, 0].legend(title="bold: observed, faint: baseline", title_fontsize=7)
     fig.tight_layout()
-    sec.images.append(Image("overlaps", png(fig)))
+    handles, labels = axs[0, 0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        title="bold: observed\nfaint: baseline",
+        title_fontsize=7,
+    )
+    sec.images.append(Image("overlaps", png(fig), _overlap_reading(lines)))
     return sec
+
+
+def _overlap_reading(lines: dict[tuple[str, str], list[dict]]) -> str:
+    """Observed vs baseline overlap with the principal weights, per group and class, averaged
+    over the layers drawn."""
+    parts = []
+    for (g, cls), rs in lines.items():
+        obs = np.mean([r["overlap_princ"] for r in rs])
+        base = np.mean([r["princ_density"] for r in rs])
+        word = "below" if obs < base else "above"
+        parts.append(f"{g} {cls}: {obs:.3f} vs baseline {base:.3f} ({word})")
+    return "Overlap with the principal weights, mean over layers: " + "; ".join(parts) + "."
 
 
 def spectral(con, sc: Scope) -> Section:
@@ -158,9 +186,16 @@ def spectral(con, sc: Scope) -> Section:
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
-    axs[0, 0].legend()
     fig.tight_layout()
-    sec.images.append(Image("spectral", png(fig)))
+    handles, labels = axs[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    med = {r["cls"]: r["nss"] for r in summary}
+    cap = "Median NSS over decomposed matrices: " + ", ".join(
+        f"{c} {v:.3g}" for c, v in med.items()
+    )
+    if "RL" in med and "SFT" in med and med["RL"] > 0:
+        cap += f" (SFT {med['SFT'] / med['RL']:.3g}x RL)"
+    sec.images.append(Image("spectral", png(fig), cap + "."))
     for g, layer in sc.layers.items():
         img = _layer_spectrum(con, g, layer)
         if img is not None:
@@ -173,13 +208,15 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
     sql = """SELECT s.run, t.algorithm, s.i, s.sigma_base, s.sigma_run, s.angle_left,
              s.angle_right FROM spectra s LEFT JOIN (SELECT DISTINCT group_name, run, algorithm
              FROM tensors) t USING (group_name, run) WHERE s.group_name = ? AND s.tensor = ?
+             AND s.expert IS NOT DISTINCT FROM ?
              AND EXISTS (SELECT 1 FROM tensors o WHERE o.group_name = s.group_name
-               AND o.run = s.run AND o.tensor = s.tensor AND o.geometry_status = 'ok')
+               AND o.run = s.run AND o.tensor = s.tensor AND o.geometry_status = 'ok'
+               AND o.expert IS NOT DISTINCT FROM s.expert)
              ORDER BY s.run, s.i"""
     # the first detail matrix (q, then k, ...) that has a stored spectrum
-    found, role, tensor = [], "", ""
-    for role, tensor in detail_tensors(con, g, layer):  # noqa: B007 (used after the loop)
-        found = rows(con, sql, [g, tensor])
+    found, role, tensor, expert = [], "", "", None
+    for role, tensor, expert in detail_tensors(con, g, layer):  # noqa: B007 (used after the loop)
+        found = rows(con, sql, [g, tensor, expert])
         if found:
             break
     if not found:
@@ -191,25 +228,42 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
     base = by[next(iter(by))]
     axs[0, 0].plot([r["i"] for r in base], [r["sigma_base"] for r in base], color=BASE_COLOR)
     axs[0, 0].set(yscale="log", xlabel="i", ylabel="singular value", title="base spectrum")
-    for run, rs in by.items():
-        color = CLASS_COLOR[run_class(rs[0]["algorithm"])]
+    n_class: dict[str, int] = defaultdict(int)
+    for rs in by.values():
+        cls = run_class(rs[0]["algorithm"])
+        n_class[cls] += 1
+        color = CLASS_COLOR[cls]
         i = np.array([r["i"] for r in rs])
         sb = np.array([r["sigma_base"] or np.nan for r in rs], dtype=float)
         sr = np.array([r["sigma_run"] or np.nan for r in rs], dtype=float)
         shift = np.abs(sr - sb) / sb
-        axs[0, 1].plot(i, np.where(shift > 0, shift, np.nan), color=color, alpha=0.8, label=run)
+        axs[0, 1].plot(i, np.where(shift > 0, shift, np.nan), color=color, alpha=0.8, marker=".")
         for col, ls in (("angle_left", "-"), ("angle_right", ":")):
             a = np.array([r[col] or np.nan for r in rs], dtype=float)
-            axs[0, 2].plot(i, a, ls, color=color, alpha=0.8)
+            axs[0, 2].plot(i, a, ls, color=color, alpha=0.8, marker=".")
     axs[0, 1].set(yscale="log", xlabel="i", ylabel=r"$|\sigma_{run} - \sigma_{base}|\ /\ \sigma_{base}$",
                   title="relative singular value shift")  # fmt: skip
     axs[0, 2].set(yscale="log", xlabel="i", ylabel="angle (rad)",
                   title="principal angles (solid: left, dotted: right)")  # fmt: skip
-    axs[0, 1].legend(fontsize=7)
-    fig.suptitle(f"{g}: {tensor}", fontsize=10)
+    # one legend entry per class (not per run), outside the axes
+    handles = [
+        Line2D([], [], color=CLASS_COLOR[c], label=f"{c} ({n} runs)")
+        for c, n in sorted(n_class.items())
+    ]
+    fig.suptitle(f"{g}: {tensor}" + ("" if expert is None else f" (expert {expert})"), fontsize=10)
     fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    shift_by = defaultdict(list)
+    for rs in by.values():
+        shift_by[run_class(rs[0]["algorithm"])] += [
+            abs(r["sigma_run"] - r["sigma_base"]) / r["sigma_base"]
+            for r in rs
+            if r["sigma_base"] and r["sigma_run"] is not None
+        ]
+    reading = ", ".join(f"{c} {np.median(v):.3g}" for c, v in sorted(shift_by.items()) if v)
     cap = (
-        f"{g}, layer {layer}, {role} projection: blue = RL runs, red = SFT runs; zero "
-        "shifts and angles are left out of the log axes."
+        f"{g}, layer {layer}, {detail_label(role, expert)} projection: blue = RL runs, red = SFT "
+        "runs; zero shifts and angles are left out of the log axes. Median relative singular "
+        f"value shift: {reading}."
     )
     return Image(f"spectrum-{g}", png(fig), cap)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from rlvr_ray.io import catalog
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.report import figures, geometry
+from rlvr_ray.report import figures, geometry, precision, steps
 from rlvr_ray.report.data import Scope, rows, scope
 from rlvr_ray.report.figures import Section, Table
 
-SECTIONS = (figures.sparsity, figures.maps, figures.steps, figures.consistency,
+SECTIONS = (figures.sparsity, precision.precision, figures.maps, steps.steps, figures.consistency,
             geometry.overlaps, geometry.spectral, figures.cross_family)  # fmt: skip
 
 CSS = """

@@ -25,10 +25,10 @@ from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
 from rlvr_ray.io import catalog
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.io.schema import SPECTRA
+from rlvr_ray.io.schema import SPECTRA, ULP_BIN_EDGES
 from rlvr_ray.io.synth import planted_family
 from rlvr_ray.report.data import NO_GEOMETRY
-from rlvr_ray.report.html import write_report
+from rlvr_ray.report.html import render, write_report
 
 QWEN_RUNS = {"grpo-s50": 0.1, "grpo-s100": 0.15, "grpo-s150": 0.2, "dapo": 0.25, "sft": 0.9}
 LLAMA_RUNS = {"grpo": 0.15, "ppo": 0.2, "sft": 0.95}
@@ -128,7 +128,14 @@ def test_every_image_decodes_and_pngs_match(scans, multi_report):
     paths, _, page = multi_report
     geo = has_geometry(scans["multi"])
     # sparsity, maps x2 groups, one series, consistency, cross-family (+ overlaps, spectral)
-    want = {"sparsity": 1, "maps": 2, "steps": 1, "consistency": 1, "cross-family": 1}
+    want = {
+        "sparsity": 1,
+        "precision": 1,
+        "maps": 2,
+        "steps": 2,
+        "consistency": 1,
+        "cross-family": 1,
+    }
     if geo:
         want |= {"overlaps": 1, "spectral": 3}
     assert page.images_by_section == want
@@ -141,7 +148,7 @@ def test_every_image_decodes_and_pngs_match(scans, multi_report):
     assert sorted(Path(p).read_bytes() for p in pngs) == sorted(page.images)
     assert page.meta["Detail layer"] == "qwen2-lab: 1, llama-lab: 1"  # middle of 3 and 4 layers
     caps = page.captions["steps"]
-    assert len(caps) == 1 and caps[0].startswith("qwen2-lab / series grpo-s1, layer 1")
+    assert len(caps) == 2 and caps[1].startswith("qwen2-lab / series grpo-s1, layer 1")
 
 
 def test_missing_geometry_is_explained(scans, tmp_path):
@@ -167,7 +174,7 @@ def test_one_run_no_steps_no_geometry(scans):
     assert page.notes["spectral"][0].startswith(NO_GEOMETRY)
     assert page.notes["cross-family"] == ["only one family (llama) in this scan: nothing to compare it with"]  # fmt: skip
     # maps: one run and no consensus (a single run has no cross-run statistics)
-    assert page.images_by_section == {"sparsity": 1, "maps": 1, "cross-family": 1}
+    assert page.images_by_section == {"sparsity": 1, "precision": 1, "maps": 1, "cross-family": 1}
     assert page.meta["Geometry"] == "not computed"
 
 
@@ -245,8 +252,12 @@ def test_geometry_figures_when_present(scans, tmp_path):
     assert "overlaps" not in page.notes and "spectral" not in page.notes
     # overlaps: one figure; spectral: per-layer figure + the q spectrum of qwen2-lab's layer 1
     assert page.images_by_section["overlaps"] == 1 and page.images_by_section["spectral"] == 2
-    assert page.captions["spectral"] == ["qwen2-lab, layer 1, q projection: blue = RL runs, red = "
-                                         "SFT runs; zero shifts and angles are left out of the log axes."]  # fmt: skip
+    # planted: sigma_run = sigma_base * (1 + 1e-4) for every run; NSS medians as below
+    assert page.captions["spectral"][1] == (
+        "qwen2-lab, layer 1, q projection: blue = RL runs, red = SFT runs; zero shifts and "
+        "angles are left out of the log axes. Median relative singular value shift: RL 0.0001, "
+        "SFT 0.0001."
+    )
     got = {r["Runs"]: r for r in page.records("spectral-table")}
     for cls in ("RL", "SFT"):
         vals = np.array([v for c, v in planted if c == cls])
@@ -254,6 +265,10 @@ def test_geometry_figures_when_present(scans, tmp_path):
         assert got[cls]["Median NSS"] == f"{np.median(vals):.3g}"
         assert got[cls]["Max NSS"] == f"{vals.max():.3g}"
         assert got[cls]["Median max angle (rad)"] == f"{np.median(3 * vals):.3g}"
+    rl, sft = (np.median([v for c, v in planted if c == cls]) for cls in ("RL", "SFT"))
+    assert page.captions["spectral"][0] == (
+        f"Median NSS over decomposed matrices: RL {rl:.3g}, SFT {sft:.3g} (SFT {sft / rl:.3g}x RL)."
+    )
     for data in page.images:
         decode_png(data)
 
@@ -305,3 +320,151 @@ def test_flagged_geometry_is_warned_about_and_left_out(scans, tmp_path):
     html = (out / "report.html").read_text()
     assert html.index("Warning: the geometry") < html.index('alt="overlaps"')
     assert page.images_by_section["overlaps"] == 1
+
+
+# -- what the figures draw, against numpy on the planted bits ---------------------------------
+@pytest.fixture(scope="module")
+def multi_sections(scans):
+    return {s.key: s for s in render(scans["multi"])[1]}
+
+
+#: final checkpoints by algorithm: the series grpo-s1 ends at step 150, other runs have no step
+FINAL = {
+    "grpo": [("qwen2-lab", "grpo-s150"), ("llama-lab", "grpo")],
+    "dapo": [("qwen2-lab", "dapo")],
+    "ppo": [("llama-lab", "ppo")],
+    "sft": [("qwen2-lab", "sft"), ("llama-lab", "sft")],
+}
+
+
+def sparsity_of(scans, g, run) -> float:
+    m = masks(scans["families"][g], run)
+    return 1 - sum(int(v.sum()) for v in m.values()) / sum(v.size for v in m.values())
+
+
+def ulp_hist_of(scans, g, run) -> np.ndarray:
+    """Changed weights per ULP_BIN_EDGES bin, from the planted bit patterns: the ULP distance is
+    the difference of the patterns on the ordered line of bf16 values (sign-magnitude)."""
+    fam = scans["families"][g]
+
+    def ordered(b):
+        b = b.astype(np.int64)
+        return np.where(b & 0x8000, -(b & 0x7FFF), b & 0x7FFF)
+
+    hist = np.zeros(len(ULP_BIN_EDGES), dtype=np.int64)
+    for k, changed in masks(fam, run).items():
+        steps = np.abs(ordered(fam.bits[run][k]) - ordered(fam.bits["base"][k]))[changed]
+        hist += np.bincount(
+            np.searchsorted(ULP_BIN_EDGES, steps, side="right") - 1, minlength=len(ULP_BIN_EDGES)
+        )
+    return hist
+
+
+def test_precision_gate_matches_numpy(scans, multi_report, multi_sections):
+    page = multi_report[2]
+    # per run: the table's shares are the planted ULP distances' histogram
+    got = {(r["Group"], r["Run"]): r for r in page.records("precision-table")}
+    labels = ["1", "2", "3", "4", "5-8", "9-16", "17-64", ">=65"]
+    assert page.tables["precision-table"][0] == ["Group", "Run", "Algorithm", "Changed", *labels]
+    for g, fam in scans["families"].items():
+        for run in fam.runs if g != "solo" else []:
+            h = ulp_hist_of(scans, g, run)
+            assert got[(g, run)]["Changed"] == f"{h.sum():,}"
+            assert [got[(g, run)][lb] for lb in labels] == [f"{100 * c / h.sum():.1f}%" for c in h]
+    # per algorithm (final checkpoints): the figure's counts are a numpy sum of the ulp_hist rows
+    con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
+    hist_rows = con.execute("SELECT group_name, run, ulp_hist FROM tensors").fetchall()
+    con.close()
+    [img] = multi_sections["precision"].images
+    assert set(img.meta["hist"]) == set(FINAL)
+    for algo, runs in FINAL.items():
+        summed = np.sum([h for g, r, h in hist_rows if (g, r) in runs], axis=0)
+        assert img.meta["hist"][algo] == summed.tolist()
+        assert (
+            summed.tolist() == np.sum([ulp_hist_of(scans, g, r) for g, r in runs], axis=0).tolist()
+        )
+        share = summed / summed.sum()
+        assert (
+            f"{algo}: {100 * share[0]:.0f}% moved one ULP, {100 * share[:4].sum():.0f}% at most 4"
+        ) in img.caption
+
+
+def test_sparsity_by_step_is_run_sparsity(scans, multi_sections):
+    img = multi_sections["steps"].images[0]
+    want = [(s, sparsity_of(scans, "qwen2-lab", f"grpo-s{s}")) for s in (50, 100, 150)]
+    [(name, pts)] = img.meta["points"].items()
+    assert name == "qwen2-lab / grpo-s1"
+    assert [s for s, _ in pts] == [50, 100, 150]
+    np.testing.assert_allclose([v for _, v in pts], [v for _, v in want], rtol=1e-12)
+    con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
+    view = con.execute(
+        "SELECT step, sparsity FROM run_sparsity WHERE series = 'grpo-s1' ORDER BY step"
+    ).fetchall()
+    con.close()
+    assert [tuple(p) for p in pts] == view
+    (s0, v0), (s1, v1) = want[0], want[-1]
+    assert (
+        f"qwen2-lab / grpo-s1: {100 * v0:.1f}% unchanged at step {s0}, {100 * v1:.1f}% at step {s1}"
+    ) in img.caption
+
+
+def test_algorithm_table_is_over_final_checkpoints(scans, multi_report, multi_sections):
+    page = multi_report[2]
+    recs = page.records("algorithm-table")
+    assert [r["Algorithm"] for r in recs] == ["dapo", "grpo", "ppo", "sft"]
+    cap = multi_sections["sparsity"].images[0].caption
+    for r in recs:
+        vals = [sparsity_of(scans, g, run) for g, run in FINAL[r["Algorithm"]]]
+        lo, hi = 100 * min(vals), 100 * max(vals)
+        assert r["Runs"] == str(len(vals))  # grpo: 2 (the series counts once, at step 150)
+        assert r["Mean sparsity"] == f"{100 * np.mean(vals):.1f}%"
+        assert r["Range"] == f"{lo:.1f}% - {hi:.1f}%"
+        span = f"{lo:.1f}%" if len(vals) == 1 else f"{lo:.1f}-{hi:.1f}%"
+        assert f"{r['Algorithm']} {span} ({len(vals)})" in cap
+
+
+def test_maps_share_one_colour_scale_at_true_aspect(scans, multi_sections):
+    con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
+    for img in multi_sections["maps"].images:
+        g = img.name.removeprefix("maps-")
+        # every panel drawn (five runs at most: all shown, plus the consensus) of layer 1's
+        # q, k, v, o and down
+        names = [
+            k
+            for k in scans["families"][g].bits["base"]
+            if ".layers.1." in k
+            and k.endswith(
+                (
+                    "q_proj.weight",
+                    "k_proj.weight",
+                    "v_proj.weight",
+                    "o_proj.weight",
+                    "down_proj.weight",
+                )
+            )
+        ]
+        values = con.execute(
+            "SELECT values FROM maps WHERE group_name = ? AND list_contains(?, tensor)", [g, names]
+        ).fetchall()
+        vmax = max(max(v) for (v,) in values)
+        assert img.meta["vmax"] == pytest.approx(vmax, rel=1e-6)
+        assert f"0 to {vmax:.3g} (the largest pooled share)" in img.caption
+        assert sorted(k.removesuffix("#") for k in img.meta["sizes"]) == sorted(names)
+        for k, (h, w) in img.meta["sizes"].items():
+            rows_, cols_ = scans["families"][g].bits["base"][k.removesuffix("#")].shape
+            assert max(h, w) == 96 and w / h == pytest.approx(cols_ / rows_, rel=0.05)
+    con.close()
+    # the planted qwen2 k projection is 16 x 32: drawn twice as wide as tall
+    qwen = next(i for i in multi_sections["maps"].images if i.name == "maps-qwen2-lab")
+    assert qwen.meta["sizes"]["model.layers.1.self_attn.k_proj.weight#"] == (48, 96)
+
+
+def test_jaccard_panels_share_one_y_range(scans, multi_sections):
+    con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
+    top = con.execute(
+        "SELECT max(greatest(mean_jaccard, jaccard_baseline)) FROM consistency_by_role"
+    ).fetchone()[0]
+    con.close()
+    [img] = multi_sections["consistency"].images
+    assert img.meta["ylim"] == pytest.approx(1.15 * top)
+    assert img.caption.startswith(f"One y range for every panel (0 to {1.15 * top:.3g}).")
