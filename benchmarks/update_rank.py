@@ -58,8 +58,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     total_geo = total_upd = total_gram = 0.0
-    print(f"{'tensor':10} {'shape':>11} {'run_geo s':>9} {'update s':>9} {'ratio':>6} "
-          f"{'gram s':>7} {'gram err':>9} {'rank svd/gram':>14} {'rank-7 svd/gram':>16}")  # fmt: skip
+    print(
+        f"{'tensor':10} {'shape':>11} {'run_geo s':>9} {'update s':>9} {'ratio':>6} "
+        f"{'gram s':>7} {'gram err':>9} {'rank svd/gram':>14} {'rank-7 svd/gram':>16}"
+    )
     for name, shape in SHAPES.items():
         w0 = powerlaw_bf16(*shape, gen)
         w1 = ulp_update(w0, gen)
@@ -75,14 +77,20 @@ def main() -> None:
         a = torch.randint(-3, 4, (shape[0], 7), generator=gen, dtype=torch.float64)
         b = torch.randint(-3, 4, (7, shape[1]), generator=gen, dtype=torch.float64)
         low = (a @ b).to(dev)
-        r7 = (numerical_rank(torch.linalg.svdvals(low), shape),
-              numerical_rank(gram_sigma(low), shape))  # fmt: skip
+        r7 = (
+            numerical_rank(torch.linalg.svdvals(low), shape),
+            numerical_rank(gram_sigma(low), shape),
+        )
         ranks = (numerical_rank(s, shape), numerical_rank(s_gram, shape))
         total_geo, total_upd, total_gram = total_geo + t_geo, total_upd + t_upd, total_gram + t_gram
-        print(f"{name:10} {str(shape[0]) + 'x' + str(shape[1]):>11} {t_geo:9.2f} {t_upd:9.2f} "
-              f"{t_upd / t_geo:6.2f} {t_gram:7.2f} {err:9.1e} {str(ranks):>14} {str(r7):>16}")  # fmt: skip
-    print(f"{'total':10} {'':>11} {total_geo:9.2f} {total_upd:9.2f} {total_upd / total_geo:6.2f} "
-          f"{total_gram:7.2f}")  # fmt: skip
+        print(
+            f"{name:10} {str(shape[0]) + 'x' + str(shape[1]):>11} {t_geo:9.2f} {t_upd:9.2f} "
+            f"{t_upd / t_geo:6.2f} {t_gram:7.2f} {err:9.1e} {str(ranks):>14} {str(r7):>16}"
+        )
+    print(
+        f"{'total':10} {'':>11} {total_geo:9.2f} {total_upd:9.2f} {total_upd / total_geo:6.2f} "
+        f"{total_gram:7.2f}"
+    )
 
 
 if __name__ == "__main__":

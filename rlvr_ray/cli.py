@@ -62,8 +62,11 @@ def _add_scan(sub) -> None:
                           help="spectral k as a share of each matrix's short side, like "
                           "--rank-frac (default: the sweep's, else 0.0417)")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
-    p.add_argument("--full-spectrum", action="store_true",
-                   help="store every singular value of base and run in spectra (default: the top spectral k)")  # fmt: skip
+    p.add_argument(
+        "--full-spectrum",
+        action="store_true",
+        help="store every singular value of base and run in spectra (default: the top spectral k)",
+    )
     p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
     p.set_defaults(func=_scan)
 

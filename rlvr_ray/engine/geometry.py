@@ -98,17 +98,30 @@ def row_columns(g: RunGeometry, update: UpdateGeometry) -> dict:
     return {**{n: getattr(g, n) for n in _RUN_COLUMNS}, **asdict(update)}
 
 
-def spectra_rows(scan_id: str, group: str, run: str, tensor: str, base: BaseGeometry,
-                 g: RunGeometry, full: bool = False) -> pa.Table:  # fmt: skip
+def spectra_rows(
+    scan_id: str,
+    group: str,
+    run: str,
+    tensor: str,
+    base: BaseGeometry,
+    g: RunGeometry,
+    full: bool = False,
+) -> pa.Table:
     """Spectra rows: i-th largest singular value of base and run; i-th largest angles. i < k,
     or every i < min(rows, cols) when ``full`` (angles null from i = k on)."""
     k = g.spectral_k
     n = base.sigma.numel() if full else k
     pad = [None] * (n - k)
-    return pa.table({
-        "scan_id": [scan_id] * n, "group_name": [group] * n, "run": [run] * n,
-        "tensor": [tensor] * n, "i": pa.array(range(n), pa.int32()),
-        "sigma_base": base.sigma[:n].cpu().numpy(), "sigma_run": g.sigma_run_all[:n].cpu().numpy(),
-        "angle_left": pa.array(g.angle_left.cpu().tolist() + pad, pa.float64()),
-        "angle_right": pa.array(g.angle_right.cpu().tolist() + pad, pa.float64()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "scan_id": [scan_id] * n,
+            "group_name": [group] * n,
+            "run": [run] * n,
+            "tensor": [tensor] * n,
+            "i": pa.array(range(n), pa.int32()),
+            "sigma_base": base.sigma[:n].cpu().numpy(),
+            "sigma_run": g.sigma_run_all[:n].cpu().numpy(),
+            "angle_left": pa.array(g.angle_left.cpu().tolist() + pad, pa.float64()),
+            "angle_right": pa.array(g.angle_right.cpu().tolist() + pad, pa.float64()),
+        }
+    )

@@ -66,7 +66,9 @@ def update_geometry(base: BaseGeometry, w0: torch.Tensor, w1: torch.Tensor) -> U
     """BaseGeometry of W0, W0 and W1 [m, n] (bf16 or any float dtype) -> UpdateGeometry,
     computed in float64 on the base's device; the top-k subspaces are the base's cached ones."""
     if tuple(w0.shape) != base.shape or tuple(w1.shape) != base.shape:
-        raise ValueError(f"shape mismatch: base {base.shape}, W0 {tuple(w0.shape)}, W1 {tuple(w1.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shape mismatch: base {base.shape}, W0 {tuple(w0.shape)}, W1 {tuple(w1.shape)}"
+        )
     device, k = base.sigma.device, base.spectral_k
     dw = w1.to(device, torch.float64) - w0.to(device, torch.float64)
     tall = dw.T if base.transposed else dw

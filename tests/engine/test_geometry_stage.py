@@ -111,9 +111,11 @@ def planted_rank_family(root):
     rank 7 and full rank (small integers / 16: W1 is exact in bf16 too), on a square, a wide
     and a tall matrix -> (base path, {run: path}, {run: {tensor: float64 dW}}, {tensor: W0})."""
     rng = np.random.default_rng(7)
-    shapes = {"model.layers.0.self_attn.q_proj.weight": (40, 40),
-              "model.layers.0.mlp.gate_proj.weight": (72, 40),
-              "model.layers.0.mlp.down_proj.weight": (40, 72)}  # fmt: skip
+    shapes = {
+        "model.layers.0.self_attn.q_proj.weight": (40, 40),
+        "model.layers.0.mlp.gate_proj.weight": (72, 40),
+        "model.layers.0.mlp.down_proj.weight": (40, 72),
+    }
     w0 = {t: rng.integers(-100, 101, s) / 16 for t, s in shapes.items()}
     bits = lambda w: f32_to_bf16_bits(w.astype(np.float32))  # noqa: E731 (exact here)
     base = write_checkpoint(root / "base", {t: bits(w) for t, w in w0.items()}, "qwen2", 1)
@@ -160,19 +162,26 @@ def test_update_rank_and_spectrum_metrics_match_numpy(tmp_path):
             (s0**2).sum() / s0[0] ** 2,
             (s1**2).sum() / s1[0] ** 2,
         ]
-        np.testing.assert_allclose([stable, eff, left, right, smax0, smax1, sr0, sr1], expected,
-                                   rtol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(
+            [stable, eff, left, right, smax0, smax1, sr0, sr1], expected, rtol=1e-10
+        )
         # full_spectrum: every singular value of base and run, angles null past k
-        got = con.execute("SELECT i, sigma_base, sigma_run, angle_left, angle_right FROM "
-                          "read_parquet(?) WHERE run = ? AND tensor = ? ORDER BY i",
-                          [spectra, run, tensor]).fetchall()  # fmt: skip
+        got = con.execute(
+            "SELECT i, sigma_base, sigma_run, angle_left, angle_right FROM "
+            "read_parquet(?) WHERE run = ? AND tensor = ? ORDER BY i",
+            [spectra, run, tensor],
+        ).fetchall()
         assert [r[0] for r in got] == list(range(40))
         np.testing.assert_allclose([r[1] for r in got], s0, rtol=1e-9)
         np.testing.assert_allclose([r[2] for r in got], s1, rtol=1e-9)
         assert all(r[3] is not None and r[4] is not None for r in got[:k])
         assert all(r[3] is None and r[4] is None for r in got[k:])
     # the default keeps the top k rows only
-    con, _, _ = scan(tmp_path / "topk", base, {"rank1": runs["rank1"]}, Params(rank_k=2, spectral_k=k))  # fmt: skip
-    n = con.execute("SELECT count(*) FROM read_parquet(?)",
-                    [str(tmp_path / "topk/out/tables/spectra/*.parquet")]).fetchone()[0]  # fmt: skip
+    con, _, _ = scan(
+        tmp_path / "topk", base, {"rank1": runs["rank1"]}, Params(rank_k=2, spectral_k=k)
+    )
+    n = con.execute(
+        "SELECT count(*) FROM read_parquet(?)",
+        [str(tmp_path / "topk/out/tables/spectra/*.parquet")],
+    ).fetchone()[0]
     assert n == 3 * k

@@ -79,5 +79,12 @@ def test_unchanged_run_has_rank_zero_and_nan_ratios():
     t0 = torch.from_numpy(integer_bf16((20, 12), np.random.default_rng(0))).to(torch.bfloat16)
     got = update_geometry(base_geometry(t0, rank_k=2, spectral_k=2), t0, t0.clone())
     assert got.update_rank == 0
-    assert all(math.isnan(x) for x in (got.update_stable_rank, got.update_effective_rank,
-                                        got.update_energy_left, got.update_energy_right))  # fmt: skip
+    assert all(
+        math.isnan(x)
+        for x in (
+            got.update_stable_rank,
+            got.update_effective_rank,
+            got.update_energy_left,
+            got.update_energy_right,
+        )
+    )
