@@ -9,7 +9,7 @@ singular values against ``svdvals`` and the ranks each route gives on the RL-lik
 a planted rank-7 update (numpy's ``matrix_rank`` tolerance). One thread (``--threads``): shared,
 loaded cores make multi-threaded timings erratic.
 
-Run (CPU, ~2 minutes):
+Run (CPU, a few minutes; ~6 on 2 loaded cores):
     .venv/bin/python benchmarks/update_rank.py
 GPU: add ``--device cuda``.
 """
