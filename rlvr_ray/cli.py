@@ -70,6 +70,11 @@ def _add_scan(sub) -> None:
                           help="spectral k as a share of each matrix's short side, like "
                           "--rank-frac (default: the sweep's, else 0.0417)")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
+    p.add_argument(
+        "--full-spectrum",
+        action="store_true",
+        help="store every singular value of base and run in spectra (default: the top spectral k)",
+    )
     p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
     p.set_defaults(func=_scan)
 
@@ -87,6 +92,8 @@ def _sweep_from_args(args):
         params["geometry"] = False
     if args.svd_embeddings:
         params["svd_embeddings"] = True
+    if args.full_spectrum:
+        params["full_spectrum"] = True
     if args.sweep and (args.base or args.run or args.no_consistency):
         raise SweepError("give a sweep file or --base/--run, not both")
     if args.sweep:

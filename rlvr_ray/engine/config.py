@@ -123,6 +123,9 @@ class Params(_Frozen):
     )
     svd_embeddings: bool = Field(False, description="decompose embed/lm_head too")
     map_size: int = Field(64, ge=1, le=512, description="pooled mask/consensus map side")
+    full_spectrum: bool = Field(
+        False, description="spectra keeps every singular value of base and run, not the top k"
+    )
 
     def ks(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(rank_k, spectral_k) used for a matrix of ``shape`` (`rlvr_ray.stats.principal.rank_for`)."""

@@ -11,12 +11,17 @@ principal and low-magnitude masks) is computed once per tensor per scan and reus
 run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
 hash of the base tensor's bytes and the parameters, so a later scan of a new run against a base
 already seen does not decompose it again (and a stale entry can never be used).
+
+Per run, besides `RunGeometry`'s columns, the stage measures the update dW = W1 - W0 itself
+(`rlvr_ray.stats.update.update_geometry`: numerical, stable and effective rank, energy share in
+the base's top-k subspaces). The spectra table holds the top spectral_k singular values and
+angles, or every singular value with ``Params.full_spectrum`` (angles null past spectral_k).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import pyarrow as pa
 import torch
@@ -27,6 +32,7 @@ from rlvr_ray.engine.config import Params
 from rlvr_ray.engine.memory import EMBEDDING_ROLES, skip_reason  # noqa: F401 (re-exported)
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
+from rlvr_ray.stats.update import UpdateGeometry
 
 GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
@@ -67,23 +73,42 @@ class BaseCache:
         return geo
 
 
-#: the tensors-table columns the geometry stage fills: RunGeometry's scalar fields
-_NOT_COLUMNS = ("sigma_run", "angle_left", "angle_right", "angle_error_bound")
-ROW_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
+#: the tensors-table columns the geometry stage fills: RunGeometry's and UpdateGeometry's
+#: scalar fields
+_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right", "angle_error_bound")
+_RUN_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
+ROW_COLUMNS = _RUN_COLUMNS + [f.name for f in fields(UpdateGeometry)]
 
 
-def row_columns(g: RunGeometry) -> dict:
+def row_columns(g: RunGeometry, update: UpdateGeometry) -> dict:
     """The tensors-table columns of one run's geometry (filled whatever its status)."""
-    return {n: getattr(g, n) for n in ROW_COLUMNS}
+    return {**{n: getattr(g, n) for n in _RUN_COLUMNS}, **asdict(update)}
 
 
-def spectra_rows(scan_id: str, group: str, run: str, tensor: str, base: BaseGeometry,
-                 g: RunGeometry) -> pa.Table:  # fmt: skip
-    """Spectra rows: i-th largest singular value of base and run; i-th largest angles."""
+def spectra_rows(
+    scan_id: str,
+    group: str,
+    run: str,
+    tensor: str,
+    base: BaseGeometry,
+    g: RunGeometry,
+    full: bool = False,
+) -> pa.Table:
+    """Spectra rows: i-th largest singular value of base and run; i-th largest angles. i < k,
+    or every i < min(rows, cols) when ``full`` (angles null from i = k on)."""
     k = g.spectral_k
-    return pa.table({
-        "scan_id": [scan_id] * k, "group_name": [group] * k, "run": [run] * k,
-        "tensor": [tensor] * k, "i": pa.array(range(k), pa.int32()),
-        "sigma_base": base.sigma_base.cpu().numpy(), "sigma_run": g.sigma_run.cpu().numpy(),
-        "angle_left": g.angle_left.cpu().numpy(), "angle_right": g.angle_right.cpu().numpy(),
-    })  # fmt: skip
+    n = base.sigma.numel() if full else k
+    pad = [None] * (n - k)
+    return pa.table(
+        {
+            "scan_id": [scan_id] * n,
+            "group_name": [group] * n,
+            "run": [run] * n,
+            "tensor": [tensor] * n,
+            "i": pa.array(range(n), pa.int32()),
+            "sigma_base": base.sigma[:n].cpu().numpy(),
+            "sigma_run": g.sigma_run_all[:n].cpu().numpy(),
+            "angle_left": pa.array(g.angle_left.cpu().tolist() + pad, pa.float64()),
+            "angle_right": pa.array(g.angle_right.cpu().tolist() + pad, pa.float64()),
+        }
+    )

@@ -68,6 +68,7 @@ from rlvr_ray.stats.masks import (
     update_mask,
 )
 from rlvr_ray.stats.spectral import run_geometry  # fmt: skip
+from rlvr_ray.stats.update import update_geometry
 
 #: status -> meaning (also in the README's table docs)
 STATUSES = {
@@ -692,11 +693,14 @@ class ScanWorker:
                     base = self.cache.get(unit.base_fingerprint, src0.full, unit.params)
                 mask = update_mask(src0.full, c.src.full)
                 g = run_geometry(base, c.src.full.view(torch.bfloat16), mask)
+                w0, w1 = src0.full.view(torch.bfloat16), c.src.full.view(torch.bfloat16)
+                upd = update_geometry(base, w0, w1)
             except (ValueError, RuntimeError) as e:  # e.g. a degenerate matrix: keep the row
                 cols[c.run] = {"geometry_status": f"error: {str(e).splitlines()[0][:200]}"}
                 continue
-            cols[c.run] = row_columns(g)
-            rows = spectra_rows(unit.scan_id, unit.group, unit.runs[c.run].name, spec.name, base, g)
+            cols[c.run] = row_columns(g, upd)
+            run_name, full = unit.runs[c.run].name, unit.params.full_spectrum
+            rows = spectra_rows(unit.scan_id, unit.group, run_name, spec.name, base, g, full)
             out.add(
                 "spectra",
                 rows.append_column("expert", pa.array([spec.expert] * rows.num_rows, pa.int32())),

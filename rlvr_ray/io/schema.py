@@ -103,6 +103,18 @@ TENSORS = pa.schema(
         pa.field("rank_k", pa.int64()),  # the k used for this matrix (relative rule or absolute)
         pa.field("spectral_k", pa.int64()),
         pa.field("sigma_gap", pa.float64()),  # relative singular-value gap at k (the smaller)
+        pa.field("sigma_max_base", pa.float64()),  # spectral norm of W0
+        pa.field("sigma_max_run", pa.float64()),  # spectral norm of W1
+        pa.field("stable_rank_base", pa.float64()),  # ||W0||_F^2 / sigma_max^2
+        pa.field("stable_rank_run", pa.float64()),  # ||W1||_F^2 / sigma_max^2
+        # the update dW = W1 - W0: numerical rank (numpy matrix_rank's tolerance), stable rank,
+        # effective rank (exp entropy of s_i / sum s), share of ||dW||_F^2 in the base's
+        # top-spectral_k left (right) singular subspace
+        pa.field("update_rank", pa.int64()),
+        pa.field("update_stable_rank", pa.float64()),
+        pa.field("update_effective_rank", pa.float64()),
+        pa.field("update_energy_left", pa.float64()),
+        pa.field("update_energy_right", pa.float64()),
     ]
 )
 

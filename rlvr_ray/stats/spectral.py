@@ -21,6 +21,8 @@ decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
   Subspace errors are ~eps * sigma_max^2 / (sigma_k^2 - sigma_{k+1}^2) (1e-13 rad here).
 - Top-k left subspace of W1 = span(W1 Q), Q the right basis (one m x p x k gemm and a QR); its
   error is at most the right one times sigma_{k+1} / sigma_k (in tangent).
+- sigma_max and the stable rank ||W||_F^2 / sigma_max^2 of W0 and W1 come from the same
+  eigenvalues: lambda_max to ~eps relative, and their sum is the Gram's trace (sum of squares).
 - Every run reports the Davis-Kahan bound ||sin Theta|| <= ||G Q - Q Theta||_F /
   (lambda_k - lambda_{k+1}) as `angle_error_bound`; it bounds the error of every angle, since
   principal angles are 1-Lipschitz in the subspace.
@@ -282,7 +284,9 @@ class RunGeometry:
     [spectral_k] principal angles (rad, descending) between the top-spectral_k left (right)
     singular subspaces of W0 and W1; angle_error_bound: certified bound (rad) on the absolute
     error of every angle. geometry_status, sigma_gap: the base's (`geometry_status`); the
-    other fields are filled whatever the status.
+    other fields are filled whatever the status. sigma_max_*, stable_rank_*: spectral norm and
+    ||W||_F^2 / sigma_max^2 of W0 and W1 (from all singular values); sigma_run_all: float64 [p]
+    every singular value of W1, descending.
     """
 
     overlap_princ: float
@@ -302,6 +306,18 @@ class RunGeometry:
     angle_error_bound: float
     geometry_status: str
     sigma_gap: float
+    sigma_max_base: float
+    sigma_max_run: float
+    stable_rank_base: float
+    stable_rank_run: float
+    sigma_run_all: torch.Tensor
+
+
+def stable_rank(sigma: torch.Tensor) -> float:
+    """Singular values [p] -> sum sigma_i^2 / max(sigma)^2 (NaN for a zero matrix)."""
+    s = sigma.to(torch.float64)
+    top = float(s.max()) if s.numel() else 0.0
+    return float(s.square().sum()) / (top * top) if top > 0 else math.nan
 
 
 def _check_matrix(w: torch.Tensor, what: str) -> None:
@@ -390,4 +406,9 @@ def run_geometry(
         angle_error_bound=bound,
         geometry_status=status,
         sigma_gap=gap,
+        sigma_max_base=float(base.sigma[0]),
+        sigma_max_run=float(sigma[0]),
+        stable_rank_base=stable_rank(base.sigma),
+        stable_rank_run=stable_rank(sigma),
+        sigma_run_all=sigma,
     )

@@ -14,6 +14,16 @@ KEYS = {"tensors": ("run", "tensor"), "profiles": ("run", "tensor", "axis", "idx
 #: geometry columns: float64 eigensolves differ between devices in the last bits
 CLOSE = {"nss", "max_angle_left", "max_angle_right", "rel_frob", "stripe_row", "stripe_col",
          "sigma_base", "sigma_run", "angle_left", "angle_right"}  # fmt: skip
+CLOSE |= {
+    "sigma_max_base",
+    "sigma_max_run",
+    "stable_rank_base",
+    "stable_rank_run",
+    "update_stable_rank",
+    "update_effective_rank",
+    "update_energy_left",
+    "update_energy_right",
+}
 #: overlaps count a mask taken at a float ranking of |rank-k W0|: a near-tie may flip one entry
 OVERLAPS = {"overlap_princ", "overlap_low", "overlap_princ_not_low"}
 

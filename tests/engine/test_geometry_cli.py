@@ -64,3 +64,14 @@ def test_a_fraction_on_the_command_line_replaces_the_sweeps_k(tmp_path):
     p = _sweep_from_args(args).params
     assert (p.rank_k, p.rank_frac, p.spectral_k) == (None, 0.1, 32)
     assert p.ks((256, 1024)) == (26, 32)
+
+
+def test_full_spectrum_flag_sets_the_parameter(tmp_path):
+    from rlvr_ray.cli import _sweep_from_args
+
+    f = tmp_path / "s.yaml"
+    f.write_text("groups: [{name: g, base: b, runs: [{name: r, checkpoint: c}]}]\n")
+    default = build_parser().parse_args(["scan", str(f)])
+    assert _sweep_from_args(default).params.full_spectrum is False
+    args = build_parser().parse_args(["scan", str(f), "--full-spectrum"])
+    assert _sweep_from_args(args).params.full_spectrum is True

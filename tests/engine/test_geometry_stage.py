@@ -6,7 +6,7 @@ import scipy.linalg
 
 from rlvr_ray.engine.config import Params
 from rlvr_ray.engine.worker import ScanWorker
-from rlvr_ray.io.synth import bf16_bits_to_f64
+from rlvr_ray.io.synth import bf16_bits_to_f64, f32_to_bf16_bits, write_checkpoint
 
 from .test_worker import np_mask, scan
 
@@ -104,3 +104,84 @@ def test_default_k_follows_each_matrix_short_side(qwen_family, tmp_path):
         "WHERE nss IS NOT NULL"
     ).fetchall()
     assert rows == [("k_not_below_rank", True)]
+
+
+def planted_rank_family(root):
+    """Base W0 = k / 16 (|k| <= 100, exact in bf16) and three runs whose dW is exactly rank 1,
+    rank 7 and full rank (small integers / 16: W1 is exact in bf16 too), on a square, a wide
+    and a tall matrix -> (base path, {run: path}, {run: {tensor: float64 dW}}, {tensor: W0})."""
+    rng = np.random.default_rng(7)
+    shapes = {
+        "model.layers.0.self_attn.q_proj.weight": (40, 40),
+        "model.layers.0.mlp.gate_proj.weight": (72, 40),
+        "model.layers.0.mlp.down_proj.weight": (40, 72),
+    }
+    w0 = {t: rng.integers(-100, 101, s) / 16 for t, s in shapes.items()}
+    bits = lambda w: f32_to_bf16_bits(w.astype(np.float32))  # noqa: E731 (exact here)
+    base = write_checkpoint(root / "base", {t: bits(w) for t, w in w0.items()}, "qwen2", 1)
+    runs, dws = {}, {}
+    for run, rank in [("rank1", 1), ("rank7", 7), ("full", None)]:
+        dws[run] = {}
+        for t, (m, n) in shapes.items():
+            if rank is None:
+                dws[run][t] = rng.integers(-3, 4, (m, n)) / 16
+            else:
+                dws[run][t] = (rng.integers(-2, 3, (m, rank)) @ rng.integers(-2, 3, (rank, n))) / 16
+        tensors = {t: bits(w0[t] + dws[run][t]) for t in shapes}
+        runs[run] = write_checkpoint(root / run, tensors, "qwen2", 1)
+    return base, runs, dws, w0
+
+
+def test_update_rank_and_spectrum_metrics_match_numpy(tmp_path):
+    base, runs, dws, w0 = planted_rank_family(tmp_path / "ck")
+    k = 3
+    con, _, _ = scan(tmp_path, base, runs, Params(rank_k=2, spectral_k=k, full_spectrum=True))
+    rows = con.execute(
+        "SELECT run, tensor, update_rank, update_stable_rank, update_effective_rank, "
+        "update_energy_left, update_energy_right, sigma_max_base, sigma_max_run, "
+        "stable_rank_base, stable_rank_run FROM tensors"
+    ).fetchall()
+    assert len(rows) == 9
+    spectra = str(tmp_path / "out/tables/spectra/*.parquet")
+    for run, tensor, rank, stable, eff, left, right, smax0, smax1, sr0, sr1 in rows:
+        dw = dws[run][tensor]
+        w1 = w0[tensor] + dw
+        u0, s0, vt0 = np.linalg.svd(w0[tensor])
+        s1 = np.linalg.svd(w1, compute_uv=False)
+        s = np.linalg.svd(dw, compute_uv=False)
+        assert rank == np.linalg.matrix_rank(dw) == {"rank1": 1, "rank7": 7, "full": 40}[run]
+        p = s[s > 0] / s.sum()
+        energy = (dw**2).sum()
+        expected = [
+            (s**2).sum() / s[0] ** 2,
+            np.exp(-(p * np.log(p)).sum()),
+            np.linalg.norm(u0[:, :k].T @ dw) ** 2 / energy,
+            np.linalg.norm(dw @ vt0[:k].T) ** 2 / energy,
+            s0[0],
+            s1[0],
+            (s0**2).sum() / s0[0] ** 2,
+            (s1**2).sum() / s1[0] ** 2,
+        ]
+        np.testing.assert_allclose(
+            [stable, eff, left, right, smax0, smax1, sr0, sr1], expected, rtol=1e-10
+        )
+        # full_spectrum: every singular value of base and run, angles null past k
+        got = con.execute(
+            "SELECT i, sigma_base, sigma_run, angle_left, angle_right FROM "
+            "read_parquet(?) WHERE run = ? AND tensor = ? ORDER BY i",
+            [spectra, run, tensor],
+        ).fetchall()
+        assert [r[0] for r in got] == list(range(40))
+        np.testing.assert_allclose([r[1] for r in got], s0, rtol=1e-9)
+        np.testing.assert_allclose([r[2] for r in got], s1, rtol=1e-9)
+        assert all(r[3] is not None and r[4] is not None for r in got[:k])
+        assert all(r[3] is None and r[4] is None for r in got[k:])
+    # the default keeps the top k rows only
+    con, _, _ = scan(
+        tmp_path / "topk", base, {"rank1": runs["rank1"]}, Params(rank_k=2, spectral_k=k)
+    )
+    n = con.execute(
+        "SELECT count(*) FROM read_parquet(?)",
+        [str(tmp_path / "topk/out/tables/spectra/*.parquet")],
+    ).fetchone()[0]
+    assert n == 3 * k

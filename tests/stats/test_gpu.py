@@ -12,6 +12,8 @@ from spectral_ref import _check_against_reference, _powerlaw_bf16, _ulp_update
 from rlvr_ray.stats.consistency import ConsistencyAccumulator
 from rlvr_ray.stats.group import GroupAccumulator
 from rlvr_ray.stats.masks import MaskAccumulator
+from rlvr_ray.stats.spectral import base_geometry
+from rlvr_ray.stats.update import update_geometry
 
 pytestmark = [
     pytest.mark.gpu,
@@ -76,3 +78,19 @@ def test_gpu_mask_and_consistency_equal_cpu():
         assert torch.equal(a.row_ratio, b.row_ratio.cpu()) and torch.equal(a.pooled, b.pooled)
     assert cc.consensus_counts == cg.consensus_counts and cc.intersections == cg.intersections
     assert torch.equal(cc.col_consensus, cg.col_consensus.cpu())
+
+
+@pytest.mark.parametrize("rank", [1, 7, None])
+def test_gpu_update_rank_matches_numpy(rank):
+    """update_geometry on CUDA: numpy's matrix_rank on planted exact-rank bf16 updates."""
+    rng = np.random.default_rng(5)
+    w0 = rng.integers(-100, 101, (96, 64)) / 16
+    if rank is None:
+        dw = rng.integers(-3, 4, w0.shape) / 16
+    else:
+        dw = (rng.integers(-2, 3, (96, rank)) @ rng.integers(-2, 3, (rank, 64))) / 16
+    t0, t1 = (torch.from_numpy(w).to(torch.bfloat16) for w in (w0, w0 + dw))
+    got = update_geometry(base_geometry(t0.cuda(), rank_k=3, spectral_k=4), t0.cuda(), t1.cuda())
+    s = np.linalg.svd(dw, compute_uv=False)
+    assert got.update_rank == np.linalg.matrix_rank(dw) == (rank or 64)
+    assert got.update_stable_rank == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-10)
