@@ -170,3 +170,13 @@ def test_headline_views_are_unchanged_by_step_pairs(scans):
     assert before["run_sparsity"] and before["group_summary"] and before["summary"]
     for view in HEADLINE:
         assert after[view] == before[view], view
+
+
+def test_demo_headline_shows_the_k_step_sparsity(scans):
+    from rlvr_ray.demo import HEADLINE as DEMO
+    from rlvr_ray.io import catalog
+
+    out, _, _ = scans
+    cols, rows = catalog.query(str(out), DEMO[-1][1])
+    assert cols[:5] == ["group_name", "algorithm", "step_from", "step_to", "series"]
+    assert [r[:5] for r in rows] == [("lab", "grpo", 10, 20, 1), ("lab", "grpo", 20, 40, 1)]
