@@ -24,6 +24,9 @@ from rlvr_ray.stats.rank_rule import RANK_FRAC, rank_for
 #: unless they ask in (consistency compares runs of one class: RL runs with RL runs)
 SFT_ALGORITHMS = ("sft",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+=-]*$")
+#: what names a step-pair group: ``<group>/steps/<series>/<from>-<to>``. A sweep's own group
+#: names cannot hold "/", so these never collide with them (`is_step_pair`)
+STEP_PAIRS = "/steps/"
 
 
 class SweepError(ValueError):
@@ -87,6 +90,12 @@ class Group(_Frozen):
     name: str
     base: str
     runs: tuple[Run, ...] = Field(min_length=1)
+    step_pairs: bool | tuple[str, ...] = Field(
+        False,
+        description="also compare consecutive saved steps of each series (true), or of the "
+        "series named: step t as the base of step t' (the next saved step), in a group of its "
+        "own named <group>/steps/<series>/<t>-<t'> (`step_pair_groups`)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -96,7 +105,59 @@ class Group(_Frozen):
     @model_validator(mode="after")
     def _unique_runs(self) -> Group:
         _no_duplicates([r.name for r in self.runs], f"run names in group {self.name!r}")
+        self.series_steps()  # step_pairs: every series asked for has distinct steps
         return self
+
+    def series_steps(self) -> dict[str, list[Run]]:
+        """The runs of each series that ``step_pairs`` asks for, by step (ValueError naming
+        the series when a run of it has no step or two runs share one)."""
+        if not self.step_pairs:
+            return {}
+        by_series: dict[str, list[Run]] = {}
+        for r in self.runs:
+            if r.series is not None:
+                by_series.setdefault(r.series, []).append(r)
+        if self.step_pairs is True:
+            wanted = [s for s, runs in by_series.items() if len(runs) > 1]
+        else:
+            wanted = list(self.step_pairs)
+            unknown = [s for s in wanted if len(by_series.get(s, [])) < 2]
+            if unknown:
+                raise ValueError(
+                    f"step_pairs: series {unknown} need at least two runs with that series "
+                    f"label in group {self.name!r}"
+                )
+        out = {}
+        for s in wanted:
+            _check_name(s, "step_pairs: series")
+            runs = by_series[s]
+            no_step = [r.name for r in runs if r.step is None]
+            if no_step:
+                raise ValueError(f"step_pairs: series {s!r} run {no_step[0]!r} has no step")
+            _no_duplicates([str(r.step) for r in runs], f"steps in series {s!r}")
+            out[s] = sorted(runs, key=lambda r: r.step)
+        return out
+
+
+def is_step_pair(group_name: str) -> bool:
+    """Whether ``group_name`` names a step-pair group (`step_pair_groups`)."""
+    return STEP_PAIRS in group_name
+
+
+def step_pair_groups(group: Group) -> tuple[Group, ...]:
+    """The step-pair groups of ``group``: for consecutive saved steps t < t' of a series it
+    asks for, a group ``<group>/steps/<series>/<t>-<t'>`` whose base is the step-t checkpoint
+    and whose one run is the step-t' run (its name and labels; out of consistency). Its tensor
+    rows are the k-step sparsity (k = t' - t) between the two checkpoints."""
+    pairs = []
+    for series, runs in group.series_steps().items():
+        for prev, run in zip(runs, runs[1:]):
+            # model_copy skips validation: the name holds "/", which no sweep's group may
+            name = f"{group.name}{STEP_PAIRS}{series}/{prev.step}-{run.step}"
+            only = run.model_copy(update={"consistency": False})
+            update = {"name": name, "base": prev.checkpoint, "runs": (only,), "step_pairs": False}
+            pairs.append(group.model_copy(update=update))
+    return tuple(pairs)
 
 
 class Params(_Frozen):
@@ -141,6 +202,10 @@ class Sweep(_Frozen):
     def _unique_groups(self) -> Sweep:
         _no_duplicates([g.name for g in self.groups], "group names")
         return self
+
+    def scan_groups(self) -> tuple[Group, ...]:
+        """Every group to scan: the sweep's own, each followed by its step-pair groups."""
+        return tuple(x for g in self.groups for x in (g, *step_pair_groups(g)))
 
 
 def _resolve(ref: str, root: Path) -> str:

@@ -466,7 +466,7 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     results.ensure()
     result = ScanResult(results.uri)
     todo: list[Unit] = []
-    for group in sweep.groups:
+    for group in sweep.scan_groups():  # with each group's step pairs
         opened = _open_group(group, result)
         if opened is None:
             continue
@@ -479,7 +479,7 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
         except Exception as e:
             result.fail(group.name, "group skipped", f"cannot plan it: {one_line(e)}")
             continue
-        scans, cks = _scan_tables(plan, [ck for _, ck in runs], sweep.params)
+        scans, cks = _scan_tables(plan, [ck for _, ck in runs], plan.params)
         try:
             if force or not results.exists("tables", "scans", f"{plan.scan_id}.parquet"):
                 results.write_table("scans", plan.scan_id, scans)

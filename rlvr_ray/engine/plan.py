@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from rlvr_ray import __version__
-from rlvr_ray.engine.config import Group, Params
+from rlvr_ray.engine.config import Group, Params, is_step_pair
 from rlvr_ray.io.checkpoint import Checkpoint
 from rlvr_ray.io.families import family_for
 
@@ -96,6 +96,7 @@ class GroupPlan:
     base: Checkpoint
     runs: tuple[RunSpec, ...]
     units: tuple[Unit, ...]
+    params: Params | None = None  # as the units use them (a step pair's: geometry off)
 
     @property
     def n_tensors(self) -> int:
@@ -143,7 +144,12 @@ def cut(tensors: list[TensorSpec], unit_bytes: int) -> list[list[TensorSpec]]:
 
 def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpoint]],
                params: Params, unit_bytes: int) -> GroupPlan:  # fmt: skip
-    """Units for one group whose checkpoints opened (runs that failed to open are left out)."""
+    """Units for one group whose checkpoints opened (runs that failed to open are left out).
+    A step-pair group (`rlvr_ray.engine.config.step_pair_groups`) is scanned without geometry:
+    its rows are the k-step sparsity, and the geometry of a step against its base is the main
+    group's."""
+    if is_step_pair(group.name):
+        params = params.model_copy(update={"geometry": False})
     fam = family_for(base.config)
     names = set(base.entries)
     for _, ck in runs:
@@ -179,7 +185,7 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
         Unit(sid, i, group.name, fam.name, base.ref, base.fingerprint, run_specs, tuple(p), params)
         for i, p in enumerate(cut(specs, unit_bytes))
     )
-    return GroupPlan(sid, group, fam.name, base, run_specs, units)
+    return GroupPlan(sid, group, fam.name, base, run_specs, units, params)
 
 
 def version() -> str:

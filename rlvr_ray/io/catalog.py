@@ -42,21 +42,29 @@ _GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # deco
 # weighted mean must leave it out rather than add NaN x 0
 _GEO_OVERLAP = f"{_GEO_OK} AND n_changed > 0"
 
-VIEWS: dict[str, str] = {
-    "scans": "SELECT * FROM scans_all",
-    # latest scan of every (group, run), by the scan's creation time
-    "current_runs": """
+# a step-pair group, ``<group>/steps/<series>/<from>-<to>`` (no sweep's own group name holds
+# "/"; `rlvr_ray.engine.config.step_pair_groups`), and the parts of its name
+_STEP_PAIR = "contains(group_name, '/steps/')"
+_PAIR_NAME = "regexp_extract(group_name, '^(.*)/steps/([^/]+)/([0-9]+)-([0-9]+)$', {})"
+_LATEST_RUNS = """
         SELECT group_name, run, scan_id FROM (
           SELECT t.group_name, t.run, t.scan_id, row_number() OVER (
             PARTITION BY t.group_name, t.run ORDER BY s.created_at DESC, t.scan_id) AS rn
           FROM (SELECT DISTINCT group_name, run, scan_id FROM tensors_all) t
-          JOIN scans_all s USING (scan_id)) WHERE rn = 1""",
-    "current_groups": """
+          JOIN scans_all s USING (scan_id)) WHERE rn = 1"""
+
+VIEWS: dict[str, str] = {
+    "scans": "SELECT * FROM scans_all",
+    # latest scan of every (group, run), by the scan's creation time; step-pair groups (their
+    # rows are the k-step sparsity, in the step_* views) are not runs of a base: left out
+    "current_runs": f"{_LATEST_RUNS} AND NOT {_STEP_PAIR}",
+    "current_groups": f"""
         SELECT group_name, scan_id FROM (
           SELECT c.group_name, c.scan_id, row_number() OVER (
             PARTITION BY c.group_name ORDER BY s.created_at DESC, c.scan_id) AS rn
           FROM (SELECT DISTINCT group_name, scan_id FROM consistency_all) c
-          JOIN scans_all s USING (scan_id)) WHERE rn = 1""",
+          JOIN scans_all s USING (scan_id)) WHERE rn = 1 AND NOT {_STEP_PAIR}""",
+    "current_step_runs": f"{_LATEST_RUNS} AND {_STEP_PAIR}",
     "tensors": "SELECT * FROM tensors_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
     "profiles": "SELECT * FROM profiles_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
     "spectra": "SELECT * FROM spectra_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
@@ -205,6 +213,31 @@ VIEWS: dict[str, str] = {
           SELECT group_name, count(DISTINCT run) AS n_runs FROM checkpoints
           WHERE NOT coalesce(is_base, false) GROUP BY group_name) r USING (group_name)
         WHERE c.mean_jaccard IS NOT NULL GROUP BY c.group_name""",
+    # k-step sparsity: each tensor of step t' of a series against step t, the series' saved
+    # step before it (k = t' - t), from the step-pair groups (a sweep's ``step_pairs``);
+    # sparsity and ulp1_share as in ``tensors`` (NULL when the tensor was not compared)
+    "step_sparsity_by_tensor": f"""
+        SELECT {_PAIR_NAME.format(1)} AS group_name, {_PAIR_NAME.format(2)} AS series,
+               CAST({_PAIR_NAME.format(3)} AS BIGINT) AS step_from,
+               CAST({_PAIR_NAME.format(4)} AS BIGINT) AS step_to,
+               CAST({_PAIR_NAME.format(4)} AS BIGINT) - CAST({_PAIR_NAME.format(3)} AS BIGINT) AS k,
+               run, algorithm, family, tensor, role, layer, depth, status, numel, n_changed,
+               CASE WHEN {_OK} THEN 1 - n_changed / numel END AS sparsity,
+               CASE WHEN {_OK} THEN ulp1_share END AS ulp1_share, group_name AS pair_group
+        FROM tensors_all SEMI JOIN current_step_runs USING (group_name, run, scan_id)""",
+    # per model: weighted by numel over the compared tensors, as run_sparsity
+    "step_sparsity": f"""
+        SELECT group_name, series, step_from, step_to, k, any_value(run) AS run,
+               any_value(algorithm) AS algorithm, any_value(family) AS family,
+               count(*) FILTER (WHERE {_OK}) AS n_tensors,
+               sum(numel) FILTER (WHERE {_OK}) AS numel,
+               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
+               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
+               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
+                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share,
+               count(*) AS n_tensors_all
+        FROM step_sparsity_by_tensor GROUP BY group_name, series, step_from, step_to, k
+        ORDER BY group_name, series, step_from""",
     # the Hub watch: the latest decision about each (repo, commit) it has seen
     "watch": """
         SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (

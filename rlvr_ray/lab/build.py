@@ -143,7 +143,8 @@ def _build_families(out: Path, s: LabSettings, log: Log, jobs: int | None) -> di
 
 
 def sweep_groups(s: LabSettings, families: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sweep YAML's ``groups``: one per arch, one entry per saved step of every run."""
+    """The sweep YAML's ``groups``: one per arch, one entry per saved step of every run, and
+    the step pairs of every run's saved steps."""
     groups = []
     for arch in s.archs:
         entries = []
@@ -162,7 +163,10 @@ def sweep_groups(s: LabSettings, families: dict[str, dict[str, Any]]) -> list[di
                         "consistency": step == final and r["algorithm"] != "sft",
                     }
                 )
-        groups.append({"name": f"{arch}-lab", "base": f"{arch}/base", "runs": entries})
+        # step_pairs: the k-step sparsity between consecutive saved steps of every run
+        groups.append(
+            {"name": f"{arch}-lab", "base": f"{arch}/base", "runs": entries, "step_pairs": True}
+        )
     return groups
 
 
@@ -221,7 +225,12 @@ def build_lab(
     key, sweep = settings_key(s), out / "sweep.yaml"
     manifest = out / "manifest.json"
     cached = not force and manifest.exists() and sweep.exists()
-    if cached and json.loads(manifest.read_text()).get("key") == key:
+    if cached and (recorded := json.loads(manifest.read_text())).get("key") == key:
+        # the checkpoints are kept; the sweep is written anew, as this code names them
+        import yaml
+
+        groups = sweep_groups(s, recorded["families"])
+        sweep.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
         return sweep
     _clear_previous(out)
     t0 = time.perf_counter()

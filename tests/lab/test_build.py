@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from rlvr_ray.engine.config import Group, step_pair_groups
 from rlvr_ray.lab import build, cli
 
 pytest.importorskip("transformers")
@@ -45,6 +46,10 @@ def test_sweep_names_existing_checkpoints_with_labels(lab):
             final = "@" not in r["name"]
             assert r["consistency"] == (final and r["algorithm"] != "sft")
             assert r["name"] == (r["series"] if final else f"{r['series']}@{r['step']}")
+        # every run's consecutive saved steps are compared (k-step sparsity)
+        assert group["step_pairs"] is True
+        pairs = [g.name for g in step_pair_groups(Group.model_validate(group))]
+        assert len(pairs) == 5 * 2 and f"{group['name']}/steps/grpo-s1/1-2" in pairs
         assert {r["dataset"] for r in group["runs"] if r["algorithm"] == "grpo"} == {
             "arith-a",
             "arith-b",
@@ -103,6 +108,18 @@ def test_second_build_is_cached(lab):
     assert build.build_lab(lab, preset="tiny") == sweep
     assert time.perf_counter() - t0 < 1.0
     assert {p: p.stat().st_mtime_ns for p in lab.rglob("*.safetensors")} == before
+
+
+def test_cached_build_writes_the_sweep_this_code_names(lab):
+    """A lab built before its sweep asked for step pairs gains them without retraining."""
+    sweep = lab / "sweep.yaml"
+    current = sweep.read_text()
+    old = yaml.safe_load(current)
+    for group in old["groups"]:
+        del group["step_pairs"]
+    sweep.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert build.build_lab(lab, preset="tiny") == sweep
+    assert sweep.read_text() == current
 
 
 def test_same_settings_give_identical_bytes(lab, tmp_path):
