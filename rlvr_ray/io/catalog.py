@@ -204,14 +204,16 @@ VIEWS: dict[str, str] = {
         FROM run_sparsity s SEMI JOIN final_runs USING (group_name, run)
         LEFT JOIN run_geometry g USING (group_name, run)
         GROUP BY s.algorithm""",
-    # n_runs: the group's runs (its current checkpoints), not the runs of any one tensor (a
+    # n_runs: the group's runs in its consistency (its current checkpoints marked so: not the
+    # SFT runs nor the intermediate steps the lab leaves out), not the runs of any one tensor (a
     # resized embedding leaves its resized runs out of that tensor's consistency)
     "group_summary": """
         SELECT c.group_name, any_value(r.n_runs) AS n_runs, avg(c.mean_jaccard) AS mean_jaccard,
                avg(c.jaccard_baseline) AS jaccard_baseline
         FROM consistency c LEFT JOIN (
           SELECT group_name, count(DISTINCT run) AS n_runs FROM checkpoints
-          WHERE NOT coalesce(is_base, false) GROUP BY group_name) r USING (group_name)
+          WHERE NOT coalesce(is_base, false) AND coalesce(consistency, true)
+          GROUP BY group_name) r USING (group_name)
         WHERE c.mean_jaccard IS NOT NULL GROUP BY c.group_name""",
     # k-step sparsity: each tensor of step t' of a series against step t, the series' saved
     # step before it (k = t' - t), from the step-pair groups (a sweep's ``step_pairs``);

@@ -84,3 +84,27 @@ def test_final_runs_are_the_latest_step_of_each_series_and_feed_the_algorithm_su
         "ORDER BY algorithm"
     ).fetchall()
     assert got == [("grpo", 2, (0.60 + 0.50) / 2, 0.50, 0.60), ("sft", 1, 0.04, 0.04, 0.04)]
+
+
+def test_group_summary_counts_the_runs_in_the_groups_consistency():
+    """The lab's groups hold 15 runs (5 series x 3 steps) of which the 4 final RL ones are in the
+    consistency: the Jaccard table says 4."""
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE checkpoints (group_name VARCHAR, run VARCHAR, is_base BOOLEAN, "
+        "consistency BOOLEAN)"
+    )
+    con.execute(
+        "CREATE TABLE consistency (group_name VARCHAR, mean_jaccard DOUBLE, jaccard_baseline DOUBLE)"
+    )
+    con.execute("INSERT INTO checkpoints VALUES ('g', 'base', true, NULL)")
+    for series in ("grpo-s1", "grpo-s2", "dapo", "rpp", "sft"):
+        for step in (50, 100, 150):
+            final_rl = step == 150 and series != "sft"
+            con.execute(
+                "INSERT INTO checkpoints VALUES ('g', ?, false, ?)", [f"{series}@{step}", final_rl]
+            )
+    con.execute("INSERT INTO consistency VALUES ('g', 0.8, 0.4), ('g', 0.6, 0.2)")
+    con.execute(f"CREATE VIEW group_summary AS {VIEWS['group_summary']}")
+    got = con.execute("SELECT * FROM group_summary").fetchall()
+    assert got == [("g", 4, (0.8 + 0.6) / 2, (0.4 + 0.2) / 2)]
