@@ -152,16 +152,16 @@ def _scan(args) -> int:
     if len(res.skipped) > 20:
         print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
               "(SELECT * FROM tensors WHERE status NOT IN ('ok', 'vocab_resized'))", file=sys.stderr)  # fmt: skip
-    if res.scan_ids:
-        warning = geometry_warning(res.out, res.scan_ids)
-        if warning:
-            print(f"rlvr-ray: {warning}", file=sys.stderr)
     print(scan_line(res))
-    if res.disk_full:
+    if res.disk_full:  # no catalog query: the atlas cannot be written
         print(f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "
               f"{res.n_units} units are kept; free some space and rerun the same command to "
               "resume", file=sys.stderr)  # fmt: skip
         return res.exit_code
+    if res.scan_ids:
+        warning = geometry_warning(res.out, res.scan_ids)
+        if warning:
+            print(f"rlvr-ray: {warning}", file=sys.stderr)
     if res.scan_ids:
         _print_summary(res.out)
     return res.exit_code

@@ -59,16 +59,17 @@ def test_actor_process_killed_mid_scan_is_retried_with_identical_results(clean, 
 @pytest.mark.slow
 def test_memory_budget_refuses_units_by_tensor_and_a_rerun_finishes(clean, qwen_family, tmp_path):
     sweep, clean_out, clean_res = clean
-    # qwen2 tiny: embed/lm_head are 96 x 32 bf16 = 6144 B per copy, 5 copies (base + 4 runs),
-    # scratch 2 copies without geometry -> 7 x 6144 = 43008 B; the MLP 64 x 32 -> 28672 B
-    budget = 40000 / 2**30
+    # qwen2 tiny, no geometry: embed/lm_head [96, 32] bf16, 5 copies x 6144 B + a chunk's
+    # scratch (128 B x 3072) + 4 runs' row and column vectors (64 B x 4 x 128) = 456704 B; the
+    # MLP [64, 32]: 5 x 4096 + 128 x 2048 + 64 x 4 x 96 = 307200 B
+    budget = 400_000 / 2**30
     out = tmp_path / "results"
     res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, memory_gb=budget)
     refused = [e for e in res.errors if "refused" in e]
     assert len(refused) == 2 and res.exit_code == 3
-    assert any("tensor model.embed_tokens.weight needs 42.0 KiB (5 copies x 6.0 KiB + scratch)"
+    assert any("tensor model.embed_tokens.weight needs 446.0 KiB (5 copies x 6.0 KiB + scratch)"
                in e for e in refused)  # fmt: skip
-    assert any("tensor lm_head.weight needs 42.0 KiB" in e for e in refused)
+    assert any("tensor lm_head.weight needs 446.0 KiB" in e for e in refused)
     done = {t for _, t in changed_in(out)}
     assert "lm_head.weight" not in done and "model.layers.1.mlp.down_proj.weight" in done
     again = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES)

@@ -72,7 +72,9 @@ def _start(sweep: Path, out: Path) -> subprocess.Popen:
 
 
 def _ours(stderr: str) -> list[str]:
-    return [x for x in stderr.splitlines() if x.startswith("rlvr-ray: ")]  # not Ray's own logs
+    # not Ray's own logs, nor the warning about a shared machine's readable Ray token file
+    lines = [x for x in stderr.splitlines() if x.startswith("rlvr-ray: ")]
+    return [x for x in lines if "Ray token file" not in x]
 
 
 def _resume(sweep: Path, out: Path, clean: Path, done: int, capsys) -> None:
