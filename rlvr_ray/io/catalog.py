@@ -53,6 +53,14 @@ _LATEST_RUNS = """
           FROM (SELECT DISTINCT group_name, run, scan_id FROM tensors_all) t
           JOIN scans_all s USING (scan_id)) WHERE rn = 1"""
 
+# a model's sparsity: over its compared tensors, weighted by numel (run_sparsity, step_sparsity)
+_SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
+               sum(numel) FILTER (WHERE {_OK}) AS numel,
+               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
+               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
+               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
+                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share"""
+
 VIEWS: dict[str, str] = {
     "scans": "SELECT * FROM scans_all",
     # latest scan of every (group, run), by the scan's creation time; step-pair groups (their
@@ -86,12 +94,7 @@ VIEWS: dict[str, str] = {
     "run_sparsity": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(step) AS step,
                any_value(series) AS series, any_value(family) AS family,
-               count(*) FILTER (WHERE {_OK}) AS n_tensors,
-               sum(numel) FILTER (WHERE {_OK}) AS numel,
-               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
-               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
-               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
-                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share,
+               {_SPARSITY},
                sqrt(sum(rel_frob * rel_frob) FILTER (WHERE {_OK})) AS rel_frob_l2,
                count(*) AS n_tensors_all, sum(run_numel) AS run_numel,
                coalesce(sum(numel) FILTER (WHERE {_OK}), 0) / nullif(sum(run_numel), 0) AS coverage,
@@ -231,12 +234,7 @@ VIEWS: dict[str, str] = {
     "step_sparsity": f"""
         SELECT group_name, series, step_from, step_to, k, any_value(run) AS run,
                any_value(algorithm) AS algorithm, any_value(family) AS family,
-               count(*) FILTER (WHERE {_OK}) AS n_tensors,
-               sum(numel) FILTER (WHERE {_OK}) AS numel,
-               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
-               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
-               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
-                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share,
+               {_SPARSITY},
                count(*) AS n_tensors_all
         FROM step_sparsity_by_tensor GROUP BY group_name, series, step_from, step_to, k
         ORDER BY group_name, series, step_from""",
