@@ -121,3 +121,10 @@ DETAIL_KEY = "tensor || '#' || coalesce(CAST(expert AS VARCHAR), '')"
 
 def detail_label(role: str, expert: int | None) -> str:
     return role if expert is None else f"{role} (expert {expert})"
+
+
+def experts_shown(detail) -> str:
+    """The caption's sentence naming the expert drawn for each role that exists only as experts
+    (``detail``: (role, tensor, expert) triples); empty when no expert is drawn."""
+    experts = [detail_label(r, e) for r, _, e in detail if e is not None]
+    return f" MoE: {', '.join(experts)} shown, the other experts are not." if experts else ""

@@ -24,6 +24,7 @@ from rlvr_ray.report.data import (  # noqa: E402
     detail_key,
     detail_label,
     detail_tensors,
+    experts_shown,
     role_key,
     rows,
     run_class,
@@ -341,8 +342,7 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
     )
     more = f" ({len(runs) - len(shown)} more runs not shown)" if len(runs) > len(shown) else ""
     ax.set_title(f"{g}, layer {layer}{more}", fontsize=10, pad=24)
-    experts = [detail_label(r, e) for r, _, e in detail if e is not None]
-    which = f" MoE: {', '.join(experts)} shown, the other experts are not." if experts else ""
+    which = experts_shown(detail)
     cap = (
         f"{g}, layer {layer}: rows are runs (last: consensus = mean over the consistency runs); "
         f"one colour scale for every panel, 0 to {vmax:.3g} (the largest pooled share), "

@@ -12,7 +12,15 @@ import warnings
 import matplotlib.pyplot as plt
 import numpy as np
 
-from rlvr_ray.report.data import DETAIL_KEY, Scope, detail_key, detail_label, detail_tensors, rows
+from rlvr_ray.report.data import (
+    DETAIL_KEY,
+    Scope,
+    detail_key,
+    detail_label,
+    detail_tensors,
+    experts_shown,
+    rows,
+)
 from rlvr_ray.report.figures import Image, Section, subplots
 from rlvr_ray.report.figures import png as to_png
 
@@ -153,8 +161,7 @@ def _series_profiles(con, g: str, series: str, layer: int) -> Image | None:
         s: np.mean([r["ratio"] for r in found if r["step"] == s and r["axis"] == "row"])
         for s in (first, last)
     }
-    experts = [detail_label(r, e) for r, _, e in detail if e is not None]
-    which = f" MoE: {', '.join(experts)} shown, the other experts are not." if experts else ""
+    which = experts_shown(detail)
     cap = (
         f"{g} / series {series}, layer {layer}: one colour scale for the whole figure, 0 to "
         f"{vmax:.3g}; the mean row update ratio goes from {mean_at[first]:.3f} at step {first} "
