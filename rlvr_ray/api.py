@@ -43,20 +43,14 @@ def make_sweep(
     with ``runs`` (``{"NAME[:ALGORITHM]": path}``, as the command's ``--run NAME=PATH``).
     ``params`` override the sweep's ``params``. Relative paths of a dict or of ``base``/``runs``
     are taken from the working directory, those of a file from the file's folder."""
-    from rlvr_ray.engine.config import Sweep, SweepError, load_sweep, sweep_from_dict
+    from rlvr_ray.engine.config import Sweep, SweepError, load_sweep, quick_run, sweep_from_dict
 
     if sweep is not None and (base is not None or runs):
         raise SweepError("give a sweep or base= with runs=, not both")
     if sweep is None:
         if base is None or not runs:
             raise SweepError("scan needs a sweep, or base= with at least one run in runs=")
-        entries = []
-        for spec, path in runs.items():
-            name, _, algorithm = str(spec).partition(":")
-            run = {"name": name, "checkpoint": str(path)}
-            if algorithm:
-                run["algorithm"] = algorithm
-            entries.append(run)
+        entries = [quick_run(spec, path) for spec, path in runs.items()]
         data = {"groups": [{"name": group, "base": str(base), "runs": entries}]}
         return sweep_from_dict(
             {**data, "params": dict(params or {})}, Path.cwd(), "(base and runs)"

@@ -80,7 +80,7 @@ def _add_scan(sub) -> None:
 
 
 def _sweep_from_args(args):
-    from rlvr_ray.engine.config import SweepError, load_sweep, sweep_from_dict
+    from rlvr_ray.engine.config import SweepError, load_sweep, quick_run, sweep_from_dict
 
     # flags given on the command line override the sweep file's params; absent ones do not
     params = {k: v for k, v in {"rank_k": args.rank_k, "alpha": args.alpha,
@@ -107,10 +107,8 @@ def _sweep_from_args(args):
     for spec in args.run:
         if "=" not in spec:
             raise SweepError(f"--run {spec!r}: expected NAME=PATH (or NAME:ALGORITHM=PATH)")
-        name, path = spec.split("=", 1)
-        name, _, algo = name.partition(":")
-        runs.append({"name": name, "checkpoint": path, **({"algorithm": algo} if algo else {})})
-        if name in args.no_consistency:
+        runs.append(quick_run(*spec.split("=", 1)))
+        if runs[-1]["name"] in args.no_consistency:
             runs[-1]["consistency"] = False
     if unknown := sorted(set(args.no_consistency) - {r["name"] for r in runs}):
         raise SweepError(f"--no-consistency {unknown[0]}: no --run of that name")

@@ -228,6 +228,13 @@ def _format(e: ValidationError, source: str) -> str:
     return f"sweep {source}: " + "; ".join(parts) + more
 
 
+def quick_run(spec: str, path) -> dict:
+    """A run of the quick form (``--run NAME[:ALGORITHM]=PATH``, the API's ``runs``) as the
+    sweep's dict: ``spec`` is ``NAME`` or ``NAME:ALGORITHM``."""
+    name, _, algorithm = str(spec).partition(":")
+    return {"name": name, "checkpoint": str(path), **({"algorithm": algorithm} if algorithm else {})}
+
+
 def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
     """Validate a parsed sweep; relative checkpoint paths are taken from ``root``."""
     if not isinstance(data, dict):
