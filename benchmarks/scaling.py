@@ -25,7 +25,7 @@ import yaml
 
 from rlvr_ray.engine.config import load_sweep
 from rlvr_ray.engine.driver import run_scan
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 
 DIMS = (512, 1536, 8, 2, 8192, True)  # hidden, intermediate, heads, kv heads, vocab, qkv bias
 RUNS = {"grpo-a": 0.3, "grpo-b": 0.3, "dapo": 0.4, "sft": 0.9}

@@ -44,7 +44,13 @@ RUNS = ("grpo-a", "grpo-b", "dapo", "ppo")
 
 
 def write_family(root: Path, layers: int) -> None:
-    from rlvr_ray.io.synth import QWEN2_05B, move_ulps, random_base, tensor_shapes, write_checkpoint
+    from rlvr_ray.lab.planted import (
+        QWEN2_05B,
+        move_ulps,
+        random_base,
+        tensor_shapes,
+        write_checkpoint,
+    )
 
     rng = np.random.default_rng(0)
     shapes = tensor_shapes("qwen2", layers, QWEN2_05B)

@@ -18,7 +18,7 @@ from pathlib import Path
 def _planted_sweep(root: Path) -> Path:
     import yaml
 
-    from rlvr_ray.io.synth import planted_family
+    from rlvr_ray.lab.planted import planted_family
 
     groups = []
     for i, mt in enumerate(["qwen2", "llama", "mistral"]):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from rlvr_ray.engine.config import load_sweep
 from rlvr_ray.engine.driver import _open_group
 from rlvr_ray.engine.plan import plan_group
 from rlvr_ray.engine.worker import ScanWorker
-from rlvr_ray.io.synth import planted_family, write_checkpoint
+from rlvr_ray.lab.planted import planted_family, write_checkpoint
 
 UP1 = "model.layers.1.mlp.up_proj.weight"
 

@@ -18,7 +18,7 @@ import yaml
 from faultlib import expected_changed
 
 from rlvr_ray.engine.config import SweepError, sweep_from_dict
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 
 CLI = str(Path(sys.executable).parent / "rlvr-ray")
 

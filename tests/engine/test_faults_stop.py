@@ -18,7 +18,7 @@ import yaml
 from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
 
 from rlvr_ray.cli import main
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "rlvr-ray")

@@ -6,7 +6,7 @@ import scipy.linalg
 
 from rlvr_ray.engine.config import Params
 from rlvr_ray.engine.worker import ScanWorker
-from rlvr_ray.io.synth import bf16_bits_to_f64, f32_to_bf16_bits, write_checkpoint
+from rlvr_ray.lab.planted import bf16_bits_to_f64, f32_to_bf16_bits, write_checkpoint
 
 from .test_worker import np_mask, scan
 

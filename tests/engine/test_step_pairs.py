@@ -14,7 +14,7 @@ import pytest
 
 from rlvr_ray.engine.config import SweepError, is_step_pair, step_pair_groups, sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
-from rlvr_ray.io.synth import plant_update, random_base, tensor_shapes, write_checkpoint
+from rlvr_ray.lab.planted import plant_update, random_base, tensor_shapes, write_checkpoint
 
 STEPS = (10, 20, 40)
 HEADLINE = ("run_sparsity", "summary", "summary_final", "algorithm_summary", "final_runs",

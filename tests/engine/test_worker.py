@@ -13,7 +13,7 @@ from rlvr_ray.engine.plan import RunSpec, plan_group
 from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io.checkpoint import open_checkpoint
 from rlvr_ray.io.schema import ULP_BIN_EDGES
-from rlvr_ray.io.synth import bf16_bits_to_f64, write_checkpoint
+from rlvr_ray.lab.planted import bf16_bits_to_f64, write_checkpoint
 
 
 @pytest.fixture(params=["whole", "streamed"], autouse=True)

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 from hub.fake_hub import FakeHub
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 
 # Scan workers re-open hf://repo@sha refs from the snapshot cache; they are Ray worker processes
 # that inherit the environment Ray was started with, so the cache location must be set before

@@ -8,7 +8,7 @@ from hub.fake_hub import publish_family
 from rlvr_ray.hub import client, discover
 from rlvr_ray.hub.watch import WatchConfig, watch_once
 from rlvr_ray.io.checkpoint import CheckpointError, open_checkpoint, resolve
-from rlvr_ray.io.synth import tensor_shapes
+from rlvr_ray.lab.planted import tensor_shapes
 
 
 def test_hf_ref_resolves_to_commit_and_downloads_only_safetensors_and_json(hub, family):

@@ -26,7 +26,7 @@ from rlvr_ray.engine.driver import run_scan
 from rlvr_ray.io import catalog
 from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import SPECTRA, ULP_BIN_EDGES
-from rlvr_ray.io.synth import planted_family
+from rlvr_ray.lab.planted import planted_family
 from rlvr_ray.report.data import NO_GEOMETRY
 from rlvr_ray.report.html import render, write_report
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_kernels import EDGES, hard_pair
 
-from rlvr_ray.io.synth import bf16_bits_to_f64
+from rlvr_ray.lab.planted import bf16_bits_to_f64
 from rlvr_ray.stats import kernels
 from rlvr_ray.stats.group import GroupAccumulator
 

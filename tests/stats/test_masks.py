@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_ray.io.synth import bf16_bits_to_f64, f32_to_bf16_bits, move_ulps
+from rlvr_ray.lab.planted import bf16_bits_to_f64, f32_to_bf16_bits, move_ulps
 from rlvr_ray.stats.masks import (
     bf16_bits,
     gini_counts,
