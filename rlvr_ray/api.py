@@ -111,8 +111,9 @@ def scan(
 
 
 def open_atlas(out: str | os.PathLike = DEFAULT_OUT) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection to the atlas of ``out``: read-only on the local file, an in-memory
-    catalog for object storage. Raises FileNotFoundError when ``out`` holds no results."""
+    """A read-only DuckDB connection to the atlas of ``out`` (object storage: to a local copy of
+    the stored atlas, fetched when it changed). Raises FileNotFoundError when ``out`` holds no
+    results."""
     from rlvr_ray.io import catalog
 
     return catalog.connect(os.fspath(out))

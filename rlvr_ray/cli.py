@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlvr_ray.io.summary import SUMMARY_SECTIONS
+from rlvr_ray.sql.summary import SUMMARY_SECTIONS
 
 DEFAULT_OUT = "results"
 
@@ -125,8 +125,11 @@ def _scan(args) -> int:
     except SweepError as e:
         print(f"rlvr-ray: error: {e}", file=sys.stderr)
         return 2
+    from rlvr_ray.io.results import open_results
+
     try:
-        res = run_scan(sweep, args.out, address=args.address, workers=args.workers,
+        results = open_results(args.out)  # opened once: the scan, then the atlas
+        res = run_scan(sweep, results, address=args.address, workers=args.workers,
                        num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
                        force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
                        memory_gb=args.memory_gb)  # fmt: skip
@@ -157,11 +160,16 @@ def _scan(args) -> int:
               "resume", file=sys.stderr)  # fmt: skip
         return res.exit_code
     if res.scan_ids:
-        warning = geometry_warning(res.out, res.scan_ids)
-        if warning:
-            print(f"rlvr-ray: {warning}", file=sys.stderr)
-    if res.scan_ids:
-        _print_summary(res.out)
+        from rlvr_ray.io import catalog
+
+        con = catalog.connect(results, external_access=False)
+        try:
+            warning = geometry_warning(con, res.scan_ids)
+            if warning:
+                print(f"rlvr-ray: {warning}", file=sys.stderr)
+            _print_summary(con, scan_ids=res.scan_ids)  # this scan's groups only
+        finally:
+            con.close()
     return res.exit_code
 
 
@@ -169,11 +177,12 @@ FLAGGED_WHY = {"k_not_below_rank": "k > short side / 4",
                "small_gap": "relative singular-value gap at k < 0.001"}  # fmt: skip
 
 
-def geometry_warning(out: str, scan_ids: list[str]) -> str | None:
-    """One line when the scans decomposed matrices whose geometry is no finding, else None."""
+def geometry_warning(con, scan_ids: list[str]) -> str | None:
+    """One line when the scans decomposed matrices whose geometry is no finding, else None;
+    ``con``: a connection to the atlas (:func:`rlvr_ray.io.catalog.connect`)."""
     from rlvr_ray.io import catalog
 
-    _, found = catalog.query(out, """
+    _, found = catalog.run(con, """
         SELECT geometry_status, count(DISTINCT group_name || '/' || tensor) FROM tensors_all
         WHERE list_contains(?, scan_id) AND geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')
         GROUP BY ALL ORDER BY 2 DESC, 1""", [list(scan_ids)])  # fmt: skip
@@ -245,28 +254,33 @@ def scan_line(res) -> str:
             f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
 
 
-def _print_summary(out: str, fmt: str = "table", table: str | None = None) -> None:
-    """The summary tables: as titled tables, one JSON object keyed by table name, or (csv) the
-    one table named by ``table``."""
+def _print_summary(
+    con, fmt: str = "table", table: str | None = None, scan_ids: list[str] | None = None
+) -> None:
+    """The summary tables of the atlas open in ``con``: as titled tables, one JSON object keyed
+    by table name, or (csv) the one table named by ``table``. ``scan_ids``: only the groups of
+    these scans (the end of a scan), and no table that has no group (per algorithm)."""
     from rlvr_ray.io import catalog
-    from rlvr_ray.io.summary import COVERAGE_SQL, COVERAGE_WARN, coverage_warning
+    from rlvr_ray.sql.summary import COVERAGE_SQL, COVERAGE_WARN, coverage_warning, of_scans
 
     sections = [s for s in SUMMARY_SECTIONS if table is None or s[0] == table]
+    params: list = []
+    if scan_ids is not None:
+        sections = [(n, title, of_scans(sql)) for n, title, sql in sections if n != "algorithms"]
+        params = [list(scan_ids)]
     if fmt == "json":
-        doc = {
-            name: json_rows(*catalog.query(out, sql, external_access=False))
-            for name, _, sql in sections
-        }
+        doc = {name: json_rows(*catalog.run(con, sql, params)) for name, _, sql in sections}
         json.dump(doc, sys.stdout, default=str, indent=1, allow_nan=False)
         sys.stdout.write("\n")
     for _, title, sql in sections if fmt != "json" else ():
-        cols, rows = catalog.query(out, sql, external_access=False)
+        cols, rows = catalog.run(con, sql, params)
         if fmt == "csv":
             print_rows(cols, rows, fmt)
         elif rows:
             print(f"\n{title}")
             print_rows(cols, rows, fmt)
-    for row in catalog.query(out, COVERAGE_SQL, [COVERAGE_WARN], external_access=False)[1]:
+    coverage = COVERAGE_SQL if scan_ids is None else of_scans(COVERAGE_SQL)
+    for row in catalog.run(con, coverage, [COVERAGE_WARN, *params])[1]:
         print(f"rlvr-ray: {coverage_warning(*row)}", file=sys.stderr)
 
 
@@ -298,10 +312,16 @@ def _summary(args) -> int:
     if args.format == "csv" and args.table is None:
         names = ", ".join(name for name, _, _ in SUMMARY_SECTIONS)
         return _error(f"--format csv writes one table: add --table NAME ({names})")
+    from rlvr_ray.io import catalog
+
     try:
-        _print_summary(args.out, args.format, args.table)
+        con = catalog.connect(args.out, external_access=False)
     except FileNotFoundError as e:
         return _error(str(e))
+    try:
+        _print_summary(con, args.format, args.table)
+    finally:
+        con.close()
     return 0
 
 

@@ -105,17 +105,23 @@ def run(args: argparse.Namespace) -> int:
     res = run_scan(load_sweep(sweep), str(results), num_cpus=args.num_cpus)
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
-    warning = geometry_warning(str(results), res.scan_ids) if res.scan_ids else None
-    if warning:
-        print(f"rlvr-ray: {warning}", file=sys.stderr)
-    print(f"scanned {res.n_tensors} tensors ({res.n_units_resumed} of {res.n_units} units "
-          f"already done) in {res.seconds:.1f} s")  # fmt: skip
-    for title, sql in HEADLINE:
-        cols, rows = catalog.query(str(results), sql)
-        if not rows:  # the planted families have no training series: no step pairs
-            continue
-        print(f"\n{title}")
-        print_rows(cols, rows)
+    con = catalog.connect(str(results))
+    try:
+        warning = geometry_warning(con, res.scan_ids) if res.scan_ids else None
+        if warning:
+            print(f"rlvr-ray: {warning}", file=sys.stderr)
+        print(
+            f"scanned {res.n_tensors} tensors ({res.n_units_resumed} of {res.n_units} units "
+            f"already done) in {res.seconds:.1f} s"
+        )
+        for title, sql in HEADLINE:
+            cols, rows = catalog.run(con, sql)
+            if not rows:  # the planted families have no training series: no step pairs
+                continue
+            print(f"\n{title}")
+            print_rows(cols, rows)
+    finally:
+        con.close()
     cli = cli_command()
     print(f"\nevery run:  {cli} summary --out {results}")
     print(f'query it:   {cli} sql "SELECT * FROM run_sparsity" --out {results}')

@@ -254,3 +254,23 @@ def test_listing_of_optional_commands_matches_their_parsers():
         sub = argparse.ArgumentParser().add_subparsers()
         importlib.import_module(module).add_parser(sub)
         assert [(a.dest, a.help) for a in sub._choices_actions] == [(name, help_text)]
+
+
+def test_the_end_of_a_scan_summarizes_its_own_groups(
+    llama_family, qwen_family, tmp_path, ray_local, capsys
+):
+    out = str(tmp_path / "out")
+    for group, fam in (("first", qwen_family), ("second", llama_family)):
+        run = next(iter(fam.runs))
+        argv = ["scan", "--base", str(fam.base), "--run", f"{run}={fam.runs[run]}"]
+        argv += ["--group", group, "--out", out, "--no-geometry"]
+        capsys.readouterr()
+        assert main(argv) == 0
+    said = capsys.readouterr().out
+    # the second scan's summary: its group, not the atlas's two
+    runs = said[said.index("Per run:") :].splitlines()[3:]
+    assert [line.split()[:2] for line in runs if line.strip()] == [["second", "grpo"]]
+    assert "Per algorithm" not in said
+    assert main(["summary", "--out", out, "--format", "csv", "--table", "runs"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["first", "grpo-a"], ["second", "grpo"]]

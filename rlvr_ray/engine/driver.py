@@ -33,7 +33,7 @@ from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.families import family_for
-from rlvr_ray.io.results import ResultsDir, storage_env
+from rlvr_ray.io.results import ResultsDir, open_results, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, SCANS
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
@@ -443,7 +443,8 @@ def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
         ray.kill(a, no_restart=True)
 
 
-def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int | None = None,
+def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None,
+             workers: int | None = None,
              num_cpus: int | None = None, gpus_per_worker: float | None = None,
              force: bool = False, progress: str | None = None,
              unit_bytes: int = DEFAULT_UNIT_BYTES, memory_gb: float | None = None,
@@ -462,10 +463,11 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     missing = missing_refs(sweep)
     if missing:
         raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
-    results = ResultsDir(out)
+    results = open_results(out)
     results.ensure()
     result = ScanResult(results.uri)
     todo: list[Unit] = []
+    n_units: dict[str, int] = {}
     for group in sweep.scan_groups():  # with each group's step pairs
         opened = _open_group(group, result)
         if opened is None:
@@ -490,6 +492,7 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
             result.disk_full = True
             break
         result.scan_ids.append(plan.scan_id)
+        n_units[plan.scan_id] = len(plan.units)
         result.n_units += len(plan.units)
         result.n_tensors += plan.n_tensors
         for u in plan.units:
@@ -533,8 +536,11 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
             stopping.start()
     try:
         if result.scan_ids:
-            catalog.refresh(results.uri, warn=result.warnings.append)
-            result.warnings += _identical_runs(results.uri, result.scan_ids)
+            for scan_id in result.scan_ids:  # one part per table per finished scan
+                if len(results.units_done(scan_id)) == n_units[scan_id]:
+                    results.compact_scan(scan_id)
+            catalog.update(results, result.scan_ids, warn=result.warnings.append)
+            result.warnings += _identical_runs(results, result.scan_ids)
     except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
         if not is_disk_full(e):
             raise
@@ -546,11 +552,11 @@ def run_scan(sweep: Sweep, out: str, *, address: str | None = None, workers: int
     return result
 
 
-def _identical_runs(out: str, scan_ids: list[str]) -> list[str]:
+def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:
     """A warning per run with no change in any compared tensor, saying how many were compared
     (rows of tensors that were not, e.g. an unsupported dtype, prove nothing) or that none was."""
     _, rows = catalog.query(
-        out, "SELECT group_name, run, count(*) FILTER (WHERE status IN ('ok', 'vocab_resized')), "
+        results, "SELECT group_name, run, count(*) FILTER (WHERE status IN ('ok', 'vocab_resized')), "
         "count(*) FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) GROUP BY group_name, run "
         "HAVING coalesce(sum(n_changed) FILTER (WHERE status IN ('ok', 'vocab_resized')), 0) = 0 "
         "ORDER BY group_name, run", [scan_ids])  # fmt: skip

@@ -31,7 +31,7 @@ import pyarrow.dataset as pads
 from rlvr_ray.hub import client, discover
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import CheckpointError
-from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.results import ResultsDir, open_results
 from rlvr_ray.io.schema import WATCH
 
 Log = Callable[[str], None]
@@ -88,9 +88,9 @@ class RoundReport:
         return 3 if self.errors or any(c.status == "failed" for c in self.decided) else 0
 
 
-def memory(out: str) -> dict[tuple[str, str], tuple[str, int]]:
+def memory(out: str | ResultsDir) -> dict[tuple[str, str], tuple[str, int]]:
     """(repo, sha) -> (latest status, attempts so far) from the watch table's parts."""
-    results = ResultsDir(out)
+    results = open_results(out)
     parts = results.parts("watch") if results.exists("tables", "watch") else []
     if not parts:
         return {}
@@ -271,16 +271,16 @@ def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log)
 
 
 def watch_once(cfg: WatchConfig, log: Log = print) -> RoundReport:
-    """One round over every base; the catalog is refreshed when something was recorded."""
+    """One round over every base; the atlas is updated when something was recorded."""
     report = RoundReport()
-    results = ResultsDir(cfg.out)
+    results = open_results(cfg.out)
     if not cfg.dry_run:
         results.ensure()
-    seen = memory(cfg.out)
+    seen = memory(results)
     for base in cfg.bases:
         watch_base(cfg, base, seen, report, log)
     if report.decided:
-        catalog.refresh(results.uri)
+        catalog.update(results)
     return report
 
 

@@ -3,248 +3,65 @@
 DuckDB resolves relative file paths against the working directory, not the database file, so
 views over Parquet paths would break when a results directory is moved. The catalog therefore
 copies the Parquet parts into native tables (``<table>_all``: every scan ever written) and puts
-views on top, so ``duckdb DIR/atlas.duckdb`` works anywhere with no rlvr-ray code. It is rebuilt
-into a temporary file and renamed into place (object stores: uploaded), so a reader never sees
-a half-built catalog. Parts are read through pyarrow datasets, so local paths and object storage
+the views of :mod:`rlvr_ray.sql.views` on top, so ``duckdb DIR/atlas.duckdb`` works anywhere with
+no rlvr-ray code. Parts are read through pyarrow datasets, so local paths and object storage
 (``s3://``, no DuckDB extension needed) take the same path.
+
+The atlas grows by what is new: it records the parts it holds (``_atlas_parts``), and
+:func:`update` (the end of every scan) lists the part names, then deletes and reloads only the
+scans that are new, changed (a rerun of a scan writes its parts again) or named by the caller,
+in one transaction. Its cost follows what the scan wrote, not what the atlas holds. Writers take
+``atlas.lock`` (a local results directory), so concurrent scans add their rows one after the
+other; a reader that finds the atlas busy waits for the update to end. :func:`refresh` rebuilds
+the whole atlas from every part (and is what runs when the tables' layout changed).
+
+Object storage: the atlas lives next to the parts (``s3://.../atlas.duckdb``); a reader keeps a
+copy in ``$RLVR_RAY_CACHE/atlas`` (default ``~/.cache/rlvr-ray/atlas``) and fetches it again only
+when the stored one changed, so no connection builds anything. An update there fetches, updates
+and uploads the file; object stores have no lock, but every update also loads whatever parts the
+atlas lacks, so the next update heals an update lost to a concurrent one.
 
 Current views: when a (group, run) was scanned more than once (say, a group gained a run), the
 plain views (``tensors``, ``profiles``, ...) keep each run's latest scan and each group's latest
 consistency; ``*_all`` keep history.
 
 A part that cannot be loaded (truncated, corrupt, or of an incompatible schema) is moved aside to
-``quarantine/`` under the same relative path, named in one line, and the build goes on without
+``quarantine/`` under the same relative path, named in one line, and the load goes on without
 it: one bad file never makes the rest unqueryable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
-from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key
 from rlvr_ray.io.schema import ALL_TABLES
+from rlvr_ray.sql.views import VIEWS
 
 ATLAS = "atlas.duckdb"
 STORAGE_VERSION = "v1.0.0"
-_OK = "status IN ('ok', 'vocab_resized')"
-_GEO_OK = "geometry_status = 'ok'"
-_GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
-# an overlap is a share of the changed weights: a matrix with none has no overlap (NaN), and a
-# weighted mean must leave it out rather than add NaN x 0
-_GEO_OVERLAP = f"{_GEO_OK} AND n_changed > 0"
-
-# a step-pair group, ``<group>/steps/<series>/<from>-<to>`` (no sweep's own group name holds
-# "/"; `rlvr_ray.engine.config.step_pair_groups`), and the parts of its name
-_STEP_PAIR = "contains(group_name, '/steps/')"
-_PAIR_NAME = "regexp_extract(group_name, '^(.*)/steps/([^/]+)/([0-9]+)-([0-9]+)$', {})"
-_LATEST_RUNS = """
-        SELECT group_name, run, scan_id FROM (
-          SELECT t.group_name, t.run, t.scan_id, row_number() OVER (
-            PARTITION BY t.group_name, t.run ORDER BY s.created_at DESC, t.scan_id) AS rn
-          FROM (SELECT DISTINCT group_name, run, scan_id FROM tensors_all) t
-          JOIN scans_all s USING (scan_id)) WHERE rn = 1"""
-
-# a model's sparsity: over its compared tensors, weighted by numel (run_sparsity, step_sparsity)
-_SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
-               sum(numel) FILTER (WHERE {_OK}) AS numel,
-               sum(n_changed) FILTER (WHERE {_OK}) AS n_changed,
-               1 - sum(n_changed) FILTER (WHERE {_OK}) / sum(numel) FILTER (WHERE {_OK}) AS sparsity,
-               sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
-                 / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share"""
-
-VIEWS: dict[str, str] = {
-    "scans": "SELECT * FROM scans_all",
-    # latest scan of every (group, run), by the scan's creation time; step-pair groups (their
-    # rows are the k-step sparsity, in the step_* views) are not runs of a base: left out
-    "current_runs": f"{_LATEST_RUNS} AND NOT {_STEP_PAIR}",
-    "current_groups": f"""
-        SELECT group_name, scan_id FROM (
-          SELECT c.group_name, c.scan_id, row_number() OVER (
-            PARTITION BY c.group_name ORDER BY s.created_at DESC, c.scan_id) AS rn
-          FROM (SELECT DISTINCT group_name, scan_id FROM consistency_all) c
-          JOIN scans_all s USING (scan_id)) WHERE rn = 1 AND NOT {_STEP_PAIR}""",
-    "current_step_runs": f"{_LATEST_RUNS} AND {_STEP_PAIR}",
-    "tensors": "SELECT * FROM tensors_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "profiles": "SELECT * FROM profiles_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "spectra": "SELECT * FROM spectra_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "checkpoints": """
-        SELECT * FROM checkpoints_all c WHERE EXISTS (SELECT 1 FROM current_runs r
-          WHERE r.scan_id = c.scan_id AND r.group_name = c.group_name
-            AND (r.run = c.run OR c.is_base))""",
-    "consistency": "SELECT * FROM consistency_all SEMI JOIN current_groups USING (group_name, scan_id)",
-    "consensus_profiles": "SELECT * FROM consensus_profiles_all SEMI JOIN current_groups USING (group_name, scan_id)",
-    "maps": """
-        SELECT * FROM maps_all m WHERE
-          (m.run <> '*' AND EXISTS (SELECT 1 FROM current_runs r WHERE r.scan_id = m.scan_id
-             AND r.group_name = m.group_name AND r.run = m.run))
-          OR (m.run = '*' AND EXISTS (SELECT 1 FROM current_groups g
-             WHERE g.scan_id = m.scan_id AND g.group_name = m.group_name))""",
-    # -- aggregates ---------------------------------------------------------------------------
-    # coverage: the share of the run's weights (its tensors' elements) that were compared, and
-    # of the tensors; sparsity is over the compared ones only
-    "run_sparsity": f"""
-        SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(step) AS step,
-               any_value(series) AS series, any_value(family) AS family,
-               {_SPARSITY},
-               sqrt(sum(rel_frob * rel_frob) FILTER (WHERE {_OK})) AS rel_frob_l2,
-               count(*) AS n_tensors_all, sum(run_numel) AS run_numel,
-               coalesce(sum(numel) FILTER (WHERE {_OK}), 0) / nullif(sum(run_numel), 0) AS coverage,
-               count(*) FILTER (WHERE {_OK}) / count(*) AS tensor_coverage
-        FROM tensors GROUP BY group_name, run""",
-    "density_by_role_depth": f"""
-        SELECT family, algorithm, coalesce(tower, 'text') AS tower, role,
-               round(depth * 10) / 10 AS depth_bin, sum(n_changed) / sum(numel) AS update_density,
-               avg(stripe_row) AS stripe_row, avg(stripe_col) AS stripe_col, count(*) AS n
-        FROM tensors WHERE {_OK} GROUP BY ALL""",
-    "consistency_by_role": """
-        SELECT group_name, family, coalesce(tower, 'text') AS tower, role,
-               avg(mean_jaccard) AS mean_jaccard,
-               avg(jaccard_baseline) AS jaccard_baseline,
-               avg(mean_jaccard) / nullif(avg(jaccard_baseline), 0) AS lift, count(*) AS n
-        FROM consistency WHERE mean_jaccard IS NOT NULL GROUP BY ALL""",
-    # one row per (tower, role, depth bin) of each family AND base (two bases of one family,
-    # say Qwen2.5-Math-1.5B and R1-Distill-Qwen-1.5B, stay apart). Fused projections line up
-    # with split ones: q, k and v are also pooled into a 'qkv' row, gate and up into 'gate_up'
-    # (pooled = true), so a family that stores qkv_proj / gate_up_proj (Phi-3, GPT-2) meets the
-    # others on those cells
-    "cross_family": f"""
-        WITH t AS (
-          SELECT t.*, coalesce(t.tower, 'text') AS tower_, s.base_fingerprint, s.base_ref
-          FROM tensors t JOIN scans_all s USING (scan_id)
-          WHERE {_OK} AND depth IS NOT NULL AND coalesce(algorithm, '') <> 'sft'),
-        lined AS (
-          SELECT *, role AS line_role, false AS pooled FROM t
-          UNION ALL
-          SELECT *, CASE WHEN role IN ('q', 'k', 'v') THEN 'qkv' ELSE 'gate_up' END, true
-          FROM t WHERE role IN ('q', 'k', 'v', 'gate', 'up'))
-        SELECT tower_ AS tower, line_role AS role, round(depth * 4) / 4 AS depth_bin, family,
-               base_fingerprint, any_value(base_ref) AS base_ref, pooled,
-               sum(n_changed) / sum(numel) AS update_density,
-               avg(stripe_row) AS stripe_row, avg(stripe_col) AS stripe_col,
-               count(DISTINCT group_name || '/' || run) AS n_runs
-        FROM lined GROUP BY tower_, line_role, depth_bin, family, base_fingerprint, pooled""",
-    # how alike two (family, base) update patterns are: correlation of their density profiles
-    # over the (tower, role, depth_bin) cells both have; a cell pooled on both sides repeats
-    # their q/k/v (gate/up) cells and is left out
-    "cross_family_similarity": """
-        SELECT a.family AS family_a, any_value(a.base_ref) AS base_a, b.family AS family_b,
-               any_value(b.base_ref) AS base_b, count(*) AS n_cells,
-               corr(a.update_density, b.update_density) AS density_corr,
-               corr(a.stripe_row, b.stripe_row) AS stripe_row_corr
-        FROM cross_family a JOIN cross_family b USING (tower, role, depth_bin)
-        WHERE (a.family < b.family
-               OR (a.family = b.family AND a.base_fingerprint < b.base_fingerprint))
-          AND NOT (a.pooled AND b.pooled)
-        GROUP BY a.family, a.base_fingerprint, b.family, b.base_fingerprint""",
-    # geometry: overlaps (weighted by the number of changed weights) vs their random baselines,
-    # and principal angles, only where geometry_status = 'ok' (k well below the rank, a gap at
-    # k); NSS (all singular values, no k) over every decomposed matrix; n_flagged counts the
-    # decomposed matrices left out ('k_not_below_rank', 'small_gap')
-    "overlap_by_role_depth": """
-        SELECT family, algorithm, role, round(depth * 10) / 10 AS depth_bin,
-               sum(overlap_princ * n_changed) / sum(n_changed) AS overlap_princ,
-               avg(princ_density) AS princ_density,
-               sum(overlap_low * n_changed) / sum(n_changed) AS overlap_low,
-               avg(low_density) AS low_density,
-               sum(overlap_princ_not_low * n_changed) / sum(n_changed) AS overlap_princ_not_low,
-               avg(princ_not_low_density) AS princ_not_low_density, count(*) AS n,
-               median(rank_k) AS median_rank_k
-        FROM tensors WHERE geometry_status = 'ok' AND n_changed > 0 GROUP BY ALL""",
-    "geometry_by_layer": f"""
-        SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(family) AS family,
-               layer, avg(nss) AS mean_nss, max(nss) AS max_nss,
-               max(max_angle_left) FILTER ({_GEO_OK}) AS max_angle_left,
-               max(max_angle_right) FILTER ({_GEO_OK}) AS max_angle_right,
-               count(*) FILTER ({_GEO_OK}) AS n_tensors,
-               count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
-        FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run, layer""",
-    "run_geometry": f"""
-        SELECT group_name, run, any_value(algorithm) AS algorithm,
-               sum(overlap_princ * n_changed) FILTER ({_GEO_OVERLAP})
-                 / nullif(sum(n_changed) FILTER ({_GEO_OVERLAP}), 0) AS overlap_princ,
-               avg(princ_density) FILTER ({_GEO_OVERLAP}) AS princ_density,
-               sum(overlap_low * n_changed) FILTER ({_GEO_OVERLAP})
-                 / nullif(sum(n_changed) FILTER ({_GEO_OVERLAP}), 0) AS overlap_low,
-               avg(low_density) FILTER ({_GEO_OVERLAP}) AS low_density, median(nss) AS median_nss,
-               median(greatest(max_angle_left, max_angle_right)) FILTER ({_GEO_OK})
-                 AS median_max_angle,
-               count(*) FILTER ({_GEO_OK}) AS n_tensors,
-               count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
-        FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run""",
-    "summary": """
-        SELECT s.group_name, s.run, s.algorithm, s.step, round(s.sparsity, 4) AS sparsity,
-               round(s.coverage, 4) AS coverage, round(s.tensor_coverage, 4) AS tensor_coverage,
-               round(s.ulp1_share, 4) AS ulp1_share, round(g.overlap_princ, 4) AS overlap_princ,
-               round(g.princ_density, 4) AS princ_baseline, round(g.overlap_low, 4) AS overlap_low,
-               round(g.low_density, 4) AS low_baseline, g.median_nss, g.median_max_angle,
-               g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
-        FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
-        ORDER BY s.group_name, s.algorithm, s.run""",
-    # the final checkpoint of each training series: its latest step (a run without a step is
-    # final). Intermediate steps are runs too, and would otherwise weigh in every average
-    "final_runs": """
-        SELECT group_name, run, series, step FROM (
-          SELECT group_name, run, coalesce(series, run) AS series, step,
-                 max(step) OVER (PARTITION BY group_name, coalesce(series, run)) AS last
-          FROM checkpoints WHERE NOT coalesce(is_base, false))
-        WHERE step IS NULL OR step = last""",
-    "summary_final": "SELECT * FROM summary SEMI JOIN final_runs USING (group_name, run)",
-    # the headline per algorithm, over final checkpoints only
-    "algorithm_summary": """
-        SELECT s.algorithm, count(*) AS n_runs, avg(s.sparsity) AS sparsity,
-               min(s.sparsity) AS min_sparsity, max(s.sparsity) AS max_sparsity,
-               avg(s.ulp1_share) AS ulp1_share, avg(g.overlap_princ) AS overlap_princ,
-               avg(g.overlap_low) AS overlap_low, median(g.median_nss) AS median_nss
-        FROM run_sparsity s SEMI JOIN final_runs USING (group_name, run)
-        LEFT JOIN run_geometry g USING (group_name, run)
-        GROUP BY s.algorithm""",
-    # n_runs: the group's runs in its consistency (its current checkpoints marked so: not the
-    # SFT runs nor the intermediate steps the lab leaves out), not the runs of any one tensor (a
-    # resized embedding leaves its resized runs out of that tensor's consistency)
-    "group_summary": """
-        SELECT c.group_name, any_value(r.n_runs) AS n_runs, avg(c.mean_jaccard) AS mean_jaccard,
-               avg(c.jaccard_baseline) AS jaccard_baseline
-        FROM consistency c LEFT JOIN (
-          SELECT group_name, count(DISTINCT run) AS n_runs FROM checkpoints
-          WHERE NOT coalesce(is_base, false) AND coalesce(consistency, true)
-          GROUP BY group_name) r USING (group_name)
-        WHERE c.mean_jaccard IS NOT NULL GROUP BY c.group_name""",
-    # k-step sparsity: each tensor of step t' of a series against step t, the series' saved
-    # step before it (k = t' - t), from the step-pair groups (a sweep's ``step_pairs``);
-    # sparsity and ulp1_share as in ``tensors`` (NULL when the tensor was not compared)
-    "step_sparsity_by_tensor": f"""
-        SELECT {_PAIR_NAME.format(1)} AS group_name, {_PAIR_NAME.format(2)} AS series,
-               CAST({_PAIR_NAME.format(3)} AS BIGINT) AS step_from,
-               CAST({_PAIR_NAME.format(4)} AS BIGINT) AS step_to,
-               CAST({_PAIR_NAME.format(4)} AS BIGINT) - CAST({_PAIR_NAME.format(3)} AS BIGINT) AS k,
-               run, algorithm, family, tensor, role, layer, depth, status, numel, n_changed,
-               CASE WHEN {_OK} THEN 1 - n_changed / numel END AS sparsity,
-               CASE WHEN {_OK} THEN ulp1_share END AS ulp1_share, group_name AS pair_group
-        FROM tensors_all SEMI JOIN current_step_runs USING (group_name, run, scan_id)""",
-    # per model: weighted by numel over the compared tensors, as run_sparsity
-    "step_sparsity": f"""
-        SELECT group_name, series, step_from, step_to, k, any_value(run) AS run,
-               any_value(algorithm) AS algorithm, any_value(family) AS family,
-               {_SPARSITY},
-               count(*) AS n_tensors_all
-        FROM step_sparsity_by_tensor GROUP BY group_name, series, step_from, step_to, k
-        ORDER BY group_name, series, step_from""",
-    # the Hub watch: the latest decision about each (repo, commit) it has seen
-    "watch": """
-        SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (
-          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM watch_all)
-        WHERE rn = 1""",
-}
-
+#: (tbl, name): the parts whose rows the atlas holds
+PARTS = "_atlas_parts"
+#: (key, value): the layout of the tables the atlas was built with
+META = "_atlas_meta"
+#: tables whose parts are not per scan (the watch's rounds): reloaded whole when one changes
+WHOLE_TABLES = ("watch",)
+#: how long a reader waits for an update of the atlas to end, seconds
+BUSY_WAIT_S = 60.0
+_LOCK = "atlas.lock"
 
 QUARANTINE = "quarantine"
 
@@ -266,70 +83,309 @@ def _unreadable(results: ResultsDir, part: str, schema: pa.Schema) -> str | None
 
 
 def _quarantine(results: ResultsDir, part: str, why: str, warn: Warn) -> None:
-    rel = os.path.relpath(part, results.root) if results.local else part[len(results.root) :].lstrip("/")  # fmt: skip
+    rel = (
+        os.path.relpath(part, results.root)
+        if results.local
+        else part[len(results.root) :].lstrip("/")
+    )
     dest = results.path(QUARANTINE, rel)
     results.fs.create_dir(os.path.dirname(dest), recursive=True)
     results.fs.move(part, dest)
     warn(f"unreadable part {rel} moved to {QUARANTINE}/{rel} and left out of the atlas ({why})")
 
 
-def _load(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
-    for table, schema in ALL_TABLES.items():
-        parts = results.parts(table)
-        for attempt in range(2):
-            src = (pads.dataset(parts, schema=schema, format="parquet", filesystem=results.fs)
-                   if parts else schema.empty_table())  # fmt: skip
-            con.register("_src", src)
-            try:
-                con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _src")
-                break
-            except (duckdb.Error, pa.ArrowException, OSError):
-                # a part that does not load: find which (only now, so a good build reads
-                # each footer once), move it aside and load the rest
-                bad = [(p, why) for p in parts if (why := _unreadable(results, p, schema))]
-                if attempt or not bad:
-                    raise
-                for p, why in bad:
-                    _quarantine(results, p, why, warn)
-                parts = [p for p in parts if p not in dict(bad)]
-            finally:
-                con.unregister("_src")
+def layout() -> str:
+    """A fingerprint of the tables' columns: an atlas built with another is rebuilt whole."""
+    text = "\n".join(f"{t}: {schema}" for t, schema in ALL_TABLES.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load(
+    con: duckdb.DuckDBPyConnection,
+    results: ResultsDir,
+    table: str,
+    names: list[str],
+    warn: Warn,
+    create: bool = False,
+) -> tuple[list[str], int]:
+    """Load the parts ``names`` of ``table`` into ``<table>_all`` (``create``: make the table);
+    -> (the names loaded, rows added). An unreadable part is quarantined and left out."""
+    schema = ALL_TABLES[table]
+    if create:
+        con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _empty")
+    for attempt in range(2):
+        before = con.execute(f"SELECT count(*) FROM {table}_all").fetchall()[0][0]
+        try:
+            sources = results.scan_rows(table, names)
+            paths = [p for p in sources if isinstance(p, str)]
+            tables = [t for t in sources if not isinstance(t, str)]
+            if paths:
+                tables.insert(
+                    0, pads.dataset(paths, schema=schema, format="parquet", filesystem=results.fs)
+                )
+            for src in tables:
+                con.register("_src", src)
+                try:
+                    con.execute(f"INSERT INTO {table}_all SELECT * FROM _src")
+                finally:
+                    con.unregister("_src")
+            after = con.execute(f"SELECT count(*) FROM {table}_all").fetchall()[0][0]
+            return names, after - before
+        except (duckdb.Error, pa.ArrowException, OSError):
+            # a part that does not load: find which (only now, so a good load reads each footer
+            # once), move it aside and load the rest
+            paths = [results.path("tables", table, n) for n in names]
+            bad = [(p, why) for p in paths if (why := _unreadable(results, p, schema))]
+            if attempt or not bad:
+                raise
+            for p, why in bad:
+                _quarantine(results, p, why, warn)
+            gone = {os.path.basename(p) for p, _ in bad}
+            names = [n for n in names if n not in gone]
+    raise AssertionError("unreachable")
 
 
 def build(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
-    """Load every table and create every view in ``con``; an unreadable part is moved to
-    ``quarantine/`` and ``warn`` gets one line naming it."""
-    _load(con, results, warn)
+    """Load every part of every table and create every view in ``con``; an unreadable part is
+    moved to ``quarantine/`` and ``warn`` gets one line naming it."""
+    con.execute(f"CREATE TABLE {META} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute(f"INSERT INTO {META} VALUES ('layout', ?)", [layout()])
+    con.execute(f"CREATE TABLE {PARTS} (tbl VARCHAR, name VARCHAR)")
+    for table, schema in ALL_TABLES.items():
+        con.register("_empty", schema.empty_table())
+        try:
+            loaded, _ = _load(con, results, table, results.part_names(table), warn, create=True)
+        finally:
+            con.unregister("_empty")
+        _record(con, table, loaded)
+    _views(con)
+
+
+def _record(con: duckdb.DuckDBPyConnection, table: str, names: list[str]) -> None:
+    rows = pa.table(
+        {"tbl": pa.array([table] * len(names), pa.string()), "name": pa.array(names, pa.string())}
+    )
+    con.register("_names", rows)
+    try:
+        con.execute(f"INSERT INTO {PARTS} SELECT * FROM _names")
+    finally:
+        con.unregister("_names")
+
+
+def _views_version() -> str:
+    return hashlib.sha256(repr(sorted(VIEWS.items())).encode()).hexdigest()[:16]
+
+
+def _views(con: duckdb.DuckDBPyConnection) -> None:
+    """(Re)create the views when the atlas has none or other ones (a newer rlvr-ray)."""
+    have = con.execute(f"SELECT value FROM {META} WHERE key = 'views'").fetchall()
+    if have == [(_views_version(),)]:
+        return
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+    con.execute(f"INSERT OR REPLACE INTO {META} VALUES ('views', ?)", [_views_version()])
 
 
-def refresh(out: str | Path, warn: Warn = _stderr) -> str:
-    """(Re)build DIR/atlas.duckdb from the Parquet parts; -> its path or URI. Unreadable parts
-    are quarantined (see :func:`build`), each reported to ``warn`` in one line."""
-    results = ResultsDir(out)
-    tmpdir = tempfile.mkdtemp(prefix=".atlas-", dir=results.root if results.local else None)
-    try:
-        tmp = os.path.join(tmpdir, ATLAS)
+def sync(
+    con: duckdb.DuckDBPyConnection,
+    results: ResultsDir,
+    scan_ids: Iterable[str] = (),
+    warn: Warn = _stderr,
+) -> dict[str, int]:
+    """Bring the atlas in ``con`` up to the parts: reload every scan named in ``scan_ids`` or
+    with a part added or removed since the atlas last saw it (only their parts are read), and a
+    whole-table table (the watch) when one of its parts changed; -> {"scans", "parts", "rows"}:
+    the scans reloaded, the parts read and the rows added.
+
+    Each statement commits on its own (a failed load rolls back alone, and its bad part is
+    quarantined); the order (rows, then the record of parts) makes an interrupted sync whole
+    again at the next one: a part not recorded is new to it, and its scan is reloaded."""
+    listing = {t: results.part_names(t) for t in ALL_TABLES}
+    held: dict[str, set[str]] = {t: set() for t in ALL_TABLES}
+    for table, name in con.execute(f"SELECT tbl, name FROM {PARTS}").fetchall():
+        held.setdefault(table, set()).add(name)
+    keys = set(scan_ids)
+    for table in ALL_TABLES:
+        if table not in WHOLE_TABLES:
+            keys |= {scan_key(n) for n in held[table].symmetric_difference(listing[table])}
+    done = {"scans": len(keys), "parts": 0, "rows": 0}
+    for table in ALL_TABLES:
+        if table in WHOLE_TABLES:
+            if held[table] == set(listing[table]):
+                continue
+            names, old = listing[table], sorted(held[table])
+            con.execute(f"DELETE FROM {table}_all")
+        else:
+            names = [n for n in listing[table] if scan_key(n) in keys]
+            old = sorted(n for n in held[table] if scan_key(n) in keys)
+            if not names and not old:
+                continue
+            con.execute(
+                f"DELETE FROM {table}_all WHERE scan_id IN (SELECT unnest(?))", [sorted(keys)]
+            )
+        con.execute(f"DELETE FROM {PARTS} WHERE tbl = ? AND list_contains(?, name)", [table, old])
+        loaded, rows = _load(con, results, table, names, warn)
+        _record(con, table, loaded)
+        done["parts"] += len(loaded)
+        done["rows"] += rows
+    return done
+
+
+@contextlib.contextmanager
+def _writer(results: ResultsDir):
+    """One writer of the atlas at a time (a local results directory: ``atlas.lock``)."""
+    if not results.local:
+        yield
+        return
+    os.makedirs(results.root, exist_ok=True)
+    with open(results.path(_LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _attach(
+    path: str | os.PathLike,
+    *,
+    read_only: bool = False,
+    new: bool = False,
+    wait: float = BUSY_WAIT_S,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with the atlas at ``path`` attached (and in use); waits up to
+    ``wait`` seconds while another process holds the file (an update in progress)."""
+    quoted = str(Path(path).resolve()).replace("'", "''")
+    # the storage format every DuckDB 1.x reader (the `duckdb` CLI) opens
+    option = (
+        f" (STORAGE_VERSION '{STORAGE_VERSION}')" if new else " (READ_ONLY)" if read_only else ""
+    )
+    deadline = time.monotonic() + wait
+    pause = 0.02
+    while True:
         con = duckdb.connect()
         try:
-            # the storage format every DuckDB 1.x reader (the `duckdb` CLI) opens
-            path = tmp.replace("'", "''")
-            con.execute(f"ATTACH '{path}' AS atlas (STORAGE_VERSION '{STORAGE_VERSION}')")
+            con.execute(f"ATTACH '{quoted}' AS atlas{option}")
             con.execute("USE atlas")
+            return con
+        except duckdb.IOException as e:
+            con.close()
+            if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+def _build_file(results: ResultsDir, warn: Warn) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        con = _attach(path, new=True)
+        try:
             build(con, results, warn)
             con.execute("CHECKPOINT atlas")
         finally:
             con.close()
-        final = results.path(ATLAS)
-        if results.local:
-            os.replace(tmp, final)
-        else:
-            with open(tmp, "rb") as src, results.fs.open_output_stream(final) as dst:
-                shutil.copyfileobj(src, dst)
-        return final
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    return write
+
+
+def _cache_folder(results: ResultsDir) -> Path:
+    root = os.environ.get("RLVR_RAY_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache/rlvr-ray"
+    return base / "atlas" / hashlib.sha256(results.uri.encode()).hexdigest()[:16]
+
+
+def _stored_stamp(results: ResultsDir) -> str | None:
+    """The stored atlas's size and modification time, or None when there is none."""
+    info = results.fs.get_file_info(results.path(ATLAS))
+    return None if info.type == pafs.FileType.NotFound else f"{info.size} {info.mtime_ns}"
+
+
+def _note_stamp(results: ResultsDir) -> None:
+    stamp = _stored_stamp(results) or ""
+    atomic_write(_cache_folder(results) / "stamp", lambda p: Path(p).write_text(stamp))
+
+
+def _cached(results: ResultsDir) -> Path | None:
+    """Object storage: the local copy of the stored atlas, fetched only when the stored one
+    changed (its size or modification time); None when there is none."""
+    want = _stored_stamp(results)
+    if want is None:
+        return None
+    folder = _cache_folder(results)
+    local, stamp = folder / ATLAS, folder / "stamp"
+    if not (local.exists() and stamp.exists() and stamp.read_text() == want):
+        results.read_file(ATLAS, str(local))
+        atomic_write(stamp, lambda p: Path(p).write_text(want))
+    return local
+
+
+def refresh(out: str | Path | ResultsDir, warn: Warn = _stderr) -> str:
+    """(Re)build DIR/atlas.duckdb from every Parquet part; -> its path or URI. Unreadable parts
+    are quarantined (see :func:`build`), each reported to ``warn`` in one line."""
+    results = open_results(out)
+    with _writer(results):
+        return results.write_file(ATLAS, _build_file(results, warn))
+
+
+class _OtherLayout(Exception):
+    """The atlas was built with other tables (or before the table of parts): rebuild it."""
+
+
+def update(
+    out: str | Path | ResultsDir, scan_ids: Iterable[str] = (), warn: Warn = _stderr
+) -> dict[str, int]:
+    """Add what is new to the atlas (see :func:`sync`: the scans ``scan_ids`` are reloaded
+    whatever the atlas holds, as a rerun rewrites its parts); builds it whole when there is none
+    or it was built with other tables. -> what :func:`sync` did ({} after a whole build)."""
+    results = open_results(out)
+
+    def apply(path: str | os.PathLike, wait: float = BUSY_WAIT_S) -> dict[str, int]:
+        con = _attach(path, wait=wait)
+        try:
+            if _layout_of(con) != layout():
+                raise _OtherLayout
+            done = sync(con, results, scan_ids, warn)
+            _views(con)
+            con.execute("CHECKPOINT atlas")
+            return done
+        finally:
+            con.close()
+
+    with _writer(results):
+        local = Path(results.path(ATLAS)) if results.local else _cached(results)
+        try:
+            if local is None or not local.exists():
+                raise _OtherLayout
+            if not results.local:
+                done = apply(local)
+                results.write_file(ATLAS, lambda p: shutil.copyfile(local, p))
+                _note_stamp(results)  # the local copy is now the stored file
+                return done
+            try:
+                return apply(local, wait=1.0)
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower():
+                    raise
+            # a reader holds the file open (a `duckdb` session, a report): update a copy
+            done: dict[str, int] = {}
+
+            def copy_and_apply(tmp: str) -> None:
+                shutil.copyfile(local, tmp)
+                done.update(apply(tmp))
+
+            atomic_write(local, copy_and_apply)
+            return done
+        except _OtherLayout:
+            results.write_file(ATLAS, _build_file(results, warn))
+            return {}
+
+
+def _layout_of(con: duckdb.DuckDBPyConnection) -> str | None:
+    try:
+        rows = con.execute(f"SELECT value FROM {META} WHERE key = 'layout'").fetchall()
+    except duckdb.CatalogException:  # an atlas from before the table of parts
+        return None
+    return rows[0][0] if rows else None
 
 
 class QueryError(ValueError):
@@ -347,47 +403,46 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def connect(out: str | Path, *, external_access: bool = True) -> duckdb.DuckDBPyConnection:
-    """A connection to the atlas of ``out``: the file itself when local (read-only), else an
-    in-memory catalog built from the parts (object storage).
+def connect(
+    out: str | Path | ResultsDir, *, external_access: bool = True
+) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the atlas of ``out`` (object storage: to its local copy, see
+    the module docstring); builds it when the results have none yet.
 
     ``external_access=False`` (``rlvr-ray sql`` and ``summary``): the connection reads the
-    atlas and nothing else (see :func:`_lock`). A local atlas is then attached read-only to a
-    private in-memory database, so locking it leaves other connections to the file alone."""
-    results = ResultsDir(out)
-    if results.local:
-        path = Path(results.path(ATLAS))
-        if not path.exists():
-            if not results.exists("tables"):
-                raise FileNotFoundError(f"{results.uri}: no results here (no tables/ directory)")
-            refresh(out)
-        if external_access:
-            return duckdb.connect(str(path), read_only=True)
-        con = duckdb.connect()
-        quoted = str(path.resolve()).replace("'", "''")
-        con.execute(f"ATTACH '{quoted}' AS atlas (READ_ONLY)")
-        con.execute("USE atlas")
-    else:
-        con = duckdb.connect()
-        build(con, results)
+    atlas and nothing else (see :func:`_lock`). The atlas is attached read-only to a private
+    in-memory database, so locking it leaves other connections to the file alone."""
+    results = open_results(out)
+    path = Path(results.path(ATLAS)) if results.local else _cached(results)
+    if path is None or not path.exists():
+        if not results.exists("tables"):
+            raise FileNotFoundError(f"{results.uri}: no results here (no tables/ directory)")
+        refresh(results)
+        path = Path(results.path(ATLAS)) if results.local else _cached(results)
+    con = _attach(path, read_only=True)
     if not external_access:
         _lock(con)
     return con
 
 
+def run(con: duckdb.DuckDBPyConnection, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    """Run ``sql``, one statement, on ``con`` -> (column names, rows)."""
+    n = len(con.extract_statements(sql))
+    if n != 1:
+        raise QueryError(f"one SQL statement per query, got {n}")
+    cur = con.execute(sql, params or [])
+    if cur.description is None:  # a statement without a result (SET, USE)
+        return [], []
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
 def query(
-    out: str | Path, sql: str, params=None, *, external_access: bool = True
+    out: str | Path | ResultsDir, sql: str, params=None, *, external_access: bool = True
 ) -> tuple[list[str], list[tuple]]:
     """Run ``sql``, one statement, on the atlas of ``out`` -> (column names, rows).
     ``external_access=False``: as in :func:`connect`."""
     con = connect(out, external_access=external_access)
     try:
-        n = len(con.extract_statements(sql))
-        if n != 1:
-            raise QueryError(f"one SQL statement per query, got {n}")
-        cur = con.execute(sql, params or [])
-        if cur.description is None:  # a statement without a result (SET, USE)
-            return [], []
-        return [d[0] for d in cur.description], cur.fetchall()
+        return run(con, sql, params)
     finally:
         con.close()

@@ -9,7 +9,11 @@ Layout (a local path, or a pyarrow-supported URI such as ``s3://bucket/prefix``)
 
 A part is written to a temporary name and renamed into place (object stores: serialized in
 memory, then one PUT, which is atomic), under a name fixed by the work unit, so a retried unit
-replaces its own parts.
+replaces its own parts. Once every unit of a scan is done, :meth:`ResultsDir.compact_scan`
+merges each table's unit parts into one part per table per scan, ``<scan_id>.parquet``, which
+records the rows of each unit: a unit redone later (a lost marker, ``--force``) writes its unit
+part again, which then stands in for that unit's rows of the merged part until the next
+compaction. So a results directory holds a few files per scan, whatever the size of the model.
 
 Object storage: any URI pyarrow understands. S3 and S3-compatible stores (MinIO, Ceph, moto)
 take their settings from the usual AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
@@ -22,14 +26,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rlvr_ray.io.schema import ALL_TABLES
+from rlvr_ray.io.schema import ALL_TABLES, TABLES
 
 #: settings forwarded to Ray workers so they reach the same store as the driver. Secrets are
 #: not: runtime_env is visible in the dashboard; give nodes credentials their own way (instance
@@ -50,6 +57,54 @@ _NO_STATISTICS = {
 }
 
 
+#: key-value metadata of a merged part: JSON list of [unit, rows], in the order of its rows
+UNITS_KEY = "rlvr_ray.units"
+
+
+def atomic_write(final: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` with a temporary name next to the local file ``final``, then rename
+    it into place: a reader sees the old file or the new one, never part of one, and a failed
+    write leaves nothing behind. Every local file this package replaces goes through here."""
+    final = os.fspath(final)
+    folder, name = os.path.split(final)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def scan_key(part: str) -> str:
+    """The scan a part belongs to, from its file name: ``<scan_id>[-<unit>].parquet``."""
+    return os.path.basename(part).removesuffix(".parquet").split("-", 1)[0]
+
+
+def unit_of(part: str) -> int | None:
+    """The unit of a unit part (``<scan_id>-<unit>.parquet``), else None."""
+    _, _, unit = os.path.basename(part).removesuffix(".parquet").partition("-")
+    return int(unit) if unit.isdigit() else None
+
+
+def _parquet_options(table: str, store_schema: bool = True) -> dict:
+    """How a part of ``table`` is written (``pq.write_table`` / ``pq.ParquetWriter`` options)."""
+    schema = ALL_TABLES[table]
+    # dictionaries for the (repetitive) string columns only: dictionary-encoding the float
+    # profiles too made writing 1.6x slower, for no smaller files
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    # profile indices count up by one: delta-coded they take no space (files -45%)
+    deltas = {"idx": "DELTA_BINARY_PACKED"} if "idx" in schema.names else None
+    return {
+        "compression": _COMPRESSION.get(table, "lz4"),
+        "use_dictionary": strings,
+        "column_encoding": deltas,
+        "write_statistics": [n for n in schema.names if n not in _NO_STATISTICS.get(table, ())],
+        "store_schema": store_schema,
+    }
+
+
 def storage_env(uri: str) -> dict[str, str]:
     """Object-store settings of this process that workers writing to ``uri`` need."""
     if "://" not in uri or uri.startswith("file://"):
@@ -58,6 +113,12 @@ def storage_env(uri: str) -> dict[str, str]:
     if os.environ.get("RLVR_RAY_FORWARD_AWS_CREDENTIALS") == "1":
         names += CREDENTIAL_ENV
     return {k: os.environ[k] for k in names if os.environ.get(k)}
+
+
+def open_results(out: str | os.PathLike | ResultsDir) -> ResultsDir:
+    """``out`` as a :class:`ResultsDir` (itself when it is one): a command opens its results
+    directory once and passes it down."""
+    return out if isinstance(out, ResultsDir) else ResultsDir(out)
 
 
 class ResultsDir:
@@ -90,14 +151,7 @@ class ResultsDir:
 
     def _put(self, final: str, write) -> None:
         if self.local:
-            tmp = f"{os.path.dirname(final)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(final)}"
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            try:
-                write(tmp)
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(final, write)
         else:
             # serialize locally first: a failure mid-write never leaves a partial object
             buf = pa.BufferOutputStream()
@@ -122,24 +176,12 @@ class ResultsDir:
         if not (coded and plain.equals(schema)) and data.schema != schema:
             data, coded = data.cast(schema), []
         final = self.path("tables", table, f"{part}.parquet")
-        # dictionaries for the (repetitive) string columns only: dictionary-encoding the float
-        # profiles too made writing 1.6x slower, for no smaller files
-        strings = [f.name for f in schema if pa.types.is_string(f.type)]
-        # profile indices count up by one: delta-coded they take no space (files -45%)
-        deltas = {"idx": "DELTA_BINARY_PACKED"} if "idx" in schema.names else None
-        stats = [n for n in schema.names if n not in _NO_STATISTICS.get(table, ())]
+        options = _parquet_options(table, store_schema=not coded)
         self._put(
             final,
             lambda p: pq.write_table(
-                data,
-                p,
-                filesystem=self.fs if isinstance(p, str) else None,
-                compression=_COMPRESSION.get(table, "lz4"),
-                use_dictionary=strings,
-                column_encoding=deltas,
-                write_statistics=stats,
-                store_schema=not coded,
-            ),  # fmt: skip
+                data, p, filesystem=self.fs if isinstance(p, str) else None, **options
+            ),
         )
         return final
 
@@ -179,3 +221,118 @@ class ResultsDir:
 
     def mark_unit_done(self, scan_id: str, unit: int, report: dict) -> None:
         self.write_json(f"units/{scan_id}/{unit:05d}.json", report)
+
+    def units_done(self, scan_id: str) -> set[int]:
+        """The units of ``scan_id`` marked done (one listing)."""
+        sel = pafs.FileSelector(self.path("units", scan_id), allow_not_found=True)
+        names = [os.path.basename(i.path).removesuffix(".json") for i in self.fs.get_file_info(sel)]
+        return {int(n) for n in names if n.isdigit()}
+
+    def part_names(self, table: str) -> list[str]:
+        """The file names of ``table``'s parts (a listing of names: no file is opened)."""
+        if self.local:
+            try:
+                names = os.listdir(self.path("tables", table))
+            except FileNotFoundError:
+                return []
+        else:
+            sel = pafs.FileSelector(self.path("tables", table), allow_not_found=True)
+            names = [os.path.basename(i.path) for i in self.fs.get_file_info(sel)]
+        return sorted(n for n in names if n.endswith(".parquet") and not n.startswith("."))
+
+    def write_file(self, rel: str, write: Callable[[str], None]) -> str:
+        """Have ``write(path)`` write a local file that becomes ``rel`` atomically (local: renamed
+        into place; object stores: uploaded from a temporary directory in one PUT)."""
+        final = self.path(rel)
+        if self.local:
+            atomic_write(final, write)
+            return final
+        with tempfile.TemporaryDirectory(prefix="rlvr-ray-") as tmp:
+            local = os.path.join(tmp, os.path.basename(rel))
+            write(local)
+            self.fs.create_dir(os.path.dirname(final), recursive=True)
+            with open(local, "rb") as src, self.fs.open_output_stream(final) as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+        return final
+
+    def read_file(self, rel: str, dest: str) -> None:
+        """Copy ``rel`` to the local file ``dest`` (atomically)."""
+
+        def copy(tmp: str) -> None:
+            with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+
+        atomic_write(dest, copy)
+
+    def scan_rows(self, table: str, names: list[str]) -> list[str | pa.Table]:
+        """What the parts ``names`` of ``table`` hold, as paths to read whole and tables: a
+        merged part ``<scan_id>.parquet`` less the units that a unit part of the same scan
+        redoes (read into memory), and every other part as its path."""
+        merged = {scan_key(n): n for n in names if unit_of(n) is None}
+        redone: dict[str, set[int]] = {}
+        for n in names:
+            if unit_of(n) is not None and scan_key(n) in merged:
+                redone.setdefault(scan_key(n), set()).add(unit_of(n))
+        out: list[str | pa.Table] = []
+        for n in names:
+            key = scan_key(n)
+            if key in redone and n == merged[key]:
+                rows = self._merged_units(table, n)
+                kept = [rows[u] for u in sorted(rows) if u not in redone[key]]
+                out.append(pa.concat_tables(kept) if kept else ALL_TABLES[table].empty_table())
+            else:
+                out.append(self.path("tables", table, n))
+        return out
+
+    def _merged_units(self, table: str, name: str) -> dict[int, pa.Table]:
+        """unit -> its rows in the merged part ``name``."""
+        path = self.path("tables", table, name)
+        meta = pq.read_metadata(path, filesystem=self.fs).metadata or {}
+        units = json.loads(meta.get(UNITS_KEY.encode(), b"[]"))
+        data = pads.dataset([path], schema=ALL_TABLES[table], filesystem=self.fs).to_table()
+        rows, start = {}, 0
+        for unit, n in units:
+            rows[unit] = data.slice(start, n)
+            start += n
+        return rows
+
+    def compact_scan(self, scan_id: str) -> int:
+        """Merge the unit parts of ``scan_id`` into one part per table, ``<scan_id>.parquet``
+        (with a merged part already there: its rows of the units not redone, then the redone
+        units' parts), and delete the unit parts; -> the number of unit parts merged. Call it
+        when every unit of the scan is done."""
+        merged = 0
+        for table in TABLES:
+            names = [n for n in self.part_names(table) if scan_key(n) == scan_id]
+            parts = {unit_of(n): n for n in names if unit_of(n) is not None}
+            if not parts:
+                continue
+            old = f"{scan_id}.parquet"
+            kept = self._merged_units(table, old) if old in names else {}
+            self._put(self.path("tables", table, old), self._merge_writer(table, kept, parts))
+            for n in parts.values():
+                self.fs.delete_file(self.path("tables", table, n))
+            merged += len(parts)
+        return merged
+
+    def _merge_writer(self, table: str, kept: dict[int, pa.Table], parts: dict[int, str]):
+        """A writer of the merged part: unit by unit (a unit part is read only when written)."""
+        schema = ALL_TABLES[table]
+
+        def write(p) -> None:
+            counts = []
+            fs = self.fs if isinstance(p, str) else None
+            with pq.ParquetWriter(p, schema, filesystem=fs, **_parquet_options(table)) as w:
+                for unit in sorted({*kept, *parts}):
+                    if unit in parts:
+                        path = self.path("tables", table, parts[unit])
+                        rows = pads.dataset([path], schema=schema, filesystem=self.fs).to_table()
+                    else:
+                        rows = kept[unit]
+                    w.write_table(rows)
+                    counts.append([unit, rows.num_rows])
+                w.add_key_value_metadata({UNITS_KEY: json.dumps(counts)})
+
+        return write

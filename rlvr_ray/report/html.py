@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import os
 import re
 from pathlib import Path
 
 from rlvr_ray.io import catalog
-from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.results import ResultsDir, atomic_write, open_results
 from rlvr_ray.report import figures, geometry, precision, steps
 from rlvr_ray.report.data import Scope, rows, scope
 from rlvr_ray.report.figures import Section, Table
@@ -106,7 +105,7 @@ def _header(con, out: str, sc: Scope) -> str:
 def render(out: str | Path, *, layer: int | None = None,
            group: str | None = None) -> tuple[str, list[Section]]:  # fmt: skip
     """-> (the report's HTML, its sections); ReportError when there is nothing to report."""
-    con = catalog.connect(out)
+    con = catalog.connect(open_results(out))
     try:
         sc = scope(con, group, layer)
         sections = [fn(con, sc) for fn in SECTIONS]
@@ -130,8 +129,8 @@ def write_report(out: str | Path, *, layer: int | None = None, group: str | None
                  fmt: str = "html", report: str | Path | None = None) -> list[str]:  # fmt: skip
     """Write the report (default OUT/report.html) and, with fmt='png', each figure as
     OUT/report/NN-name.png (next to the report); -> the paths written, report first."""
-    page, sections = render(out, layer=layer, group=group)
-    results = ResultsDir(out)
+    results = open_results(out)
+    page, sections = render(results, layer=layer, group=group)
     if report is None and not results.local:
         # object storage: write into the results directory through its filesystem
         return _write_remote(results, page, sections, fmt)
@@ -157,9 +156,7 @@ def _pngs(sections: list[Section]) -> list[tuple[str, bytes]]:
 
 
 def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _write_remote(results: ResultsDir, page: str, sections: list[Section], fmt: str) -> list[str]:
@@ -168,8 +165,6 @@ def _write_remote(results: ResultsDir, page: str, sections: list[Section], fmt: 
         files += [(f"report/{n}", d) for n, d in _pngs(sections)]
     written = []
     for rel, data in files:
-        dest = results.path(*rel.split("/"))
-        with results.fs.open_output_stream(dest) as f:
-            f.write(data)
-        written.append(dest)
+        results.write_bytes(rel, data)
+        written.append(results.path(rel))
     return written

@@ -5,9 +5,12 @@ import struct
 import subprocess
 import venv
 
+import pyarrow as pa
 import pytest
 
 from rlvr_ray.io import catalog
+from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.schema import SCANS
 
 # DuckDB's main header: 8 bytes of checksum, b"DUCK", then the storage version number (u64).
 # DuckDB 1.0-1.4 read 64 ("v1.0.0") and up to their own; DuckDB 2 writes newer ones by default.
@@ -24,6 +27,11 @@ def test_atlas_is_written_in_the_storage_every_duckdb_1x_reads(tmp_path):
     out = tmp_path / "results"
     (out / "tables").mkdir(parents=True)
     path = catalog.refresh(str(out))
+    assert atlas_header(path) == (b"DUCK", V1_0_0)
+    # grown in place by an update, it keeps that storage
+    row = {"scan_id": "s1", "group_name": "g", "n_units": 1, "runs": ["a"]}
+    ResultsDir(out).write_table("scans", "s1", pa.Table.from_pylist([row], schema=SCANS))
+    assert catalog.update(str(out), ["s1"]) == {"scans": 1, "parts": 1, "rows": 1}
     assert atlas_header(path) == (b"DUCK", V1_0_0)
 
 

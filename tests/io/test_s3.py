@@ -14,6 +14,8 @@ from faultlib import changed_in, duplicates, expected_changed, snapshot, sweep_d
 from rlvr_ray.cli import main
 from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
+from rlvr_ray.io import catalog
+from rlvr_ray.io.results import ResultsDir
 
 BUCKET = "atlas"
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -69,10 +71,9 @@ def test_scan_writes_parts_markers_and_atlas_to_the_bucket(scanned, s3, qwen_fam
     keys = _keys(client, "scan1/")
     assert "scan1/atlas.duckdb" in keys
     assert sum(k.startswith("scan1/units/") and k.endswith(".json") for k in keys) == res.n_units
-    assert (
-        sum(k.startswith("scan1/tables/tensors/") and k.endswith(".parquet") for k in keys)
-        == res.n_units
-    )
+    # the finished scan's unit parts are merged: one part per table, holding every unit
+    parts = [k for k in keys if k.startswith("scan1/tables/tensors/") and k.endswith(".parquet")]
+    assert parts == [f"scan1/tables/tensors/{res.scan_ids[0]}.parquet"]
     assert not [k for k in keys if "/." in k]  # no temporary objects
     assert changed_in(uri) == expected_changed(qwen_family)
 
@@ -107,6 +108,26 @@ def test_sql_on_s3_reads_the_atlas_only(scanned, s3, capsys, monkeypatch, tmp_pa
         "operations are disabled by configuration (rlvr-ray sql reads the atlas only; "
         "--allow-external lifts this)\n"
     )
+
+
+def test_queries_on_s3_fetch_the_stored_atlas_once_and_build_nothing(
+    scanned, qwen_family, monkeypatch, tmp_path
+):
+    uri, _, _ = scanned
+    monkeypatch.setenv("RLVR_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(catalog, "build", lambda *a: pytest.fail("a connection built an atlas"))
+    fetched: list[str] = []
+    real = ResultsDir.read_file
+    def read_file(self, rel, dest):
+        fetched.append(rel)
+        real(self, rel, dest)
+
+    monkeypatch.setattr(ResultsDir, "read_file", read_file)
+    q = "SELECT count(*), sum(n_changed) FROM tensors_all"
+    want = [(len(expected_changed(qwen_family)), sum(expected_changed(qwen_family).values()))]
+    assert catalog.query(uri, q)[1] == want
+    assert catalog.query(uri, q, external_access=False)[1] == want
+    assert fetched == ["atlas.duckdb"]  # the second connection opens the local copy
 
 
 @pytest.mark.slow

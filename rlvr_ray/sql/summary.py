@@ -39,6 +39,15 @@ COVERAGE_SQL = (
 )
 
 
+def of_scans(sql: str) -> str:
+    """``sql`` (a summary table, or :data:`COVERAGE_SQL`) kept to the groups of the scans given
+    as its last parameter (a list of scan ids), in its own order."""
+    return (
+        f"SELECT * FROM ({sql}) WHERE group_name IN "
+        "(SELECT group_name FROM scans_all WHERE list_contains(?, scan_id))"
+    )
+
+
 def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_all: int) -> str:
     """The one line that says a run's sparsity stands on part of its weights."""
     pct = math.floor(coverage * 1000) / 10  # never rounds up to the threshold

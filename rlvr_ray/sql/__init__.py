@@ -1,0 +1,1 @@
+"""SQL over the atlas: its views and aggregates, and the summary tables."""
