@@ -536,10 +536,8 @@ def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None,
             stopping.start()
     try:
         if result.scan_ids:
-            for scan_id in result.scan_ids:  # one part per table per finished scan
-                if len(results.units_done(scan_id)) == n_units[scan_id]:
-                    results.compact_scan(scan_id)
-            catalog.update(results, result.scan_ids, warn=result.warnings.append)
+            finished = [s for s in result.scan_ids if len(results.units_done(s)) == n_units[s]]
+            catalog.update(results, result.scan_ids, result.warnings.append, merge=finished)
             result.warnings += _identical_runs(results, result.scan_ids)
     except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
         if not is_disk_full(e):

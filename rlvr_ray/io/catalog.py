@@ -32,6 +32,7 @@ it: one bad file never makes the rest unqueryable.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -107,9 +108,11 @@ def _load(
     names: list[str],
     warn: Warn,
     create: bool = False,
+    quarantine: bool = True,
 ) -> tuple[list[str], int]:
     """Load the parts ``names`` of ``table`` into ``<table>_all`` (``create``: make the table);
-    -> (the names loaded, rows added). An unreadable part is quarantined and left out."""
+    -> (the names loaded, rows added). An unreadable part is quarantined and left out (with
+    ``quarantine=False``, the error is raised)."""
     schema = ALL_TABLES[table]
     if create:
         con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _empty")
@@ -123,26 +126,43 @@ def _load(
                 tables.insert(
                     0, pads.dataset(paths, schema=schema, format="parquet", filesystem=results.fs)
                 )
-            for src in tables:
-                con.register("_src", src)
-                try:
-                    con.execute(f"INSERT INTO {table}_all SELECT * FROM _src")
-                finally:
-                    con.unregister("_src")
+            _insert(con, table, tables)
             after = con.execute(f"SELECT count(*) FROM {table}_all").fetchall()[0][0]
             return names, after - before
         except (duckdb.Error, pa.ArrowException, OSError):
+            if not quarantine:
+                raise
             # a part that does not load: find which (only now, so a good load reads each footer
-            # once), move it aside and load the rest
+            # once), move it aside and load the rest. A part gone since the listing (merged into
+            # its scan's part by a finished scan) is not damaged: it is left out quietly
             paths = [results.path("tables", table, n) for n in names]
-            bad = [(p, why) for p in paths if (why := _unreadable(results, p, schema))]
-            if attempt or not bad:
+            gone = {p for p in paths if not results.fs.get_file_info(p).is_file}
+            bad = [
+                (p, why)
+                for p in paths
+                if p not in gone and (why := _unreadable(results, p, schema))
+            ]
+            if attempt or not (bad or gone):
                 raise
             for p, why in bad:
                 _quarantine(results, p, why, warn)
-            gone = {os.path.basename(p) for p, _ in bad}
-            names = [n for n in names if n not in gone]
+            left = {os.path.basename(p) for p in gone} | {os.path.basename(p) for p, _ in bad}
+            names = [n for n in names if n not in left]
     raise AssertionError("unreachable")
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, sources: list) -> None:
+    """Insert the rows of every source (datasets, tables) in one statement: all or nothing."""
+    if not sources:
+        return
+    for i, src in enumerate(sources):
+        con.register(f"_src{i}", src)
+    try:
+        union = " UNION ALL ".join(f"SELECT * FROM _src{i}" for i in range(len(sources)))
+        con.execute(f"INSERT INTO {table}_all {union}")
+    finally:
+        for i in range(len(sources)):
+            con.unregister(f"_src{i}")
 
 
 def build(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
@@ -191,44 +211,82 @@ def sync(
     results: ResultsDir,
     scan_ids: Iterable[str] = (),
     warn: Warn = _stderr,
+    quarantine: bool = True,
 ) -> dict[str, int]:
     """Bring the atlas in ``con`` up to the parts: reload every scan named in ``scan_ids`` or
     with a part added or removed since the atlas last saw it (only their parts are read), and a
     whole-table table (the watch) when one of its parts changed; -> {"scans", "parts", "rows"}:
     the scans reloaded, the parts read and the rows added.
 
-    Each statement commits on its own (a failed load rolls back alone, and its bad part is
-    quarantined); the order (rows, then the record of parts) makes an interrupted sync whole
-    again at the next one: a part not recorded is new to it, and its scan is reloaded."""
+    Run inside a transaction (:func:`update`) with ``quarantine=False``: a part that does not
+    load raises. Outside one, each statement commits on its own (a failed load rolls back alone
+    and its bad part is quarantined), and the order (rows, then the record of parts) makes an
+    interrupted sync whole again at the next one: a part not recorded is new to it, and its
+    scan is reloaded."""
     listing = {t: results.part_names(t) for t in ALL_TABLES}
-    held: dict[str, set[str]] = {t: set() for t in ALL_TABLES}
-    for table, name in con.execute(f"SELECT tbl, name FROM {PARTS}").fetchall():
-        held.setdefault(table, set()).add(name)
-    keys = set(scan_ids)
-    for table in ALL_TABLES:
-        if table not in WHOLE_TABLES:
-            keys |= {scan_key(n) for n in held[table].symmetric_difference(listing[table])}
+    changed = _changed(con, listing)  # in DuckDB: the atlas may hold a million names
+    keys = set(scan_ids) | {scan_key(n) for t, n in changed if t not in WHOLE_TABLES}
     done = {"scans": len(keys), "parts": 0, "rows": 0}
     for table in ALL_TABLES:
         if table in WHOLE_TABLES:
-            if held[table] == set(listing[table]):
+            if not any(t == table for t, _ in changed):
                 continue
-            names, old = listing[table], sorted(held[table])
+            names = listing[table]
             con.execute(f"DELETE FROM {table}_all")
+            con.execute(f"DELETE FROM {PARTS} WHERE tbl = ?", [table])
         else:
-            names = [n for n in listing[table] if scan_key(n) in keys]
-            old = sorted(n for n in held[table] if scan_key(n) in keys)
+            names = _of_scans(listing[table], keys)
+            old = con.execute(
+                f"SELECT name FROM {PARTS} WHERE tbl = ? AND list_contains(?, {_SCAN_OF_NAME})",
+                [table, sorted(keys)],
+            ).fetchall()
             if not names and not old:
                 continue
             con.execute(
                 f"DELETE FROM {table}_all WHERE scan_id IN (SELECT unnest(?))", [sorted(keys)]
             )
-        con.execute(f"DELETE FROM {PARTS} WHERE tbl = ? AND list_contains(?, name)", [table, old])
-        loaded, rows = _load(con, results, table, names, warn)
+            con.execute(
+                f"DELETE FROM {PARTS} WHERE tbl = ? AND list_contains(?, name)",
+                [table, [n for (n,) in old]],
+            )
+        loaded, rows = _load(con, results, table, names, warn, quarantine=quarantine)
         _record(con, table, loaded)
         done["parts"] += len(loaded)
         done["rows"] += rows
     return done
+
+
+#: SQL of :func:`rlvr_ray.io.results.scan_key` on the column ``name``
+_SCAN_OF_NAME = "split_part(regexp_replace(name, '\\.parquet$', ''), '-', 1)"
+
+
+def _changed(con: duckdb.DuckDBPyConnection, listing: dict[str, list[str]]) -> list[tuple]:
+    """(table, name) of the parts listed but not held by the atlas, and held but not listed."""
+    tables = [t for t, names in listing.items() for _ in names]
+    names = [n for ns in listing.values() for n in ns]
+    con.register(
+        "_listing",
+        pa.table({"tbl": pa.array(tables, pa.string()), "name": pa.array(names, pa.string())}),
+    )
+    try:
+        return con.execute(
+            f"(SELECT tbl, name FROM _listing EXCEPT SELECT tbl, name FROM {PARTS}) UNION ALL "
+            f"(SELECT tbl, name FROM {PARTS} EXCEPT SELECT tbl, name FROM _listing)"
+        ).fetchall()
+    finally:
+        con.unregister("_listing")
+
+
+def _of_scans(names: list[str], keys: set[str]) -> list[str]:
+    """The names (sorted) of parts of the scans ``keys``, found by bisection, not a pass."""
+    found = []
+    for key in sorted(keys):
+        i = bisect.bisect_left(names, key)
+        while i < len(names) and names[i].startswith(key):
+            if scan_key(names[i]) == key:
+                found.append(names[i])
+            i += 1
+    return found
 
 
 @contextlib.contextmanager
@@ -332,11 +390,17 @@ class _OtherLayout(Exception):
 
 
 def update(
-    out: str | Path | ResultsDir, scan_ids: Iterable[str] = (), warn: Warn = _stderr
+    out: str | Path | ResultsDir,
+    scan_ids: Iterable[str] = (),
+    warn: Warn = _stderr,
+    merge: Iterable[str] = (),
 ) -> dict[str, int]:
     """Add what is new to the atlas (see :func:`sync`: the scans ``scan_ids`` are reloaded
     whatever the atlas holds, as a rerun rewrites its parts); builds it whole when there is none
-    or it was built with other tables. -> what :func:`sync` did ({} after a whole build)."""
+    or it was built with other tables. ``merge``: finished scans whose unit parts are first
+    merged into one part per table (:meth:`ResultsDir.compact_scan`), under the same lock as the
+    load, so no other writer lists a part that is about to go. -> what :func:`sync` did ({}
+    after a whole build)."""
     results = open_results(out)
 
     def apply(path: str | os.PathLike, wait: float = BUSY_WAIT_S) -> dict[str, int]:
@@ -344,7 +408,15 @@ def update(
         try:
             if _layout_of(con) != layout():
                 raise _OtherLayout
-            done = sync(con, results, scan_ids, warn)
+            # one transaction (one commit, readers never see half of it); a part that does
+            # not load aborts it, and the statement-by-statement sync quarantines that part
+            con.execute("BEGIN TRANSACTION")
+            try:
+                done = sync(con, results, scan_ids, warn, quarantine=False)
+                con.execute("COMMIT")
+            except (duckdb.Error, pa.ArrowException, OSError):
+                con.execute("ROLLBACK")
+                done = sync(con, results, scan_ids, warn)
             _views(con)
             con.execute("CHECKPOINT atlas")
             return done
@@ -352,6 +424,8 @@ def update(
             con.close()
 
     with _writer(results):
+        for scan_id in merge:
+            results.compact_scan(scan_id)
         local = Path(results.path(ATLAS)) if results.local else _cached(results)
         try:
             if local is None or not local.exists():
