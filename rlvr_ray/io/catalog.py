@@ -431,8 +431,12 @@ def update(
             if local is None or not local.exists():
                 raise _OtherLayout
             if not results.local:
-                done = apply(local)
-                results.write_file(ATLAS, lambda p: shutil.copyfile(local, p))
+                try:
+                    done = apply(local)
+                    results.write_file(ATLAS, lambda p: shutil.copyfile(local, p))
+                except BaseException:  # the copy is no longer the stored file: fetch it again
+                    (_cache_folder(results) / "stamp").unlink(missing_ok=True)
+                    raise
                 _note_stamp(results)  # the local copy is now the stored file
                 return done
             try:
