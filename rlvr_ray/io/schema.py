@@ -12,6 +12,24 @@ import pyarrow as pa
 #: [ULP_BIN_EDGES[b], ULP_BIN_EDGES[b + 1]); the last bin is open-ended.
 ULP_BIN_EDGES: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17, 65)
 
+#: tensors.status -> meaning (also in the README's table docs)
+STATUSES = {
+    "ok": "compared",
+    "vocab_resized": "first dimension differs (resized vocabulary): the common rows compared",
+    "missing_in_run": "tensor not in the run",
+    "missing_in_base": "tensor in the run but not in the base",
+    "shape_mismatch": "shapes differ beyond the first dimension; not compared",
+    "unsupported_dtype": "not a float tensor; not compared",
+    "dtype_mismatch": "FP8 in one copy, another dtype (or FP8 format) in the other; not compared",
+    "empty": "the base's tensor has no elements (a 0 in its shape); nothing to compare or read",
+    "nonfinite": "NaN or Inf in base or run; not compared",
+    "read_error": "the tensor's bytes could not be read",
+}
+#: the statuses of a tensors row whose copies were compared (its statistics are findings)
+COMPARED = ("ok", "vocab_resized")
+#: SQL: a tensors row whose copies were compared
+COMPARED_SQL = f"status IN ({', '.join(repr(s) for s in COMPARED)})"
+
 _LABELS = [
     pa.field("algorithm", pa.string()),
     pa.field("step", pa.int64()),
@@ -82,7 +100,7 @@ TENSORS = pa.schema(
         pa.field("ulp_max", pa.int64()),
         pa.field("rel_frob", pa.float64()),  # ||W1 - W0||_F / ||W0||_F
         pa.field("max_abs_update", pa.float64()),
-        pa.field("status", pa.string()),  # see rlvr_ray.engine.worker.STATUSES
+        pa.field("status", pa.string()),  # see STATUSES
         pa.field("message", pa.string()),
         # the base's (run's) tensor compared, when not ``tensor``: a tied embedding standing in
         # for an output head that checkpoint does not store
