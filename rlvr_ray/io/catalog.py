@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.io.schema import ALL_TABLES
+from rlvr_ray.io.schema import ALL_TABLES, COMPARED_SQL
 
 ATLAS = "atlas.duckdb"
 STORAGE_VERSION = "v1.0.0"
-_OK = "status IN ('ok', 'vocab_resized')"
+_OK = COMPARED_SQL
 _GEO_OK = "geometry_status = 'ok'"
 _GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
 # an overlap is a share of the changed weights: a matrix with none has no overlap (NaN), and a

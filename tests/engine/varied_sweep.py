@@ -60,7 +60,13 @@ def _qwen_group(root: Path) -> Group:
     base = fam.bits["base"]
     cfg = json.loads((fam.base / "config.json").read_text())
     runs = [
-        Run(name="grpo-a", checkpoint=str(fam.runs["grpo-a"]), algorithm="grpo", seed=1),
+        Run(
+            name="grpo-a",
+            checkpoint=str(fam.runs["grpo-a"]),
+            algorithm="grpo",
+            seed=1,
+            dataset="math",
+        ),
         Run(name="grpo-b", checkpoint=str(fam.runs["grpo-b"]), algorithm="grpo", seed=2),
         Run(name="sft", checkpoint=str(fam.runs["sft"]), algorithm="sft"),
     ]
@@ -182,14 +188,15 @@ def _big_group(root: Path) -> Group:
     return Group(name="big", base=str(b), runs=runs)
 
 
-def write_sweep(root: Path) -> list[Group]:
-    """Write every checkpoint under ``root`` -> the sweep's groups."""
+def write_sweep(root: Path, big: bool = True) -> list[Group]:
+    """Write every checkpoint under ``root`` -> the sweep's groups (``big``: with the group
+    whose embedding is large enough to be streamed by the torch path)."""
     return [
         _qwen_group(root),
         _tied_group(root),
         *_moe_groups(root),
         _fp8_group(root),
-        _big_group(root),
+        *([_big_group(root)] if big else []),
     ]
 
 
