@@ -101,12 +101,8 @@ class UnitTables:
         base, ms = result.base, c.mask
         rows, cols = c.src.shape
         is_matrix = rows > 1
-        update_sumsq, base_sumsq, max_abs, message = (
-            ms.update_sumsq,
-            c.base_sumsq,
-            ms.max_abs_update,
-            c.message,
-        )
+        update_sumsq, max_abs, message = ms.update_sumsq, ms.max_abs_update, c.message
+        base_sumsq = c.base_sumsq
         if base.dtype in FP8_DTYPES:  # the mask pass saw patterns: values from the FP8 pass
             update_sumsq, base_sumsq, max_abs, why = c.values or (None, 0, None, "no values")
             message = "; ".join(m for m in (message, why) if m) or None
