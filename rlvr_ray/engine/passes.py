@@ -109,15 +109,8 @@ def measure(
         out.skipped += [Skipped(i, "empty", why, columns) for i in range(len(runs))]
         return out
     shape = piece_shape(base_entry.shape, spec.piece)
-    _, rows, cols = piece_layout(base_entry.shape, spec.piece)
-    # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
-    # matrix has them) take the torch path
-    fused = ctx.fused and cols <= MAX_COLS
-    if fused:  # every tensor not read whole for the SVD is read window by window
-        stream = skip_reason(unit.params, spec.role, shape) is not None
-    else:
-        nbytes = rows * cols * DTYPES[base_entry.dtype][0] // 8
-        stream = streams(unit.params, spec.role, shape, nbytes)
+    cols = piece_layout(base_entry.shape, spec.piece)[2]
+    fused, stream = _read_mode(ctx, unit, spec, base_entry, shape)
     name = spec.base_tensor or spec.name
     src0 = Source(base, name, 0, stream, ctx.buffers, fused=fused, expert=spec.piece)
     out.base = src0
@@ -131,12 +124,42 @@ def measure(
         ctx.buffers.layout(len(unit.runs) + 1, numel)
     if not _load(ctx, unit, src0, compared, out):
         return out
+    result = _masks(ctx, unit, spec, src0, compared, fused, out)
+    if result is None:
+        return out
+    out.consensus = result.consensus
+    geometry = measure_geometry(ctx.cache, unit, spec, shape, src0, compared)
+    values = (
+        fp8_values(src0, [(c.run, c.src) for c in compared]) if src0.dtype in FP8_DTYPES else {}
+    )
+    for c in compared:
+        c.mask, c.base_sumsq = result.runs[c.run]
+        c.geometry, c.values = geometry.get(c.run), values.get(c.run)
+    out.compared = compared
+    return out
+
+
+def _read_mode(ctx, unit, spec, base_entry, shape) -> tuple[bool, bool]:
+    """-> (whether the fused CPU pass takes the tensor, whether its copies are streamed)."""
+    _, rows, cols = piece_layout(base_entry.shape, spec.piece)
+    # the fused pass counts a row in int32 lanes: rows of more than MAX_COLS columns (no weight
+    # matrix has them) take the torch path
+    fused = ctx.fused and cols <= MAX_COLS
+    if fused:  # every tensor not read whole for the SVD is read window by window
+        return True, skip_reason(unit.params, spec.role, shape) is not None
+    nbytes = rows * cols * DTYPES[base_entry.dtype][0] // 8
+    return False, streams(unit.params, spec.role, shape, nbytes)
+
+
+def _masks(ctx, unit, spec, src0, compared, fused, out) -> MaskResult | None:
+    """The mask pass over the base and the compared runs (a resized vocabulary's run over the
+    common rows, in a pass of its own); None when the base's copy turned out bad."""
     mask_pass = group_pass if fused else chunk_pass
     in_consistency = [r.consistency for r in unit.runs]
-    is_matrix = spec.nbytes > 0 and rows > 1
 
     def run_pass(src: Source, these: list[Compared], consensus: bool = True) -> MaskResult:
         pairs = [(c.run, c.src) for c in these]
+        is_matrix = spec.nbytes > 0 and src.shape[0] > 1
         map_size = unit.params.map_size
         return mask_pass(ctx, src, pairs, in_consistency, is_matrix, map_size, consensus)
 
@@ -149,20 +172,10 @@ def measure(
                 if c.status == "vocab_resized":
                     head = run_pass(src0.head(c.src.shape[0]), [c], consensus=False)
                     result.runs.update(head.runs)
-            break
+            return result
         except (NonFinite, ReadFailed) as err:
             if not _drop(ctx, unit, src0, compared, err, out):
-                return out
-    out.consensus = result.consensus
-    geometry = measure_geometry(ctx.cache, unit, spec, shape, src0, compared)
-    values = (
-        fp8_values(src0, [(c.run, c.src) for c in compared]) if src0.dtype in FP8_DTYPES else {}
-    )
-    for c in compared:
-        c.mask, c.base_sumsq = result.runs[c.run]
-        c.geometry, c.values = geometry.get(c.run), values.get(c.run)
-    out.compared = compared
-    return out
+                return None
 
 
 def _comparable(unit, spec, base_entry, runs, stream, buffers, fused, out) -> list[Compared]:
