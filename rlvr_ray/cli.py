@@ -23,7 +23,9 @@ import os
 import sys
 from pathlib import Path
 
+from rlvr_ray.io.status import NOT_COMPARED_SQL
 from rlvr_ray.sql.summary import SUMMARY_SECTIONS
+from rlvr_ray.stats.rank_rule import RANK_FRAC
 
 DEFAULT_OUT = "results"
 
@@ -59,8 +61,8 @@ def _add_scan(sub) -> None:
                       "(default: the sweep's, else --rank-frac)")  # fmt: skip
     rank.add_argument("--rank-frac", type=float, metavar="F",
                       help="k of M_princ as a share of each matrix's short side p: "
-                      "floor(F * p + 0.5), at least 1 (default: the sweep's, else 0.0417: "
-                      "k = 64 at p = 1536)")  # fmt: skip
+                      "floor(F * p + 0.5), at least 1 (default: the sweep's, else "
+                      f"{RANK_FRAC}: k = 64 at p = 1536)")  # fmt: skip
     p.add_argument("--alpha", type=float, help="share of weights in M_princ and M_low (default: the sweep's, else 0.5)")  # fmt: skip
     spectral = p.add_mutually_exclusive_group()
     spectral.add_argument("--spectral-k", type=int, metavar="N",
@@ -68,7 +70,7 @@ def _add_scan(sub) -> None:
                           "(default: the sweep's, else --spectral-frac)")  # fmt: skip
     spectral.add_argument("--spectral-frac", type=float, metavar="F",
                           help="spectral k as a share of each matrix's short side, like "
-                          "--rank-frac (default: the sweep's, else 0.0417)")  # fmt: skip
+                          f"--rank-frac (default: the sweep's, else {RANK_FRAC})")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
     p.add_argument(
         "--full-spectrum",
@@ -152,7 +154,7 @@ def _scan(args) -> int:
         print(f"rlvr-ray: skipped {msg}", file=sys.stderr)
     if len(res.skipped) > 20:
         print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
-              "(SELECT * FROM tensors WHERE status NOT IN ('ok', 'vocab_resized'))", file=sys.stderr)  # fmt: skip
+              f"(SELECT * FROM tensors WHERE {NOT_COMPARED_SQL})", file=sys.stderr)  # fmt: skip
     print(scan_line(res))
     if res.disk_full:  # no catalog query: the atlas cannot be written
         print(f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "

@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlvr_ray.stats.rank_rule import RANK_FRAC
+
 
 def _planted_sweep(root: Path) -> Path:
     import yaml
@@ -35,7 +37,7 @@ def _planted_sweep(root: Path) -> Path:
 HEADLINE = [
     ("RL vs SFT, final checkpoints: sparsity (share of bf16 weights bitwise unchanged), share of "
      "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
-     "baseline 0.5 each; k = 0.0417 of each matrix's short side; matrices whose geometry_status "
+     f"baseline 0.5 each; k = {RANK_FRAC} of each matrix's short side; matrices whose geometry_status "
      "is not 'ok' left out), median NSS and median max principal angle (rad)", """
      SELECT group_name, algorithm, count(*) AS runs, round(avg(sparsity), 3) AS sparsity,
             round(avg(ulp1_share), 3) AS ulp1_share, round(avg(overlap_princ), 3) AS overlap_princ,

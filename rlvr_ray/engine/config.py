@@ -170,7 +170,7 @@ class Params(_Frozen):
         gt=0,
         le=1,
         description="default k of M_princ as a share of a matrix's short side p: "
-        "floor(rank_frac * p + 0.5), at least 1 (0.0417: k = 64 at p = 1536, as in the paper)",
+        f"floor(rank_frac * p + 0.5), at least 1 ({RANK_FRAC}: k = 64 at p = 1536, as in the paper)",
     )
     alpha: float = Field(0.5, gt=0, lt=1, description="share of entries in M_princ / M_low")
     spectral_k: int | None = Field(

@@ -34,7 +34,7 @@ from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.families import family_for
 from rlvr_ray.io.results import ResultsDir, open_results, storage_env
-from rlvr_ray.io.schema import CHECKPOINTS, SCANS
+from rlvr_ray.io.schema import CHECKPOINTS, COMPARED_SQL, SCANS
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
@@ -554,9 +554,9 @@ def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:
     """A warning per run with no change in any compared tensor, saying how many were compared
     (rows of tensors that were not, e.g. an unsupported dtype, prove nothing) or that none was."""
     _, rows = catalog.query(
-        results, "SELECT group_name, run, count(*) FILTER (WHERE status IN ('ok', 'vocab_resized')), "
+        results, f"SELECT group_name, run, count(*) FILTER (WHERE {COMPARED_SQL}), "
         "count(*) FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) GROUP BY group_name, run "
-        "HAVING coalesce(sum(n_changed) FILTER (WHERE status IN ('ok', 'vocab_resized')), 0) = 0 "
+        f"HAVING coalesce(sum(n_changed) FILTER (WHERE {COMPARED_SQL}), 0) = 0 "
         "ORDER BY group_name, run", [scan_ids])  # fmt: skip
     return [f"group {g}: run {r}: no tensor compared (0 of {n} tensors)" if not k else
             f"group {g}: run {r} is bitwise identical to its base in all {k} compared tensors"

@@ -1,5 +1,5 @@
 """The worker's geometry stage: which tensors get SVD-based statistics, the base decomposition
-cache, and the rows the stage adds (tensors columns, the spectra table).
+cache, and each run's geometry (``rlvr_ray.engine.tables`` makes it columns and spectra rows).
 
 Each matrix gets its own k (`Params.ks`: relative to its short side unless set absolutely); a
 decomposed matrix's geometry_status is 'ok', 'k_not_below_rank' or 'small_gap'
@@ -21,18 +21,19 @@ angles, or every singular value with ``Params.full_spectrum`` (angles null past 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, fields
+from dataclasses import dataclass
 
-import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from rlvr_ray.engine.config import Params
 from rlvr_ray.engine.memory import EMBEDDING_ROLES, skip_reason  # noqa: F401 (re-exported)
+from rlvr_ray.engine.source import FP8_DTYPES
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
-from rlvr_ray.stats.update import UpdateGeometry
+from rlvr_ray.stats.masks import update_mask
+from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry, run_geometry
+from rlvr_ray.stats.update import UpdateGeometry, update_geometry
 
 GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
@@ -73,42 +74,41 @@ class BaseCache:
         return geo
 
 
-#: the tensors-table columns the geometry stage fills: RunGeometry's and UpdateGeometry's
-#: scalar fields
-_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right", "angle_error_bound")
-_RUN_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
-ROW_COLUMNS = _RUN_COLUMNS + [f.name for f in fields(UpdateGeometry)]
+@dataclass
+class Geometry:
+    """One run's geometry: the base's decomposition, the run's against it, and the update's."""
+
+    base: BaseGeometry
+    run: RunGeometry
+    update: UpdateGeometry
 
 
-def row_columns(g: RunGeometry, update: UpdateGeometry) -> dict:
-    """The tensors-table columns of one run's geometry (filled whatever its status)."""
-    return {**{n: getattr(g, n) for n in _RUN_COLUMNS}, **asdict(update)}
-
-
-def spectra_rows(
-    scan_id: str,
-    group: str,
-    run: str,
-    tensor: str,
-    base: BaseGeometry,
-    g: RunGeometry,
-    full: bool = False,
-) -> pa.Table:
-    """Spectra rows: i-th largest singular value of base and run; i-th largest angles. i < k,
-    or every i < min(rows, cols) when ``full`` (angles null from i = k on)."""
-    k = g.spectral_k
-    n = base.sigma.numel() if full else k
-    pad = [None] * (n - k)
-    return pa.table(
-        {
-            "scan_id": [scan_id] * n,
-            "group_name": [group] * n,
-            "run": [run] * n,
-            "tensor": [tensor] * n,
-            "i": pa.array(range(n), pa.int32()),
-            "sigma_base": base.sigma[:n].cpu().numpy(),
-            "sigma_run": g.sigma_run_all[:n].cpu().numpy(),
-            "angle_left": pa.array(g.angle_left.cpu().tolist() + pad, pa.float64()),
-            "angle_right": pa.array(g.angle_right.cpu().tolist() + pad, pa.float64()),
-        }
-    )
+def measure_geometry(
+    cache: BaseCache, unit, spec, shape: tuple[int, ...], base, compared: list
+) -> dict[int, Geometry | str]:
+    """{run index: its Geometry, or the geometry_status saying why there is none} for the
+    ``compared`` runs (each with ``run``, ``status`` and a ``src`` read whole) against the
+    ``base`` source; the base is decomposed (or fetched from ``cache``) once for all."""
+    reason = skip_reason(unit.params, spec.role, tuple(shape))
+    if reason is None and base.dtype in FP8_DTYPES:
+        reason = "skipped_fp8"  # the SVD of dequantized FP8 weights is not implemented
+    if reason is not None:
+        return {c.run: reason for c in compared}
+    out: dict[int, Geometry | str] = {}
+    base_geo = None
+    for c in compared:
+        if c.status != "ok":
+            out[c.run] = f"skipped_{c.status}"
+            continue
+        try:
+            if base_geo is None:
+                base_geo = cache.get(unit.base_fingerprint, base.full, unit.params)
+            mask = update_mask(base.full, c.src.full)
+            w0, w1 = base.full.view(torch.bfloat16), c.src.full.view(torch.bfloat16)
+            run = run_geometry(base_geo, w1, mask)
+            update = update_geometry(base_geo, w0, w1)
+        except (ValueError, RuntimeError) as e:  # e.g. a degenerate matrix: keep the row
+            out[c.run] = f"error: {str(e).splitlines()[0][:200]}"
+            continue
+        out[c.run] = Geometry(base_geo, run, update)
+    return out

@@ -12,16 +12,14 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from rlvr_ray import __version__
 from rlvr_ray.engine.config import Group, Params, is_step_pair
 from rlvr_ray.io.checkpoint import Checkpoint
 from rlvr_ray.io.families import family_for
+from rlvr_ray.io.schema import schema_hash
 
 MIN_UNITS = 16  # small models still spread over several actors
-SCHEMA_VERSION = 2  # bump when a statistic's definition changes: old scan ids stop matching
-PLAN_VERSION = 3  # bump when ``cut`` changes: a scan resumed under a new cut starts afresh
 
 
 @dataclass(frozen=True)
@@ -108,10 +106,19 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def plan_hash() -> str:
+    """A hash of the plan's fields (runs, tensors, units) and its cut's unit count floor:
+    what a scan's units are."""
+    parts = [f"{f.name}:{f.type}" for cls in (RunSpec, TensorSpec, Unit) for f in fields(cls)]
+    return hashlib.sha256(f"{MIN_UNITS};{';'.join(parts)}".encode()).hexdigest()[:16]
+
+
 def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Params,
                 unit_bytes: int) -> str:  # fmt: skip
+    """The scan's id: the same for the same inputs, tables and plan (a resumed scan finds its
+    parts); another once any of them changes."""
     key = {
-        "v": SCHEMA_VERSION, "plan": PLAN_VERSION, "group": group, "base": base_fp, "unit_bytes": unit_bytes,
+        "schema": schema_hash(), "plan": plan_hash(), "group": group, "base": base_fp, "unit_bytes": unit_bytes,
         "runs": [[r.name, r.fingerprint, r.labels(), r.consistency] for r in runs],
         "params": params.model_dump(),
     }  # fmt: skip
@@ -187,6 +194,3 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
     )
     return GroupPlan(sid, group, fam.name, base, run_specs, units, params)
 
-
-def version() -> str:
-    return __version__

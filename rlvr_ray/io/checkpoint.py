@@ -177,12 +177,6 @@ class Checkpoint:
         os.posix_fadvise(fd, e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
         return True
 
-    def locate(self, name: str) -> tuple[int, int]:
-        """-> (an open descriptor of the file holding tensor ``name``, where its data starts):
-        for callers that read it themselves, by positional reads (any thread)."""
-        e = self.entries[name]
-        return self._fd(e.file), e.start
-
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:

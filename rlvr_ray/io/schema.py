@@ -1,218 +1,260 @@
-"""Arrow schemas of every output table, declared once.
+"""Arrow schemas of every output table, declared once, each column with its producer.
 
 Writers, DuckDB views, the report and the tests import these; nothing else spells a column.
 The README's "Tables" section documents each column; keep the two in step.
+
+A column's producer is what fills it: for the per-unit tables, one of the row builders of
+``rlvr_ray.engine.tables`` ("key": who the row is about; "status"; "mask": the mask pass;
+"values": the value statistics; "geometry"; "consensus"; "map": a pooled map); "driver" and
+"watch" write the scan tables. A test scans a varied sweep and checks that every column is set
+by its producer and by no other, and that nothing undeclared is written. A table's ``current``
+rule says which rows its current view keeps (``CURRENT``). ``schema_hash`` enters the scan id,
+so a scan resumed under other schemas starts afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow as pa
+
+from rlvr_ray.io.status import COMPARED, COMPARED_SQL, NOT_COMPARED_SQL, STATUSES  # noqa: F401
+
+#: current rules: which rows of a table its current view keeps
+CURRENT_ALL = "all"  # every row
+CURRENT_RUN = "run"  # the latest scan of each (group, run)
+CURRENT_GROUP = "group"  # the latest scan of each group
+CURRENT_RUN_OR_GROUP = "run_or_group"  # per run; rows of run '*' (the group's own) per group
+CURRENT_COMMIT = "commit"  # the latest decision about each (repo, sha)
+
+#: table -> column -> its producer
+PRODUCERS: dict[str, dict[str, str]] = {}
+#: table -> its current rule
+CURRENT: dict[str, str] = {}
+
+
+def _col(name: str, type_: pa.DataType, producer: str, nullable: bool = True):
+    return pa.field(name, type_, nullable), producer
+
+
+def _declare(table: str, current: str, *columns: tuple[pa.Field, str]) -> pa.Schema:
+    """Declare ``table``: its columns (with their producers) and its current rule."""
+    PRODUCERS[table] = {f.name: producer for f, producer in columns}
+    CURRENT[table] = current
+    return pa.schema([f for f, _ in columns])
+
 
 #: Edges of the ULP-steps histogram of changed coordinates: bin b holds steps in
 #: [ULP_BIN_EDGES[b], ULP_BIN_EDGES[b + 1]); the last bin is open-ended.
 ULP_BIN_EDGES: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17, 65)
 
-_LABELS = [
-    pa.field("algorithm", pa.string()),
-    pa.field("step", pa.int64()),
-    pa.field("dataset", pa.string()),
-    pa.field("seed", pa.int64()),
-    pa.field("series", pa.string()),
-]
 
-SCANS = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("base_ref", pa.string()),
-        pa.field("base_fingerprint", pa.string()),
-        pa.field("family", pa.string()),
-        pa.field("n_runs", pa.int64()),
-        pa.field("runs", pa.list_(pa.string())),
-        pa.field("params", pa.string()),  # JSON of the statistics parameters
-        pa.field("n_units", pa.int64()),
-        pa.field("created_at", pa.timestamp("us", tz="UTC")),
-        pa.field("rlvr_ray_version", pa.string()),
+def _labels(producer: str) -> list[tuple[pa.Field, str]]:
+    """A run's labels (``RunSpec.labels``)."""
+    return [
+        _col("algorithm", pa.string(), producer),
+        _col("step", pa.int64(), producer),
+        _col("dataset", pa.string(), producer),
+        _col("seed", pa.int64(), producer),
+        _col("series", pa.string(), producer),
     ]
+
+
+SCANS = _declare(
+    "scans",
+    CURRENT_ALL,
+    _col("scan_id", pa.string(), "driver", nullable=False),
+    _col("group_name", pa.string(), "driver", nullable=False),
+    _col("base_ref", pa.string(), "driver"),
+    _col("base_fingerprint", pa.string(), "driver"),
+    _col("family", pa.string(), "driver"),
+    _col("n_runs", pa.int64(), "driver"),
+    _col("runs", pa.list_(pa.string()), "driver"),
+    _col("params", pa.string(), "driver"),  # JSON of the statistics parameters
+    _col("n_units", pa.int64(), "driver"),
+    _col("created_at", pa.timestamp("us", tz="UTC"), "driver"),
+    _col("rlvr_ray_version", pa.string(), "driver"),
 )
 
-CHECKPOINTS = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("run", pa.string(), nullable=False),  # the base's row has is_base = true
-        pa.field("is_base", pa.bool_()),
-        pa.field("ref", pa.string()),
-        pa.field("fingerprint", pa.string()),
-        pa.field("family", pa.string()),
-        *_LABELS,
-        pa.field("consistency", pa.bool_()),
-        pa.field("n_tensors", pa.int64()),
-        pa.field("n_bytes", pa.int64()),
-        pa.field("dtypes", pa.string()),  # comma-separated storage dtypes seen
-    ]
+CHECKPOINTS = _declare(
+    "checkpoints",
+    CURRENT_RUN,
+    _col("scan_id", pa.string(), "driver", nullable=False),
+    _col("group_name", pa.string(), "driver", nullable=False),
+    _col("run", pa.string(), "driver", nullable=False),  # the base's row has is_base = true
+    _col("is_base", pa.bool_(), "driver"),
+    _col("ref", pa.string(), "driver"),
+    _col("fingerprint", pa.string(), "driver"),
+    _col("family", pa.string(), "driver"),
+    *_labels("driver"),
+    _col("consistency", pa.bool_(), "driver"),
+    _col("n_tensors", pa.int64(), "driver"),
+    _col("n_bytes", pa.int64(), "driver"),
+    _col("dtypes", pa.string(), "driver"),  # comma-separated storage dtypes seen
 )
 
-TENSORS = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("run", pa.string(), nullable=False),
-        *_LABELS,
-        pa.field("family", pa.string()),
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),  # expert index of an MoE expert's matrix; else null
-        pa.field("layer", pa.int32()),
-        pa.field("depth", pa.float64()),  # layer / (n_layers - 1); null if not in a layer
-        pa.field("role", pa.string()),
-        pa.field("tower", pa.string()),  # 'text' | 'vision' | 'projector'; layer/depth within it
-        pa.field("rows", pa.int64()),
-        pa.field("cols", pa.int64()),
-        pa.field("numel", pa.int64()),  # coordinates compared
-        pa.field("run_numel", pa.int64()),  # elements of the run's tensor; null: not in the run
-        pa.field("dtype_base", pa.string()),
-        pa.field("dtype_run", pa.string()),
-        pa.field("rounded_to_bf16", pa.bool_()),
-        pa.field("n_changed", pa.int64()),
-        pa.field("update_density", pa.float64()),
-        pa.field("stripe_row", pa.float64()),  # Gini coefficient of the row update ratios
-        pa.field("stripe_col", pa.float64()),  # Gini coefficient of the column update ratios
-        pa.field("ulp1_share", pa.float64()),  # share of changes that moved exactly 1 ULP
-        pa.field("ulp_hist", pa.list_(pa.int64())),  # counts per ULP_BIN_EDGES bin
-        pa.field("ulp_max", pa.int64()),
-        pa.field("rel_frob", pa.float64()),  # ||W1 - W0||_F / ||W0||_F
-        pa.field("max_abs_update", pa.float64()),
-        pa.field("status", pa.string()),  # see rlvr_ray.engine.worker.STATUSES
-        pa.field("message", pa.string()),
-        # the base's (run's) tensor compared, when not ``tensor``: a tied embedding standing in
-        # for an output head that checkpoint does not store
-        pa.field("base_tensor", pa.string()),
-        pa.field("run_tensor", pa.string()),
-        # geometry (null when not computed; geometry_status says why, or that it is no finding:
-        # 'ok' | 'k_not_below_rank' | 'small_gap' | 'skipped_...' | 'error: ...')
-        pa.field("geometry_status", pa.string()),
-        pa.field("overlap_princ", pa.float64()),
-        pa.field("overlap_low", pa.float64()),
-        pa.field("overlap_princ_not_low", pa.float64()),
-        pa.field("princ_density", pa.float64()),
-        pa.field("low_density", pa.float64()),
-        pa.field("princ_not_low_density", pa.float64()),
-        pa.field("nss", pa.float64()),
-        pa.field("max_angle_left", pa.float64()),
-        pa.field("max_angle_right", pa.float64()),
-        pa.field("rank_k", pa.int64()),  # the k used for this matrix (relative rule or absolute)
-        pa.field("spectral_k", pa.int64()),
-        pa.field("sigma_gap", pa.float64()),  # relative singular-value gap at k (the smaller)
-        pa.field("sigma_max_base", pa.float64()),  # spectral norm of W0
-        pa.field("sigma_max_run", pa.float64()),  # spectral norm of W1
-        pa.field("stable_rank_base", pa.float64()),  # ||W0||_F^2 / sigma_max^2
-        pa.field("stable_rank_run", pa.float64()),  # ||W1||_F^2 / sigma_max^2
-        # the update dW = W1 - W0: numerical rank (numpy matrix_rank's tolerance), stable rank,
-        # effective rank (exp entropy of s_i / sum s), share of ||dW||_F^2 in the base's
-        # top-spectral_k left (right) singular subspace
-        pa.field("update_rank", pa.int64()),
-        pa.field("update_stable_rank", pa.float64()),
-        pa.field("update_effective_rank", pa.float64()),
-        pa.field("update_energy_left", pa.float64()),
-        pa.field("update_energy_right", pa.float64()),
-    ]
+TENSORS = _declare(
+    "tensors",
+    CURRENT_RUN,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("run", pa.string(), "key", nullable=False),
+    *_labels("key"),
+    _col("family", pa.string(), "key"),
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),  # expert index of an MoE expert's matrix; else null
+    _col("layer", pa.int32(), "key"),
+    _col("depth", pa.float64(), "key"),  # layer / (n_layers - 1); null if not in a layer
+    _col("role", pa.string(), "key"),
+    _col("tower", pa.string(), "key"),  # 'text' | 'vision' | 'projector'; layer/depth within it
+    _col("rows", pa.int64(), "mask"),
+    _col("cols", pa.int64(), "mask"),
+    _col("numel", pa.int64(), "mask"),  # coordinates compared
+    _col("run_numel", pa.int64(), "key"),  # elements of the run's tensor; null: not in the run
+    _col("dtype_base", pa.string(), "mask"),
+    _col("dtype_run", pa.string(), "mask"),
+    _col("rounded_to_bf16", pa.bool_(), "mask"),
+    _col("n_changed", pa.int64(), "mask"),
+    _col("update_density", pa.float64(), "mask"),
+    _col("stripe_row", pa.float64(), "mask"),  # Gini coefficient of the row update ratios
+    _col("stripe_col", pa.float64(), "mask"),  # Gini coefficient of the column update ratios
+    _col("ulp1_share", pa.float64(), "mask"),  # share of changes that moved exactly 1 ULP
+    _col("ulp_hist", pa.list_(pa.int64()), "mask"),  # counts per ULP_BIN_EDGES bin
+    _col("ulp_max", pa.int64(), "mask"),
+    _col("rel_frob", pa.float64(), "values"),  # ||W1 - W0||_F / ||W0||_F
+    _col("max_abs_update", pa.float64(), "values"),
+    _col("status", pa.string(), "status"),  # see STATUSES
+    _col("message", pa.string(), "status"),
+    # the base's (run's) tensor compared, when not ``tensor``: a tied embedding standing in
+    # for an output head that checkpoint does not store
+    _col("base_tensor", pa.string(), "key"),
+    _col("run_tensor", pa.string(), "key"),
+    # geometry (null when not computed; geometry_status says why, or that it is no finding:
+    # 'ok' | 'k_not_below_rank' | 'small_gap' | 'skipped_...' | 'error: ...')
+    _col("geometry_status", pa.string(), "geometry"),
+    _col("overlap_princ", pa.float64(), "geometry"),
+    _col("overlap_low", pa.float64(), "geometry"),
+    _col("overlap_princ_not_low", pa.float64(), "geometry"),
+    _col("princ_density", pa.float64(), "geometry"),
+    _col("low_density", pa.float64(), "geometry"),
+    _col("princ_not_low_density", pa.float64(), "geometry"),
+    _col("nss", pa.float64(), "geometry"),
+    _col("max_angle_left", pa.float64(), "geometry"),
+    _col("max_angle_right", pa.float64(), "geometry"),
+    _col(
+        "rank_k", pa.int64(), "geometry"
+    ),  # the k used for this matrix (relative rule or absolute)
+    _col("spectral_k", pa.int64(), "geometry"),
+    _col("sigma_gap", pa.float64(), "geometry"),  # relative singular-value gap at k (the smaller)
+    _col("sigma_max_base", pa.float64(), "geometry"),  # spectral norm of W0
+    _col("sigma_max_run", pa.float64(), "geometry"),  # spectral norm of W1
+    _col("stable_rank_base", pa.float64(), "geometry"),  # ||W0||_F^2 / sigma_max^2
+    _col("stable_rank_run", pa.float64(), "geometry"),  # ||W1||_F^2 / sigma_max^2
+    # the update dW = W1 - W0: numerical rank (numpy matrix_rank's tolerance), stable rank,
+    # effective rank (exp entropy of s_i / sum s), share of ||dW||_F^2 in the base's
+    # top-spectral_k left (right) singular subspace
+    _col("update_rank", pa.int64(), "geometry"),
+    _col("update_stable_rank", pa.float64(), "geometry"),
+    _col("update_effective_rank", pa.float64(), "geometry"),
+    _col("update_energy_left", pa.float64(), "geometry"),
+    _col("update_energy_right", pa.float64(), "geometry"),
 )
 
-PROFILES = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("run", pa.string(), nullable=False),
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),
-        pa.field("axis", pa.string(), nullable=False),  # 'row' | 'col'
-        pa.field("idx", pa.int32(), nullable=False),
-        pa.field("ratio", pa.float32()),  # share of that row's (column's) coordinates changed
-    ]
+PROFILES = _declare(
+    "profiles",
+    CURRENT_RUN,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("run", pa.string(), "key", nullable=False),
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),
+    _col("axis", pa.string(), "key", nullable=False),  # 'row' | 'col'
+    _col("idx", pa.int32(), "key", nullable=False),
+    _col("ratio", pa.float32(), "mask"),  # share of that row's (column's) coordinates changed
 )
 
-CONSISTENCY = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),
-        pa.field("family", pa.string()),
-        pa.field("layer", pa.int32()),
-        pa.field("depth", pa.float64()),
-        pa.field("role", pa.string()),
-        pa.field("tower", pa.string()),
-        pa.field("numel", pa.int64()),
-        pa.field("n_runs", pa.int64()),
-        pa.field("runs", pa.list_(pa.string())),
-        pa.field("mean_jaccard", pa.float64()),
-        pa.field("jaccard_baseline", pa.float64()),
-        pa.field(
-            "consensus_counts", pa.list_(pa.int64())
-        ),  # [c] = coords changed by exactly c runs
-        pa.field("status", pa.string()),
-    ]
+CONSISTENCY = _declare(
+    "consistency",
+    CURRENT_GROUP,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),
+    _col("family", pa.string(), "key"),
+    _col("layer", pa.int32(), "key"),
+    _col("depth", pa.float64(), "key"),
+    _col("role", pa.string(), "key"),
+    _col("tower", pa.string(), "key"),
+    _col("numel", pa.int64(), "consensus"),
+    _col("n_runs", pa.int64(), "consensus"),
+    _col("runs", pa.list_(pa.string()), "consensus"),
+    _col("mean_jaccard", pa.float64(), "consensus"),
+    _col("jaccard_baseline", pa.float64(), "consensus"),
+    _col(
+        "consensus_counts", pa.list_(pa.int64()), "consensus"
+    ),  # [c] = coords changed by exactly c runs
+    _col("status", pa.string(), "status"),
 )
 
-CONSENSUS_PROFILES = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),
-        pa.field("axis", pa.string(), nullable=False),
-        pa.field("idx", pa.int32(), nullable=False),
-        pa.field("consensus", pa.float32()),  # mean of C_ij over the row (column)
-    ]
+CONSENSUS_PROFILES = _declare(
+    "consensus_profiles",
+    CURRENT_GROUP,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),
+    _col("axis", pa.string(), "key", nullable=False),
+    _col("idx", pa.int32(), "key", nullable=False),
+    _col("consensus", pa.float32(), "consensus"),  # mean of C_ij over the row (column)
 )
 
-SPECTRA = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("run", pa.string(), nullable=False),
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),
-        pa.field("i", pa.int32(), nullable=False),
-        pa.field("sigma_base", pa.float64()),
-        pa.field("sigma_run", pa.float64()),
-        pa.field("angle_left", pa.float64()),
-        pa.field("angle_right", pa.float64()),
-    ]
+SPECTRA = _declare(
+    "spectra",
+    CURRENT_RUN,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("run", pa.string(), "key", nullable=False),
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),
+    _col("i", pa.int32(), "geometry", nullable=False),
+    _col("sigma_base", pa.float64(), "geometry"),
+    _col("sigma_run", pa.float64(), "geometry"),
+    _col("angle_left", pa.float64(), "geometry"),
+    _col("angle_right", pa.float64(), "geometry"),
 )
 
-MAPS = pa.schema(
-    [
-        pa.field("scan_id", pa.string(), nullable=False),
-        pa.field("group_name", pa.string(), nullable=False),
-        pa.field("run", pa.string(), nullable=False),  # '*' for the consensus map
-        pa.field("tensor", pa.string(), nullable=False),
-        pa.field("expert", pa.int32()),
-        pa.field("kind", pa.string(), nullable=False),  # 'mask' | 'consensus'
-        pa.field("map_rows", pa.int32()),
-        pa.field("map_cols", pa.int32()),
-        pa.field("values", pa.list_(pa.float32())),  # row-major pooled update density
-    ]
+MAPS = _declare(
+    "maps",
+    CURRENT_RUN_OR_GROUP,
+    _col("scan_id", pa.string(), "key", nullable=False),
+    _col("group_name", pa.string(), "key", nullable=False),
+    _col("run", pa.string(), "key", nullable=False),  # '*' for the consensus map
+    _col("tensor", pa.string(), "key", nullable=False),
+    _col("expert", pa.int32(), "key"),
+    _col("kind", pa.string(), "key", nullable=False),  # 'mask' | 'consensus'
+    _col("map_rows", pa.int32(), "map"),
+    _col("map_cols", pa.int32(), "map"),
+    _col("values", pa.list_(pa.float32()), "map"),  # row-major pooled update density
 )
 
 #: one row per (Hub repo, commit) the watch looked at and what it decided; history is kept
 #: (the ``watch`` view keeps the latest row of each (repo, sha)).
-WATCH = pa.schema(
-    [
-        pa.field("repo", pa.string(), nullable=False),  # Hub repo id of the candidate
-        pa.field("sha", pa.string(), nullable=False),  # commit sha
-        pa.field("base", pa.string()),  # Hub repo id of the base it was compared with
-        pa.field("created", pa.timestamp("us", tz="UTC")),  # repo creation on the Hub
-        pa.field("tags", pa.list_(pa.string())),
-        pa.field("rl_evidence", pa.string()),  # why it looks like RL (tags, card), or null
-        pa.field("status", pa.string()),  # 'scanned' | 'skipped' | 'failed'
-        pa.field("reason", pa.string()),  # why skipped / failed
-        pa.field("attempt", pa.int64()),  # 1 for the first try of this (repo, sha)
-        pa.field("group_name", pa.string()),
-        pa.field("run", pa.string()),
-        pa.field("scan_id", pa.string()),  # the scan that holds its rows, when scanned
-        pa.field("scanned_at", pa.timestamp("us", tz="UTC")),  # when the decision was made
-    ]
+WATCH = _declare(
+    "watch",
+    CURRENT_COMMIT,
+    _col("repo", pa.string(), "watch", nullable=False),  # Hub repo id of the candidate
+    _col("sha", pa.string(), "watch", nullable=False),  # commit sha
+    _col("base", pa.string(), "watch"),  # Hub repo id of the base it was compared with
+    _col("created", pa.timestamp("us", tz="UTC"), "watch"),  # repo creation on the Hub
+    _col("tags", pa.list_(pa.string()), "watch"),
+    _col("rl_evidence", pa.string(), "watch"),  # why it looks like RL (tags, card), or null
+    _col("status", pa.string(), "watch"),  # 'scanned' | 'skipped' | 'failed'
+    _col("reason", pa.string(), "watch"),  # why skipped / failed
+    _col("attempt", pa.int64(), "watch"),  # 1 for the first try of this (repo, sha)
+    _col("group_name", pa.string(), "watch"),
+    _col("run", pa.string(), "watch"),
+    _col("scan_id", pa.string(), "watch"),  # the scan that holds its rows, when scanned
+    _col("scanned_at", pa.timestamp("us", tz="UTC"), "watch"),  # when the decision was made
 )
 
 #: table name -> schema; the order is the write order of a unit (tensors last).
@@ -231,5 +273,10 @@ SCAN_TABLES: dict[str, pa.Schema] = {"scans": SCANS, "checkpoints": CHECKPOINTS,
 ALL_TABLES: dict[str, pa.Schema] = {**SCAN_TABLES, **TABLES}
 
 
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
+def schema_hash() -> str:
+    """A hash of every table's columns (names, types, nullability) and the ULP bins: what a
+    scan's rows mean. It enters the scan id."""
+    h = hashlib.sha256(repr(ULP_BIN_EDGES).encode())
+    for table, schema in sorted(ALL_TABLES.items()):
+        h.update(f"{table}:{schema.to_string(show_schema_metadata=False)}\n".encode())
+    return h.hexdigest()[:16]

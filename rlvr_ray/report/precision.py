@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlvr_ray.io.schema import ULP_BIN_EDGES
+from rlvr_ray.io.schema import COMPARED_SQL, ULP_BIN_EDGES
 from rlvr_ray.report.data import Scope, rows
 from rlvr_ray.report.figures import SFT_COLOR, Image, Section, Table, algo_colors, pct, subplots
 from rlvr_ray.report.figures import png as to_png
 
 #: tensors counted, as in the run_sparsity view
-COUNTED = "status IN ('ok', 'vocab_resized') AND ulp_hist IS NOT NULL"
+COUNTED = f"{COMPARED_SQL} AND ulp_hist IS NOT NULL"
 
 
 def bin_labels() -> list[str]:

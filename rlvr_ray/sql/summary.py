@@ -2,6 +2,8 @@
 
 import math
 
+from rlvr_ray.io.status import NOT_COMPARED_SQL
+
 # (name, title, SQL): the name keys ``--format json`` and picks a table with ``--table``
 SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
     ("runs",
@@ -59,5 +61,5 @@ def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_al
         f"warning: group {group}, run {run}: only {pct:.1f}% of the run's weights were "
         f"compared ({n_tensors or 0} of {n_all} tensors); see SELECT tensor, status, message "
         f"FROM tensors WHERE group_name = {quoted(group)} AND run = {quoted(run)} "
-        "AND status NOT IN ('ok', 'vocab_resized')"
+        f"AND {NOT_COMPARED_SQL}"
     )

@@ -5,7 +5,9 @@ each as a view in ``atlas.duckdb`` (name -> its SELECT), so they read the same f
 client.
 """
 
-_OK = "status IN ('ok', 'vocab_resized')"
+from rlvr_ray.io.status import COMPARED_SQL
+
+_OK = COMPARED_SQL
 _GEO_OK = "geometry_status = 'ok'"
 _GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
 # an overlap is a share of the changed weights: a matrix with none has no overlap (NaN), and a

@@ -110,6 +110,11 @@ class GroupAccumulator:
                 self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
             self.next_row += m
 
+    @property
+    def any_nonfinite(self) -> bool:
+        """Whether any copy held NaN/Inf values so far."""
+        return bool(self.iacc[:, 2].any())
+
     def nonfinite(self, k: int) -> int:
         """NaN/Inf values seen so far in copy k (0: the base, r + 1: run r)."""
         return int(self.iacc[k, 2])

@@ -21,12 +21,12 @@ def read_mode(request, monkeypatch):
     """Every test here runs twice: tensors read whole, and streamed row range by row range
     (in windows of 97 elements, so a tiny tensor takes several, each read ahead; the fused
     CPU pass, which streams every tensor it does not decompose, in windows of 97 too)."""
-    from rlvr_ray.engine import memory, worker
+    from rlvr_ray.engine import memory, passes, source
 
     if request.param == "streamed":
         monkeypatch.setattr(memory, "STREAM_MIN_BYTES", 0)
-        monkeypatch.setattr(worker, "STREAM_WINDOW_NUMEL", 97)
-        monkeypatch.setattr(worker, "FUSED_WINDOW_NUMEL", 97)
+        monkeypatch.setattr(source, "STREAM_WINDOW_NUMEL", 97)
+        monkeypatch.setattr(passes, "FUSED_WINDOW_NUMEL", 97)
     return request.param
 
 
@@ -196,23 +196,23 @@ def test_fused_kernels_and_torch_path_write_identical_tables(qwen_family, tmp_pa
 def test_rows_too_wide_for_the_fused_pass_take_the_torch_path(qwen_family, tmp_path, monkeypatch):
     """A tensor whose rows pass MAX_COLS (2^29 - 1 in earnest; made small here) is scanned by
     the torch path, the rest by the fused pass, in one scan: the same tables as all fused."""
-    from rlvr_ray.engine import worker
+    from rlvr_ray.engine import passes
 
     from .tablecmp import assert_same_tables, scan_tables
 
     fused = scan_tables(qwen_family, tmp_path / "fused", "cpu")
-    calls = {"_chunk_pass": 0, "_group_pass": 0}
+    calls = {"chunk_pass": 0, "group_pass": 0}
     for name in calls:
-        orig = getattr(worker.ScanWorker, name)
+        orig = getattr(passes, name)
 
-        def counted(self, *a, _orig=orig, _name=name, **kw):
+        def counted(*a, _orig=orig, _name=name, **kw):
             calls[_name] += 1
-            return _orig(self, *a, **kw)
+            return _orig(*a, **kw)
 
-        monkeypatch.setattr(worker.ScanWorker, name, counted)
-    monkeypatch.setattr(worker, "MAX_COLS", 32)  # down_proj (32 x 64) goes the torch way
+        monkeypatch.setattr(passes, name, counted)
+    monkeypatch.setattr(passes, "MAX_COLS", 32)  # down_proj (32 x 64) goes the torch way
     mixed = scan_tables(qwen_family, tmp_path / "mixed", "cpu")
-    assert calls["_chunk_pass"] > 0 and calls["_group_pass"] > 0
+    assert calls["chunk_pass"] > 0 and calls["group_pass"] > 0
     assert_same_tables(fused, mixed)
 
 
