@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rlvr_ray.engine.gate import PrecisionGate
 from rlvr_ray.engine.geometry import BaseCache, row_columns, spectra_rows
 from rlvr_ray.engine.memory import (
     CHUNK_NUMEL,
@@ -480,6 +481,7 @@ class ScanWorker:
         if self.device.type == "cuda":  # create the CUDA context now too (~1 s)
             torch.zeros(1, device=self.device)
         self.cache = BaseCache(self.results)
+        self.gate = PrecisionGate()  # runs given an fp32 master: the precision_gate table
 
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
@@ -501,6 +503,8 @@ class ScanWorker:
         self.io.submit(_will_need, [base, *runs], [t.name for t in unit.tensors])
         for spec in unit.tensors:
             self._scan_tensor(unit, spec, base, runs, out)
+            if (gate := self.gate.table(unit, spec, base, runs)) is not None:
+                out.add("precision_gate", gate)
         part = f"{unit.scan_id}-{unit.index:05d}"
         tables = {}
         for table, schema in TABLES.items():

@@ -12,6 +12,11 @@ import pyarrow as pa
 #: [ULP_BIN_EDGES[b], ULP_BIN_EDGES[b + 1]); the last bin is open-ended.
 ULP_BIN_EDGES: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17, 65)
 
+#: Edges of the precision gate's histogram of master moves by |dW_master| / (ULP(w0) / 2):
+#: bin b holds ratios in [GATE_BIN_EDGES[b], GATE_BIN_EDGES[b + 1]); the last is open-ended.
+#: Bins below 1 are moves bf16 rounding erases; 1 (a tie) opens the bin [1, 2).
+GATE_BIN_EDGES: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
 _LABELS = [
     pa.field("algorithm", pa.string()),
     pa.field("step", pa.int64()),
@@ -195,6 +200,34 @@ MAPS = pa.schema(
     ]
 )
 
+#: one row per run x tensor for runs given an fp32 master (``master:`` in the sweep); see
+#: rlvr_ray.stats.gate for the definitions. Runs without a master have no rows.
+PRECISION_GATE = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group_name", pa.string(), nullable=False),
+        pa.field("run", pa.string(), nullable=False),
+        *_LABELS,
+        pa.field("family", pa.string()),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("expert", pa.int32()),
+        pa.field("layer", pa.int32()),
+        pa.field("depth", pa.float64()),
+        pa.field("role", pa.string()),
+        pa.field("master", pa.string()),  # the master checkpoint's reference
+        pa.field("numel", pa.int64()),  # coordinates compared
+        pa.field("n_moved", pa.int64()),  # master != base value (upcast to fp32)
+        pa.field("n_erased", pa.int64()),  # moved, and the bf16 checkpoint unchanged
+        pa.field("erased_share", pa.float64()),  # n_erased / n_moved
+        pa.field("n_below", pa.int64()),  # moved less than half a bf16 ULP
+        pa.field("n_ties", pa.int64()),  # moved exactly half a ULP
+        pa.field("gate_hist", pa.list_(pa.int64())),  # moves per GATE_BIN_EDGES bin
+        pa.field("n_round_mismatch", pa.int64()),  # bf16(master) != the checkpoint's value
+        pa.field("status", pa.string()),  # see rlvr_ray.engine.gate.STATUSES
+        pa.field("message", pa.string()),
+    ]
+)
+
 #: one row per (Hub repo, commit) the watch looked at and what it decided; history is kept
 #: (the ``watch`` view keeps the latest row of each (repo, sha)).
 WATCH = pa.schema(
@@ -222,6 +255,7 @@ TABLES: dict[str, pa.Schema] = {
     "consistency": CONSISTENCY,
     "spectra": SPECTRA,
     "maps": MAPS,
+    "precision_gate": PRECISION_GATE,
     "tensors": TENSORS,
 }
 

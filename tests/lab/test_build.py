@@ -43,6 +43,9 @@ def test_sweep_names_existing_checkpoints_with_labels(lab):
         for r in group["runs"]:
             assert (lab / r["checkpoint"] / "config.json").is_file()
             assert r["checkpoint"].endswith(f"step-{r['step']:04d}")
+            # every saved step comes with its fp32 master (the scan's precision gate)
+            assert r["master"] == r["checkpoint"].replace("/step-", "/master_fp32/step-")
+            assert (lab / r["master"] / "model.safetensors").is_file()
             final = "@" not in r["name"]
             assert r["consistency"] == (final and r["algorithm"] != "sft")
             assert r["name"] == (r["series"] if final else f"{r['series']}@{r['step']}")
@@ -126,7 +129,7 @@ def test_same_settings_give_identical_bytes(lab, tmp_path):
     """... whether the families trained in parallel processes (the fixture) or in this one."""
     build.build_lab(tmp_path, preset="tiny", archs=("llama",), log=lambda _: None, jobs=1)
     files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "llama").rglob("*.safetensors"))
-    assert len(files) == 1 + 5 * 3 + 3  # base, 5 runs x 3 steps, 3 fp32 masters
+    assert len(files) == 1 + 5 * 3 + 5 * 3  # base, 5 runs x 3 steps, and their fp32 masters
     for rel in files:
         assert (tmp_path / rel).read_bytes() == (lab / rel).read_bytes(), rel
 
