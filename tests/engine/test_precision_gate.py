@@ -26,6 +26,8 @@ from rlvr_ray.io.synth import (
     tensor_shapes,
     write_checkpoint,
 )
+from rlvr_ray.report.data import scope
+from rlvr_ray.report.precision import precision
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -100,13 +102,21 @@ def _sweep(root, masters: dict[str, str]) -> dict:
     return {"groups": [{"name": "g", "base": "base", "runs": runs}]}
 
 
-def test_scan_with_masters(family, tmp_path, ray_local):
-    root, data = family
+@pytest.fixture(scope="module")
+def scanned(family, tmp_path_factory, ray_local):
+    """The family scanned with the masters of grpo, sft and bad (plain has none)."""
+    root, _ = family
     masters = {"grpo": "grpo-fp32", "sft": "sft-fp32", "bad": "bad-fp32"}
     sweep = sweep_from_dict(_sweep(root, masters), root)
-    res = run_scan(sweep, str(tmp_path / "out"), workers=2)
-    assert not res.errors and res.exit_code == 0
-    con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
+    out = tmp_path_factory.mktemp("gate-out")
+    res = run_scan(sweep, str(out), workers=2)
+    assert not res.errors and res.exit_code == 0 and not res.warnings
+    return out
+
+
+def test_scan_with_masters(family, scanned):
+    root, data = family
+    con = duckdb.connect(str(scanned / "atlas.duckdb"), read_only=True)
     cols = "numel, n_moved, n_erased, n_below, n_ties, gate_hist"
     for run in ("grpo", "sft"):
         bits1, master = data[run]
@@ -155,6 +165,8 @@ def test_scan_with_masters(family, tmp_path, ray_local):
 
 
 def test_missing_master_is_one_warning_and_a_status(family, tmp_path, ray_local):
+    """A master path that does not exist: the scan goes on (exit 0), one warning line names it,
+    and the run's rows say master_error."""
     root, _ = family
     sweep = sweep_from_dict(_sweep(root, {"grpo": "nowhere-fp32"}), root)
     res = run_scan(sweep, str(tmp_path / "out"), workers=1)
@@ -187,3 +199,34 @@ def test_windowed_reads_count_the_same(family, monkeypatch):
     assert len(windows) == 11 and windows[-1] == (30, 32)
     windowed = engine_gate.PrecisionGate().table(unit, spec, base, [c for _, c in runs])
     assert windowed.num_rows == 1 and windowed.equals(whole)
+
+
+def test_report_compares_rl_and_sft_erased_shares(family, scanned):
+    """The report's figure pools final checkpoints per class: RL (grpo and bad's counted
+    tensors) against SFT, its caption stating each erased share."""
+    root, data = family
+    con = duckdb.connect(str(scanned / "atlas.duckdb"), read_only=True)
+    sec = precision(con, scope(con))
+    [img] = [i for i in sec.images if i.name == "precision-masters"]
+    counted = {"grpo": set(data["base"]), "sft": set(data["base"])}
+    counted["bad"] = set(data["base"]) - {
+        Q,
+        *(Q.replace("q_proj", x) for x in ("k_proj", "v_proj")),
+    }
+    pooled = {}
+    for run, cls in (("grpo", "RL"), ("bad", "RL"), ("sft", "SFT")):
+        bits1, master = data[run]
+        for t in counted[run]:
+            want = reference(data["base"][t], bits1[t], master[t])
+            p = pooled.setdefault(cls, np.zeros(2 + 8, dtype=np.int64))
+            p += [want["n_moved"], want["n_erased"], *want["gate_hist"]]
+    assert img.meta["hist"] == {c: p[2:].tolist() for c, p in pooled.items()}
+    for cls, runs in (("RL", 2), ("SFT", 1)):
+        share = pooled[cls][1] / pooled[cls][0]
+        assert img.meta["erased"][cls] == share
+        assert (
+            f"{cls}: {100 * share:.1f}% of {pooled[cls][0]:,} master moves erased by bf16 "
+            f"rounding ({runs} runs)" in img.caption
+        )
+    table = next(t for t in sec.tables if t.id == "gate-table")
+    assert [r[1] for r in table.rows] == ["bad", "grpo", "sft"]
