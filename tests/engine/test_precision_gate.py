@@ -5,6 +5,7 @@ not F32, another shape, a tensor missing) is a status and one warning line, not 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import duckdb
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlvr_ray.engine import gate as engine_gate
+from rlvr_ray.engine import plan
 from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
 from rlvr_ray.engine.plan import RunSpec, plan_group
@@ -230,3 +232,34 @@ def test_report_compares_rl_and_sft_erased_shares(family, scanned):
         )
     table = next(t for t in sec.tables if t.id == "gate-table")
     assert [r[1] for r in table.rows] == ["bad", "grpo", "sft"]
+
+
+def test_step_pairs_leave_masters_out_and_masters_name_a_new_scan(family):
+    """A step pair's base is step t, not the master's start: its run has no master. A master
+    changes the scan id (its rows are new); no master keeps the id a scan had before."""
+    root, _ = family
+    data = _sweep(root, {"grpo": "grpo-fp32"})
+    for r, step in zip(data["groups"][0]["runs"], (1, 2, 3, 4), strict=True):
+        r |= {"series": "s", "step": step}
+    data["groups"][0]["step_pairs"] = True
+    sweep = sweep_from_dict(data, root)
+    pairs = sweep.scan_groups()[1:]
+    assert len(pairs) == 3 and all(r.master is None for g in pairs for r in g.runs)
+    base = open_checkpoint(str(root / "base"))
+    ck = open_checkpoint(str(root / "grpo"))
+    ids = []
+    for master in (None, str(root / "grpo-fp32")):
+        run = RunSpec("grpo", ck.ref, ck.fingerprint, master=master)
+        ids.append(plan_group(sweep.groups[0], base, [(run, ck)], sweep.params, 1 << 30).scan_id)
+    run = RunSpec("grpo", ck.ref, ck.fingerprint)
+    key = {  # the scan id's key as it was before masters existed
+        "v": plan.SCHEMA_VERSION,
+        "plan": plan.PLAN_VERSION,
+        "group": "g",
+        "base": base.fingerprint,
+        "unit_bytes": 1 << 30,
+        "runs": [[run.name, run.fingerprint, run.labels(), run.consistency]],
+        "params": sweep.params.model_dump(),
+    }
+    before = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    assert ids[0] == before != ids[1]
