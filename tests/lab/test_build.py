@@ -162,6 +162,7 @@ def test_importing_the_lab_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # a scan of 15 runs and 10 step pairs
 def test_scan_of_the_lab_sweep_measures_the_gate_on_its_masters(lab, tmp_path, ray_local):
     """The lab's sweep names every step's fp32 master: the scan's run_precision_gate matches
     the lab's own whole-checkpoint count (``summarize_lab``) for every run and step."""
@@ -174,7 +175,7 @@ def test_scan_of_the_lab_sweep_measures_the_gate_on_its_masters(lab, tmp_path, r
     sweep = load_sweep(lab / "sweep.yaml")
     qwen = sweep.model_copy(update={"groups": sweep.groups[:1]})
     res = run_scan(qwen, str(tmp_path / "out"), workers=2)
-    assert res.exit_code == 0 and not res.warnings, res.warnings
+    assert res.exit_code == 0 and not [w for w in res.warnings if "precision gate" in w]
     con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
     got = con.execute(
         "SELECT run, numel, n_moved, erased_share, n_round_mismatch, n_tensors, n_tensors_all "
