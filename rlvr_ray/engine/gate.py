@@ -31,7 +31,7 @@ STATUSES = {
     "master_not_f32": "the master's tensor is not stored as F32",
     "master_shape_mismatch": "the master's tensor has another shape than the run's",
     "nonfinite": "NaN or Inf in the base or the master; not counted",
-    "read_error": "the base's or the run's tensor could not be read",
+    "read_error": "the base's, the run's or the master's tensor could not be read",
 }
 #: elements of one window read from each copy
 WINDOW_NUMEL = 1 << 22
