@@ -4,6 +4,7 @@
 
     res = rlvr_ray.scan("sweep.yaml", out="results")  # a sweep file (or its dict)
     res = rlvr_ray.scan(base="ckpt/base", runs={"grpo": "ckpt/grpo", "sft:sft": "ckpt/sft"})
+    res = rlvr_ray.scan(base="b", runs={"grpo": "ckpt/grpo"}, masters={"grpo": "ckpt/grpo-fp32"})
     con = rlvr_ray.open_atlas("results")  # a read-only DuckDB connection
     tbl = rlvr_ray.view("results", "run_sparsity")  # a pyarrow.Table
     df = rlvr_ray.view("results", "run_sparsity", as_="pandas")  # needs pandas
@@ -38,19 +39,27 @@ def make_sweep(
     runs: Mapping[str, str | os.PathLike] | None = None,
     group: str = "default",
     params: Mapping[str, Any] | None = None,
+    masters: Mapping[str, str | os.PathLike] | None = None,
 ) -> Sweep:
     """A validated sweep from a YAML path, a dict shaped like the YAML, a ``Sweep``, or ``base``
     with ``runs`` (``{"NAME[:ALGORITHM]": path}``, as the command's ``--run NAME=PATH``).
-    ``params`` override the sweep's ``params``. Relative paths of a dict or of ``base``/``runs``
+    ``masters`` (``{"NAME": path}``, as ``--master NAME=PATH``) names the fp32 master
+    weights saved beside a run of ``runs``. ``params`` override the sweep's ``params``. Relative paths of a dict or of ``base``/``runs``
     are taken from the working directory, those of a file from the file's folder."""
     from rlvr_ray.engine.config import Sweep, SweepError, load_sweep, quick_run, sweep_from_dict
 
-    if sweep is not None and (base is not None or runs):
+    if sweep is not None and (base is not None or runs or masters):
         raise SweepError("give a sweep or base= with runs=, not both")
     if sweep is None:
         if base is None or not runs:
             raise SweepError("scan needs a sweep, or base= with at least one run in runs=")
-        entries = [quick_run(spec, path) for spec, path in runs.items()]
+        masters = dict(masters or {})
+        entries = [
+            quick_run(spec, path, masters.pop(str(spec).partition(":")[0], None))
+            for spec, path in runs.items()
+        ]
+        if masters:
+            raise SweepError(f"masters: {sorted(masters)[0]!r} is not a run of runs=")
         data = {"groups": [{"name": group, "base": str(base), "runs": entries}]}
         return sweep_from_dict(
             {**data, "params": dict(params or {})}, Path.cwd(), "(base and runs)"
@@ -77,6 +86,7 @@ def scan(
     runs: Mapping[str, str | os.PathLike] | None = None,
     group: str = "default",
     params: Mapping[str, Any] | None = None,
+    masters: Mapping[str, str | os.PathLike] | None = None,
     out: str | os.PathLike = DEFAULT_OUT,
     address: str | None = None,
     workers: int | None = None,
@@ -95,7 +105,7 @@ def scan(
     """
     from rlvr_ray.engine.driver import run_scan
 
-    spec = make_sweep(sweep, base=base, runs=runs, group=group, params=params)
+    spec = make_sweep(sweep, base=base, runs=runs, group=group, params=params, masters=masters)
     return run_scan(
         spec,
         os.fspath(out),

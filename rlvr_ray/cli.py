@@ -45,6 +45,14 @@ def _add_scan(sub) -> None:
         help="leave this --run out of the group's cross-run consistency; repeatable (default: RL "
         "runs and runs without an algorithm are in, SFT runs out)",
     )
+    p.add_argument(
+        "--master",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="the fp32 master weights (F32 safetensors) saved beside --run NAME's bf16 "
+        "checkpoint: adds its precision_gate rows; repeatable (default: none)",
+    )
     p.add_argument("--group", default="default", help="group name of the quick form (default: default)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory or s3:// URI (default: {DEFAULT_OUT})")  # fmt: skip
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)")  # fmt: skip
@@ -96,7 +104,7 @@ def _sweep_from_args(args):
         params["svd_embeddings"] = True
     if args.full_spectrum:
         params["full_spectrum"] = True
-    if args.sweep and (args.base or args.run or args.no_consistency):
+    if args.sweep and (args.base or args.run or args.no_consistency or args.master):
         raise SweepError("give a sweep file or --base/--run, not both")
     if args.sweep:
         sweep = load_sweep(args.sweep)
@@ -105,15 +113,24 @@ def _sweep_from_args(args):
                                Path(args.sweep).parent.resolve(), args.sweep)  # fmt: skip
     if not args.base or not args.run:
         raise SweepError("scan needs a sweep file, or --base PATH with at least one --run NAME=PATH")  # fmt: skip
+    masters = {}
+    for spec in args.master:
+        if "=" not in spec:
+            raise SweepError(f"--master {spec!r}: expected NAME=PATH")
+        name, path = spec.split("=", 1)
+        masters[name] = path
     runs = []
     for spec in args.run:
         if "=" not in spec:
             raise SweepError(f"--run {spec!r}: expected NAME=PATH (or NAME:ALGORITHM=PATH)")
-        runs.append(quick_run(*spec.split("=", 1)))
+        name, path = spec.split("=", 1)
+        runs.append(quick_run(name, path, masters.get(name.partition(":")[0])))
         if runs[-1]["name"] in args.no_consistency:
             runs[-1]["consistency"] = False
     if unknown := sorted(set(args.no_consistency) - {r["name"] for r in runs}):
         raise SweepError(f"--no-consistency {unknown[0]}: no --run of that name")
+    if unknown := sorted(set(masters) - {r["name"] for r in runs}):
+        raise SweepError(f"--master {unknown[0]}: no --run of that name")
     data = {"groups": [{"name": args.group, "base": args.base, "runs": runs}], "params": params}
     return sweep_from_dict(data, Path.cwd(), "(command line)")
 

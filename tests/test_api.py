@@ -126,3 +126,38 @@ def test_import_rlvr_ray_stays_light(scanned):
         [sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=60
     )
     assert (r.returncode, r.stdout) == (0, "2 []\n"), r.stderr
+
+
+def test_masters_in_every_sweep_form(tmp_path):
+    """A run's fp32 master: the sweep's ``master:`` (relative to the file), ``--master
+    NAME=PATH`` and ``masters=`` give the same run; a master of no run is refused."""
+    data = {
+        "groups": [
+            {
+                "name": "g",
+                "base": "b",
+                "runs": [
+                    {"name": "r", "checkpoint": "c", "algorithm": "grpo", "master": "c-fp32"},
+                    {"name": "s", "checkpoint": "d"},
+                ],
+            }
+        ]
+    }
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(data))
+    from_file = rlvr_ray.make_sweep(f).groups[0]
+    assert [r.master for r in from_file.runs] == [str(tmp_path / "c-fp32"), None]
+    runs = {"r:grpo": tmp_path / "c", "s": tmp_path / "d"}
+    quick = rlvr_ray.make_sweep(
+        base=tmp_path / "b", runs=runs, group="g", masters={"r": tmp_path / "c-fp32"}
+    )
+    assert quick.groups[0] == from_file
+    argv = ["scan", "--base", str(tmp_path / "b"), "--run", f"r:grpo={tmp_path / 'c'}"]
+    argv += ["--run", f"s={tmp_path / 'd'}", "--master", f"r={tmp_path / 'c-fp32'}", "--group", "g"]
+    assert _sweep_from_args(build_parser().parse_args(argv)).groups[0] == from_file
+    with pytest.raises(SweepError, match=r"^--master x: no --run of that name$"):
+        _sweep_from_args(build_parser().parse_args([*argv, "--master", "x=y"]))
+    with pytest.raises(SweepError, match=r"^--master 'r': expected NAME=PATH$"):
+        _sweep_from_args(build_parser().parse_args([*argv, "--master", "r"]))
+    with pytest.raises(SweepError, match=r"^masters: 'x' is not a run of runs=$"):
+        rlvr_ray.make_sweep(base="b", runs=runs, masters={"x": "y"})

@@ -59,6 +59,11 @@ class Run(_Frozen):
     dataset: str | None = None
     seed: int | None = None
     series: str | None = Field(None, description="groups the steps of one training run")
+    master: str | None = Field(
+        None,
+        description="the run's fp32 master weights (HF directory or .safetensors, F32) beside "
+        "this bf16 checkpoint: the scan adds its precision_gate rows",
+    )
     consistency: bool = Field(
         None,
         description="include in the group's cross-run consistency (default: yes for RL runs and "
@@ -154,7 +159,8 @@ def step_pair_groups(group: Group) -> tuple[Group, ...]:
         for prev, run in zip(runs, runs[1:]):
             # model_copy skips validation: the name holds "/", which no sweep's group may
             name = f"{group.name}{STEP_PAIRS}{series}/{prev.step}-{run.step}"
-            only = run.model_copy(update={"consistency": False})
+            # its master moved from the series' start, not from step t: no precision gate
+            only = run.model_copy(update={"consistency": False, "master": None})
             update = {"name": name, "base": prev.checkpoint, "runs": (only,), "step_pairs": False}
             pairs.append(group.model_copy(update=update))
     return tuple(pairs)
@@ -228,11 +234,12 @@ def _format(e: ValidationError, source: str) -> str:
     return f"sweep {source}: " + "; ".join(parts) + more
 
 
-def quick_run(spec: str, path) -> dict:
+def quick_run(spec: str, path, master=None) -> dict:
     """A run of the quick form (``--run NAME[:ALGORITHM]=PATH``, the API's ``runs``) as the
-    sweep's dict: ``spec`` is ``NAME`` or ``NAME:ALGORITHM``."""
+    sweep's dict: ``spec`` is ``NAME`` or ``NAME:ALGORITHM``; ``master``: its fp32 master."""
     name, _, algorithm = str(spec).partition(":")
-    return {"name": name, "checkpoint": str(path), **({"algorithm": algorithm} if algorithm else {})}
+    run = {"name": name, "checkpoint": str(path), **({"algorithm": algorithm} if algorithm else {})}
+    return run | ({"master": str(master)} if master is not None else {})
 
 
 def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
@@ -246,7 +253,8 @@ def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
     groups = tuple(
         g.model_copy(update={
             "base": _resolve(g.base, root),
-            "runs": tuple(r.model_copy(update={"checkpoint": _resolve(r.checkpoint, root)})
+            "runs": tuple(r.model_copy(update={"checkpoint": _resolve(r.checkpoint, root),
+                                               "master": r.master and _resolve(r.master, root)})
                           for r in g.runs),
         })
         for g in sweep.groups

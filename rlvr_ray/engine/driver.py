@@ -146,7 +146,13 @@ def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSp
             continue
         ck.ref = pinned(r.checkpoint, ck)
         spec = RunSpec(r.name, ck.ref, ck.fingerprint, r.algorithm, r.step, r.dataset,
-                       r.seed, r.series, r.consistency)  # fmt: skip
+                       r.seed, r.series, r.consistency, r.master)  # fmt: skip
+        if r.master:  # a master that cannot be opened: the run is scanned, without the gate
+            try:
+                open_checkpoint(r.master, fingerprint=False).close()
+            except Exception as e:
+                why = one_line(e, r.master)
+                result.warnings.append(f"group {group.name}: run {r.name}: no precision gate: {why}")
         runs.append((spec, ck))
     return base, runs
 

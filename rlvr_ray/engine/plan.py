@@ -33,6 +33,7 @@ class RunSpec:
     seed: int | None = None
     series: str | None = None
     consistency: bool = True
+    master: str | None = None  # the run's fp32 master checkpoint (the precision gate)
 
     def labels(self) -> dict:
         return {"algorithm": self.algorithm, "step": self.step, "dataset": self.dataset,
@@ -119,7 +120,8 @@ def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Par
     parts); another once any of them changes."""
     key = {
         "schema": schema_hash(), "plan": plan_hash(), "group": group, "base": base_fp, "unit_bytes": unit_bytes,
-        "runs": [[r.name, r.fingerprint, r.labels(), r.consistency] for r in runs],
+        "runs": [[r.name, r.fingerprint, r.labels(), r.consistency, *([r.master] if r.master else [])]
+                 for r in runs],
         "params": params.model_dump(),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -220,6 +220,11 @@ class UnitTables:
             )
         )
 
+    def add_gate(self, gate: pa.Table) -> None:
+        """One tensor's precision_gate rows (``rlvr_ray.engine.gate`` builds them whole)."""
+        self._record("precision_gate", "gate", gate.column_names)
+        self.pieces.setdefault("precision_gate", []).append(gate)
+
     # -- the unit's tables ---------------------------------------------------------------------
 
     def build(self) -> dict[str, pa.Table]:
@@ -294,6 +299,7 @@ BUILDERS: dict[str, Callable[[UnitTables, str, pa.Schema], pa.Table]] = {
     "consensus_profiles": UnitTables._profiles_table,
     "spectra": UnitTables._pieces_table,
     "maps": UnitTables._maps_table,
+    "precision_gate": UnitTables._pieces_table,
 }
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rlvr_ray.engine.buffers import Buffers
+from rlvr_ray.engine.gate import PrecisionGate
 from rlvr_ray.engine.geometry import BaseCache
 from rlvr_ray.engine.memory import CHUNK_NUMEL, GPU_CHUNK_NUMEL, MMAP_THRESHOLD
 from rlvr_ray.engine.passes import PassContext, measure
@@ -79,6 +80,7 @@ class ScanWorker:
         self.cache = BaseCache(self.results)
         #: table -> column -> the producers that set it, over every unit scanned
         self.produced: dict[str, dict[str, set[str]]] = {}
+        self.gate = PrecisionGate()  # runs given an fp32 master: the precision_gate table
 
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
@@ -103,6 +105,8 @@ class ScanWorker:
         out = UnitTables(unit, runs)
         for spec in unit.tensors:
             out.add_tensor(spec, measure(ctx, unit, spec, base, runs))
+            if (gate := self.gate.table(unit, spec, base, runs)) is not None:
+                out.add_gate(gate)
         tables = out.build()
         part = f"{unit.scan_id}-{unit.index:05d}"
         # side by side (Parquet encoding releases the GIL); all written before the marker

@@ -48,6 +48,11 @@ def _declare(table: str, current: str, *columns: tuple[pa.Field, str]) -> pa.Sch
 #: [ULP_BIN_EDGES[b], ULP_BIN_EDGES[b + 1]); the last bin is open-ended.
 ULP_BIN_EDGES: tuple[int, ...] = (1, 2, 3, 4, 5, 9, 17, 65)
 
+#: Edges of the precision gate's histogram of master moves by |dW_master| / (ULP(w0) / 2):
+#: bin b holds ratios in [GATE_BIN_EDGES[b], GATE_BIN_EDGES[b + 1]); the last is open-ended.
+#: Bins below 1 are moves bf16 rounding erases; 1 (a tie) opens the bin [1, 2).
+GATE_BIN_EDGES: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
 
 def _labels(producer: str) -> list[tuple[pa.Field, str]]:
     """A run's labels (``RunSpec.labels``)."""
@@ -237,6 +242,34 @@ MAPS = _declare(
     _col("values", pa.list_(pa.float32()), "map"),  # row-major pooled update density
 )
 
+#: one row per run x tensor for runs given an fp32 master (``master:`` in the sweep); see
+#: rlvr_ray.stats.gate for the definitions. Runs without a master have no rows.
+PRECISION_GATE = _declare(
+    "precision_gate",
+    CURRENT_RUN,
+    _col("scan_id", pa.string(), "gate", nullable=False),
+    _col("group_name", pa.string(), "gate", nullable=False),
+    _col("run", pa.string(), "gate", nullable=False),
+    *_labels("gate"),
+    _col("family", pa.string(), "gate"),
+    _col("tensor", pa.string(), "gate", nullable=False),
+    _col("expert", pa.int32(), "gate"),
+    _col("layer", pa.int32(), "gate"),
+    _col("depth", pa.float64(), "gate"),
+    _col("role", pa.string(), "gate"),
+    _col("master", pa.string(), "gate"),  # the master checkpoint's reference
+    _col("numel", pa.int64(), "gate"),  # coordinates compared
+    _col("n_moved", pa.int64(), "gate"),  # master != base value (upcast to fp32)
+    _col("n_erased", pa.int64(), "gate"),  # moved, and the bf16 checkpoint unchanged
+    _col("erased_share", pa.float64(), "gate"),  # n_erased / n_moved
+    _col("n_below", pa.int64(), "gate"),  # moved less than half a bf16 ULP
+    _col("n_ties", pa.int64(), "gate"),  # moved exactly half a ULP
+    _col("gate_hist", pa.list_(pa.int64()), "gate"),  # moves per GATE_BIN_EDGES bin
+    _col("n_round_mismatch", pa.int64(), "gate"),  # bf16(master) != the checkpoint's value
+    _col("status", pa.string(), "gate"),  # see rlvr_ray.engine.gate.STATUSES
+    _col("message", pa.string(), "gate"),
+)
+
 #: one row per (Hub repo, commit) the watch looked at and what it decided; history is kept
 #: (the ``watch`` view keeps the latest row of each (repo, sha)).
 WATCH = _declare(
@@ -264,6 +297,7 @@ TABLES: dict[str, pa.Schema] = {
     "consistency": CONSISTENCY,
     "spectra": SPECTRA,
     "maps": MAPS,
+    "precision_gate": PRECISION_GATE,
     "tensors": TENSORS,
 }
 
@@ -276,7 +310,7 @@ ALL_TABLES: dict[str, pa.Schema] = {**SCAN_TABLES, **TABLES}
 def schema_hash() -> str:
     """A hash of every table's columns (names, types, nullability) and the ULP bins: what a
     scan's rows mean. It enters the scan id."""
-    h = hashlib.sha256(repr(ULP_BIN_EDGES).encode())
+    h = hashlib.sha256(repr((ULP_BIN_EDGES, GATE_BIN_EDGES)).encode())
     for table, schema in sorted(ALL_TABLES.items()):
         h.update(f"{table}:{schema.to_string(show_schema_metadata=False)}\n".encode())
     return h.hexdigest()[:16]

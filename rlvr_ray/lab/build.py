@@ -11,7 +11,8 @@ model.safetensors):
     <arch>/base/                       bf16 rounding of the pretrained fp32 weights
     <arch>/pretrain_log.json
     <arch>/runs/<run>/step-<NNNN>/     bf16 rounding of the run's fp32 master at that step
-    <arch>/runs/<run>/master_fp32/step-<NNNN>/   fp32 masters (runs with save_master only)
+    <arch>/runs/<run>/master_fp32/step-<NNNN>/   fp32 masters (runs with save_master; the
+                                       sweep names each as its step's ``master``)
     <arch>/runs/<run>/train_log.json
     <arch>/curves/<run>.json           step, mean_reward (RL), loss (SFT), accuracy (greedy eval)
     <arch>/curves/pretrain.json
@@ -163,6 +164,9 @@ def sweep_groups(s: LabSettings, families: dict[str, dict[str, Any]]) -> list[di
                         "consistency": step == final and r["algorithm"] != "sft",
                     }
                 )
+                if r.get("save_master"):  # the scan's precision gate reads it
+                    master = f"{arch}/runs/{r['name']}/master_fp32/step-{step:04d}"
+                    entries[-1]["master"] = master
         # step_pairs: the k-step sparsity between consecutive saved steps of every run
         groups.append(
             {"name": f"{arch}-lab", "base": f"{arch}/base", "runs": entries, "step_pairs": True}

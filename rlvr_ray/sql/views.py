@@ -210,6 +210,31 @@ VIEWS: dict[str, str] = {
                count(*) AS n_tensors_all
         FROM step_sparsity_by_tensor GROUP BY group_name, series, step_from, step_to, k
         ORDER BY group_name, series, step_from""",
+    # the precision gate of runs given an fp32 master: per run, summed over its counted tensors
+    # (erased_share = n_erased / n_moved, below_share = n_below / n_moved, gate_hist summed
+    # bin by bin), with n_tensors_all the rows whatever their status
+    "precision_gate": "SELECT * FROM precision_gate_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
+    "run_precision_gate": f"""
+        WITH hist AS (
+          SELECT group_name, run, list(n ORDER BY i) AS gate_hist FROM (
+            SELECT group_name, run, i, CAST(sum(c) AS BIGINT) AS n FROM (
+              SELECT group_name, run, unnest(gate_hist) AS c, generate_subscripts(gate_hist, 1) AS i
+              FROM precision_gate WHERE {_OK}) GROUP BY ALL) GROUP BY ALL)
+        SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(step) AS step,
+               any_value(series) AS series, any_value(family) AS family,
+               any_value(master) AS master, count(*) FILTER (WHERE {_OK}) AS n_tensors,
+               sum(numel) FILTER (WHERE {_OK}) AS numel,
+               sum(n_moved) FILTER (WHERE {_OK}) AS n_moved,
+               sum(n_erased) FILTER (WHERE {_OK}) AS n_erased,
+               sum(n_erased) FILTER (WHERE {_OK})
+                 / nullif(sum(n_moved) FILTER (WHERE {_OK}), 0) AS erased_share,
+               sum(n_below) FILTER (WHERE {_OK})
+                 / nullif(sum(n_moved) FILTER (WHERE {_OK}), 0) AS below_share,
+               sum(n_ties) FILTER (WHERE {_OK}) AS n_ties,
+               sum(n_round_mismatch) FILTER (WHERE {_OK}) AS n_round_mismatch,
+               any_value(h.gate_hist) AS gate_hist, count(*) AS n_tensors_all
+        FROM precision_gate LEFT JOIN hist h USING (group_name, run)
+        GROUP BY group_name, run ORDER BY group_name, run""",
     # the Hub watch: the latest decision about each (repo, commit) it has seen
     "watch": """
         SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (

@@ -43,6 +43,9 @@ def test_sweep_names_existing_checkpoints_with_labels(lab):
         for r in group["runs"]:
             assert (lab / r["checkpoint"] / "config.json").is_file()
             assert r["checkpoint"].endswith(f"step-{r['step']:04d}")
+            # every saved step comes with its fp32 master (the scan's precision gate)
+            assert r["master"] == r["checkpoint"].replace("/step-", "/master_fp32/step-")
+            assert (lab / r["master"] / "model.safetensors").is_file()
             final = "@" not in r["name"]
             assert r["consistency"] == (final and r["algorithm"] != "sft")
             assert r["name"] == (r["series"] if final else f"{r['series']}@{r['step']}")
@@ -126,7 +129,7 @@ def test_same_settings_give_identical_bytes(lab, tmp_path):
     """... whether the families trained in parallel processes (the fixture) or in this one."""
     build.build_lab(tmp_path, preset="tiny", archs=("llama",), log=lambda _: None, jobs=1)
     files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "llama").rglob("*.safetensors"))
-    assert len(files) == 1 + 5 * 3 + 3  # base, 5 runs x 3 steps, 3 fp32 masters
+    assert len(files) == 1 + 5 * 3 + 5 * 3  # base, 5 runs x 3 steps, and their fp32 masters
     for rel in files:
         assert (tmp_path / rel).read_bytes() == (lab / rel).read_bytes(), rel
 
@@ -157,3 +160,35 @@ def test_importing_the_lab_does_not_import_transformers():
     code = "import sys, rlvr_ray.lab, rlvr_ray.lab.cli; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow  # a scan of 15 runs and 10 step pairs
+def test_scan_of_the_lab_sweep_measures_the_gate_on_its_masters(lab, tmp_path, ray_local):
+    """The lab's sweep names every step's fp32 master: the scan's run_precision_gate matches
+    the lab's own whole-checkpoint count (``summarize_lab``) for every run and step."""
+    import duckdb
+
+    from rlvr_ray.engine.config import load_sweep
+    from rlvr_ray.engine.driver import run_scan
+    from rlvr_ray.lab.summary import summarize_lab
+
+    sweep = load_sweep(lab / "sweep.yaml")
+    qwen = sweep.model_copy(update={"groups": sweep.groups[:1]})
+    res = run_scan(qwen, str(tmp_path / "out"), workers=2)
+    assert res.exit_code == 0 and not [w for w in res.warnings if "precision gate" in w]
+    con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
+    got = con.execute(
+        "SELECT run, numel, n_moved, erased_share, n_round_mismatch, n_tensors, n_tensors_all "
+        "FROM run_precision_gate WHERE group_name = 'qwen2-lab'"
+    ).fetchall()
+    want = summarize_lab(lab)["qwen2-lab"]
+    assert sorted(r[0] for r in got) == sorted(want)
+    for run, numel, moved, erased, mismatch, n, n_all in got:
+        assert n == n_all and mismatch == 0  # every tensor counted; checkpoint = bf16(master)
+        assert moved / numel == pytest.approx(want[run]["moved_fp32"], abs=5e-5)
+        assert erased == pytest.approx(want[run]["erased_of_moved"], abs=5e-5)
+    # step pairs are scanned without masters
+    pairs = con.execute(
+        "SELECT count(*) FROM precision_gate_all WHERE contains(group_name, '/steps/')"
+    ).fetchone()
+    assert pairs == (0,)
