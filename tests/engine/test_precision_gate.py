@@ -252,9 +252,9 @@ def test_step_pairs_leave_masters_out_and_masters_name_a_new_scan(family):
         run = RunSpec("grpo", ck.ref, ck.fingerprint, master=master)
         ids.append(plan_group(sweep.groups[0], base, [(run, ck)], sweep.params, 1 << 30).scan_id)
     run = RunSpec("grpo", ck.ref, ck.fingerprint)
-    key = {  # the scan id's key as it was before masters existed
-        "v": plan.SCHEMA_VERSION,
-        "plan": plan.PLAN_VERSION,
+    key = {  # the scan id's key without the master
+        "schema": plan.schema_hash(),
+        "plan": plan.plan_hash(),
         "group": "g",
         "base": base.fingerprint,
         "unit_bytes": 1 << 30,

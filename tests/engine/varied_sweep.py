@@ -59,6 +59,13 @@ def _qwen_group(root: Path) -> Group:
     rng = np.random.default_rng(2)
     base = fam.bits["base"]
     cfg = json.loads((fam.base / "config.json").read_text())
+    # grpo-a's fp32 master: its bf16 values plus less than half a ULP (bf16(master) is the
+    # checkpoint), so the precision gate is measured too
+    master = {}
+    for name, bits in fam.bits["grpo-a"].items():
+        low = rng.integers(0, 1 << 15, bits.shape, dtype=np.uint32)
+        master[name] = torch.from_numpy(((bits.astype(np.uint32) << 16) | low).view(np.float32))
+    master_dir = _save_bf16(root / "qwen" / "grpo-a-master", master, cfg)
     runs = [
         Run(
             name="grpo-a",
@@ -66,6 +73,7 @@ def _qwen_group(root: Path) -> Group:
             algorithm="grpo",
             seed=1,
             dataset="math",
+            master=str(master_dir),
         ),
         Run(name="grpo-b", checkpoint=str(fam.runs["grpo-b"]), algorithm="grpo", seed=2),
         Run(name="sft", checkpoint=str(fam.runs["sft"]), algorithm="sft"),
@@ -73,8 +81,23 @@ def _qwen_group(root: Path) -> Group:
     for step in (10, 20, 30):  # a series of saved steps: step-pair groups
         t = {k: plant_update(v, 0.02 * step / 10, rng) for k, v in base.items()}
         path = write_checkpoint(root / "qwen" / f"s{step}", t, "qwen2", 2)
+        master = None
+        if step == 30:  # a step with a master that lacks one tensor (missing_in_master)
+            up = {
+                k: torch.from_numpy((v.astype(np.uint32) << 16).view(np.float32))
+                for k, v in t.items()
+            }
+            del up["model.layers.0.mlp.down_proj.weight"]
+            master = str(_save_bf16(root / "qwen" / f"s{step}-master", up, cfg))
         runs.append(
-            Run(name=f"s{step}", checkpoint=str(path), algorithm="dapo", step=step, series="s")
+            Run(
+                name=f"s{step}",
+                checkpoint=str(path),
+                algorithm="dapo",
+                step=step,
+                series="s",
+                master=master,
+            )
         )
     odd = {k: plant_update(v, 0.25, rng) for k, v in base.items()}
     odd[EMBED] = np.concatenate([odd[EMBED], random_base((8, odd[EMBED].shape[1]), rng)])
@@ -132,7 +155,12 @@ def _moe_groups(root: Path) -> list[Group]:
             path.mkdir(parents=True)
             (path / "config.json").write_text((base / "config.json").read_text())
             save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-            runs.append(Run(name=f"r{i}", checkpoint=str(path), algorithm="grpo"))
+            master = None
+            if i == 0:  # an exact fp32 master of an MoE run: expert rows in the precision gate
+                up = {k: v.float() for k, v in tensors.items() if v.dtype == torch.bfloat16}
+                master = str(root / family / f"r{i}-master.safetensors")
+                save_file(up, master, metadata={"format": "pt"})
+            runs.append(Run(name=f"r{i}", checkpoint=str(path), algorithm="grpo", master=master))
         groups.append(Group(name=family.replace("_", "-"), base=str(base), runs=runs))
     return groups
 
@@ -226,6 +254,7 @@ def scan_groups(groups: list[Group], out: Path, kernels: str = "numba"):
                 r.seed,
                 r.series,
                 r.consistency,
+                r.master,
             )
             runs.append((spec, ck))
         for unit in plan_group(g, base, runs, PARAMS, UNIT_BYTES).units:
