@@ -154,10 +154,15 @@ def _scan_tables(plan: GroupPlan, run_cks: list[Checkpoint], params: Params) -> 
 
 
 def _init_ray(
-    address: str | None, num_cpus: int | None, warnings: list[str] | None = None
+    address: str | None,
+    num_cpus: int | None,
+    warnings: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> bool:
     """Join ``address`` / the job's cluster, or start an embedded Ray that listens on 127.0.0.1
-    only; -> whether we started it. Warnings (a token file others can read) go to ``warnings``."""
+    only; -> whether we started it. Warnings (a token file others can read) go to ``warnings``.
+    An embedded Ray's processes start with ``env`` added to this process's environment (then
+    actors need no runtime_env, and take the workers Ray starts ahead)."""
     import ray
 
     if ray.is_initialized():
@@ -177,6 +182,8 @@ def _init_ray(
 
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         ray.init(
             address="local",
@@ -188,6 +195,11 @@ def _init_ray(
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
@@ -285,9 +297,14 @@ def _start_pool(
     pool stops the actors it will not need when it is given the units)."""
     import ray
 
-    started = _init_ray(address, num_cpus, warnings)
+    # the env of an embedded Ray's processes; actors of a cluster get it as a runtime_env
+    env = worker_env() | storage_env(out)
+    started = _init_ray(address, num_cpus, warnings, env)
     try:
         place = Placement.for_cluster(out, n_units, workers, gpus_per_worker, memory_gb)
+        if started and not (address or os.environ.get("RAY_ADDRESS")):
+            # an actor with its own runtime_env gets a new worker process (~1 s of CPU each)
+            place.options.pop("runtime_env")
         threads = None if place.options.get("num_gpus") else 1
         args = (out, None, threads)
         return started, ActorPool(actor_class(), place.n_actors, place.options, args)
