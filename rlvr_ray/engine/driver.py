@@ -1,16 +1,16 @@
 """The driver: plan every group, run the units on Ray actors, write scan tables and the catalog.
 
-Actors are :class:`~rlvr_ray.engine.worker.ScanWorker` made remote here, spread over the
-cluster's nodes: one per GPU when the cluster has GPUs (``gpus_per_worker`` for fractions), else
+Actors are :class:`~rlvr_ray.engine.actor.ScanActor` (a ScanWorker) run by an
+:class:`~rlvr_ray.engine.pool.ActorPool`, spread over the cluster's nodes: one per GPU when the cluster has GPUs (``gpus_per_worker`` for fractions), else
 one per CPU, each asking for ``memory_gb`` of Ray's memory resource when given (units whose
 largest tensor would not fit are refused by name). A unit whose actor, process or node dies is
 run again on a fresh actor (units are idempotent: fixed part names), and a scan that was
-interrupted resumes: units with a completion marker are skipped unless ``force``.
+interrupted resumes: units with a completion marker are skipped unless ``force``. Planning
+imports neither torch nor numba: only the actors do.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import secrets
@@ -18,39 +18,29 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from rlvr_ray import __version__
+from rlvr_ray.engine import failures
 from rlvr_ray.engine.config import Params, Sweep, SweepError
+from rlvr_ray.engine.failures import Failure, is_disk_full, one_line
 from rlvr_ray.engine.memory import over_budget
 from rlvr_ray.engine.plan import GroupPlan, RunSpec, Unit, plan_group
+from rlvr_ray.engine.pool import ActorPool
 from rlvr_ray.engine.progress import Progress
-from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io import catalog
-from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from rlvr_ray.io.checkpoint import Checkpoint, open_checkpoint
 from rlvr_ray.io.families import family_for
 from rlvr_ray.io.results import ResultsDir, open_results, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, COMPARED_SQL, SCANS
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
-MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
-UNITS_IN_FLIGHT = 2  # per actor: the one it runs and the next (no idle round trip between)
-PLACEMENT_TIMEOUT_S = 300  # no actor at all could be placed for this long: give up
-
-
-@dataclass(frozen=True)
-class Failure:
-    """What could not be scanned: one run of a group (``run``), or the whole group (``run`` is
-    None: its base, its plan, or a unit, which holds tensors of every run of the group)."""
-
-    group: str
-    run: str | None
-    reason: str  # one line
-    unit: int | None = None
 
 
 @dataclass
@@ -68,7 +58,7 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
     units: list[dict] = field(default_factory=list)  # unit reports (with node_id and pid)
     retried: list[str] = field(default_factory=list)  # units run again after a lost actor
-    failures: list[Failure] = field(default_factory=list)  # errors, by group / run / unit
+    failures: list[Failure] = field(default_factory=list)  # errors, by kind / group / run / unit
     disk_full: bool = False  # writing results ran out of space: the scan stopped early
     interrupted: bool = False  # Ctrl-C (SIGINT): the scan stopped early
 
@@ -85,26 +75,13 @@ class ScanResult:
         """Units whose results are in the results directory (resumed ones included)."""
         return self.n_units_resumed + len(self.units)
 
-    def fail(self, group: str, what: str, reason: str, run: str | None = None,
-             unit: int | None = None) -> None:  # fmt: skip
-        """Record a failure; ``what`` says what was skipped ("run grpo skipped")."""
-        self.failures.append(Failure(group, run, reason, unit))
-        self.errors.append(f"group {group}: {what}: {reason}")
-
-
-def one_line(e: BaseException, ref: str | None = None) -> str:
-    """A failure as one line: a CheckpointError's own message (it names the checkpoint, file
-    and tensor); anything else as ``[ref: ]Type: first line``."""
-    if isinstance(e, CheckpointError):
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    lines = str(e).strip().splitlines()
-    msg = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-    return f"{ref}: {msg}" if ref else msg
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Whether ``e`` (an OSError, or a Ray / DuckDB / Arrow error carrying one) is ENOSPC."""
-    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+    def fail(self, failure: Failure) -> None:
+        """Record a failure, and its line in ``errors`` (a full disk sets ``disk_full``)."""
+        self.failures.append(failure)
+        if failure.kind == failures.DISK_FULL:
+            self.disk_full = True
+        else:
+            self.errors.append(f"group {failure.group}: {failure.line}")
 
 
 def missing_refs(sweep: Sweep) -> list[str]:
@@ -134,7 +111,7 @@ def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSp
         base = open_checkpoint(group.base)
         family_for(base.config)  # the plan reads the layer count from the base's config
     except Exception as e:
-        result.fail(group.name, "base skipped", one_line(e, group.base))
+        result.fail(Failure(failures.BAD_BASE, group.name, one_line(e, group.base)))
         return None
     base.ref = pinned(base.ref, base)
     runs = []
@@ -142,7 +119,8 @@ def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSp
         try:
             ck = open_checkpoint(r.checkpoint)
         except Exception as e:
-            result.fail(group.name, f"run {r.name} skipped", one_line(e, r.checkpoint), r.name)
+            msg = one_line(e, r.checkpoint)
+            result.fail(Failure(failures.BAD_RUN, group.name, msg, run=r.name))
             continue
         ck.ref = pinned(r.checkpoint, ck)
         spec = RunSpec(r.name, ck.ref, ck.fingerprint, r.algorithm, r.step, r.dataset,
@@ -182,10 +160,15 @@ def _scan_tables(plan: GroupPlan, run_cks: list[Checkpoint], params: Params) -> 
 
 
 def _init_ray(
-    address: str | None, num_cpus: int | None, warnings: list[str] | None = None
+    address: str | None,
+    num_cpus: int | None,
+    warnings: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> bool:
     """Join ``address`` / the job's cluster, or start an embedded Ray that listens on 127.0.0.1
-    only; -> whether we started it. Warnings (a token file others can read) go to ``warnings``."""
+    only; -> whether we started it. Warnings (a token file others can read) go to ``warnings``.
+    An embedded Ray's processes start with ``env`` added to this process's environment (then
+    actors need no runtime_env, and take the workers Ray starts ahead)."""
     import ray
 
     if ray.is_initialized():
@@ -205,6 +188,8 @@ def _init_ray(
 
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         ray.init(
             address="local",
@@ -216,6 +201,11 @@ def _init_ray(
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
@@ -260,14 +250,11 @@ def worker_env() -> dict[str, str]:
     return {"ARROW_DEFAULT_MEMORY_POOL": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system")}
 
 
-class _Worker(ScanWorker):
-    """The actor: a ScanWorker whose unit reports say where they ran (node, process)."""
+def actor_class() -> type:
+    """The actor class (imported here, not at the top: it imports torch and numba)."""
+    from rlvr_ray.engine.actor import ScanActor
 
-    def run_unit(self, unit: Unit) -> dict:
-        import ray
-
-        rep = super().run_unit(unit)
-        return rep | {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    return ScanActor
 
 
 @dataclass
@@ -278,7 +265,7 @@ class Placement:
     options: dict
 
     @classmethod
-    def for_cluster(cls, out: str, n_units: int, workers: int | None,
+    def for_cluster(cls, out: str, n_units: int | None, workers: int | None,
                     gpus_per_worker: float | None, memory_gb: float | None) -> Placement:  # fmt: skip
         import ray
 
@@ -298,194 +285,92 @@ class Placement:
             opts["memory"] = int(memory_gb * 2**30)
         # actor-level env_vars merge with the job's runtime_env (working_dir kept)
         opts["runtime_env"] = {"env_vars": worker_env() | storage_env(out)}
-        return cls(max(1, min(n, n_units)), opts)
+        return cls(max(1, min(n, n_units or n)), opts)  # n_units None: not known yet
 
 
-def _report(rep: dict, result: ScanResult, on_unit) -> None:
-    result.n_bytes += rep["n_bytes"]
-    result.skipped += rep["skipped"]
-    result.units.append(rep)
-    if on_unit is not None:
-        on_unit(rep)
-
-
-def _may_stack(nbytes: int, queued: int, n_actors: int, left: int) -> bool:
-    """Whether the queue's next unit (``nbytes``; ``queued`` units of ``left`` bytes in the
-    queue, itself included) may wait behind an actor's running unit rather than for the first
-    actor to be free: only while every other actor (live or starting) can still get a unit,
-    and only if it is no more than its share of what is left per actor (which actor frees
-    first is not known yet: a big unit stacked on a busy actor would end the scan late)."""
-    return queued > n_actors and nbytes * n_actors <= left
-
-
-def _run_units(todo: list[Unit], out: str, result: ScanResult, place: Placement,
-               progress: Progress, on_unit=None) -> None:  # fmt: skip
-    """Run ``todo`` on a pool of actors; a unit whose actor or node died goes back in the queue
-    and runs again on a fresh actor (its parts have fixed names, so nothing is duplicated).
-
-    Each actor holds up to UNITS_IN_FLIGHT units (it runs them in order): the next one is
-    there when the running one ends, without a round trip to the driver in between. A unit
-    lost once runs alone afterwards: a unit that kills its actor every time costs another
-    unit at most one of its MAX_ATTEMPTS attempts."""
+def _start_pool(
+    out: str,
+    n_units: int | None,
+    address: str | None,
+    num_cpus: int | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    memory_gb: float | None,
+    warnings: list[str],
+) -> tuple[bool, ActorPool]:
+    """Start (or join) Ray and the pool's actors, which start importing torch and numba at
+    once; -> (whether Ray was started here, the pool). ``n_units`` None: not known yet (the
+    pool stops the actors it will not need when it is given the units)."""
     import ray
-    from ray.exceptions import ActorUnschedulableError, RayActorError, WorkerCrashedError
 
-    lost_errors = (RayActorError, WorkerCrashedError, ActorUnschedulableError)
-    cls = ray.remote(max_restarts=0, max_task_retries=0)(_Worker)
-    threads = None if place.options.get("num_gpus") else 1
+    # the env of an embedded Ray's processes; actors of a cluster get it as a runtime_env
+    env = worker_env() | storage_env(out)
+    started = _init_ray(address, num_cpus, warnings, env)
+    try:
+        place = Placement.for_cluster(out, n_units, workers, gpus_per_worker, memory_gb)
+        if started and not (address or os.environ.get("RAY_ADDRESS")):
+            # an actor with its own runtime_env gets a new worker process (~1 s of CPU each)
+            place.options.pop("runtime_env")
+        threads = None if place.options.get("num_gpus") else 1
+        args = (out, None, threads)
+        return started, ActorPool(actor_class(), place.n_actors, place.options, args)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
 
-    def start():  # a new actor is usable once its ping returns
-        a = cls.options(**place.options).remote(out, None, threads)
-        starting[a.ping.remote()] = a
 
-    def key(u: Unit) -> tuple[str, int]:
-        return (u.scan_id, u.index)
+def _run_units(
+    pool: ActorPool, todo: list[Unit], result: ScanResult, progress: Progress, on_unit=None
+) -> None:
+    """Run ``todo`` on ``pool`` (see :class:`ActorPool`); reports, failures and retries go to
+    ``result``."""
 
-    def give(a) -> None:  # fill actor a's in-flight list from the queue
-        nonlocal first, left
-        q = inflight[a]
-        while queue and len(q) < UNITS_IN_FLIGHT:
-            # never with a unit lost before (on either side)
-            if q and (not _may_stack(queue[0].nbytes, len(queue), len(inflight) + len(starting), left)
-                      or key(queue[0]) in attempts
-                      or any(key(running[r][1]) in attempts for r in q)):  # fmt: skip
-                return
-            u = queue.pop(0)
-            left -= u.nbytes
-            ref = a.run_unit.remote(u)
-            running[ref] = (a, u)
-            q.append(ref)
-            first = first or time.perf_counter()
-
-    def done(ref, unit) -> None:  # a unit's call came back: its report or its error
-        try:
-            _report(ray.get(ref), result, on_unit)
-        except lost_errors:
-            raise
-        except Exception as e:  # a bug or an unreadable input: record, keep going
-            if is_disk_full(e):  # every later unit would fail the same way: stop handing out
-                result.disk_full = True
-                queue.clear()
-            else:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                result.fail(unit.group, f"unit {unit.index} failed", msg, unit=unit.index)
+    def done(unit: Unit, rep: dict | None) -> None:
+        if rep is not None:
+            result.n_bytes += rep["n_bytes"]
+            result.skipped += rep["skipped"]
+            result.units.append(rep)
+            if on_unit is not None:
+                on_unit(rep)
         progress.update(len(unit.tensors), unit.nbytes)
-        result.unit_seconds = time.perf_counter() - first
 
-    def lose(actor, err: Exception) -> None:
-        """``actor`` (its process or node) is gone: each unit it held and did not report back
-        is charged an attempt and queued again (the driver cannot tell which was running: a
-        unit's reply can die with its process); one fresh actor is started."""
-        nonlocal left
-        ray.kill(actor, no_restart=True)
-        back = []
-        for ref in inflight.pop(actor):
-            _, unit = running.pop(ref)
-            if ray.wait([ref], timeout=0)[0]:  # it may have finished before the actor went
-                try:
-                    done(ref, unit)
-                    continue
-                except lost_errors:
-                    pass
-            attempts[key(unit)] = n = attempts.get(key(unit), 0) + 1
-            if n < MAX_ATTEMPTS:
-                result.retried.append(f"group {unit.group}: unit {unit.index}: {type(err).__name__}")  # fmt: skip
-                back.append(unit)
-            else:
-                result.fail(unit.group, f"unit {unit.index} failed {MAX_ATTEMPTS} times; last",
-                            type(err).__name__, unit=unit.index)  # fmt: skip
-        queue[:0] = back
-        left += sum(u.nbytes for u in back)
-        start()
-
-    queue = sorted(todo, key=lambda u: -u.nbytes)  # largest first balances the tail
-    left = sum(u.nbytes for u in queue)  # bytes in the queue
-    attempts: dict[tuple[str, int], int] = {}
-    running: dict = {}  # task ref -> (actor, unit)
-    inflight: dict = {}  # live actor -> its task refs, oldest (the running one) first
-    starting: dict = {}  # ping ref -> actor
-    actors: list = []
-    for _ in range(place.n_actors):
-        start()
-    waiting_since = time.monotonic()
-    first = None
-    while queue or running:
-        for a in list(inflight):
-            give(a)
-        if not running and not starting:
-            start()
-        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=10)
-        if not ready:
-            if not running and time.monotonic() - waiting_since > PLACEMENT_TIMEOUT_S:
-                for u in queue:
-                    result.fail(u.group, f"unit {u.index} not run", f"no actor could be placed "
-                                f"in {PLACEMENT_TIMEOUT_S} s (asked for {place.options})",
-                                unit=u.index)  # fmt: skip
-                queue.clear()
-            continue
-        ref = ready[0]
-        waiting_since = time.monotonic()
-        if ref in starting:
-            a = starting.pop(ref)
-            try:
-                ray.get(ref)
-                actors.append(a)
-                inflight[a] = []
-            except lost_errors:
-                pass  # died before it started; the loop starts another if none is left
-            continue
-        actor = running[ref][0]
-        q = inflight[actor]
-        while ref in q:  # an actor runs its calls in order: take them in order, up to ref
-            r = q[0]
-            try:
-                done(r, running[r][1])
-            except lost_errors as e:  # the actor, its process or its node is gone
-                lose(actor, e)
-                break
-            q.pop(0)
-            running.pop(r)
-    for a in [*actors, *starting.values()]:
-        ray.kill(a, no_restart=True)
+    pool.on_done = done
+    try:
+        pool.run(todo)
+    finally:
+        for failure in pool.failures:
+            result.fail(failure)
+        result.retried += pool.retried
+        if pool.first_given and pool.last_back:
+            result.unit_seconds = pool.last_back - pool.first_given
 
 
-def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None,
-             workers: int | None = None,
-             num_cpus: int | None = None, gpus_per_worker: float | None = None,
-             force: bool = False, progress: str | None = None,
-             unit_bytes: int = DEFAULT_UNIT_BYTES, memory_gb: float | None = None,
-             on_unit: Callable[[dict], None] | None = None) -> ScanResult:  # fmt: skip
-    """Scan every group of ``sweep`` into the results directory ``out`` (a path or a URI).
-
-    ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
-    more are refused (see :func:`over_budget`). ``on_unit``: called in the driver with each
-    finished unit's report (``node_id``, ``pid``, ``seconds``, ...).
-
-    A local checkpoint path that does not exist raises :class:`SweepError` before anything is
-    created or started. The results directory filling up, or an interrupt (SIGINT), stop the
-    scan early with what was written kept (``disk_full``, ``interrupted``); a rerun resumes.
-    """
-    t0 = time.perf_counter()
-    missing = missing_refs(sweep)
-    if missing:
-        raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
-    results = open_results(out)
-    results.ensure()
-    result = ScanResult(results.uri)
+def _plan(
+    sweep: Sweep,
+    results: ResultsDir,
+    result: ScanResult,
+    force: bool,
+    unit_bytes: int,
+    n_units: dict[str, int],
+) -> list[Unit]:
+    """Open and plan every group, write its ``scans`` and ``checkpoints`` rows, note each
+    scan's number of units in ``n_units``; -> the units still to run (those with a completion
+    marker are skipped unless ``force``)."""
     todo: list[Unit] = []
-    n_units: dict[str, int] = {}
     for group in sweep.scan_groups():  # with each group's step pairs
         opened = _open_group(group, result)
         if opened is None:
             continue
         base, runs = opened
         if not runs:
-            result.fail(group.name, "group skipped", "no run could be opened")
+            result.fail(Failure(failures.NO_RUNS, group.name, "no run could be opened"))
             continue
         try:
             plan = plan_group(group, base, runs, sweep.params, unit_bytes)
         except Exception as e:
-            result.fail(group.name, "group skipped", f"cannot plan it: {one_line(e)}")
+            msg = f"cannot plan it: {one_line(e)}"
+            result.fail(Failure(failures.BAD_PLAN, group.name, msg))
             continue
         scans, cks = _scan_tables(plan, [ck for _, ck in runs], plan.params)
         try:
@@ -506,40 +391,96 @@ def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None,
                 todo.append(u)
             else:
                 result.n_units_resumed += 1
-    if memory_gb:
-        todo, refused = over_budget(todo, memory_gb)
-        result.errors += refused
-    stopping = None
-    if todo and not result.disk_full:
+    return todo
+
+
+def _no_unit_done(results: ResultsDir) -> bool:
+    """Whether no scan has completed a unit in ``results`` yet (so every planned unit runs)."""
+    try:
+        return not results.fs.get_file_info(
+            pafs.FileSelector(results.path("units"), allow_not_found=True)
+        )
+    except OSError:
+        return False
+
+
+def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None, workers: int | None = None,
+             num_cpus: int | None = None, gpus_per_worker: float | None = None,
+             force: bool = False, progress: str | None = None,
+             unit_bytes: int = DEFAULT_UNIT_BYTES, memory_gb: float | None = None,
+             on_unit: Callable[[dict], None] | None = None) -> ScanResult:  # fmt: skip
+    """Scan every group of ``sweep`` into the results directory ``out`` (a path or a URI).
+
+    ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
+    more are refused (see :func:`over_budget`). ``on_unit``: called in the driver with each
+    finished unit's report (``node_id``, ``pid``, ``seconds``, ...).
+
+    A local checkpoint path that does not exist raises :class:`SweepError` before anything is
+    created or started. The results directory filling up, or an interrupt (SIGINT), stop the
+    scan early with what was written kept (``disk_full``, ``interrupted``); a rerun resumes.
+    """
+    t0 = time.perf_counter()
+    missing = missing_refs(sweep)
+    if missing:
+        raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
+    results = open_results(out)
+    # a new results directory (or force): every planned unit runs, so Ray and the actors
+    # start while the headers are read and planned (an actor's imports take seconds)
+    start_early = force or _no_unit_done(results)
+    results.ensure()
+    result = ScanResult(results.uri)
+    pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
+    started, pool, stopping = False, None, None
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-plan") as planner:
+            n_units: dict[str, int] = {}
+            planned = planner.submit(_plan, sweep, results, result, force, unit_bytes, n_units)
+            if start_early:
+                started, pool = _start_pool(results.uri, None, *pool_args)
+            todo = planned.result()
+        if memory_gb:
+            fit, refused = over_budget(todo, memory_gb)
+            fits = {id(u) for u in fit}
+            for u, line in zip([u for u in todo if id(u) not in fits], refused, strict=True):
+                why = line.split(" refused: ", 1)[1]  # the line names the group and unit too
+                result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
+            todo = fit
+        if todo and not result.disk_full:
+            if pool is None:
+                started, pool = _start_pool(results.uri, len(todo), *pool_args)
+            n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)
+            prog = Progress(n_tensors, n_bytes, progress)
+            try:
+                _run_units(pool, todo, result, prog, on_unit)
+            except KeyboardInterrupt:  # what was written is kept: stop Ray and say so
+                result.interrupted = True
+            finally:
+                prog.close()
+        elif pool is not None:
+            pool.shutdown()
+    except BaseException:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    if started:
         import ray
 
-        started = _init_ray(address, num_cpus, result.warnings)
-        prog = Progress(sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo), progress)
-        try:
-            place = Placement.for_cluster(results.uri, len(todo), workers, gpus_per_worker,
-                                          memory_gb)  # fmt: skip
-            _run_units(todo, results.uri, result, place, prog, on_unit)
-        except KeyboardInterrupt:  # what was written is kept: stop Ray and say so
-            result.interrupted = True
-        except BaseException:
-            prog.close()
-            if started:
-                ray.shutdown()
-            raise
         if result.interrupted:
-            prog.close()
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
             try:
-                if started:
-                    ray.shutdown()
+                ray.shutdown()
             finally:
                 signal.signal(signal.SIGINT, previous)
-            result.seconds = time.perf_counter() - t0
-            return result
-        prog.close()
-        if started:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
+        else:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
             stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
             stopping.start()
+    if result.interrupted:
+        result.seconds = time.perf_counter() - t0
+        return result
     try:
         if result.scan_ids:
             finished = [s for s in result.scan_ids if len(results.units_done(s)) == n_units[s]]

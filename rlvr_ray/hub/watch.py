@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from rlvr_ray.engine import failures
 from rlvr_ray.hub import client, discover
 from rlvr_ray.io import catalog
 from rlvr_ray.io.checkpoint import CheckpointError
@@ -197,24 +198,25 @@ def _scan(cfg: WatchConfig, base: str, base_sha: str, cands: list[Candidate], lo
                    workers=cfg.workers, num_cpus=cfg.num_cpus, progress=cfg.progress)  # fmt: skip
     if res.interrupted:  # Ctrl-C: the watch stops (what was written is kept)
         raise KeyboardInterrupt
-    failures = [f for f in res.failures if f.group == group]
-    by_run = {f.run: f.reason for f in failures if f.run is not None}
-    if any(f.run is None and f.unit is None for f in failures) and len(by_run) < len(cands):
-        why = next(f.reason for f in failures if f.run is None and f.unit is None)
-        raise BaseFailed(client.scrub(why))
-    units = [f.reason for f in failures if f.unit is not None]
+    failed = [f for f in res.failures if f.group == group]
+    by_run = {f.run: f.message for f in failed if f.kind == failures.BAD_RUN}
+    of_group = [f for f in failed if f.kind in failures.GROUP_KINDS]
+    if of_group and len(by_run) < len(cands):  # not every candidate failed alone: the base did
+        raise BaseFailed(client.scrub(of_group[0].message))
+    units = [f for f in failed if f.kind in failures.UNIT_KINDS]
+    full = any(f.kind == failures.DISK_FULL for f in failed) or res.disk_full
     scan_id = res.scan_ids[0] if res.scan_ids else None
     left = [c for c in cands if c.run not in by_run]
     for c in cands:
         if c.run in by_run:
             c.status, c.reason = "failed", client.scrub(by_run[c.run])
-        elif res.disk_full or res.interrupted or scan_id is None:
+        elif full or res.interrupted or scan_id is None:
             c.status = "failed"
-            c.reason = "results directory full" if res.disk_full else "scan stopped early"
+            c.reason = "results directory full" if full else "scan stopped early"
         elif not units:
             c.status, c.scan_id = "scanned", scan_id
         elif len(left) == 1:  # alone in its scan: the failed unit is its own
-            c.status, c.reason = "failed", client.scrub(f"unit failed: {units[0]}")
+            c.status, c.reason = "failed", client.scrub(f"unit failed: {units[0].message}")
     if units and len(left) > 1:  # which candidate broke the unit? each alone says
         log(f"watch: {base}: {len(units)} unit(s) failed; scanning {len(left)} candidates alone")
         for c in left:

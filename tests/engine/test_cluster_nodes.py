@@ -49,7 +49,7 @@ def both_actors_up(rep: dict, seen: list) -> None:
 
     if not seen:
         deadline = time.monotonic() + 60
-        while sum(a["State"] == "ALIVE" and a["ActorClassName"].endswith("_Worker")
+        while sum(a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
                   for a in state.actors().values()) < 2:  # fmt: skip
             assert time.monotonic() < deadline, "the second actor never came up"
             time.sleep(0.05)

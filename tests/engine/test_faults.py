@@ -133,24 +133,25 @@ def test_a_unit_that_kills_every_actor_is_given_up_alone(clean, tmp_path, monkey
     """Actors hold two units at a time; a unit lost once runs alone afterwards, so a unit that
     kills every actor it meets is given up after MAX_ATTEMPTS runs, and every other unit,
     charged at most once for having shared an actor with it, is done exactly once."""
-    from rlvr_ray.engine import driver
+    from rlvr_ray.engine import driver, pool
+    from rlvr_ray.engine.actor import ScanActor
 
     sweep, _, clean_res = clean
     victim = 5
 
-    class Poisoned(driver._Worker):  # a local class: Ray ships it by value
+    class Poisoned(ScanActor):  # a local class: Ray ships it by value
         def run_unit(self, unit):
             if unit.index == victim:
                 os._exit(1)  # the process dies, as under the OOM killer
             return super().run_unit(unit)
 
-    monkeypatch.setattr(driver, "_Worker", Poisoned)
+    monkeypatch.setattr(driver, "actor_class", lambda: Poisoned)
     res = run_scan(sweep, str(tmp_path / "results"), unit_bytes=UNIT_BYTES)
-    assert res.errors == [f"group g: unit {victim} failed {driver.MAX_ATTEMPTS} times; "
+    assert res.errors == [f"group g: unit {victim} failed {pool.MAX_ATTEMPTS} times; "
                           f"last: ActorDiedError"]  # fmt: skip
     retried = [int(r.split("unit ")[1].split(":")[0]) for r in res.retried]
-    assert retried.count(victim) == driver.MAX_ATTEMPTS - 1
+    assert retried.count(victim) == pool.MAX_ATTEMPTS - 1
     others = [u for u in retried if u != victim]
-    assert len(others) == len(set(others)) <= driver.MAX_ATTEMPTS - 1  # one charge at most
+    assert len(others) == len(set(others)) <= pool.MAX_ATTEMPTS - 1  # one charge at most
     assert sorted(r["unit"] for r in res.units) == [u for u in range(clean_res.n_units) if u != victim]  # fmt: skip
     assert res.exit_code != 0
