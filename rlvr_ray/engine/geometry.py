@@ -34,7 +34,7 @@ from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry
 from rlvr_ray.stats.update import UpdateGeometry
 
-GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
+GEOMETRY_VERSION = 2  # bump when BaseGeometry's contents change: old cache entries are ignored
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
 GEOMETRY_FLAGGED = ("k_not_below_rank", "small_gap")
 
@@ -62,13 +62,13 @@ class BaseCache:
             with self.results.fs.open_input_stream(path) as f:
                 d = st_load(f.read())
             self.hits += 1
-            return BaseGeometry.from_tensors({k: v.to(bits0.device) for k, v in d.items()})
+            return BaseGeometry.from_tensors(d, bits0.device)
         except (FileNotFoundError, OSError):
             pass
         self.misses += 1
         rank_k, spectral_k = params.ks(tuple(bits0.shape))
         geo = base_geometry(bits0.view(torch.bfloat16), rank_k, params.alpha, spectral_k)
-        blob = st_save({k: v.detach().cpu().contiguous() for k, v in geo.to_tensors().items()})
+        blob = st_save(geo.to_tensors())
         self.results.write_bytes(rel, blob)
         return geo
 
