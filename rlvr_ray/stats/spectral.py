@@ -9,28 +9,29 @@ Pure torch, device-agnostic (inputs on CUDA compute on CUDA). For base W0 [m, n]
 
 RL moves weights by 1-3 bf16 ULPs, so the signal is a relative change of ~1e-5 in sigma and
 angles down to 1e-6 rad. Everything below is float64, and the work is split so that a base is
-decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
-(`run_geometry`). Work in the frame where the matrix is tall (transpose if m < n), p = min(m, n):
+decomposed once (`base_geometry`) and each run reuses it (`run_geometry`). Work in the frame
+where the matrix is tall (transpose if m < n), p = min(m, n), k = spectral_k:
 
-- Both sigma(W1) and the top-k right singular subspace come from one symmetric eigensolve of
-  the Gram W1^T W1: a gemm plus ``eigh`` of p x p (one MKL thread: 0.16 s vs 0.28 s for one
-  float64 ``svd`` at 896 x 896, 0.30 s vs 0.9 s at 4864 x 896). The Gram squares
-  the condition number: sigma_i carries an absolute error of ~eps * sigma_max^2 / sigma_i, so a
-  shift of relative size 1e-5 is resolved to ~1e-11 * (sigma_max / sigma_i)^2 of itself;
-  harmless for trained weights (sigma_max / sigma_i < 1e3), not for near-singular matrices.
-  Subspace errors are ~eps * sigma_max^2 / (sigma_k^2 - sigma_{k+1}^2) (1e-13 rad here).
-- Top-k left subspace of W1 = span(W1 Q), Q the right basis (one m x p x k gemm and a QR); its
-  error is at most the right one times sigma_{k+1} / sigma_k (in tangent).
+- NSS needs every singular value of W1, exactly: they come from ``eigvalsh`` (values only) of
+  the Gram W1^T W1, whose lower triangle is multiplied a block at a time (`gram`: ~0.56 of a
+  gemm's flops). The Gram squares the condition number: sigma_i carries an absolute error of
+  ~eps * sigma_max^2 / sigma_i, harmless for trained weights (sigma_max / sigma_i < 1e3), not
+  for near-singular matrices. Gram + ``eigvalsh`` is the floor of a run's cost: no identity
+  gives sum_i sigma_i(W0) sigma_i(W1) from the base's decomposition, and a bound from the top-k
+  values alone (Mirsky: ||sigma(W1) - sigma(W0)|| <= ||W1 - W0||_F) is 20-60x the RL signal.
+- The top-k right subspace of W1 comes from `top_subspace`: block LOBPCG on the Gram, started
+  at the base's top right singular vectors (RL rotates them by ~1e-2 rad), O(p^2 k) a step, until
+  the Davis-Kahan bound ||sin Theta|| <= ||G Q - Q Theta||_F / (theta_k - lambda_{k+1}) (exact
+  lambda_{k+1} from ``eigvalsh``) is below 2e-3 of the largest angle; a full ``eigh`` with
+  vectors when it cannot certify (a near-tie at k, or a stagnating bound).
+- Top-k left subspace of W1 = span(W1 Q) (one m x p x k gemm and a QR); its error is at most
+  the right one times sigma_{k+1} / sigma_k (in tangent), so asin of the bound covers every
+  angle on both sides (principal angles are 1-Lipschitz in the subspace): `angle_error_bound`.
 - sigma_max and the stable rank ||W||_F^2 / sigma_max^2 of W0 and W1 come from the same
-  eigenvalues: lambda_max to ~eps relative, and their sum is the Gram's trace (sum of squares).
-- Every run reports the Davis-Kahan bound ||sin Theta|| <= ||G Q - Q Theta||_F /
-  (lambda_k - lambda_{k+1}) as `angle_error_bound`; it bounds the error of every angle, since
-  principal angles are 1-Lipschitz in the subspace.
-- Opt-in (`davidson=True`): ``eigvalsh`` plus a block Davidson on W1^T W1 seeded with the
-  base's top 2k right singular vectors and preconditioned by the base eigenbasis (W1^T W1 is
-  nearly diagonal in it), iterated until the bound is below 1e-3 of the largest angle (1e-10
-  rad, or the rounding floor), with a full ``eigh`` when it stagnates (large, SFT-like updates).
-  At p = 896 it measured no faster than ``eigh`` on CPU; it is kept for larger p and GPUs.
+  eigenvalues.
+- The base: Gram, ``eigvalsh`` (the run's routine, so an unchanged run's NSS is exactly 0) and
+  one ``eigh`` with vectors, of which only the top seed_width(p, k) = k + max(k / 2, 8) right
+  vectors are kept (the LOBPCG's start), not all p.
 
 Whether the geometry means anything (``geometry_status``): a top-k subspace is only a finding
 when k is well below the rank and separated from the rest of the spectrum. With p = min(m, n):
@@ -47,12 +48,10 @@ when k is well below the rank and separated from the rest of the spectrum. With 
   reordering, not a rotation, and W0_k (so M_princ) is not fixed by the base to that precision;
 - 'ok' otherwise. The statistics are computed either way; the views present only 'ok' ones.
 
-Accuracy measured against float64 ``torch.linalg.svd`` of the decoded bf16 values and the
-sine formula of ``scipy.linalg.subspace_angles`` (benchmarks/geometry.py, Qwen2-0.5B
-shapes, power-law spectra, 1-3 ULP updates on 40% of entries, angles 1e-2..7e-2 rad, NSS ~1e-4):
-max angles within 5e-12 relative, NSS within 1.2e-12 relative; SFT-like update (angles 0.5-1.5
-rad, NSS ~0.1): 1e-13. The Davidson path stops at its certificate, ~5e-8 relative.
-tests/stats/test_spectral.py asserts 1e-4 (angles) and 1e-6 (NSS) on smaller shapes.
+Accuracy against float64 ``torch.linalg.svd`` of the decoded bf16 values and the sine formula
+of ``scipy.linalg.subspace_angles``, and speed against the Gram + full ``eigh`` per run:
+benchmarks/geometry.py (real layer shapes; figures in docs/performance.md).
+tests/stats/test_spectral.py asserts the certified bound and NSS to 1e-6 on smaller shapes.
 """
 
 from __future__ import annotations
@@ -75,6 +74,7 @@ _ATOL = 1e-10  # ... or absolute, in rad
 _FLOOR = 64.0  # rounding-floor multiple (of eps * sqrt(p) * lambda_max) counted as converged
 _SHRINK = 0.8  # each LOBPCG step must shrink the bound this much, or eigh takes over
 _MAX_STEPS = 30  # LOBPCG steps before eigh takes over
+_MAX_UNSEPARATED = 3  # ... or steps whose k-th Ritz value is not above lambda_{k+1}
 _GRAM_BLOCK = 512  # columns per block of the blocked Gram (lower triangle only)
 MAX_K_SHARE = 0.25  # k above this share of min(m, n): 'k_not_below_rank'
 MIN_SIGMA_GAP = 1e-3  # relative singular-value gap at k below this: 'small_gap'
@@ -202,8 +202,10 @@ def top_subspace(
             if bound <= target or (sep > 0.5 * gap and res_norm <= floor):
                 return q, bound
             steps += 1
-            if steps > _MAX_STEPS or (math.isfinite(previous) and not bound < _SHRINK * previous):
-                break
+            if steps > _MAX_STEPS or (bound == math.inf and steps > _MAX_UNSEPARATED):
+                break  # no separation from the rest of the spectrum in sight
+            if math.isfinite(previous) and not bound < _SHRINK * previous:
+                break  # stagnating
             previous = bound
             r = _orthogonal(res, x)
             blocks, gblocks = [x, r], [gx, g @ r]
