@@ -6,9 +6,10 @@ decomposed matrix's geometry_status is 'ok', 'k_not_below_rank' or 'small_gap'
 (`rlvr_ray.stats.spectral.geometry_status`), one that was not decomposed says why (`skip_reason`,
 'skipped_<run status>', 'error: ...'). GEOMETRY_FLAGGED lists the decomposed-but-not-ok ones.
 
-The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: singular values and vectors,
-principal and low-magnitude masks) is computed once per tensor per scan and reused for every
-run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
+The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: every singular value, the top
+singular vectors a run's iteration starts from, principal and low-magnitude masks at one bit an
+element: a fraction of the base's own bytes) is computed once per tensor per scan and reused
+for every run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
 hash of the base tensor's bytes and the parameters, so a later scan of a new run against a base
 already seen does not decompose it again (and a stale entry can never be used).
 
@@ -75,7 +76,7 @@ class BaseCache:
 
 #: the tensors-table columns the geometry stage fills: RunGeometry's and UpdateGeometry's
 #: scalar fields
-_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right", "angle_error_bound")
+_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right")
 _RUN_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
 ROW_COLUMNS = _RUN_COLUMNS + [f.name for f in fields(UpdateGeometry)]
 

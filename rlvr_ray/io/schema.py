@@ -100,6 +100,8 @@ TENSORS = pa.schema(
         pa.field("nss", pa.float64()),
         pa.field("max_angle_left", pa.float64()),
         pa.field("max_angle_right", pa.float64()),
+        # certified bound (rad) on the error of every angle, left and right (spectral.py)
+        pa.field("angle_error_bound", pa.float64()),
         pa.field("rank_k", pa.int64()),  # the k used for this matrix (relative rule or absolute)
         pa.field("spectral_k", pa.int64()),
         pa.field("sigma_gap", pa.float64()),  # relative singular-value gap at k (the smaller)
