@@ -1,28 +1,25 @@
-"""Benchmark: base-once geometry statistics vs the straightforward float64 SVD per (base, run).
+"""Benchmark: a run's geometry by the certified warm-started method vs a full ``eigh`` per run.
 
-Builds synthetic bf16 weights at the Qwen2-0.5B shapes (q/o 896x896, k/v 128x896, gate/up
-4864x896, down 896x4864) with power-law spectra, 4 RL-like runs (1-3 bf16 ULPs on ~40% of the
-entries) and optionally one SFT-like run (timed apart), then prints per tensor and in total:
+Builds synthetic bf16 weights at a model's real layer shapes with power-law spectra, N RL-like
+runs (1-3 bf16 ULPs on ~40% of the entries) and optionally one SFT-like run (timed apart), and
+times, side by side and interleaved (so that load from other processes hits both alike):
 
-- straightforward: float64 ``torch.linalg.svd`` of base and run for every (base, run) pair;
-- ours: ``base_geometry`` once per tensor + ``run_geometry`` per run, split into the two;
-- the max relative errors of NSS and of the max left/right angles against a float64 reference
-  (full SVD of the decoded bf16 values, angles from the SVD vectors with the stable sine formula
-  of ``scipy.linalg.subspace_angles``).
+- old: the float64 Gram W^T W (one gemm) and a full ``eigh`` with vectors, for the base and for
+  every run (the method before `top_subspace`'s LOBPCG; its values and vectors are also the
+  reference, validated against a float64 SVD to 5e-12);
+- new: `base_geometry` once (blocked Gram, ``eigvalsh`` and ``eigh``, top vectors kept, the
+  masks) and `run_geometry` per run (blocked Gram, ``eigvalsh``, LOBPCG from the base's top
+  vectors with a certified bound, ``eigh`` when it cannot certify).
 
-Which orientation MKL's float64 ``svd`` prefers for a tall row-major matrix depends on the
-threading: on 2 loaded cores 4864x896 took 22 s as stored and 1.4 s transposed, single-threaded
-0.9 s and 4 s. So the straightforward time is reported as stored ("naive", one SVD timed per
-shape and multiplied by the number of SVDs of that shape: the time depends on the shape, not
-the values), with tall matrices transposed ("naive-T", measured for every pair, interleaved
-with ours; it also gives the reference values), and as the fastest per shape of those and
-one timed SVD of the transposed view ("best"). Timings default to one thread (``--threads``), because two MKL threads on cores
-shared with other jobs made every timing 10-30x slower and erratic.
+Per tensor it prints the times, the ratio old/new per run, the cache entry's bytes against the
+base's bf16 bytes, the worst relative errors of NSS and of the max left/right angles against
+the reference, the largest certified bound and whether every angle lies within it. With
+``--svd-reference`` the reference is a float64 ``torch.linalg.svd`` of base and run instead.
 
-Run (CPU, ~3 minutes; ~1 minute of it ours and the straightforward method each):
-    .venv/bin/python benchmarks/geometry.py --layers 1
-    .venv/bin/python benchmarks/geometry.py --layers 2 --sft   # plus one SFT-like run
-GPU: add ``--device cuda`` (the reference stays on CPU float64).
+Run (CPU, one thread; sizes: 1.5B layer ~3 min, 8B layer ~25 min on a loaded 2-core machine):
+    .venv/bin/python benchmarks/geometry.py --model qwen2.5-1.5b --runs 2
+    .venv/bin/python benchmarks/geometry.py --model qwen3-8b --runs 2 --only gate_proj
+GPU: add ``--device cuda`` (both methods on the device, in float64).
 """
 
 from __future__ import annotations
@@ -32,17 +29,34 @@ import time
 
 import torch
 
-from rlvr_ray.stats.spectral import base_geometry, normalized_spectral_shift, run_geometry
+from rlvr_ray.stats.spectral import (
+    base_geometry,
+    cache_bytes,
+    normalized_spectral_shift,
+    principal_angles,
+    run_geometry,
+)
 
-SHAPES = {  # Qwen2-0.5B: hidden 896, intermediate 4864, 14 heads, 2 kv heads x 64
-    "q_proj": (896, 896),
-    "k_proj": (128, 896),
-    "v_proj": (128, 896),
-    "o_proj": (896, 896),
-    "gate_proj": (4864, 896),
-    "up_proj": (4864, 896),
-    "down_proj": (896, 4864),
+MODELS = {  # (hidden, intermediate, heads, kv heads, head dim)
+    "qwen2-0.5b": (896, 4864, 14, 2, 64),
+    "qwen2.5-1.5b": (1536, 8960, 12, 2, 128),
+    "qwen3-8b": (4096, 12288, 32, 8, 128),
+    "llama-70b": (8192, 28672, 64, 8, 128),
 }
+
+
+def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """One decoder layer's matrices [out, in], as stored."""
+    hidden, inter, heads, kv, head_dim = MODELS[model]
+    return {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv * head_dim, hidden),
+        "v_proj": (kv * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
 
 
 def powerlaw_bf16(m: int, n: int, gen: torch.Generator, exponent: float = 0.6) -> torch.Tensor:
@@ -70,124 +84,117 @@ def sft_update(w0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (w0.double() + noise).to(torch.bfloat16)
 
 
-def reference(w0: torch.Tensor, w1: torch.Tensor, k: int) -> tuple[float, float, float]:
-    """float64 SVD reference -> (nss, max angle left, max angle right)."""
+def old_method(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-matrix work before: float64 Gram (one gemm) and a full ``eigh`` with vectors ->
+    (all singular values, top-k left, top-k right singular bases), in w's own frame."""
+    w = w.double()
+    tall = w.T if w.shape[0] < w.shape[1] else w
+    lam, v = torch.linalg.eigh(tall.T @ tall)
+    sigma, q = lam.flip(0).clamp(min=0).sqrt(), v.flip(1)[:, :k]
+    u = torch.linalg.qr(tall @ q).Q
+    return (sigma, u, q) if tall is w else (sigma, q, u)
 
-    def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = w.double()
-        if w.shape[0] > w.shape[1]:  # the faster MKL orientation
-            u, s, vh = torch.linalg.svd(w.T, full_matrices=False)
-            return vh.T, s, u.T
-        return torch.linalg.svd(w, full_matrices=False)
 
-    def max_angle(a: torch.Tensor, b: torch.Tensor) -> float:  # scipy's sine formula
-        return float(torch.linalg.matrix_norm(b - a @ (a.T @ b), ord=2).clamp(max=1).asin())
-
-    u0, s0, vh0 = svd(w0)
-    u1, s1, vh1 = svd(w1)
-    k = min(k, s0.numel())
-    return (
-        normalized_spectral_shift(s0, s1),
-        max_angle(u0[:, :k], u1[:, :k]),
-        max_angle(vh0[:k].T, vh1[:k].T),
-    )
+def svd_reference(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 SVD on the CPU -> (all singular values, top-k left, top-k right bases)."""
+    u, s, vh = torch.linalg.svd(w.double().cpu(), full_matrices=False)
+    return s, u[:, :k], vh[:k].T
 
 
 def timed(fn, *args):
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
-
-
-def naive_svd_time(shape: tuple[int, int], transposed: bool = False) -> float:
-    """Seconds of one float64 ``torch.linalg.svd`` of a row-major matrix of this shape (or of
-    its transpose, a view: the same singular values, the other memory order)."""
-    w = torch.randn(*shape, dtype=torch.float64)
-    return timed(torch.linalg.svd, w.T if transposed else w, False)[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=1, help="decoder layers (7 tensors each)")
-    ap.add_argument("--runs", type=int, default=4, help="RL-like runs per base (default 4)")
+    ap.add_argument("--model", choices=MODELS, default="qwen2.5-1.5b", help="layer shapes")
+    ap.add_argument("--only", nargs="*", help="these roles only (default: the whole layer)")
+    ap.add_argument("--shape", nargs=2, type=int, action="append", help="extra M N matrix")
+    ap.add_argument("--runs", type=int, default=2, help="RL-like runs per base (default 2)")
     ap.add_argument("--sft", action="store_true", help="add one SFT-like run per base")
-    ap.add_argument("--spectral-k", type=int, default=64, help="angle subspace rank (64)")
-    ap.add_argument("--device", default="cpu", help="device for our method (default cpu)")
-    ap.add_argument("--davidson", action="store_true", help="eigvalsh + Davidson, not eigh")
+    ap.add_argument("--device", default="cpu", help="device for both methods (default cpu)")
+    ap.add_argument("--svd-reference", action="store_true", help="reference: float64 SVD")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1; 0: default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(args.seed)
-    t_base = t_run = t_ref = t_sft = t_sft_ref = 0.0
-    ref_by_shape: dict[tuple[int, int], float] = {}
-    ours_by_shape: dict[tuple[int, int], float] = {}
-    n_pairs: dict[tuple[int, int], int] = {}
-    worst = {"rl": [0.0, 0.0, 0.0], "sft": [0.0, 0.0, 0.0]}
+    shapes = {r: s for r, s in layer_shapes(args.model).items() if not args.only or r in args.only}
+    shapes.update({f"{m}x{n}": (m, n) for m, n in args.shape or []})
+    total = {"old_base": 0.0, "new_base": 0.0, "old_run": 0.0, "new_run": 0.0}
+    sft_total = [0.0, 0.0]
     print(
-        f"{'tensor':<16}{'naive-T s':>10}{'ours s':>8}{'(base':>7}{'+ runs)':>8}{'ratio':>7}"
-        f"{'last run: nss':>14}{'max_left':>10}{'max_right':>10}"
+        f"{'tensor':<11}{'shape':>12}{'base old':>9}{'new':>7}{'run old':>9}{'new':>7}{'ratio':>7}"
+        f"{'cache':>7}{'nss err':>9}{'left err':>9}{'right err':>10}{'bound':>9}{'ok':>4}"
     )
-    for layer in range(args.layers):
-        for role, shape in SHAPES.items():
-            w0 = powerlaw_bf16(*shape, gen)
-            runs = [("rl", ulp_update(w0, gen)) for _ in range(args.runs)]
-            runs += [("sft", sft_update(w0, gen))] if args.sft else []
-            n_pairs[shape] = n_pairs.get(shape, 0) + args.runs
-            base, tb = timed(base_geometry, w0.to(args.device), 64, 0.5, args.spectral_k)
-            tr_sum = tref_sum = 0.0
-            for kind, w1 in runs:  # interleaved, so load from other processes hits both alike
-                mask = (w1.view(torch.int16) != w0.view(torch.int16)).to(args.device)
-                out, tr = timed(run_geometry, base, w1.to(args.device), mask, args.davidson)
-                ref, tref = timed(reference, w0, w1, args.spectral_k)
-                if kind == "sft":
-                    t_sft, t_sft_ref = t_sft + tr, t_sft_ref + tref
-                else:
-                    tr_sum, tref_sum = tr_sum + tr, tref_sum + tref
-                ours = (out.nss, out.max_angle_left, out.max_angle_right)
-                for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
-                    worst[kind][i] = max(worst[kind][i], abs(a - b) / abs(b))
-            t_base, t_run, t_ref = t_base + tb, t_run + tr_sum, t_ref + tref_sum
-            ref_by_shape[shape] = ref_by_shape.get(shape, 0.0) + tref_sum
-            ours_by_shape[shape] = ours_by_shape.get(shape, 0.0) + tb + tr_sum
-            print(
-                f"{layer}.{role:<14}{tref_sum:10.2f}{tb + tr_sum:8.2f}{tb:7.2f}{tr_sum:8.2f}"
-                f"{tref_sum / (tb + tr_sum):7.1f}{out.nss:14.2e}"
-                f"{out.max_angle_left:10.2e}{out.max_angle_right:10.2e}",
-                flush=True,
+    for role, shape in shapes.items():
+        w0 = powerlaw_bf16(*shape, gen)
+        runs = [("rl", ulp_update(w0, gen)) for _ in range(args.runs)]
+        runs += [("sft", sft_update(w0, gen))] if args.sft else []
+        w0d = w0.to(dev)
+        base, t_new_base = timed(base_geometry, w0d)
+        k = base.spectral_k
+        ref0, t_old_base = timed(old_method, w0d, k)
+        if args.svd_reference:
+            ref0 = svd_reference(w0, k)
+        share = cache_bytes(base.to_tensors()) / (2 * w0.numel())
+        t_old = t_new = 0.0
+        worst, bound_max, within = [0.0, 0.0, 0.0], 0.0, True
+        for kind, w1 in runs:  # interleaved, so load from other processes hits both alike
+            w1d = w1.to(dev)
+            mask = w1d.view(torch.int16) != w0d.view(torch.int16)
+            out, t_n = timed(run_geometry, base, w1d, mask)
+            ref1, t_o = timed(old_method, w1d, k)
+            if args.svd_reference:
+                ref1 = svd_reference(w1, k)
+            if kind == "sft":
+                sft_total[0], sft_total[1] = sft_total[0] + t_o, sft_total[1] + t_n
+            else:
+                t_old, t_new = t_old + t_o, t_new + t_n
+            nss = normalized_spectral_shift(ref0[0], ref1[0])
+            left = principal_angles(ref0[1].to(dev), ref1[1].to(dev)).cpu()
+            right = principal_angles(ref0[2].to(dev), ref1[2].to(dev)).cpu()
+            bound = out.angle_error_bound
+            bound_max = max(bound_max, bound)
+            for side, got in ((left, out.angle_left.cpu()), (right, out.angle_right.cpu())):
+                within &= bool(((got - side).abs() <= bound + 1e-12).all())
+            errs = (
+                abs(out.nss - nss) / nss,
+                abs(out.max_angle_left - float(left[0])) / float(left[0]),
+                abs(out.max_angle_right - float(right[0])) / float(right[0]),
             )
-    stored = {shape: 2 * pairs * naive_svd_time(shape) for shape, pairs in n_pairs.items()}
-    flipped = {s: 2 * pairs * naive_svd_time(s, transposed=True) for s, pairs in n_pairs.items()}
-    best_by_shape = {s: min(t, flipped[s], ref_by_shape[s]) for s, t in stored.items()}
-    naive, best = sum(stored.values()), sum(best_by_shape.values())
-    print(f"\n{'shape':<12}{'naive s':>9}{'naive-T s':>10}{'ours s':>8}{'vs best':>8}")
-    for shape, t in stored.items():
-        t_ours = ours_by_shape[shape]
-        best_shape = best_by_shape[shape]
+            worst = [max(a, b) for a, b in zip(worst, errs, strict=True)]
+        n_rl = max(args.runs, 1)
+        total["old_base"] += t_old_base
+        total["new_base"] += t_new_base
+        total["old_run"] += t_old
+        total["new_run"] += t_new
         print(
-            f"{shape[0]}x{shape[1]:<7}{t:9.2f}{ref_by_shape[shape]:10.2f}{t_ours:8.2f}"
-            f"{best_shape / t_ours:7.1f}x"
+            f"{role:<11}{f'{shape[0]}x{shape[1]}':>12}{t_old_base:9.2f}{t_new_base:7.2f}"
+            f"{t_old / n_rl:9.2f}{t_new / n_rl:7.2f}{t_old / max(t_new, 1e-9):6.1f}x"
+            f"{share:7.2f}{worst[0]:9.1e}{worst[1]:9.1e}{worst[2]:10.1e}{bound_max:9.1e}"
+            f"{'yes' if within else 'NO':>4}",
+            flush=True,
         )
-    ours = t_base + t_run
-    print(f"\nnaive   float64 torch.linalg.svd of base and run per pair, as stored: {naive:7.1f} s")
-    print(f"naive-T the same, tall matrices transposed (measured, interleaved)  : {t_ref:7.1f} s")
-    print(f"best    fastest of as stored / transposed view / naive-T, per shape  : {best:7.1f} s")
-    print(f"ours    base_geometry {t_base:.1f} s + run_geometry {t_run:.1f} s = {ours:.1f} s")
-    print(
-        f"speed-up: {naive / ours:.1f}x vs naive, {t_ref / ours:.1f}x vs naive-T, "
-        f"{best / ours:.1f}x vs best"
-    )
+    n_rl = max(args.runs, 1)
+    print(f"\nper run (sum over the tensors, mean over {args.runs} RL-like runs):")
+    print(f"  old {total['old_run'] / n_rl:.1f} s, new {total['new_run'] / n_rl:.1f} s: "
+          f"{total['old_run'] / max(total['new_run'], 1e-9):.1f}x")  # fmt: skip
+    print(f"base: old {total['old_base']:.1f} s, new {total['new_base']:.1f} s")
+    for runs in (args.runs, 5):
+        old = total["old_base"] + runs * total["old_run"] / n_rl
+        new = total["new_base"] + runs * total["new_run"] / n_rl
+        print(f"base + {runs} runs: old {old:.1f} s, new {new:.1f} s: {old / new:.1f}x")
     if args.sft:
-        print(
-            f"SFT-like runs (not in the totals above): ours {t_sft:.1f} s, naive-T {t_sft_ref:.1f} s"
-        )
-    for kind, (e_nss, e_left, e_right) in worst.items():
-        if kind == "rl" or args.sft:
-            print(
-                f"max rel. error vs float64 reference ({kind}): nss {e_nss:.1e}, "
-                f"max angle left {e_left:.1e}, right {e_right:.1e}"
-            )
+        print(f"SFT-like run: old {sft_total[0]:.1f} s, new {sft_total[1]:.1f} s")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ step "scan throughput"
 timeout 600 "$PY" benchmarks/scan_throughput.py --layers 2 --device cuda \
     --kinds raw,worker,worker_cpu --dir "$OUT/bench" 2>&1 | tee "$OUT/throughput.log"
 step "geometry"
-timeout 600 "$PY" benchmarks/geometry.py --layers 1 --device cuda --threads 16 2>&1 \
-    | tee "$OUT/geometry.log" | tail -12
+timeout 600 "$PY" benchmarks/geometry.py --model qwen3-8b --runs 2 --sft --device cuda \
+    --threads 16 2>&1 | tee "$OUT/geometry.log" | tail -16
+timeout 600 "$PY" benchmarks/geometry.py --model llama-70b --only q_proj gate_proj --runs 2 \
+    --device cuda --threads 16 2>&1 | tee "$OUT/geometry_70b.log" | tail -12
 step "done"

@@ -80,6 +80,10 @@ def _add_scan(sub) -> None:
                           help="spectral k as a share of each matrix's short side, like "
                           f"--rank-frac (default: the sweep's, else {RANK_FRAC})")  # fmt: skip
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
+    p.add_argument("--max-svd-numel", type=int, metavar="N",
+                   help="matrices of more than N elements get no geometry (status skipped_size; "
+                   "the scan's last lines name them) (default: the sweep's, else 67108864 = "
+                   "64 Mi: every 8B matrix, not the 70B MLP's 28672 x 8192)")  # fmt: skip
     p.add_argument(
         "--full-spectrum",
         action="store_true",
@@ -104,6 +108,8 @@ def _sweep_from_args(args):
         params["svd_embeddings"] = True
     if args.full_spectrum:
         params["full_spectrum"] = True
+    if args.max_svd_numel is not None:
+        params["max_svd_numel"] = args.max_svd_numel
     if args.sweep and (args.base or args.run or args.no_consistency or args.master):
         raise SweepError("give a sweep file or --base/--run, not both")
     if args.sweep:
@@ -186,6 +192,8 @@ def _scan(args) -> int:
             warning = geometry_warning(con, res.scan_ids)
             if warning:
                 print(f"rlvr-ray: {warning}", file=sys.stderr)
+            if skipped := size_skip_warning(con, res.scan_ids, sweep.params.max_svd_numel):
+                print(f"rlvr-ray: {skipped}", file=sys.stderr)
             _print_summary(con, scan_ids=res.scan_ids)  # this scan's groups only
         finally:
             con.close()
@@ -214,6 +222,24 @@ def geometry_warning(con, scan_ids: list[str]) -> str | None:
             f"decomposed matrices is no finding: {why}; summary and views leave their overlaps "
             "and angles out (SELECT tensor, rows, cols, rank_k, sigma_gap, geometry_status FROM "
             "tensors WHERE geometry_status <> 'ok')")  # fmt: skip
+
+
+def size_skip_warning(con, scan_ids: list[str], max_svd_numel: int) -> str | None:
+    """One line when the scans left matrices without geometry for their size, else None;
+    ``con``: a connection to the atlas (:func:`rlvr_ray.io.catalog.connect`)."""
+    from rlvr_ray.io import catalog
+
+    _, found = catalog.run(con, """
+        SELECT DISTINCT group_name, tensor, rows, cols, numel FROM tensors_all
+        WHERE list_contains(?, scan_id) AND geometry_status = 'skipped_size'
+        ORDER BY numel DESC, group_name, tensor""", [list(scan_ids)])  # fmt: skip
+    if not found:
+        return None
+    _, name, rows, cols, numel = found[0]
+    return (f"warning: no geometry for {len(found)} matrices of more than --max-svd-numel "
+            f"{max_svd_numel} elements (skipped_size), the largest {name} ({rows} x {cols} = "
+            f"{numel}); rerun with --max-svd-numel {numel} to include them (SELECT tensor, rows, "
+            "cols FROM tensors WHERE geometry_status = 'skipped_size')")  # fmt: skip
 
 
 def _fmt(v) -> str:

@@ -6,9 +6,11 @@ decomposed matrix's geometry_status is 'ok', 'k_not_below_rank' or 'small_gap'
 (`rlvr_ray.stats.spectral.geometry_status`), one that was not decomposed says why (`skip_reason`,
 'skipped_<run status>', 'error: ...'). GEOMETRY_FLAGGED lists the decomposed-but-not-ok ones.
 
-The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: singular values and vectors,
-principal and low-magnitude masks) is computed once per tensor per scan and reused for every
-run; it is also stored under ``cache/<base fingerprint>/`` of the results directory, keyed by a
+The base decomposition (`rlvr_ray.stats.spectral.BaseGeometry`: every singular value, the top
+singular vectors a run's iteration starts from, principal and low-magnitude masks at one bit an
+element: a fraction of the base's own bytes) is computed once per tensor per scan and reused
+for every run; it is also stored under ``cache/<base fingerprint>/`` of the results directory,
+keyed by a
 hash of the base tensor's bytes and the parameters, so a later scan of a new run against a base
 already seen does not decompose it again (and a stale entry can never be used).
 
@@ -35,7 +37,7 @@ from rlvr_ray.stats.masks import update_mask
 from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry, run_geometry
 from rlvr_ray.stats.update import UpdateGeometry, update_geometry
 
-GEOMETRY_VERSION = 1  # bump when BaseGeometry's contents change: old cache entries are ignored
+GEOMETRY_VERSION = 2  # bump when BaseGeometry's contents change: old cache entries are ignored
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
 GEOMETRY_FLAGGED = ("k_not_below_rank", "small_gap")
 
@@ -63,13 +65,13 @@ class BaseCache:
             with self.results.fs.open_input_stream(path) as f:
                 d = st_load(f.read())
             self.hits += 1
-            return BaseGeometry.from_tensors({k: v.to(bits0.device) for k, v in d.items()})
+            return BaseGeometry.from_tensors(d, bits0.device)
         except (FileNotFoundError, OSError):
             pass
         self.misses += 1
         rank_k, spectral_k = params.ks(tuple(bits0.shape))
         geo = base_geometry(bits0.view(torch.bfloat16), rank_k, params.alpha, spectral_k)
-        blob = st_save({k: v.detach().cpu().contiguous() for k, v in geo.to_tensors().items()})
+        blob = st_save(geo.to_tensors())
         self.results.write_bytes(rel, blob)
         return geo
 

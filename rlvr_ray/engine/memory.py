@@ -13,7 +13,8 @@ one another. Every term of :func:`tensor_memory` is an allocation of the worker'
   [runs, piece] matrix; per-run row and column vectors (counts, ratios, profile rows);
 - the geometry stage (a tensor that gets an SVD): the float64 copy of W0, its Gram matrix and
   ``eigh``'s workspace, the float64 rank-k reconstruction W0_k with the selection's copy and
-  ranks, the masks; then for each run the float64 W1, its Gram and ``eigh`` again.
+  ranks, the masks; then for each run the float64 W1, its Gram, ``eigvalsh`` and the top-k
+  iteration's blocks (or ``eigh`` again where the iteration cannot certify its bound).
 
 The coefficients were fitted on measured peaks (the worker run directly, the process's peak
 resident memory above its baseline; ``tests/engine/test_memory.py``) with a margin above
@@ -60,7 +61,7 @@ RUN_VECTOR_BYTES = 64
 #: ranks, the masks) and of a run's (float64 W1, the update mask, the overlaps' masks)
 GEOMETRY_ELEMENT_BYTES = 32
 #: geometry: bytes per entry of a p x p matrix (p = the short side): the Gram matrix, eigh's
-#: copy, workspace and vectors, and the base's right singular vectors kept beside them
+#: copy, workspace and vectors (the base's, or a run's that falls back to eigh)
 GEOMETRY_GRAM_BYTES = 64
 
 

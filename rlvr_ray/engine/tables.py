@@ -25,7 +25,7 @@ from rlvr_ray.stats.masks import gini_counts
 from rlvr_ray.stats.spectral import RunGeometry
 
 #: RunGeometry's fields that are not tensors-table columns (the spectra table holds them)
-_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right", "angle_error_bound")
+_NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right")
 _RUN_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
 
 

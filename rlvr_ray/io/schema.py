@@ -146,6 +146,8 @@ TENSORS = _declare(
     _col("nss", pa.float64(), "geometry"),
     _col("max_angle_left", pa.float64(), "geometry"),
     _col("max_angle_right", pa.float64(), "geometry"),
+    # certified bound (rad) on the error of every angle, left and right (stats/spectral.py)
+    _col("angle_error_bound", pa.float64(), "geometry"),
     _col(
         "rank_k", pa.int64(), "geometry"
     ),  # the k used for this matrix (relative rule or absolute)

@@ -9,28 +9,29 @@ Pure torch, device-agnostic (inputs on CUDA compute on CUDA). For base W0 [m, n]
 
 RL moves weights by 1-3 bf16 ULPs, so the signal is a relative change of ~1e-5 in sigma and
 angles down to 1e-6 rad. Everything below is float64, and the work is split so that a base is
-decomposed once (`base_geometry`) and each run costs a fraction of a fresh SVD
-(`run_geometry`). Work in the frame where the matrix is tall (transpose if m < n), p = min(m, n):
+decomposed once (`base_geometry`) and each run reuses it (`run_geometry`). Work in the frame
+where the matrix is tall (transpose if m < n), p = min(m, n), k = spectral_k:
 
-- Both sigma(W1) and the top-k right singular subspace come from one symmetric eigensolve of
-  the Gram W1^T W1: a gemm plus ``eigh`` of p x p (one MKL thread: 0.16 s vs 0.28 s for one
-  float64 ``svd`` at 896 x 896, 0.30 s vs 0.9 s at 4864 x 896). The Gram squares
-  the condition number: sigma_i carries an absolute error of ~eps * sigma_max^2 / sigma_i, so a
-  shift of relative size 1e-5 is resolved to ~1e-11 * (sigma_max / sigma_i)^2 of itself;
-  harmless for trained weights (sigma_max / sigma_i < 1e3), not for near-singular matrices.
-  Subspace errors are ~eps * sigma_max^2 / (sigma_k^2 - sigma_{k+1}^2) (1e-13 rad here).
-- Top-k left subspace of W1 = span(W1 Q), Q the right basis (one m x p x k gemm and a QR); its
-  error is at most the right one times sigma_{k+1} / sigma_k (in tangent).
+- NSS needs every singular value of W1, exactly: they come from ``eigvalsh`` (values only) of
+  the Gram W1^T W1, whose lower triangle is multiplied a block at a time (`gram`: ~0.56 of a
+  gemm's flops). The Gram squares the condition number: sigma_i carries an absolute error of
+  ~eps * sigma_max^2 / sigma_i, harmless for trained weights (sigma_max / sigma_i < 1e3), not
+  for near-singular matrices. Gram + ``eigvalsh`` is the floor of a run's cost: no identity
+  gives sum_i sigma_i(W0) sigma_i(W1) from the base's decomposition, and a bound from the top-k
+  values alone (Mirsky: ||sigma(W1) - sigma(W0)|| <= ||W1 - W0||_F) is 20-60x the RL signal.
+- The top-k right subspace of W1 comes from `top_subspace`: block LOBPCG on the Gram, started
+  at the base's top right singular vectors (RL rotates them by ~1e-2 rad), O(p^2 k) a step, until
+  the Davis-Kahan bound ||sin Theta|| <= ||G Q - Q Theta||_F / (theta_k - lambda_{k+1}) (exact
+  lambda_{k+1} from ``eigvalsh``) is below 2e-3 of the largest angle; a full ``eigh`` with
+  vectors when it cannot certify (a near-tie at k, or a stagnating bound).
+- Top-k left subspace of W1 = span(W1 Q) (one m x p x k gemm and a QR); its error is at most
+  the right one times sigma_{k+1} / sigma_k (in tangent), so asin of the bound covers every
+  angle on both sides (principal angles are 1-Lipschitz in the subspace): `angle_error_bound`.
 - sigma_max and the stable rank ||W||_F^2 / sigma_max^2 of W0 and W1 come from the same
-  eigenvalues: lambda_max to ~eps relative, and their sum is the Gram's trace (sum of squares).
-- Every run reports the Davis-Kahan bound ||sin Theta|| <= ||G Q - Q Theta||_F /
-  (lambda_k - lambda_{k+1}) as `angle_error_bound`; it bounds the error of every angle, since
-  principal angles are 1-Lipschitz in the subspace.
-- Opt-in (`davidson=True`): ``eigvalsh`` plus a block Davidson on W1^T W1 seeded with the
-  base's top 2k right singular vectors and preconditioned by the base eigenbasis (W1^T W1 is
-  nearly diagonal in it), iterated until the bound is below 1e-3 of the largest angle (1e-10
-  rad, or the rounding floor), with a full ``eigh`` when it stagnates (large, SFT-like updates).
-  At p = 896 it measured no faster than ``eigh`` on CPU; it is kept for larger p and GPUs.
+  eigenvalues.
+- The base: Gram, ``eigvalsh`` (the run's routine, so an unchanged run's NSS is exactly 0) and
+  one ``eigh`` with vectors, of which only the top seed_width(p, k) = k + max(k / 2, 8) right
+  vectors are kept (the LOBPCG's start), not all p.
 
 Whether the geometry means anything (``geometry_status``): a top-k subspace is only a finding
 when k is well below the rank and separated from the rest of the spectrum. With p = min(m, n):
@@ -47,12 +48,10 @@ when k is well below the rank and separated from the rest of the spectrum. With 
   reordering, not a rotation, and W0_k (so M_princ) is not fixed by the base to that precision;
 - 'ok' otherwise. The statistics are computed either way; the views present only 'ok' ones.
 
-Accuracy measured against float64 ``torch.linalg.svd`` of the decoded bf16 values and the
-sine formula of ``scipy.linalg.subspace_angles`` (benchmarks/geometry.py, Qwen2-0.5B
-shapes, power-law spectra, 1-3 ULP updates on 40% of entries, angles 1e-2..7e-2 rad, NSS ~1e-4):
-max angles within 5e-12 relative, NSS within 1.2e-12 relative; SFT-like update (angles 0.5-1.5
-rad, NSS ~0.1): 1e-13. The Davidson path stops at its certificate, ~5e-8 relative.
-tests/stats/test_spectral.py asserts 1e-4 (angles) and 1e-6 (NSS) on smaller shapes.
+Accuracy against float64 ``torch.linalg.svd`` of the decoded bf16 values and the sine formula
+of ``scipy.linalg.subspace_angles``, and speed against the Gram + full ``eigh`` per run:
+benchmarks/geometry.py (real layer shapes; figures in docs/performance.md).
+tests/stats/test_spectral.py asserts the certified bound and NSS to 1e-6 on smaller shapes.
 """
 
 from __future__ import annotations
@@ -60,6 +59,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlvr_ray.stats.principal import (
@@ -69,18 +69,38 @@ from rlvr_ray.stats.principal import (
     top_fraction_mask,
 )
 
-_RTOL = 1e-3  # certified angle error target, relative to the largest angle
+_RTOL = 2e-3  # certified angle error target, relative to the largest angle
 _ATOL = 1e-10  # ... or absolute, in rad
-_MAX_ITER = 6  # Davidson expansions before falling back to a full eigh
 _FLOOR = 64.0  # rounding-floor multiple (of eps * sqrt(p) * lambda_max) counted as converged
+_SHRINK = 0.8  # each LOBPCG step must shrink the bound this much, or eigh takes over
+_MAX_STEPS = 30  # LOBPCG steps before eigh takes over
+_MAX_UNSEPARATED = 3  # ... or steps whose k-th Ritz value is not above lambda_{k+1}
+_GRAM_BLOCK = 512  # columns per block of the blocked Gram (lower triangle only)
 MAX_K_SHARE = 0.25  # k above this share of min(m, n): 'k_not_below_rank'
 MIN_SIGMA_GAP = 1e-3  # relative singular-value gap at k below this: 'small_gap'
+METHODS = ("krylov", "eigh")
 
 
 def _oriented(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Matrix [m, n] -> (float64 view [max(m, n), min(m, n)], transposed?)."""
     w = w.to(torch.float64)
     return (w.T, True) if w.shape[0] < w.shape[1] else (w, False)
+
+
+def gram(w: torch.Tensor) -> torch.Tensor:
+    """float64 [M, p] -> W^T W [p, p]. On a CPU only the lower triangle is multiplied, a block
+    of columns at a time (a SYRK in torch: ~0.56 of the gemm's flops at p = 4096), and mirrored;
+    elsewhere one gemm."""
+    p = w.shape[1]
+    if w.device.type != "cpu" or p <= _GRAM_BLOCK:
+        return w.T @ w
+    g = torch.empty(p, p, dtype=w.dtype, device=w.device)
+    for a in range(0, p, _GRAM_BLOCK):
+        b = min(a + _GRAM_BLOCK, p)
+        block = w[:, a:].T @ w[:, a:b]  # rows a.., columns a..b
+        g[a:, a:b] = block
+        g[a:b, b:] = block[b - a :].T
+    return g
 
 
 def _eig_desc(g: torch.Tensor, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,7 +143,7 @@ def _max_sine(q: torch.Tensor, v_k: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(q - v_k @ (v_k.T @ q), ord=2))
 
 
-def _davidson_step(
+def _ritz(
     s: torch.Tensor, gs: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rayleigh-Ritz on span(s) [p, d] with gs = G s -> (Ritz vectors [p, k], values [k], R)."""
@@ -134,45 +154,67 @@ def _davidson_step(
     return q, theta, gs @ y - q * theta
 
 
+def seed_width(p: int, k: int) -> int:
+    """How many of the base's top right singular vectors a run's iteration starts from."""
+    return min(p, k + max(k // 2, 8))
+
+
+def _orthogonal(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of t [p, j] with span(s) [p, d] (orthonormal) projected out, twice:
+    classical Gram-Schmidt once is not enough."""
+    for _ in range(2):
+        t = torch.linalg.qr(t - s @ (s.T @ t)).Q
+    return t
+
+
 def top_subspace(
-    g: torch.Tensor, lam: torch.Tensor, v0: torch.Tensor, lam0: torch.Tensor, k: int
+    g: torch.Tensor, lam: torch.Tensor, v0: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, float]:
     """Top-k eigenvectors of a Gram matrix near a known one, with a certified error bound.
 
-    g: W1^T W1 [p, p] float64; lam: its eigenvalues [p], descending; v0: eigenvectors [p, p] of
-    the base Gram (columns by descending eigenvalue lam0 [p]). Returns (q [p, k] orthonormal
-    basis of the top-k invariant subspace of g, bound on the sine of its largest angle to the
-    exact one). Block Davidson seeded with v0[:, :2k], preconditioned by v0 diag(theta - lam0)^-1
-    v0^T; full eigh when 2k >= p or when the bound does not converge.
+    g: W1^T W1 [p, p] float64; lam: its eigenvalues [p], descending (``eigvalsh``); v0:
+    orthonormal [p, d >= k], the base's top-d right singular vectors. Returns (q [p, k]
+    orthonormal basis, bound on the sine of the largest angle between span(q) and the exact
+    top-k eigenspace of g).
+
+    Block LOBPCG without preconditioner, warm-started at v0: Rayleigh-Ritz on span(X, R, P)
+    (X the top-d Ritz vectors, R the residuals of the top k, P the previous R), O(p^2 k) a step,
+    until the Davis-Kahan bound ||G q - q Theta||_F / (theta_k - lam_{k+1}) is below 2e-3 of the
+    largest angle to span(v0[:, :k]) (or 1e-10 rad, or the rounding floor); one ``eigh`` of g
+    when k >= p / 4, when the gap at k is zero, or when the bound stops shrinking (a large,
+    SFT-like update can take that path).
     """
-    p = g.shape[0]
-    seed = min(p, 2 * k)
-    gap = float(lam[k - 1] - lam[k]) if k < p else math.inf
+    p, d = g.shape[0], v0.shape[1]
+    gap = float(lam[k - 1] - lam[k]) if k < p else 0.0
     floor = _FLOOR * torch.finfo(torch.float64).eps * math.sqrt(p) * float(lam[0])
-    if seed < p and gap > 0:
-        s = v0[:, :seed]
-        gs = g @ s
-        previous = math.inf
-        for _ in range(_MAX_ITER):
-            q, theta, res = _davidson_step(s, gs, k)
+    if d + 2 * k <= p and gap > 0:
+        s = torch.linalg.qr(v0).Q
+        gs, previous, steps, pr = g @ s, math.inf, 0, None
+        while True:
+            h = s.T @ gs
+            theta, y = _eig_desc((h + h.T) / 2, vectors=True)
+            x, gx = s @ y[:, :d], gs @ y[:, :d]
+            q, res = x[:, :k], gx[:, :k] - x[:, :k] * theta[:k]
             res_norm = float(torch.linalg.matrix_norm(res))
-            sep = float(theta[-1] - lam[k])
+            sep = float(theta[k - 1] - lam[k]) - floor  # lam carries ~floor of rounding
             bound = res_norm / sep if sep > 0 else math.inf
             target = max(_RTOL * _max_sine(q, v0[:, :k]), _ATOL)
             if bound <= target or (sep > 0.5 * gap and res_norm <= floor):
                 return q, bound
-            if not bound < 0.1 * previous:  # not a small perturbation of the base: use eigh
-                break
+            steps += 1
+            if steps > _MAX_STEPS or (bound == math.inf and steps > _MAX_UNSEPARATED):
+                break  # no separation from the rest of the spectrum in sight
+            if math.isfinite(previous) and not bound < _SHRINK * previous:
+                break  # stagnating
             previous = bound
-            denom = theta - lam0[:, None]  # [p, k]; rows < seed are already in span(s)
-            denom = torch.where(denom.abs() < 1e-3 * gap, 1e-3 * gap, denom)
-            c = (v0.T @ res) / denom
-            c[:seed] = 0.0
-            t = v0 @ c
-            for _ in range(2):  # project out span(s) twice: classical Gram-Schmidt is not enough
-                t = t - s @ (s.T @ t)
-                t = torch.linalg.qr(t).Q
-            s, gs = torch.cat([s, t], 1), torch.cat([gs, g @ t], 1)
+            r = _orthogonal(res, x)
+            blocks, gblocks = [x, r], [gx, g @ r]
+            if pr is not None:
+                pr = _orthogonal(pr, torch.cat([x, r], 1))
+                blocks.append(pr)
+                gblocks.append(g @ pr)
+            pr = r
+            s, gs = torch.cat(blocks, 1), torch.cat(gblocks, 1)
     return eigh_top_subspace(g, k)[1:]
 
 
@@ -211,15 +253,33 @@ def geometry_status(sigma: torch.Tensor, rank_k: int, spectral_k: int) -> tuple[
     return "ok", gap
 
 
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [m, n] -> uint8 [ceil(m n / 8)], 8 elements a byte (row-major, MSB first)."""
+    return torch.from_numpy(np.packbits(mask.cpu().contiguous().numpy().reshape(-1)))
+
+
+def _unpack(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `_pack`."""
+    n = shape[0] * shape[1]
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=n).view(np.bool_).reshape(shape))
+
+
+def cache_bytes(d: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors of a `BaseGeometry.to_tensors` dict."""
+    return sum(t.numel() * t.element_size() for t in d.values())
+
+
 @dataclass(frozen=True)
 class BaseGeometry:
     """What per-run work needs from a base tensor W0 [m, n], decomposed once (p = min(m, n)).
 
     Spectral fields live in the tall frame (W0 itself, or W0^T when m < n: `transposed`).
-    sigma: float64 [p] all singular values, descending. v: float64 [p, p] right singular
-    vectors of the tall frame (columns by descending sigma). u: float64 [max(m, n), spectral_k]
-    orthonormal basis of the top left singular subspace of the tall frame. princ_mask,
-    low_mask: BoolTensor [m, n] (original frame).
+    sigma: float64 [p] all singular values, descending. v: float64 [p, seed_width(p,
+    spectral_k)] the top right singular vectors of the tall frame (columns by descending sigma;
+    a run's iteration starts from them). u: float64 [max(m, n), spectral_k] orthonormal basis of
+    the top left singular subspace of the tall frame. princ_mask, low_mask: BoolTensor [m, n]
+    (original frame). Serialized (`to_tensors`) the masks take one bit an element, so a cache
+    entry is a fraction of the base's own bf16 bytes (`cache_bytes`).
     """
 
     sigma: torch.Tensor
@@ -247,13 +307,15 @@ class BaseGeometry:
         return self.sigma[: self.spectral_k]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat dict of tensors (scalars as 0-d tensors), e.g. for a safetensors cache file."""
+        """Flat dict of CPU tensors (scalars as 0-d tensors, masks packed 8 to a byte), e.g.
+        for a safetensors cache file."""
         return {
-            "sigma": self.sigma.contiguous(),
-            "v": self.v.contiguous(),
-            "u": self.u.contiguous(),
-            "princ_mask": self.princ_mask.contiguous(),
-            "low_mask": self.low_mask.contiguous(),
+            "sigma": self.sigma.cpu().contiguous(),
+            "v": self.v.cpu().contiguous(),
+            "u": self.u.cpu().contiguous(),
+            "princ_bits": _pack(self.princ_mask),
+            "low_bits": _pack(self.low_mask),
+            "shape": torch.tensor(self.shape, dtype=torch.int64),
             "rank_k": torch.tensor(self.rank_k, dtype=torch.int64),
             "spectral_k": torch.tensor(self.spectral_k, dtype=torch.int64),
             "alpha": torch.tensor(self.alpha, dtype=torch.float64),
@@ -261,14 +323,17 @@ class BaseGeometry:
         }
 
     @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> BaseGeometry:
-        """Inverse of `to_tensors`."""
+    def from_tensors(
+        cls, d: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+    ) -> BaseGeometry:
+        """Inverse of `to_tensors`, on ``device``."""
+        shape = tuple(int(x) for x in d["shape"])
         return cls(
-            sigma=d["sigma"],
-            v=d["v"],
-            u=d["u"],
-            princ_mask=d["princ_mask"],
-            low_mask=d["low_mask"],
+            sigma=d["sigma"].to(device),
+            v=d["v"].to(device),
+            u=d["u"].to(device),
+            princ_mask=_unpack(d["princ_bits"], shape).to(device),
+            low_mask=_unpack(d["low_bits"], shape).to(device),
             rank_k=int(d["rank_k"]),
             spectral_k=int(d["spectral_k"]),
             alpha=float(d["alpha"]),
@@ -342,7 +407,11 @@ def base_geometry(
     w, transposed = _oriented(w0)
     p = w.shape[1]
     rank_k, spectral_k = rank_for((p, p), rank_k), rank_for((p, p), spectral_k)
-    lam, v = _eig_desc(w.T @ w, vectors=True)
+    g = gram(w)
+    # the values from the same routine as a run's (``eigvalsh``), so an unchanged run's NSS is 0
+    lam = _eig_desc(g, vectors=False)[0]
+    v = _eig_desc(g, vectors=True)[1][:, : max(rank_k, seed_width(p, spectral_k))].contiguous()
+    del g
     wv = w @ v[:, : max(rank_k, spectral_k)]  # columns u_i * sigma_i
     del w  # 8 bytes an element: freed before the masks' own full-size scratch
     u = torch.linalg.qr(wv[:, :spectral_k]).Q.contiguous()
@@ -353,7 +422,7 @@ def base_geometry(
     del w0k
     return BaseGeometry(
         sigma=_sqrt_clamped(lam),
-        v=v,
+        v=v[:, : seed_width(p, spectral_k)].contiguous(),
         u=u,
         princ_mask=princ,
         low_mask=low_magnitude_mask(w0, alpha),
@@ -365,26 +434,28 @@ def base_geometry(
 
 
 def run_geometry(
-    base: BaseGeometry, w1: torch.Tensor, mask: torch.Tensor, davidson: bool = False
+    base: BaseGeometry, w1: torch.Tensor, mask: torch.Tensor, method: str = "krylov"
 ) -> RunGeometry:
     """BaseGeometry, run weights W1 [m, n] (any float dtype), update mask M (BoolTensor [m, n])
     -> RunGeometry, computed on the base's device.
 
-    davidson: take the top-k subspace from `top_subspace` (eigvalsh + certified Davidson)
-    instead of one full ``eigh`` of W1^T W1; same accuracy, it pays off only when p is large.
+    method: 'krylov' (``eigvalsh`` of W1^T W1 plus `top_subspace`, certified, with its own
+    fallback to ``eigh``) or 'eigh' (one full ``eigh`` of W1^T W1 with vectors).
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if w1.ndim != 2 or tuple(w1.shape) != base.shape or tuple(mask.shape) != base.shape:
         raise ValueError(
             f"shape mismatch: base {base.shape}, run {tuple(w1.shape)}, mask {tuple(mask.shape)}"
         )
     device, k = base.sigma.device, base.spectral_k
     w, _ = _oriented(w1.to(device))
-    g = w.T @ w
+    g = gram(w)
     if not bool(torch.isfinite(g.diagonal()).all()):  # column sums of squares: any NaN/Inf
         raise ValueError("run tensor has NaN or Inf entries (or overflows float64 squares)")
-    if davidson:
+    if method == "krylov":
         lam, _ = _eig_desc(g, vectors=False)
-        q, bound = top_subspace(g, lam, base.v, base.sigma.square(), k)
+        q, bound = top_subspace(g, lam, base.v, k)
     else:
         lam, q, bound = eigh_top_subspace(g, k)
     sigma = _sqrt_clamped(lam)
@@ -403,7 +474,7 @@ def run_geometry(
         sigma_run=sigma[:k],
         angle_left=left,
         angle_right=right,
-        angle_error_bound=bound,
+        angle_error_bound=math.asin(min(bound, 1.0)),
         geometry_status=status,
         sigma_gap=gap,
         sigma_max_base=float(base.sigma[0]),

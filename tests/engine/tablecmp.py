@@ -13,7 +13,7 @@ KEYS = {"tensors": ("run", "tensor"), "profiles": ("run", "tensor", "axis", "idx
         "maps": ("run", "tensor", "kind"), "spectra": ("run", "tensor", "i")}  # fmt: skip
 #: geometry columns: float64 eigensolves differ between devices in the last bits
 CLOSE = {"nss", "max_angle_left", "max_angle_right", "rel_frob", "stripe_row", "stripe_col",
-         "sigma_base", "sigma_run", "angle_left", "angle_right"}  # fmt: skip
+         "sigma_base", "sigma_run", "angle_left", "angle_right", "angle_error_bound"}  # fmt: skip
 CLOSE |= {
     "sigma_max_base",
     "sigma_max_run",

@@ -75,3 +75,29 @@ def test_full_spectrum_flag_sets_the_parameter(tmp_path):
     assert _sweep_from_args(default).params.full_spectrum is False
     args = build_parser().parse_args(["scan", str(f), "--full-spectrum"])
     assert _sweep_from_args(args).params.full_spectrum is True
+
+
+def test_max_svd_numel_flag_names_what_it_skipped(qwen_family, ray_local, tmp_path, capsys):
+    base = qwen_family.bits["base"]
+    mats = {k: v.size for k, v in base.items() if v.ndim == 2}
+    mats = {
+        k: n for k, n in mats.items() if "embed_tokens" not in k and not k.startswith("lm_head")
+    }
+    limit = sorted(mats.values())[len(mats) // 2]  # the median: about half are over it
+    over = sorted((-n, k) for k, n in mats.items() if n > limit)
+    assert 0 < len(over) < len(mats)
+    out = tmp_path / "size"
+    assert _scan(qwen_family, out, "--max-svd-numel", str(limit), "--progress", "quiet") == 0
+    name, numel = over[0][1], -over[0][0]
+    rows, cols = base[name].shape
+    expected = (
+        f"rlvr-ray: warning: no geometry for {len(over)} matrices of more than --max-svd-numel "
+        f"{limit} elements (skipped_size), the largest {name} ({rows} x {cols} = {numel}); rerun "
+        f"with --max-svd-numel {numel} to include them (SELECT tensor, rows, cols FROM tensors "
+        "WHERE geometry_status = 'skipped_size')"
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "--max-svd-numel" in line] == [expected]
+    con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
+    got = con.execute("SELECT tensor FROM tensors WHERE geometry_status = 'skipped_size'")
+    assert sorted(r[0] for r in got.fetchall()) == sorted(k for _, k in over)

@@ -49,6 +49,10 @@ def test_geometry_columns_match_float64_reference(qwen_family, tmp_path):
         right = scipy.linalg.subspace_angles(vt0[:6].T, vt1[:6].T).max()
         assert row[7] == pytest.approx(left, rel=1e-2, abs=1e-9)
         assert row[8] == pytest.approx(right, rel=1e-2, abs=1e-9)
+        bound = con.execute("SELECT angle_error_bound FROM tensors WHERE run = ? AND tensor = ?",
+                            [run, name]).fetchone()[0]  # fmt: skip
+        assert abs(row[7] - left) <= bound + 1e-12 and abs(row[8] - right) <= bound + 1e-12
+        assert bound < 2.01e-3 * max(left, right) or bound < 1e-9  # certified to the target
     spectra = con.execute("SELECT i, sigma_base, sigma_run FROM read_parquet(?) WHERE run = 'sft' "
                           "AND tensor = ? ORDER BY i", [str(tmp_path / "out/tables/spectra/*.parquet"), name]).fetchall()  # fmt: skip
     s0 = np.linalg.svd(bf16_bits_to_f64(fam.bits["base"][name]), compute_uv=False)

@@ -41,11 +41,11 @@ def _reference(w0: torch.Tensor, w1: torch.Tensor, k: int):
     return nss, s1[:k], left, right
 
 
-def _check_against_reference(w0, w1, k, angle_rtol, nss_rtol, davidson=False, device="cpu"):
+def _check_against_reference(w0, w1, k, angle_rtol, nss_rtol, method="krylov", device="cpu"):
     """Geometry of (w0, w1) computed on ``device`` against the CPU float64 reference."""
     base = base_geometry(w0.to(device), rank_k=8, spectral_k=k)
     mask = w1.view(torch.int16) != w0.view(torch.int16)
-    out = run_geometry(base, w1.to(device), mask.to(device), davidson)
+    out = run_geometry(base, w1.to(device), mask.to(device), method)
     out = replace(out, angle_left=out.angle_left.cpu(), angle_right=out.angle_right.cpu(),
                   sigma_run=out.sigma_run.cpu())  # fmt: skip
     nss, s1, left, right = _reference(w0, w1, k)
