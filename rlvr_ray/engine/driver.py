@@ -35,6 +35,7 @@ from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.families import family_for
 from rlvr_ray.io.results import ResultsDir, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, SCANS
+from rlvr_ray.io.sources import source_env
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
@@ -119,11 +120,10 @@ def missing_refs(sweep: Sweep) -> list[str]:
 
 
 def pinned(ref: str, ck: Checkpoint) -> str:
-    """``hf://org/name[@branch]`` -> ``hf://org/name@<commit sha>`` once resolved, so every
-    worker opens the same commit from the cache (no Hub call, no race with a new push)."""
-    if ref.startswith("hf://") and ck.fingerprint.startswith("hf:"):
-        return f"hf://{ref[5:].split('@', 1)[0]}@{ck.fingerprint[3:]}"
-    return ref
+    """The reference that reopens exactly what was opened as ``ref``, as its source pinned it
+    (``hf://org/name[@branch]`` -> ``hf://org/name@<commit sha>``): every worker reads the
+    same bytes (no race with a new push)."""
+    return ck.pinned or ref
 
 
 def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
@@ -291,7 +291,7 @@ class Placement:
         if memory_gb:
             opts["memory"] = int(memory_gb * 2**30)
         # actor-level env_vars merge with the job's runtime_env (working_dir kept)
-        opts["runtime_env"] = {"env_vars": worker_env() | storage_env(out)}
+        opts["runtime_env"] = {"env_vars": worker_env() | storage_env(out) | source_env()}
         return cls(max(1, min(n, n_units)), opts)
 
 
