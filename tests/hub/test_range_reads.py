@@ -112,3 +112,25 @@ def test_reader_resumes_a_cut_and_checks_size_and_sha(hub, qwen_family):
         CheckpointError, match=r"file config.json: sha256 .* is not the listed 000000"
     ):
         ck.reader.pread("config.json", 0, memoryview(whole))
+
+
+@pytest.mark.slow  # ~20 s: a scan on the shared local Ray
+def test_download_option_scans_a_cached_snapshot(hub, qwen_family, local_tables, tmp_path, ray_local):
+    from rlvr_ray import api
+    from rlvr_ray.hub import client
+
+    repos = _publish(hub, qwen_family)
+    out = tmp_path / "out"
+    runs = {f"{r}:grpo": f"hf://{repos[r]}" for r in RUNS}
+    res = api.scan(base="hf://org/base", runs=runs, group="g", out=out, params={"geometry": False},
+                   workers=2, unit_mb=1, download=True)  # fmt: skip
+    assert res.exit_code == 0, res.failures
+    assert tables(out) == local_tables
+    for name, directory in _dirs(qwen_family).items():
+        sha = hub.repos[repos[name]].sha
+        snap = client.snapshot_dir(repos[name], sha)
+        for file in layout(directory):
+            assert (snap / file).read_bytes() == (directory / file).read_bytes()
+            # downloaded once, whole, by the driver; the actors read the cache
+            assert hub.bytes_served(f"^{repos[name]}/{file}$") == (directory / file).stat().st_size
+        client.remove_download(repos[name])
