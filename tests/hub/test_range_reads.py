@@ -69,8 +69,11 @@ def test_missing_repo_or_file_fails_that_checkpoint_only(hub, qwen_family, tmp_p
     sha = hub.repos["lab/dapo"].sha
     hub.fail(r"GET /lab/dapo/resolve/.*model-00002-of-00002", 404, times=100)
     out = tmp_path / "out"
-    res = scan("hf://org/base", {"grpo-a": "hf://lab/grpo-a", "nope": "hf://lab/nope",
-                                 "dapo": f"hf://{repos['dapo']}"}, out)  # fmt: skip
+    res = scan(
+        "hf://org/base",
+        {"grpo-a": "hf://lab/grpo-a", "nope": "hf://lab/nope", "dapo": f"hf://{repos['dapo']}"},
+        out,
+    )
     reasons = {f.run: f.reason for f in res.failures}
     assert reasons.keys() == {"nope", "dapo"}
     assert reasons["nope"] == (
@@ -115,15 +118,25 @@ def test_reader_resumes_a_cut_and_checks_size_and_sha(hub, qwen_family):
 
 
 @pytest.mark.slow  # ~20 s: a scan on the shared local Ray
-def test_download_option_scans_a_cached_snapshot(hub, qwen_family, local_tables, tmp_path, ray_local):
+def test_download_option_scans_a_cached_snapshot(
+    hub, qwen_family, local_tables, tmp_path, ray_local
+):
     from rlvr_ray import api
     from rlvr_ray.hub import client
 
     repos = _publish(hub, qwen_family)
     out = tmp_path / "out"
     runs = {f"{r}:grpo": f"hf://{repos[r]}" for r in RUNS}
-    res = api.scan(base="hf://org/base", runs=runs, group="g", out=out, params={"geometry": False},
-                   workers=2, unit_mb=1, download=True)  # fmt: skip
+    res = api.scan(
+        base="hf://org/base",
+        runs=runs,
+        group="g",
+        out=out,
+        params={"geometry": False},
+        workers=2,
+        unit_mb=1,
+        download=True,
+    )
     assert res.exit_code == 0, res.failures
     assert tables(out) == local_tables
     for name, directory in _dirs(qwen_family).items():

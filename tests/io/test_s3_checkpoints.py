@@ -12,9 +12,13 @@ import pytest
 from remotelib import layout, scan, tables
 
 BUCKET = "ckpts"
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-       "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1"}  # fmt: skip
+ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
+}
 RUNS = ("grpo-a", "dapo")
 
 
@@ -83,7 +87,10 @@ def test_s3_scan_matches_local_and_fetches_only_headers_and_tensors(
     for name, d in dirs.items():
         _upload(client, d, f"ft/{name}")
     local = tmp_path / "local"
-    assert scan(str(qwen_family.base), {r: str(qwen_family.runs[r]) for r in RUNS}, local).exit_code == 0  # fmt: skip
+    assert (
+        scan(str(qwen_family.base), {r: str(qwen_family.runs[r]) for r in RUNS}, local).exit_code
+        == 0
+    )
     counting.served.clear()
     out = tmp_path / "s3"
     res = scan(f"s3://{BUCKET}/ft/base", {r: f"s3://{BUCKET}/ft/{r}/" for r in RUNS}, out)
@@ -110,7 +117,9 @@ def test_missing_bucket_or_object_fails_that_checkpoint_only(s3, qwen_family):
     )
     with pytest.raises(CheckpointError) as e:
         open_checkpoint("s3://no-such-bucket/x")
-    assert str(e.value).startswith("checkpoint s3://no-such-bucket/x: S3 error on s3://no-such-bucket/x (NoSuchBucket: ")  # fmt: skip
+    assert str(e.value).startswith(
+        "checkpoint s3://no-such-bucket/x: S3 error on s3://no-such-bucket/x (NoSuchBucket: "
+    )
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(f"s3://{BUCKET}/nothing-here")
     assert str(e.value) == (
