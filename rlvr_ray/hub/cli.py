@@ -19,7 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--every", metavar="DURATION", help="run a round every DURATION (30m, 6h, 1d) forever (default: one round)")  # fmt: skip
     p.add_argument("--limit", type=int, default=50, help="newest fine-tunes looked at per base and round (default: 50)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be scanned; download and record nothing")  # fmt: skip
-    p.add_argument("--download", action="store_true", help="download whole snapshots and scan those (default: read each tensor by HTTP range requests)")  # fmt: skip
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download whole snapshots and scan those (default: read each tensor by HTTP range "
+        "requests)",
+    )
     p.add_argument("--keep", action="store_true", help="with --download: keep downloads after the scan (default: delete them; cache: $RLVR_RAY_CACHE/hub or ~/.cache/rlvr-ray/hub)")  # fmt: skip
     p.add_argument("--include-non-rl", action="store_true", help="also scan fine-tunes with no RL evidence (SFT, ...)")  # fmt: skip
     p.add_argument("--retries", type=int, default=3, help="tries per Hub request on transient errors (default: 3)")  # fmt: skip
