@@ -54,6 +54,10 @@ def _error(ref: str, e: Exception, what: str):
 
 def open_source(ref: str) -> Listing:
     bucket, prefix = parse_ref(ref)
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        fail(ref, "s3:// checkpoints need boto3: pip install 'rlvr-ray[s3]'")
     sizes, etags = {}, {}
     try:
         if prefix.endswith(".safetensors"):
