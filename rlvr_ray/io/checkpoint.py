@@ -91,8 +91,8 @@ class Checkpoint:
     def read_rows(self, name: str, a: int, b: int, device: str | torch.device = "cpu",
                   buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Rows [a, b) of a tensor's first dimension, shape [b - a, *shape[1:]] (a 0-d or 1-D
-        tensor counts as one row: the whole of it). Positional reads on a descriptor kept open
-        per file: safe from any thread."""
+        tensor counts as one row: the whole of it). Read through the source's reader: safe
+        from any thread."""
         import torch
 
         e = self.entries[name]
