@@ -19,6 +19,7 @@ body sent in ``served`` (repo, file, first byte, bytes sent, whether a Range was
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -40,12 +41,21 @@ class Repo:
     created: datetime
     card: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property  # a repo's files never change: a new commit is a new Repo
     def sha(self) -> str:
         h = hashlib.sha1(self.repo_id.encode())
         for name in sorted(self.files):
             h.update(name.encode() + hashlib.sha1(self.files[name]).digest())
         return h.hexdigest()
+
+    @functools.cached_property
+    def sha256(self) -> dict[str, str]:
+        """file -> the sha256 of its bytes (the Hub's ETag and LFS oid of a weights file)."""
+        return {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items()}
+
+    @functools.cached_property
+    def blob_ids(self) -> dict[str, str]:
+        return {n: hashlib.sha1(b).hexdigest() for n, b in self.files.items()}
 
 
 def _iso(t: datetime) -> str:
@@ -123,14 +133,14 @@ class FakeHub:
         return [r for r in self.requests if rx.search(f"{r[0]} {r[1]}")]
 
 
-def _sibling(name: str, body: bytes, blobs: bool) -> dict:
+def _sibling(repo: Repo, name: str, blobs: bool) -> dict:
     """A file as the Hub lists it; with ``blobs``, its size and (weights in LFS) sha256."""
     if not blobs:
         return {"rfilename": name}
-    out = {"rfilename": name, "size": len(body), "blobId": hashlib.sha1(body).hexdigest()}
+    size = len(repo.files[name])
+    out = {"rfilename": name, "size": size, "blobId": repo.blob_ids[name]}
     if name.endswith(".safetensors"):
-        sha256 = hashlib.sha256(body).hexdigest()
-        out["lfs"] = {"size": len(body), "sha256": sha256, "pointerSize": 134}
+        out["lfs"] = {"size": size, "sha256": repo.sha256[name], "pointerSize": 134}
     return out
 
 
@@ -138,7 +148,7 @@ def _info(repo: Repo, expand: list[str] | None = None, blobs: bool = False) -> d
     full = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha, "private": False,
             "createdAt": _iso(repo.created), "lastModified": _iso(repo.created),
             "tags": repo.tags, "cardData": repo.card or None, "library_name": "transformers",
-            "siblings": [_sibling(n, repo.files[n], blobs) for n in sorted(repo.files)]}  # fmt: skip
+            "siblings": [_sibling(repo, n, blobs) for n in sorted(repo.files)]}  # fmt: skip
     if expand:
         return {"id": repo.repo_id, "_id": repo.repo_id} | {k: full[k] for k in expand if k in full}
     return full
@@ -176,7 +186,7 @@ def _handler(hub: FakeHub):
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
             if m:
                 repo = self._repo(m[1], m[2], method)
-                tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                tree = [{"type": "file", "path": n, "size": len(b), "oid": repo.blob_ids[n]}
                         for n, b in sorted(repo.files.items())] if repo else None  # fmt: skip
                 return tree is not None and self._json(tree, 200, method)
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
@@ -220,7 +230,7 @@ def _handler(hub: FakeHub):
                 status = 206
             self.send_response(status)
             self.send_header("X-Repo-Commit", repo.sha)
-            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("ETag", f'"{repo.sha256[name]}"')
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(end - start))
