@@ -119,7 +119,7 @@ class Checkpoint:
     def pread(self, e: TensorEntry, offset: int, view: memoryview) -> int:
         """Fill ``view`` from byte ``offset`` of tensor ``e``'s data -> bytes read (short at
         the end of a truncated file). Safe from any thread."""
-        return self.reader.pread(e.file, e.start + offset, view)
+        return self.reader.pread(e.file, e.start + offset, view, e.end)
 
     def read_exact(self, e: TensorEntry, offset: int, view: memoryview) -> None:
         """``pread``, or a one-line error naming the file and tensor if the file ends early."""

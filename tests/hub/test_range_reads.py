@@ -147,3 +147,19 @@ def test_download_option_scans_a_cached_snapshot(
             # downloaded once, whole, by the driver; the actors read the cache
             assert hub.bytes_served(f"^{repos[name]}/{file}$") == (directory / file).stat().st_size
         client.remove_download(repos[name])
+
+
+def test_a_tensor_read_in_windows_is_read_ahead_in_one_request(hub, qwen_family):
+    hub.publish("org/base", qwen_family.base)
+    ck = open_checkpoint("hf://org/base")
+    e = max(ck.entries.values(), key=lambda e: e.nbytes)
+    on_disk = (qwen_family.base / e.file).read_bytes()[e.start : e.end]
+    n_before = len(hub.served)
+    got = bytearray(e.nbytes)
+    view = memoryview(got)
+    for a in range(0, e.nbytes, 512):  # as the fused pass reads: window after window
+        ck.read_exact(e, a, view[a : a + 512])
+    assert bytes(got) == on_disk
+    served = [(a, n) for _, f, a, n, _ in hub.served[n_before:]]
+    # the first window, then the rest of the tensor at once: nothing beyond its end
+    assert served == [(e.start, 512), (e.start + 512, e.nbytes - 512)]

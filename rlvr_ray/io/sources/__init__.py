@@ -56,10 +56,11 @@ class Reader(Protocol):
     """Reads byte ranges of a checkpoint's files (the names its :class:`Listing` gives).
 
     Every method may be called from any thread. ``pread`` returns fewer bytes than asked only
-    at the end of a file; any failure is a one-line CheckpointError naming the file. Readers
-    pickle without their open handles (descriptors, connections) and reopen them on use."""
+    at the end of a file; any failure is a one-line CheckpointError naming the file; ``limit``
+    (where the caller's tensor ends) allows reading ahead up to it. Readers pickle without their
+    open handles (descriptors, connections) and reopen them on use."""
 
-    def pread(self, file: str, offset: int, view: memoryview) -> int: ...
+    def pread(self, file: str, offset: int, view: memoryview, limit: int | None = None) -> int: ...
 
     def will_need(self, file: str, offset: int, nbytes: int) -> bool: ...
 

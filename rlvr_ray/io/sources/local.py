@@ -37,7 +37,7 @@ class LocalReader:
                 fd = kept
         return fd
 
-    def pread(self, file: str, offset: int, view: memoryview) -> int:
+    def pread(self, file: str, offset: int, view: memoryview, limit: int | None = None) -> int:
         fd, got, n = self.descriptor(file), 0, len(view)
         try:
             while got < n and (k := os.preadv(fd, [view[got:]], offset + got)):

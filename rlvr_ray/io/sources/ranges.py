@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from rlvr_ray.io.files import fail
 
 PIECE_BYTES = 8 * 1024 * 1024  # one request's share of a large read
+READ_AHEAD_BYTES = 32 * 1024 * 1024  # read ahead of a tensor read in small windows
+MAX_STREAMS = 16  # tensors read ahead at once per reader
 PARALLEL = 8  # requests in flight per reader
 ATTEMPTS = 5  # per piece, counting the first
 BACKOFF_S = 0.2  # the first retry's wait, doubled for each next one
@@ -38,12 +40,26 @@ class Answer:
     etag: str | None = None
 
 
+class _Block:
+    """Bytes [start, end) of a file, being read ahead by the pool (``futures``)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.buf = bytearray(end - start)
+        self.futures: list = []
+
+    def wait(self) -> None:
+        for f in list(self.futures):
+            f.result()  # a failed read raises its one-line error here
+
+
 class RangeReader:
     """The :class:`~rlvr_ray.io.sources.Reader` of remote files ``sizes`` (name -> bytes)."""
 
     def __init__(self, ref: str, sizes: dict[str, int], sha256: dict[str, str] | None = None):
         self.ref, self.sizes, self.sha256 = ref, dict(sizes), dict(sha256 or {})
         self._etags: dict[str, str] = {}
+        self._ahead: dict[tuple[str, int], list[_Block]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -59,21 +75,22 @@ class RangeReader:
 
     # -- the Reader interface ---------------------------------------------------------------
 
-    def pread(self, file: str, offset: int, view: memoryview) -> int:
+    def pread(self, file: str, offset: int, view: memoryview, limit: int | None = None) -> int:
+        """Fill ``view`` from byte ``offset`` of ``file`` -> bytes read. ``limit``: where the
+        caller's data (a tensor) ends; small reads then read ahead, up to it, in the background
+        (a tensor read window after window costs a few large requests, not one per window)."""
         size = self.sizes.get(file)
         if size is None:
             fail(self.ref, "not a file of this checkpoint", file)
         n = max(min(len(view), size - offset), 0)
-        pieces = [(a, min(a + PIECE_BYTES, n)) for a in range(0, n, PIECE_BYTES)]
-        if len(pieces) <= 1:
-            for a, b in pieces:
-                self._fill(file, offset + a, view[a:b])
-        else:
-            list(
-                self._executor().map(
-                    lambda p: self._fill(file, offset + p[0], view[p[0] : p[1]]), pieces
-                )
-            )
+        limit = min(limit, size) if limit is not None else None
+        if limit is not None and 0 < n < READ_AHEAD_BYTES and offset + n <= limit:
+            if not self._from_ahead(file, offset, view[:n], limit):
+                self._read(file, offset, view[:n])
+            if offset + n < limit:
+                self._read_ahead(file, offset + n, limit)
+            return n
+        self._read(file, offset, view[:n])
         if n and offset == 0 and n == size and file in self.sha256:
             digest = hashlib.sha256(view[:n]).hexdigest()
             if digest != self.sha256[file]:
@@ -84,6 +101,72 @@ class RangeReader:
                 )
         return n
 
+    def _read(self, file: str, offset: int, view: memoryview) -> None:
+        """Bytes [offset, offset + len(view)) of ``file``, in pieces side by side."""
+        n = len(view)
+        pieces = [(a, min(a + PIECE_BYTES, n)) for a in range(0, n, PIECE_BYTES)]
+        if len(pieces) == 1:
+            self._fill(file, offset, view)
+        elif pieces:
+            list(
+                self._executor().map(
+                    lambda p: self._fill(file, offset + p[0], view[p[0] : p[1]]), pieces
+                )
+            )
+
+    def _from_ahead(self, file: str, offset: int, view: memoryview, limit: int) -> bool:
+        """Copy [offset, offset + len(view)) from blocks read ahead for (file, limit), if they
+        hold all of it (waiting for them) -> whether they did; consumed blocks are dropped."""
+        end = offset + len(view)
+        with self._lock:
+            blocks = list(self._ahead.get((file, limit), ()))
+        got, parts = offset, []
+        for block in blocks:
+            if block.start <= got < block.end:
+                take = min(block.end, end) - got
+                parts.append((block, got, take))
+                got += take
+            if got == end:
+                break
+        if got != end:
+            with self._lock:
+                self._ahead.pop((file, limit), None)  # not sequential: start again from here
+            return False
+        at = 0
+        for block, pos, take in parts:
+            try:
+                block.wait()
+            except Exception:  # read it again, with retries of its own, and no stale block
+                with self._lock:
+                    self._ahead.pop((file, limit), None)
+                return False
+            view[at : at + take] = block.buf[pos - block.start : pos - block.start + take]
+            at += take
+        with self._lock:
+            kept = [b for b in self._ahead.get((file, limit), ()) if b.end > end]
+            self._ahead[(file, limit)] = kept
+        return True
+
+    def _read_ahead(self, file: str, pos: int, limit: int) -> None:
+        """Keep up to READ_AHEAD_BYTES beyond ``pos`` of (file, limit) being read."""
+        key = (file, limit)
+        with self._lock:
+            blocks = self._ahead.setdefault(key, [])
+            last = blocks[-1].end if blocks else pos
+            if last >= limit or last - pos >= READ_AHEAD_BYTES // 2:
+                return
+            block = _Block(last, min(last + READ_AHEAD_BYTES, limit))
+            blocks.append(block)
+            while len(self._ahead) > MAX_STREAMS:  # streams left unfinished: forget the oldest
+                self._ahead.pop(next(iter(self._ahead)))
+        pool = self._executor()
+        n = block.end - block.start
+        view = memoryview(block.buf)
+        block.futures = [
+            pool.submit(self._fill, file, block.start + a, view[a : min(a + PIECE_BYTES, n)])
+            for a in range(0, n, PIECE_BYTES)
+        ]
+
     def will_need(self, file: str, offset: int, nbytes: int) -> bool:
         return False  # reads are fetched when asked; nothing to warm
 
@@ -93,13 +176,14 @@ class RangeReader:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            self._ahead = {}
         if pool is not None:
             pool.shutdown(wait=False)
         self.release()
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_lock")}
-        return state | {"_pool": None, "_etags": {}}
+        return state | {"_pool": None, "_etags": {}, "_ahead": {}}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
