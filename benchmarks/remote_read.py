@@ -81,7 +81,8 @@ def scan_once(hub, method: str, out: Path, workers: int) -> dict:
     seconds = time.perf_counter() - t0
     if res.exit_code != 0:
         sys.exit(f"{method}: scan failed: {res.failures}")
-    cache = sum(f.stat().st_size for f in client.cache_dir().rglob("*") if f.is_file())
+    files = client.cache_dir().rglob("*")
+    cache = sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
     return {
         "first_s": first[0],
         "scan_s": seconds,
