@@ -149,23 +149,21 @@ class RangeReader:
 
     def _read_ahead(self, file: str, pos: int, limit: int) -> None:
         """Keep up to READ_AHEAD_BYTES beyond ``pos`` of (file, limit) being read."""
-        key = (file, limit)
-        with self._lock:
+        key, pool = (file, limit), self._executor()
+        with self._lock:  # a block is listed only once its reads are under way
             blocks = self._ahead.setdefault(key, [])
             last = blocks[-1].end if blocks else pos
             if last >= limit or last - pos >= READ_AHEAD_BYTES // 2:
                 return
             block = _Block(last, min(last + READ_AHEAD_BYTES, limit))
+            n, view = block.end - block.start, memoryview(block.buf)
+            block.futures = [
+                pool.submit(self._fill, file, block.start + a, view[a : min(a + PIECE_BYTES, n)])
+                for a in range(0, n, PIECE_BYTES)
+            ]
             blocks.append(block)
             while len(self._ahead) > MAX_STREAMS:  # streams left unfinished: forget the oldest
                 self._ahead.pop(next(iter(self._ahead)))
-        pool = self._executor()
-        n = block.end - block.start
-        view = memoryview(block.buf)
-        block.futures = [
-            pool.submit(self._fill, file, block.start + a, view[a : min(a + PIECE_BYTES, n)])
-            for a in range(0, n, PIECE_BYTES)
-        ]
 
     def will_need(self, file: str, offset: int, nbytes: int) -> bool:
         return False  # reads are fetched when asked; nothing to warm
