@@ -257,7 +257,7 @@ def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
 def downloaded(sweep: Sweep) -> Sweep:
     """``sweep`` with every ``hf://`` checkpoint downloaded whole into the cache and scanned
     from there (``hf://...?download``) instead of read by HTTP range requests."""
-    from rlvr_ray.hub.source import with_download
+    from rlvr_ray.io.sources import with_download
 
     groups = tuple(
         g.model_copy(

@@ -18,11 +18,10 @@ import re
 
 from rlvr_ray.hub import client
 from rlvr_ray.io.files import CheckpointError, fail
-from rlvr_ray.io.sources import Listing, layout
+from rlvr_ray.io.sources import DOWNLOAD, Listing, layout
 from rlvr_ray.io.sources.local import open_path
 from rlvr_ray.io.sources.ranges import Answer, Permanent, RangeReader
 
-DOWNLOAD = "download"
 TIMEOUT_S = 60.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -33,13 +32,6 @@ def split_options(ref: str) -> tuple[str, bool]:
     if opts not in ("", DOWNLOAD):
         fail(ref, f"unknown option {opts!r} (known: {DOWNLOAD})")
     return body, opts == DOWNLOAD
-
-
-def with_download(ref: str) -> str:
-    """``ref`` asking for a whole download (Hub refs; others unchanged)."""
-    if not ref.startswith("hf://") or split_options(ref)[1]:
-        return ref
-    return f"{ref}?{DOWNLOAD}"
 
 
 def open_source(ref: str) -> Listing:

@@ -32,6 +32,8 @@ SOURCES = {
     "s3": "rlvr_ray.io.sources.s3",
 }
 INDEX_NAME = "model.safetensors.index.json"
+DOWNLOAD = "download"  # the reference option asking for a whole download
+DOWNLOADABLE = ("hf",)  # sources that take it
 #: settings of this process that the sources of actors on any node need: where the Hub and the
 #: object store are (credentials come from each node's own environment or config, unless
 #: forwarding them is asked for: a single-user cluster, a test)
@@ -90,6 +92,14 @@ def source_env() -> dict[str, str]:
         if os.environ.get(flag) == "1":
             names += secret
     return {k: os.environ[k] for k in names if os.environ.get(k)}
+
+
+def with_download(ref: str) -> str:
+    """``ref`` asking its source to download the checkpoint whole and read it from the cache
+    (``hf://...?download``); references of other sources are returned unchanged."""
+    if scheme(ref) not in DOWNLOADABLE or "?" in ref:
+        return ref
+    return f"{ref}?{DOWNLOAD}"
 
 
 def scheme(ref: str) -> str:
