@@ -96,16 +96,22 @@ def scan(
     unit_mb: int = 256,
     force: bool = False,
     progress: str | None = None,
+    download: bool = False,
 ) -> ScanResult:
     """Scan into the results directory ``out`` (a path or ``s3://`` URI), as ``rlvr-ray scan``.
 
     The sweep is given as in :func:`make_sweep`; the other arguments are the command's flags
-    (``unit_mb``: ``--unit-mb``, ...). Returns the ``ScanResult``: ``errors`` lists the
-    checkpoints that could not be scanned (the others are), ``exit_code`` is the command's.
+    (``unit_mb``: ``--unit-mb``, ``download``: ``--download``, ...). Returns the
+    ``ScanResult``: ``errors`` lists the checkpoints that could not be scanned (the others
+    are), ``exit_code`` is the command's.
     """
     from rlvr_ray.engine.driver import run_scan
 
     spec = make_sweep(sweep, base=base, runs=runs, group=group, params=params, masters=masters)
+    if download:
+        from rlvr_ray.engine.config import downloaded
+
+        spec = downloaded(spec)
     return run_scan(
         spec,
         os.fspath(out),

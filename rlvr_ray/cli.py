@@ -90,6 +90,12 @@ def _add_scan(sub) -> None:
         help="store every singular value of base and run in spectra (default: the top spectral k)",
     )
     p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download hf:// checkpoints whole into the cache and scan them from there (default: "
+        "each actor reads its tensors by HTTP range requests)",
+    )
     p.set_defaults(func=_scan)
 
 
@@ -142,11 +148,13 @@ def _sweep_from_args(args):
 
 
 def _scan(args) -> int:
-    from rlvr_ray.engine.config import SweepError
+    from rlvr_ray.engine.config import SweepError, downloaded
     from rlvr_ray.engine.driver import run_scan
 
     try:
         sweep = _sweep_from_args(args)
+        if args.download:
+            sweep = downloaded(sweep)
     except SweepError as e:
         print(f"rlvr-ray: error: {e}", file=sys.stderr)
         return 2

@@ -262,6 +262,25 @@ def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
     return sweep.model_copy(update={"groups": groups})
 
 
+def downloaded(sweep: Sweep) -> Sweep:
+    """``sweep`` with every ``hf://`` checkpoint downloaded whole into the cache and scanned
+    from there (``hf://...?download``) instead of read by HTTP range requests."""
+    from rlvr_ray.io.sources import with_download
+
+    groups = tuple(
+        g.model_copy(
+            update={
+                "base": with_download(g.base),
+                "runs": tuple(
+                    r.model_copy(update={"checkpoint": with_download(r.checkpoint)}) for r in g.runs
+                ),
+            }
+        )
+        for g in sweep.groups
+    )
+    return sweep.model_copy(update={"groups": groups})
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML file."""
     path = Path(path)

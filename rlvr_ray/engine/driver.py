@@ -39,6 +39,7 @@ from rlvr_ray.io.checkpoint import Checkpoint, open_checkpoint
 from rlvr_ray.io.families import family_for
 from rlvr_ray.io.results import ResultsDir, open_results, storage_env
 from rlvr_ray.io.schema import CHECKPOINTS, COMPARED_SQL, SCANS
+from rlvr_ray.io.sources import source_env
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 
@@ -96,11 +97,10 @@ def missing_refs(sweep: Sweep) -> list[str]:
 
 
 def pinned(ref: str, ck: Checkpoint) -> str:
-    """``hf://org/name[@branch]`` -> ``hf://org/name@<commit sha>`` once resolved, so every
-    worker opens the same commit from the cache (no Hub call, no race with a new push)."""
-    if ref.startswith("hf://") and ck.fingerprint.startswith("hf:"):
-        return f"hf://{ref[5:].split('@', 1)[0]}@{ck.fingerprint[3:]}"
-    return ref
+    """The reference that reopens exactly what was opened as ``ref``, as its source pinned it
+    (``hf://org/name[@branch]`` -> ``hf://org/name@<commit sha>``): every worker reads the
+    same bytes (no race with a new push)."""
+    return ck.pinned or ref
 
 
 def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
@@ -284,7 +284,7 @@ class Placement:
         if memory_gb:
             opts["memory"] = int(memory_gb * 2**30)
         # actor-level env_vars merge with the job's runtime_env (working_dir kept)
-        opts["runtime_env"] = {"env_vars": worker_env() | storage_env(out)}
+        opts["runtime_env"] = {"env_vars": worker_env() | storage_env(out) | source_env()}
         return cls(max(1, min(n, n_units or n)), opts)  # n_units None: not known yet
 
 
@@ -304,7 +304,7 @@ def _start_pool(
     import ray
 
     # the env of an embedded Ray's processes; actors of a cluster get it as a runtime_env
-    env = worker_env() | storage_env(out)
+    env = worker_env() | storage_env(out) | source_env()
     started = _init_ray(address, num_cpus, warnings, env)
     try:
         place = Placement.for_cluster(out, n_units, workers, gpus_per_worker, memory_gb)

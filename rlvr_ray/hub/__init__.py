@@ -1,19 +1,6 @@
-"""Discovery and download of Hub checkpoints: ``hf://org/name@revision`` refs and the watch.
+"""Hub checkpoints and the watch: ``hf://org/name[@revision]`` refs (read by byte range, or
+downloaded whole when asked: :mod:`rlvr_ray.hub.source`), discovery of new fine-tunes and the
+standing scan of them (:mod:`rlvr_ray.hub.watch`).
 
-Importing this package registers the ``hf`` reference scheme; it stays cheap (huggingface_hub
-is imported only when a ref is resolved).
+Importing this package is cheap: huggingface_hub is imported only when a ref is opened.
 """
-
-from __future__ import annotations
-
-from rlvr_ray.io.checkpoint import ResolvedRef, register_scheme
-
-
-def resolver(ref: str) -> ResolvedRef:
-    """Resolve ``hf://org/name[@revision]`` to a local snapshot (safetensors + json files only)."""
-    from rlvr_ray.hub.client import resolve_hf
-
-    return resolve_hf(ref)
-
-
-register_scheme("hf", resolver)

@@ -19,7 +19,13 @@ def add_parser(sub) -> None:
     p.add_argument("--every", metavar="DURATION", help="run a round every DURATION (30m, 6h, 1d) forever (default: one round)")  # fmt: skip
     p.add_argument("--limit", type=int, default=50, help="newest fine-tunes looked at per base and round (default: 50)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="list what would be scanned; download and record nothing")  # fmt: skip
-    p.add_argument("--keep", action="store_true", help="keep downloads after the scan (default: delete them; cache: $RLVR_RAY_CACHE/hub or ~/.cache/rlvr-ray/hub)")  # fmt: skip
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download whole snapshots and scan those (default: read each tensor by HTTP range "
+        "requests)",
+    )
+    p.add_argument("--keep", action="store_true", help="with --download: keep downloads after the scan (default: delete them; cache: $RLVR_RAY_CACHE/hub or ~/.cache/rlvr-ray/hub)")  # fmt: skip
     p.add_argument("--include-non-rl", action="store_true", help="also scan fine-tunes with no RL evidence (SFT, ...)")  # fmt: skip
     p.add_argument("--retries", type=int, default=3, help="tries per Hub request on transient errors (default: 3)")  # fmt: skip
     p.add_argument("--retry-wait", type=float, default=2.0, help="first retry backoff in seconds, doubling (default: 2)")  # fmt: skip
@@ -36,7 +42,7 @@ def config_from_args(args):
 
     return WatchConfig(
         bases=tuple(args.base), out=args.out, limit=args.limit, dry_run=args.dry_run,
-        keep=args.keep, include_non_rl=args.include_non_rl, retries=max(args.retries, 1),
+        download=args.download, keep=args.keep, include_non_rl=args.include_non_rl, retries=max(args.retries, 1),
         retry_wait=args.retry_wait, max_attempts=args.max_attempts, address=args.address,
         num_cpus=args.num_cpus, workers=args.workers, geometry=not args.no_geometry,
     )  # fmt: skip

@@ -17,12 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from rlvr_ray.io.checkpoint import (
-    FLOAT_DTYPES,
-    PICKLE_SUFFIXES,
-    CheckpointError,
-    ResolvedRef,
-)
+from rlvr_ray.io.files import FLOAT_DTYPES, PICKLE_SUFFIXES, CheckpointError
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json"]
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -218,24 +213,23 @@ def _cached(repo: str, sha: str) -> Path | None:
     return None
 
 
-def resolve_hf(ref: str) -> ResolvedRef:
-    """The ``hf://`` scheme resolver: a local snapshot and fingerprint ``hf:<commit sha>``.
+def resolve_hf(ref: str, repo: str, rev: str | None) -> tuple[Path, str]:
+    """Download ``repo`` at ``rev`` (checkpoint ``ref``) -> (its local snapshot, commit sha).
 
     A full commit sha already in the cache needs no network (scan workers re-open refs).
     """
-    repo, rev = parse_ref(ref)
     if rev and _SHA.match(rev) and (snap := _cached(repo, rev)):
-        return ResolvedRef(snap, f"hf:{rev}")
+        return snap, rev
     try:
-        state = with_retries(lambda: repo_state(repo, rev), f"{repo}: model info", log=_quiet)
+        state = with_retries(lambda: repo_state(repo, rev), f"{repo}: model info", log=quiet)
         refuse_pickle_only(ref, list(state.files))
-        path = with_retries(lambda: download(repo, state.sha), f"{repo}: download", log=_quiet)
+        path = with_retries(lambda: download(repo, state.sha), f"{repo}: download", log=quiet)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {ref}: Hub error ({describe(e)})") from None
-    return ResolvedRef(path, f"hf:{state.sha}")
+    return path, state.sha
 
 
-def _quiet(msg: str) -> None:
+def quiet(msg: str) -> None:
     pass

@@ -4,9 +4,11 @@ One round, per base: list its full fine-tunes newest first; skip every (repo, co
 ``watch`` table already decided (scanned or skipped: a commit is never scanned twice; failures are
 retried up to ``max_attempts`` rounds); check each new one without downloading weights (RL
 evidence in tags or name, safetensors present, tensor names / shapes / dtypes equal to the base's
-from HTTP range reads of the headers); download the survivors and the base (safetensors + json
-only); scan them together as runs of the group ``ORG__BASE`` with the real engine; record every
-decision in ``tables/watch/``; delete the downloads unless ``keep``.
+from HTTP range reads of the headers); scan the survivors together as runs of the group
+``ORG__BASE`` with the real engine, which reads each actor's tensors by HTTP range requests
+(nothing is downloaded whole unless ``download``: then the survivors and the base are downloaded,
+safetensors + json only, and deleted after the scan unless ``keep``); record every decision in
+``tables/watch/``.
 
 Failures are isolated: the scan reports which run failed and why (not error text to match), a
 candidate that cannot be opened fails alone with its one-line reason, a unit failure that
@@ -46,7 +48,8 @@ class WatchConfig:
     out: str
     limit: int = 50  # newest fine-tunes looked at per base and round
     dry_run: bool = False  # list what would be scanned; download, scan and record nothing
-    keep: bool = False  # keep the downloads after the scan
+    download: bool = False  # download whole snapshots and scan those (default: range reads)
+    keep: bool = False  # keep the downloads after the scan (with ``download``)
     include_non_rl: bool = False  # also scan fine-tunes with no RL evidence (e.g. SFT)
     retries: int = 3  # tries per Hub call (transient errors only)
     retry_wait: float = 2.0  # first backoff, seconds (doubles each retry)
@@ -171,6 +174,8 @@ class _Round:
             c.status, c.reason = "failed", client.describe(e)
 
     def fetch(self, c: Candidate) -> bool:
+        if not self.cfg.download:
+            return True  # the scan reads what it needs by range
         try:
             self.call(lambda: client.download(c.repo, c.sha), f"{c.repo}: download")
             return True
@@ -190,9 +195,10 @@ def _scan(cfg: WatchConfig, base: str, base_sha: str, cands: list[Candidate], lo
     from rlvr_ray.engine.driver import run_scan
 
     group = base_group(base)
-    runs = [{"name": c.run, "checkpoint": f"hf://{c.repo}@{c.sha}",
+    opt = "?download" if cfg.download else ""
+    runs = [{"name": c.run, "checkpoint": f"hf://{c.repo}@{c.sha}{opt}",
              **({"algorithm": c.algorithm} if c.algorithm else {})} for c in cands]  # fmt: skip
-    data = {"groups": [{"name": group, "base": f"hf://{base}@{base_sha}", "runs": runs}],
+    data = {"groups": [{"name": group, "base": f"hf://{base}@{base_sha}{opt}", "runs": runs}],
             "params": {"geometry": cfg.geometry}}  # fmt: skip
     res = run_scan(sweep_from_dict(data, Path.cwd(), "(watch)"), cfg.out, address=cfg.address,
                    workers=cfg.workers, num_cpus=cfg.num_cpus, progress=cfg.progress)  # fmt: skip
@@ -250,8 +256,9 @@ def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log)
         return
     try:
         todo = [c for c in todo if rnd.fetch(c)]
-        if todo:
+        if todo and cfg.download:
             rnd.call(lambda: client.download(base, base_state.sha), f"{base}: download")
+        if todo:
             _scan(cfg, base, base_state.sha, todo, log)
     except BaseFailed as e:  # not the candidates' fault: they are not charged an attempt
         report.errors.append(f"base {base}@{base_state.sha[:7]}: {e}")
@@ -260,7 +267,7 @@ def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log)
         for c in todo:
             c.status, c.reason = "failed", f"base/scan: {client.describe(e)}"
     finally:
-        if not cfg.keep:
+        if cfg.download and not cfg.keep:
             for c in cands:
                 client.remove_download(c.repo)
             client.remove_download(base)

@@ -43,6 +43,7 @@ DTYPES: dict[str, tuple[int, str | None]] = {
     "F6_E3M2": (6, None),
 }
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _USIZE_MAX = 2**64 - 1  # safetensors' dims, offsets and sizes are u64
 _JSON_SPACE = b" \t\r\n"
 _EXTRA_DEPTH = 125  # nesting left to a tensor entry's extra keys under serde_json's limit
@@ -164,29 +165,40 @@ def read_json(path: Path, ckpt: str, what: str) -> dict:
         raw = _pread_all(fd, size, 0)
     finally:
         os.close(fd)
-    data = _parse_json(raw, ckpt, path.name, what)
+    return parse_json_object(raw, ckpt, path.name, what)
+
+
+def parse_json_object(raw: bytes, ckpt: str, name: str, what: str) -> dict:
+    """A JSON object from ``raw``, strict (as :func:`read_json`), or a one-line error."""
+    data = _parse_json(raw, ckpt, name, what)
     if not isinstance(data, dict):
-        fail(ckpt, f"{what} (not a JSON object)", path.name)
+        fail(ckpt, f"{what} (not a JSON object)", name)
     return data
 
 
 def read_header(path: Path, ckpt: str) -> tuple[dict, int, bytes, int]:
-    """Parse a safetensors header -> (entries json, data offset, raw header bytes, file size).
+    """Parse a local file's safetensors header -> (entries json, data offset, raw header bytes,
+    file size); see :func:`parse_header`."""
+    fd, size = open_regular(path, ckpt)
+    try:
+        return parse_header(lambda n, at: _pread_all(fd, n, at), size, path.name, ckpt)
+    finally:
+        os.close(fd)
+
+
+def parse_header(read, size: int, name: str, ckpt: str) -> tuple[dict, int, bytes, int]:
+    """Parse the safetensors header of file ``name`` of ``size`` bytes, whose bytes
+    ``read(n, offset)`` returns -> (entries json, data offset, raw header bytes, file size).
 
     The format is told by what the file is: a little-endian header length that fits the
     file followed by a JSON object is safetensors; pickle (0x80 + protocol 2..5) and zip
     (``PK\\x03\\x04``, torch.save) files are refused by their signatures; anything else is
-    a corrupt header."""
-    name = path.name
-    fd, size = open_regular(path, ckpt)
-    try:
-        head = _pread_all(fd, 8, 0)
-        if len(head) < 8:
-            fail(ckpt, f"truncated: {size} bytes, shorter than the 8-byte header length", name)
-        (n,) = struct.unpack("<Q", head)
-        raw = _pread_all(fd, n, 8) if n <= MAX_HEADER_BYTES and 8 + n <= size else b""
-    finally:
-        os.close(fd)
+    a corrupt header. Two reads: the 8-byte length, then the header itself."""
+    head = read(8, 0) if size else b""
+    if len(head) < 8:
+        fail(ckpt, f"truncated: {size} bytes, shorter than the 8-byte header length", name)
+    (n,) = struct.unpack("<Q", head)
+    raw = read(n, 8) if n <= MAX_HEADER_BYTES and 8 + n <= size else b""
     if raw.lstrip(_JSON_SPACE)[:1] != b"{":
         if head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5):
             fail(ckpt, "a pickle/zip torch file named .safetensors; refused, never unpickled", name)

@@ -87,13 +87,16 @@ def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local
     arrow = {"ARROW_DEFAULT_MEMORY_POOL": "system"}  # not mimalloc (see worker_env)
     assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", **arrow}}  # fmt: skip
     local = Placement.for_cluster("/tmp/x", 1, None, None, None)
-    assert local.n_actors == 1 and local.options["runtime_env"] == {"env_vars": arrow}
+    # the store's endpoint (never its secrets) goes to actors whatever the results directory:
+    # their checkpoints may be s3:// ones
+    endpoint = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    assert local.n_actors == 1 and local.options["runtime_env"] == {"env_vars": arrow | endpoint}
     # an actor started with these options allocates Arrow's buffers with malloc
     pool = ray.remote(lambda: pa.default_memory_pool().backend_name)
     assert ray.get(pool.options(**local.options).remote()) == "system"
     monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")  # a user's choice is kept
     assert Placement.for_cluster("/tmp/x", 1, None, None, None).options["runtime_env"] == {
-        "env_vars": {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
+        "env_vars": {"ARROW_DEFAULT_MEMORY_POOL": "jemalloc"} | endpoint
     }
 
 

@@ -12,11 +12,14 @@ Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound) as the
 
 Fault injection: ``fail(pattern, status, times)`` answers matching requests with ``status``;
 ``cut(pattern, times, after)`` sends the headers and ``after`` bytes of a matching download, then
-closes the connection. Every request is logged in ``requests`` (method, path, headers).
+closes the connection (``ranged=True``: of a closed range request of more than ``longer_than``
+bytes instead). Every request is logged in ``requests`` (method, path, headers), and every file
+body sent in ``served`` (repo, file, first byte, bytes sent, whether a Range was asked).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -38,12 +41,21 @@ class Repo:
     created: datetime
     card: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property  # a repo's files never change: a new commit is a new Repo
     def sha(self) -> str:
         h = hashlib.sha1(self.repo_id.encode())
         for name in sorted(self.files):
             h.update(name.encode() + hashlib.sha1(self.files[name]).digest())
         return h.hexdigest()
+
+    @functools.cached_property
+    def sha256(self) -> dict[str, str]:
+        """file -> the sha256 of its bytes (the Hub's ETag and LFS oid of a weights file)."""
+        return {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items()}
+
+    @functools.cached_property
+    def blob_ids(self) -> dict[str, str]:
+        return {n: hashlib.sha1(b).hexdigest() for n, b in self.files.items()}
 
 
 def _iso(t: datetime) -> str:
@@ -57,7 +69,8 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.raw: list[str] = []  # request targets as sent, query string included
-        self.faults: list[list] = []  # [regex, kind, status/after, times left]
+        self.faults: list[list] = []  # [regex, kind, status/after, times left, longer_than]
+        self.served: list[tuple[str, str, int, int, bool]] = []
         self.lock = threading.Lock()
         self._n = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -91,29 +104,51 @@ class FakeHub:
         return repo
 
     def fail(self, pattern: str, status: int = 503, times: int = 1) -> None:
-        self.faults.append([re.compile(pattern), "status", status, times])
+        self.faults.append([re.compile(pattern), "status", status, times, -1])
 
-    def cut(self, pattern: str, times: int = 1, after: int = 100) -> None:
-        self.faults.append([re.compile(pattern), "cut", after, times])
+    def cut(
+        self, pattern: str, times: int = 1, after: int = 100, ranged: bool = False,
+        longer_than: int = 4096,
+    ) -> None:
+        kind = "cut-range" if ranged else "cut"
+        self.faults.append([re.compile(pattern), kind, after, times, longer_than if ranged else -1])
 
-    def fault(self, method: str, path: str, kinds=("status", "cut")):
+    def fault(self, method: str, path: str, kinds=("status", "cut"), length: int = 0):
         with self.lock:
             for f in self.faults:
-                if f[3] > 0 and f[1] in kinds and f[0].search(f"{method} {path}"):
+                hit = f[1] in kinds and f[0].search(f"{method} {path}") and length > f[4]
+                if f[3] > 0 and hit:
                     f[3] -= 1
                     return f[1], f[2]
         return None
+
+    def bytes_served(self, pattern: str = "", ranged: bool | None = None) -> int:
+        """Body bytes sent for files whose "repo/file" matches ``pattern``."""
+        rx = re.compile(pattern)
+        served = list(self.served)
+        return sum(n for repo, f, _, n, r in served if rx.search(f"{repo}/{f}") and ranged in (None, r))
 
     def hits(self, pattern: str) -> list[tuple[str, str, dict]]:
         rx = re.compile(pattern)
         return [r for r in self.requests if rx.search(f"{r[0]} {r[1]}")]
 
 
-def _info(repo: Repo, expand: list[str] | None = None) -> dict:
+def _sibling(repo: Repo, name: str, blobs: bool) -> dict:
+    """A file as the Hub lists it; with ``blobs``, its size and (weights in LFS) sha256."""
+    if not blobs:
+        return {"rfilename": name}
+    size = len(repo.files[name])
+    out = {"rfilename": name, "size": size, "blobId": repo.blob_ids[name]}
+    if name.endswith(".safetensors"):
+        out["lfs"] = {"size": size, "sha256": repo.sha256[name], "pointerSize": 134}
+    return out
+
+
+def _info(repo: Repo, expand: list[str] | None = None, blobs: bool = False) -> dict:
     full = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha, "private": False,
             "createdAt": _iso(repo.created), "lastModified": _iso(repo.created),
             "tags": repo.tags, "cardData": repo.card or None, "library_name": "transformers",
-            "siblings": [{"rfilename": n} for n in sorted(repo.files)]}  # fmt: skip
+            "siblings": [_sibling(repo, n, blobs) for n in sorted(repo.files)]}  # fmt: skip
     if expand:
         return {"id": repo.repo_id, "_id": repo.repo_id} | {k: full[k] for k in expand if k in full}
     return full
@@ -146,11 +181,12 @@ def _handler(hub: FakeHub):
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
             if m:
                 repo = self._repo(m[1], m[2], method)
-                return repo and self._json(_info(repo, q.get("expand")), 200, method)
+                blobs = q.get("blobs", [""])[0].lower() == "true"
+                return repo and self._json(_info(repo, q.get("expand"), blobs), 200, method)
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
             if m:
                 repo = self._repo(m[1], m[2], method)
-                tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                tree = [{"type": "file", "path": n, "size": len(b), "oid": repo.blob_ids[n]}
                         for n, b in sorted(repo.files.items())] if repo else None  # fmt: skip
                 return tree is not None and self._json(tree, 200, method)
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
@@ -194,7 +230,7 @@ def _handler(hub: FakeHub):
                 status = 206
             self.send_response(status)
             self.send_header("X-Repo-Commit", repo.sha)
-            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("ETag", f'"{repo.sha256[name]}"')
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(end - start))
@@ -203,14 +239,20 @@ def _handler(hub: FakeHub):
             self.end_headers()
             if method == "HEAD":
                 return
-            # cuts hit whole-file downloads and their resumes (open ranges), not header reads
-            cut = None if rng and rng[2] else hub.fault(method, f"/{repo_id}/resolve/{rev}/{name}", kinds=("cut",))  # fmt: skip
+            # cuts hit whole-file downloads and their resumes (open ranges), not header reads;
+            # ranged cuts hit closed ranges (a tensor's bytes) longer than their threshold
+            kind = "cut-range" if rng and rng[2] else "cut"
+            where = f"/{repo_id}/resolve/{rev}/{name}"
+            cut = hub.fault(method, where, kinds=(kind,), length=end - start)
             if cut:  # send part of the body, then drop the connection
-                self.wfile.write(body[start : min(start + cut[1], end)])
+                part = body[start : min(start + cut[1], end)]
+                hub.served.append((repo_id, name, start, len(part), bool(rng)))
+                self.wfile.write(part)
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
+            hub.served.append((repo_id, name, start, end - start, bool(rng)))
             self.wfile.write(body[start:end])
 
         def _json(self, obj, status: int, method: str, code: str | None = None,

@@ -7,36 +7,35 @@ import pytest
 from hub.fake_hub import publish_family
 from rlvr_ray.hub import client, discover
 from rlvr_ray.hub.watch import WatchConfig, watch_once
-from rlvr_ray.io.checkpoint import CheckpointError, open_checkpoint, resolve
+from rlvr_ray.io.checkpoint import CheckpointError, open_checkpoint
 from rlvr_ray.lab.planted import tensor_shapes
 
 
 def test_hf_ref_resolves_to_commit_and_downloads_only_safetensors_and_json(hub, family):
     repo = hub.publish("lab/q-grpo", {**{p.name: p.read_bytes() for p in family.runs["grpo"].iterdir()},
                                       "pytorch_model.bin": b"\x80\x04K\x01.", "README.md": b"# card"})  # fmt: skip
-    got = resolve("hf://lab/q-grpo@main")
+    got = open_checkpoint("hf://lab/q-grpo@main?download")
     assert got.fingerprint == f"hf:{repo.sha}"
+    assert got.pinned == f"hf://lab/q-grpo@{repo.sha}?download"
     assert sorted(p.name for p in got.path.iterdir()) == ["config.json", "model.safetensors"]
     assert got.path == client.snapshot_dir("lab/q-grpo", repo.sha)
     assert not hub.hits(r"GET .*(\.bin|README\.md)$")
-    ck = open_checkpoint("hf://lab/q-grpo")
-    assert ck.fingerprint == f"hf:{repo.sha}"
-    assert {k: e.shape for k, e in ck.entries.items()} == tensor_shapes("qwen2", 2)
+    assert {k: e.shape for k, e in got.entries.items()} == tensor_shapes("qwen2", 2)
     n = len(hub.requests)
-    assert resolve(f"hf://lab/q-grpo@{repo.sha}").path == got.path  # a cached commit: offline
-    assert len(hub.requests) == n
+    again = open_checkpoint(f"hf://lab/q-grpo@{repo.sha}?download")  # a cached commit: offline
+    assert again.path == got.path and len(hub.requests) == n
     client.remove_download("lab/q-grpo")
 
 
 def test_hf_ref_errors_are_one_line_checkpoint_errors(hub):
     hub.publish("lab/pickled", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x04K\x01."})
     with pytest.raises(CheckpointError, match=r"^checkpoint hf://lab/pickled: pickle-only repo \(pytorch_model.bin\) refused"):  # fmt: skip
-        resolve("hf://lab/pickled")
+        open_checkpoint("hf://lab/pickled")
     assert not hub.hits(r"/resolve/")  # decided from the file list: nothing was fetched
     with pytest.raises(CheckpointError, match=r"^checkpoint hf://lab/nope: Hub error \(RepositoryNotFoundError"):  # fmt: skip
-        resolve("hf://lab/nope")
+        open_checkpoint("hf://lab/nope")
     with pytest.raises(CheckpointError, match="expected hf://ORG/NAME"):
-        resolve("hf://no-slash")
+        open_checkpoint("hf://no-slash")
 
 
 def test_header_specs_come_from_range_reads(hub, family, wide):

@@ -63,7 +63,8 @@ def test_watch_scans_new_rl_finetunes_once(hub, family, wide, ray_local, tmp_pat
     assert not hub.hits(r"GET /lab/q-(wide-grpo|sft)/resolve/.*/model\.safetensors") or all(
         "Range" in h or "range" in h for _, _, h in hub.hits(r"GET /lab/q-wide-grpo/resolve")
     )
-    assert not (cache_dir() / "models--lab--q-grpo").exists()  # removed after the scan
+    assert not (cache_dir() / "models--lab--q-grpo").exists()  # nothing downloaded
+    assert hub.bytes_served(r"\.safetensors$", ranged=False) == 0  # no weights file whole
 
     # a new model is published: the next round scans it and only it
     hub.publish("lab/q-late-grpo", family.runs["late"], tags=["grpo"], base="org/base")
@@ -72,7 +73,8 @@ def test_watch_scans_new_rl_finetunes_once(hub, family, wide, ray_local, tmp_pat
     rep = watch_once(cfg(out))
     assert [c.repo for c in rep.decided] == ["lab/q-late-grpo"]
     assert rep.decided[0].status == "scanned"
-    assert len(hub.hits(r"GET /api/models/lab/q-late-grpo/revision")) == 3  # 2 x 503, then ok
+    # 2 x 503, then the watch's check; then the scan's driver and its actor pin the commit
+    assert len(hub.hits(r"GET /api/models/lab/q-late-grpo/revision")) == 3 + 2
     new = hub.requests[n_before:]
     assert not [r for r in new if "/lab/q-grpo/" in r[1] or "/lab/q-dapo/" in r[1]]
     got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__q-late-grpo'"))
@@ -92,7 +94,7 @@ def test_failures_are_recorded_and_retried_next_round(hub, family, wide, ray_loc
     # the client gives up, our retry starts again and gets the whole file
     hub.cut(r"GET /lab/cut-dapo/resolve/.*/model\.safetensors", times=6, after=0)
     out = tmp_path / "out"
-    rep = watch_once(cfg(out))
+    rep = watch_once(cfg(out, download=True))
     assert rep.exit_code == 3
     w = watch_table(out)
     assert w["lab/down-grpo"][:1] == ("failed",) and "503" in w["lab/down-grpo"][1]
@@ -103,7 +105,7 @@ def test_failures_are_recorded_and_retried_next_round(hub, family, wide, ray_loc
     assert len(hub.hits(r"GET /api/models/lab/down-grpo/revision")) == 3
     # the Hub recovers: the failed one is retried (attempt 2) and scanned; the other is not
     hub.faults.clear()
-    rep = watch_once(cfg(out))
+    rep = watch_once(cfg(out, download=True))
     assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/down-grpo", "scanned", 2)]  # fmt: skip
     assert watch_table(out)["lab/down-grpo"][:1] == ("scanned",)
 
@@ -114,7 +116,8 @@ def test_download_that_keeps_breaking_leaves_no_partial_file(hub, family, tmp_pa
     hub.publish("lab/cut-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
     hub.cut(r"GET /lab/cut-grpo/resolve/.*/model\.safetensors", times=999, after=0)
     out = tmp_path / "out"
-    rep = watch_once(WatchConfig(("org/base",), str(out), retries=1, keep=keep, geometry=False))
+    cfg = WatchConfig(("org/base",), str(out), retries=1, download=True, keep=keep, geometry=False)
+    rep = watch_once(cfg)
     (c,) = rep.decided
     assert c.status == "failed" and c.reason.startswith("download: ")
     snap = cache_dir() / "models--lab--cut-grpo" / "snapshots"
