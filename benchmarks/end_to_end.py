@@ -61,9 +61,10 @@ print(changed, total)
 def write_pair(root: Path, model: str, seed: int = 0) -> tuple[Path, Path]:
     """A base and a run of ``model``'s shapes under ``root``; -> their directories."""
     import torch
-    from rlvr_ray.lab.planted import f32_to_bf16_bits, move_ulps, tensor_shapes
     from safetensors.torch import save_file
     from transformers import Qwen2Config
+
+    from rlvr_ray.lab.planted import f32_to_bf16_bits, move_ulps, tensor_shapes
 
     hidden, inter, layers, heads, kv = MODELS[model]
     config = Qwen2Config(

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlvr_ray.io.status import NOT_COMPARED_SQL
+from rlvr_ray.sql.status import NOT_COMPARED_SQL
 from rlvr_ray.sql.summary import SUMMARY_SECTIONS
 from rlvr_ray.stats.rank_rule import RANK_FRAC
 

@@ -26,7 +26,7 @@ from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.tables import UnitTables
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.io.status import COMPARED
+from rlvr_ray.sql.status import COMPARED
 from rlvr_ray.stats import kernels
 
 #: concurrent reads per worker: the base's and the runs' copies of a tensor

@@ -18,7 +18,7 @@ import hashlib
 
 import pyarrow as pa
 
-from rlvr_ray.io.status import COMPARED, COMPARED_SQL, NOT_COMPARED_SQL, STATUSES  # noqa: F401
+from rlvr_ray.sql.status import COMPARED, COMPARED_SQL, NOT_COMPARED_SQL, STATUSES  # noqa: F401
 
 #: current rules: which rows of a table its current view keeps
 CURRENT_ALL = "all"  # every row

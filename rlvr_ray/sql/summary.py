@@ -2,7 +2,7 @@
 
 import math
 
-from rlvr_ray.io.status import NOT_COMPARED_SQL
+from rlvr_ray.sql.status import NOT_COMPARED_SQL
 
 # (name, title, SQL): the name keys ``--format json`` and picks a table with ``--table``
 SUMMARY_SECTIONS: list[tuple[str, str, str]] = [

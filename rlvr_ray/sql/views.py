@@ -5,7 +5,7 @@ each as a view in ``atlas.duckdb`` (name -> its SELECT), so they read the same f
 client.
 """
 
-from rlvr_ray.io.status import COMPARED_SQL
+from rlvr_ray.sql.status import COMPARED_SQL
 
 _OK = COMPARED_SQL
 _GEO_OK = "geometry_status = 'ok'"

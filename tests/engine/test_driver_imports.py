@@ -20,7 +20,7 @@ sweep = sweep_from_dict(
 results = ResultsDir(out)
 results.ensure()
 result = driver.ScanResult(results.uri)
-todo = driver._plan(sweep, results, result, False, 1 << 10)
+todo = driver._plan(sweep, results, result, False, 1 << 10, {})
 heavy = sorted(m for m in ("torch", "numba", "ray") if m in sys.modules)
 print(json.dumps({"units": len(todo), "errors": result.errors, "heavy": heavy}))
 """

@@ -74,7 +74,7 @@ def test_missing_repo_or_file_fails_that_checkpoint_only(hub, qwen_family, tmp_p
         {"grpo-a": "hf://lab/grpo-a", "nope": "hf://lab/nope", "dapo": f"hf://{repos['dapo']}"},
         out,
     )
-    reasons = {f.run: f.reason for f in res.failures}
+    reasons = {f.run: f.message for f in res.failures}
     assert reasons.keys() == {"nope", "dapo"}
     assert reasons["nope"] == (
         "checkpoint hf://lab/nope: Hub error (RepositoryNotFoundError: 404 Client Error.)"
