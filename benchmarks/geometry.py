@@ -186,8 +186,10 @@ def main() -> None:
         )
     n_rl = max(args.runs, 1)
     print(f"\nper run (sum over the tensors, mean over {args.runs} RL-like runs):")
-    print(f"  old {total['old_run'] / n_rl:.1f} s, new {total['new_run'] / n_rl:.1f} s: "
-          f"{total['old_run'] / max(total['new_run'], 1e-9):.1f}x")  # fmt: skip
+    print(
+        f"  old {total['old_run'] / n_rl:.1f} s, new {total['new_run'] / n_rl:.1f} s: "
+        f"{total['old_run'] / max(total['new_run'], 1e-9):.1f}x"
+    )
     print(f"base: old {total['old_base']:.1f} s, new {total['new_base']:.1f} s")
     for runs in (args.runs, 5):
         old = total["old_base"] + runs * total["old_run"] / n_rl

@@ -33,11 +33,18 @@ RUNS = {"grpo-a": 0.3, "grpo-b": 0.3, "dapo": 0.4, "sft": 0.9}
 
 def build(root: Path, layers: int, geometry: bool) -> Path:
     fam = planted_family(root / "family", "qwen2", layers=layers, runs=RUNS, dims=DIMS, seed=3)
-    runs = [{"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0]}
-            for n, p in fam.runs.items()]  # fmt: skip
+    runs = [
+        {"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0]} for n, p in fam.runs.items()
+    ]
     sweep = root / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"groups": [{"name": "bench", "base": str(fam.base), "runs": runs}],
-                                     "params": {"geometry": geometry}}))  # fmt: skip
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [{"name": "bench", "base": str(fam.base), "runs": runs}],
+                "params": {"geometry": geometry},
+            }
+        )
+    )
     return sweep
 
 
@@ -49,15 +56,28 @@ def one(sweep_path: Path, root: Path, workers: int, tag: str, unit_mb: int) -> d
     wall = time.perf_counter() - t0
     assert res.exit_code == 0, res.errors
     busy = sum(u["seconds"] for u in res.units)
-    return {"workers": workers, "wall": wall, "gb": res.n_bytes / 1e9, "busy": busy,
-            "units": res.n_units, "nodes": len({u["node_id"] for u in res.units})}  # fmt: skip
+    return {
+        "workers": workers,
+        "wall": wall,
+        "gb": res.n_bytes / 1e9,
+        "busy": busy,
+        "units": res.n_units,
+        "nodes": len({u["node_id"] for u in res.units}),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)")  # fmt: skip
-    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the embedded Ray (default: all)")  # fmt: skip
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)"
+    )
+    ap.add_argument(
+        "--num-cpus",
+        type=int,
+        default=os.cpu_count(),
+        help="CPUs of the embedded Ray (default: all)",
+    )
     ap.add_argument("--unit-mb", type=int, default=32, help="work unit size, MiB (default: 32)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds, order alternating (default: 1)")
     ap.add_argument("--geometry", action="store_true", help="also SVD-based statistics")
@@ -72,20 +92,26 @@ def main() -> None:
         ray.init(
             address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR"
         )  # a new Ray, even if `ray start` left one here
-        print(f"cpus {os.cpu_count()} (Ray: {args.num_cpus}), load average at start "
-              f"{os.getloadavg()[0]:.1f}, layers {args.layers}, geometry {args.geometry}")  # fmt: skip
+        print(
+            f"cpus {os.cpu_count()} (Ray: {args.num_cpus}), load average at start "
+            f"{os.getloadavg()[0]:.1f}, layers {args.layers}, geometry {args.geometry}"
+        )
         rows = []
         for r in range(args.repeat):
             order = args.workers if r % 2 == 0 else args.workers[::-1]
             rows += [one(sweep, root, w, f"r{r}", args.unit_mb) for w in order]
         best = {w: min(x["wall"] for x in rows if x["workers"] == w) for w in args.workers}
         base = best[args.workers[0]]
-        print(f"{'workers':>7} {'wall s':>7} {'GB':>6} {'GB/s':>6} {'speedup':>7} {'busy s':>7} "
-              f"{'busy/(wall*w)':>13} {'units':>5}")  # fmt: skip
+        print(
+            f"{'workers':>7} {'wall s':>7} {'GB':>6} {'GB/s':>6} {'speedup':>7} {'busy s':>7} "
+            f"{'busy/(wall*w)':>13} {'units':>5}"
+        )
         for x in rows:
-            print(f"{x['workers']:>7} {x['wall']:>7.1f} {x['gb']:>6.2f} {x['gb'] / x['wall']:>6.3f} "
-                  f"{base / x['wall']:>7.2f} {x['busy']:>7.1f} "
-                  f"{x['busy'] / (x['wall'] * x['workers']):>13.2f} {x['units']:>5}")  # fmt: skip
+            print(
+                f"{x['workers']:>7} {x['wall']:>7.1f} {x['gb']:>6.2f} {x['gb'] / x['wall']:>6.3f} "
+                f"{base / x['wall']:>7.2f} {x['busy']:>7.1f} "
+                f"{x['busy'] / (x['wall'] * x['workers']):>13.2f} {x['units']:>5}"
+            )
         if len(args.workers) > 1:
             w0, w1 = args.workers[0], args.workers[-1]
             print(

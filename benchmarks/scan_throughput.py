@@ -111,11 +111,20 @@ def child_scan(root: Path, out: Path, cpus: int, device: str) -> dict:
     from rlvr_ray.engine.config import sweep_from_dict
     from rlvr_ray.engine.driver import run_scan
 
-    sweep = {"groups": [{"name": "qwen05b", "base": str(root / "base"),
-                         "runs": [{"name": n, "checkpoint": str(root / n)} for n in RUNS]}],
-             "params": {"geometry": False}}  # fmt: skip
+    sweep = {
+        "groups": [
+            {
+                "name": "qwen05b",
+                "base": str(root / "base"),
+                "runs": [{"name": n, "checkpoint": str(root / n)} for n in RUNS],
+            }
+        ],
+        "params": {"geometry": False},
+    }
     t = time.perf_counter()
-    res = run_scan(sweep_from_dict(sweep, root), str(out), num_cpus=cpus, force=True, progress="quiet")  # fmt: skip
+    res = run_scan(
+        sweep_from_dict(sweep, root), str(out), num_cpus=cpus, force=True, progress="quiet"
+    )
     return {
         "seconds": time.perf_counter() - t,
         "bytes": res.n_bytes,
@@ -132,8 +141,18 @@ def child_worker(root: Path, out: Path, device: str) -> dict:
 
     idle = peak_rss()
     base = open_checkpoint(str(root / "base"))
-    runs = [(RunSpec(n, str(root / n), open_checkpoint(str(root / n)).fingerprint), open_checkpoint(str(root / n))) for n in RUNS]  # fmt: skip
-    group = Group(name="w", base=str(root / "base"), runs=[Run(name=n, checkpoint=str(root / n)) for n in RUNS])  # fmt: skip
+    runs = [
+        (
+            RunSpec(n, str(root / n), open_checkpoint(str(root / n)).fingerprint),
+            open_checkpoint(str(root / n)),
+        )
+        for n in RUNS
+    ]
+    group = Group(
+        name="w",
+        base=str(root / "base"),
+        runs=[Run(name=n, checkpoint=str(root / n)) for n in RUNS],
+    )
     plan = plan_group(group, base, runs, Params(geometry=False), 256 << 20)
     w = ScanWorker(str(out), device=device, threads=1)
     t = time.perf_counter()
@@ -161,8 +180,18 @@ KINDS = ("raw", "raw_1m", "scan", "naive", "worker", "worker_torch", "worker_cpu
 
 
 def run_child(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--dir", str(args.dir), "--cpus",
-           str(args.cpus), "--device", args.device]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--dir",
+        str(args.dir),
+        "--cpus",
+        str(args.cpus),
+        "--device",
+        args.device,
+    ]
     env = dict(os.environ)
     if kind == "worker_torch":
         env["RLVR_RAY_KERNELS"] = "torch"
@@ -177,27 +206,41 @@ def run_child(kind: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2, help="transformer layers (0.5B has 24; default 2)")  # fmt: skip
+    ap.add_argument(
+        "--layers", type=int, default=2, help="transformer layers (0.5B has 24; default 2)"
+    )
     ap.add_argument("--dir", type=Path, default=Path("bench-out/scan"), help="scratch directory")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs for the embedded Ray (default 2)")
-    ap.add_argument("--device", default="cpu", help="device of the worker row: cpu or cuda (default cpu)")  # fmt: skip
-    ap.add_argument("--kinds", default="raw,raw_1m,scan,naive,worker,worker_torch",
-                    help=f"comma-separated methods, of {','.join(KINDS)} (default: all but worker_cpu)")  # fmt: skip
+    ap.add_argument(
+        "--device", default="cpu", help="device of the worker row: cpu or cuda (default cpu)"
+    )
+    ap.add_argument(
+        "--kinds",
+        default="raw,raw_1m,scan,naive,worker,worker_torch",
+        help=f"comma-separated methods, of {','.join(KINDS)} (default: all but worker_cpu)",
+    )
     ap.add_argument("--no-cold", action="store_true", help="skip the cold page cache rows")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds of every method; medians and their range are printed (default 1)")  # fmt: skip
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every method; medians and their range are printed (default 1)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dir = args.dir.resolve()
     ckpt, out = args.dir / "ckpt", args.dir / "results"
     if args.child:
-        fn = {"raw": lambda: child_raw(ckpt), "raw_1m": lambda: child_raw(ckpt, 1 << 20),
-              "naive": lambda: child_naive(ckpt),
-              "scan": lambda: child_scan(ckpt, out, args.cpus, args.device),
-              "worker": lambda: child_worker(ckpt, out / "w", args.device),
-              "worker_torch": lambda: child_worker(ckpt, out / "w", "cpu"),
-              "worker_cpu": lambda: child_worker(ckpt, out / "w", "cpu")}  # fmt: skip
+        fn = {
+            "raw": lambda: child_raw(ckpt),
+            "raw_1m": lambda: child_raw(ckpt, 1 << 20),
+            "naive": lambda: child_naive(ckpt),
+            "scan": lambda: child_scan(ckpt, out, args.cpus, args.device),
+            "worker": lambda: child_worker(ckpt, out / "w", args.device),
+            "worker_torch": lambda: child_worker(ckpt, out / "w", "cpu"),
+            "worker_cpu": lambda: child_worker(ckpt, out / "w", "cpu"),
+        }
         res = fn[args.child]()
         res["peak_rss"] = peak_rss()
         print(json.dumps(res))
@@ -207,14 +250,23 @@ def main() -> None:
         raise SystemExit(f"--kinds: unknown {sorted(unknown)}; choose from {','.join(KINDS)}")
     if not (ckpt / RUNS[-1] / "model.safetensors").exists():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                        f"import scan_throughput as s; from pathlib import Path; "
-                        f"s.write_family(Path({str(ckpt)!r}), {args.layers})"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import scan_throughput as s; from pathlib import Path; "
+                f"s.write_family(Path({str(ckpt)!r}), {args.layers})",
+            ],
+            check=True,
+        )
         print(f"wrote base + {len(RUNS)} runs in {time.perf_counter() - t:.0f} s")
     total = sum(f.stat().st_size for f in files(ckpt))
     gb = total / 1e9
-    print(f"\n{gb:.2f} GB in 5 checkpoints ({args.layers} layers of Qwen2-0.5B shapes), "
-          f"{args.cpus} CPUs for Ray, worker on {args.device}")  # fmt: skip
+    print(
+        f"\n{gb:.2f} GB in 5 checkpoints ({args.layers} layers of Qwen2-0.5B shapes), "
+        f"{args.cpus} CPUs for Ray, worker on {args.device}"
+    )
     run_child("raw", args)  # warm the page cache
     # rounds of every method in turn: this machine's memory and disk speed drift with its
     # neighbours, so each ratio is taken within a round and the median round is reported
@@ -230,8 +282,10 @@ def main() -> None:
             cold[k].append(run_child(k, args))
     cold = {k: v for k, v in cold.items() if v}
     spread = args.repeat > 1
-    print(f"{'method':<14}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}"
-          + (f"{'range (s)':>16}" if spread else ""))  # fmt: skip
+    print(
+        f"{'method':<14}{'cache':>6}{'seconds':>9}{'GB/s':>8}{'peak RSS GB':>13}"
+        + (f"{'range (s)':>16}" if spread else "")
+    )
 
     def row(name, label, xs):
         m = median(xs)
@@ -257,10 +311,14 @@ def main() -> None:
             continue
         line = []
         if "scan" in res:
-            line.append(f"scan units phase / raw read {ratio(res, 'raw', 'scan', kb='unit_seconds')} "
-                        f"(target >= 0.5x), end to end {ratio(res, 'raw', 'scan')}")  # fmt: skip
+            line.append(
+                f"scan units phase / raw read {ratio(res, 'raw', 'scan', kb='unit_seconds')} "
+                f"(target >= 0.5x), end to end {ratio(res, 'raw', 'scan')}"
+            )
             if "raw_1m" in res:
-                line.append(f"units phase / 1 MiB-read raw {ratio(res, 'raw_1m', 'scan', kb='unit_seconds')}")  # fmt: skip
+                line.append(
+                    f"units phase / 1 MiB-read raw {ratio(res, 'raw_1m', 'scan', kb='unit_seconds')}"
+                )
         for w in ("worker", "worker_cpu", "worker_torch"):
             if w in res:
                 line.append(f"{w} / raw {ratio(res, 'raw', w)}")
@@ -276,11 +334,15 @@ def main() -> None:
     if "worker" in warm:
         worker = max(warm["worker"], key=lambda r: r["peak_rss"])
         bound = (len(RUNS) + 1) * worker["largest"]
-        print(f"one worker, all units: peak RSS {worker['peak_rss'] / 1e9:.2f} GB "
-              f"= {worker['idle_rss'] / 1e9:.2f} GB interpreter + {(worker['peak_rss'] - worker['idle_rss']) / 1e9:.2f} GB; "
-              f"bound (runs + 1) x largest tensor = {bound / 1e9:.2f} GB")  # fmt: skip
+        print(
+            f"one worker, all units: peak RSS {worker['peak_rss'] / 1e9:.2f} GB "
+            f"= {worker['idle_rss'] / 1e9:.2f} GB interpreter + {(worker['peak_rss'] - worker['idle_rss']) / 1e9:.2f} GB; "
+            f"bound (runs + 1) x largest tensor = {bound / 1e9:.2f} GB"
+        )
         if "naive" in warm:
-            print(f"naive peak RSS / worker peak RSS: {ratio(warm, 'naive', 'worker', 'peak_rss', 'peak_rss')}")  # fmt: skip
+            print(
+                f"naive peak RSS / worker peak RSS: {ratio(warm, 'naive', 'worker', 'peak_rss', 'peak_rss')}"
+            )
     if not args.keep:
         shutil.rmtree(args.dir)
 

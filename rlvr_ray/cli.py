@@ -31,12 +31,20 @@ DEFAULT_OUT = "results"
 
 
 def _add_scan(sub) -> None:
-    p = sub.add_parser("scan", help="scan base vs fine-tuned checkpoints into a results directory",
-                       description="Scan a sweep (YAML) or one base with --run NAME=PATH runs.")  # fmt: skip
+    p = sub.add_parser(
+        "scan",
+        help="scan base vs fine-tuned checkpoints into a results directory",
+        description="Scan a sweep (YAML) or one base with --run NAME=PATH runs.",
+    )
     p.add_argument("sweep", nargs="?", help="sweep YAML file (groups: name, base, runs)")
     p.add_argument("--base", help="base checkpoint (quick form, instead of a sweep file)")
-    p.add_argument("--run", action="append", default=[], metavar="NAME=PATH",
-                   help="a run of the quick form; repeatable. NAME may carry ':ALGORITHM'")  # fmt: skip
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a run of the quick form; repeatable. NAME may carry ':ALGORITHM'",
+    )
     p.add_argument(
         "--no-consistency",
         action="append",
@@ -53,43 +61,94 @@ def _add_scan(sub) -> None:
         help="the fp32 master weights (F32 safetensors) saved beside --run NAME's bf16 "
         "checkpoint: adds its precision_gate rows; repeatable (default: none)",
     )
-    p.add_argument("--group", default="default", help="group name of the quick form (default: default)")  # fmt: skip
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory or s3:// URI (default: {DEFAULT_OUT})")  # fmt: skip
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)")  # fmt: skip
-    p.add_argument("--workers", type=int, help="number of actors (default: one per GPU, else one per CPU)")  # fmt: skip
+    p.add_argument(
+        "--group", default="default", help="group name of the quick form (default: default)"
+    )
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"results directory or s3:// URI (default: {DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)"
+    )
+    p.add_argument(
+        "--workers", type=int, help="number of actors (default: one per GPU, else one per CPU)"
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPU share per actor (default: 1 when the cluster has GPUs, else 0)")  # fmt: skip
-    p.add_argument("--memory-gb", type=float, help="memory per actor, GiB (Ray's memory resource); units that need more are refused (default: no limit)")  # fmt: skip
-    p.add_argument("--unit-mb", type=int, default=256, help="target size of a work unit across all checkpoints, MiB (default: 256)")  # fmt: skip
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPU share per actor (default: 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        help="memory per actor, GiB (Ray's memory resource); units that need more are refused (default: no limit)",
+    )
+    p.add_argument(
+        "--unit-mb",
+        type=int,
+        default=256,
+        help="target size of a work unit across all checkpoints, MiB (default: 256)",
+    )
     p.add_argument("--force", action="store_true", help="redo units already done")
     p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--rank-k", type=int, metavar="N",
-                      help="absolute k of the rank-k reconstruction for M_princ, every matrix "
-                      "(default: the sweep's, else --rank-frac)")  # fmt: skip
-    rank.add_argument("--rank-frac", type=float, metavar="F",
-                      help="k of M_princ as a share of each matrix's short side p: "
-                      "floor(F * p + 0.5), at least 1 (default: the sweep's, else "
-                      f"{RANK_FRAC}: k = 64 at p = 1536)")  # fmt: skip
-    p.add_argument("--alpha", type=float, help="share of weights in M_princ and M_low (default: the sweep's, else 0.5)")  # fmt: skip
+    rank.add_argument(
+        "--rank-k",
+        type=int,
+        metavar="N",
+        help="absolute k of the rank-k reconstruction for M_princ, every matrix "
+        "(default: the sweep's, else --rank-frac)",
+    )
+    rank.add_argument(
+        "--rank-frac",
+        type=float,
+        metavar="F",
+        help="k of M_princ as a share of each matrix's short side p: "
+        "floor(F * p + 0.5), at least 1 (default: the sweep's, else "
+        f"{RANK_FRAC}: k = 64 at p = 1536)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="share of weights in M_princ and M_low (default: the sweep's, else 0.5)",
+    )
     spectral = p.add_mutually_exclusive_group()
-    spectral.add_argument("--spectral-k", type=int, metavar="N",
-                          help="absolute k of the singular subspaces compared "
-                          "(default: the sweep's, else --spectral-frac)")  # fmt: skip
-    spectral.add_argument("--spectral-frac", type=float, metavar="F",
-                          help="spectral k as a share of each matrix's short side, like "
-                          f"--rank-frac (default: the sweep's, else {RANK_FRAC})")  # fmt: skip
+    spectral.add_argument(
+        "--spectral-k",
+        type=int,
+        metavar="N",
+        help="absolute k of the singular subspaces compared "
+        "(default: the sweep's, else --spectral-frac)",
+    )
+    spectral.add_argument(
+        "--spectral-frac",
+        type=float,
+        metavar="F",
+        help="spectral k as a share of each matrix's short side, like "
+        f"--rank-frac (default: the sweep's, else {RANK_FRAC})",
+    )
     p.add_argument("--svd-embeddings", action="store_true", help="also decompose embed/lm_head")
-    p.add_argument("--max-svd-numel", type=int, metavar="N",
-                   help="matrices of more than N elements get no geometry (status skipped_size; "
-                   "the scan's last lines name them) (default: the sweep's, else 67108864 = "
-                   "64 Mi: every 8B matrix, not the 70B MLP's 28672 x 8192)")  # fmt: skip
+    p.add_argument(
+        "--max-svd-numel",
+        type=int,
+        metavar="N",
+        help="matrices of more than N elements get no geometry (status skipped_size; "
+        "the scan's last lines name them) (default: the sweep's, else 67108864 = "
+        "64 Mi: every 8B matrix, not the 70B MLP's 28672 x 8192)",
+    )
     p.add_argument(
         "--full-spectrum",
         action="store_true",
         help="store every singular value of base and run in spectra (default: the top spectral k)",
     )
-    p.add_argument("--progress", choices=["tty", "log", "quiet"], help="progress display (default: tty on a terminal, else quiet)")  # fmt: skip
+    p.add_argument(
+        "--progress",
+        choices=["tty", "log", "quiet"],
+        help="progress display (default: tty on a terminal, else quiet)",
+    )
     p.add_argument(
         "--download",
         action="store_true",
@@ -103,8 +162,15 @@ def _sweep_from_args(args):
     from rlvr_ray.engine.config import SweepError, load_sweep, quick_run, sweep_from_dict
 
     # flags given on the command line override the sweep file's params; absent ones do not
-    params = {k: v for k, v in {"rank_k": args.rank_k, "alpha": args.alpha,
-                                "spectral_k": args.spectral_k}.items() if v is not None}  # fmt: skip
+    params = {
+        k: v
+        for k, v in {
+            "rank_k": args.rank_k,
+            "alpha": args.alpha,
+            "spectral_k": args.spectral_k,
+        }.items()
+        if v is not None
+    }
     for kind in ("rank", "spectral"):  # a fraction on the command line beats the sweep's k
         if getattr(args, f"{kind}_frac") is not None:
             params |= {f"{kind}_frac": getattr(args, f"{kind}_frac"), f"{kind}_k": None}
@@ -121,10 +187,15 @@ def _sweep_from_args(args):
     if args.sweep:
         sweep = load_sweep(args.sweep)
         merged = {**sweep.params.model_dump(), **params}
-        return sweep_from_dict({"groups": [g.model_dump() for g in sweep.groups], "params": merged},
-                               Path(args.sweep).parent.resolve(), args.sweep)  # fmt: skip
+        return sweep_from_dict(
+            {"groups": [g.model_dump() for g in sweep.groups], "params": merged},
+            Path(args.sweep).parent.resolve(),
+            args.sweep,
+        )
     if not args.base or not args.run:
-        raise SweepError("scan needs a sweep file, or --base PATH with at least one --run NAME=PATH")  # fmt: skip
+        raise SweepError(
+            "scan needs a sweep file, or --base PATH with at least one --run NAME=PATH"
+        )
     masters = {}
     for spec in args.master:
         if "=" not in spec:
@@ -162,10 +233,18 @@ def _scan(args) -> int:
 
     try:
         results = open_results(args.out)  # opened once: the scan, then the atlas
-        res = run_scan(sweep, results, address=args.address, workers=args.workers,
-                       num_cpus=args.num_cpus, gpus_per_worker=args.gpus_per_worker,
-                       force=args.force, progress=args.progress, unit_bytes=args.unit_mb << 20,
-                       memory_gb=args.memory_gb)  # fmt: skip
+        res = run_scan(
+            sweep,
+            results,
+            address=args.address,
+            workers=args.workers,
+            num_cpus=args.num_cpus,
+            gpus_per_worker=args.gpus_per_worker,
+            force=args.force,
+            progress=args.progress,
+            unit_bytes=args.unit_mb << 20,
+            memory_gb=args.memory_gb,
+        )
     except SweepError as e:  # a local checkpoint path that does not exist
         print(f"rlvr-ray: error: {e}", file=sys.stderr)
         return 2
@@ -176,21 +255,30 @@ def _scan(args) -> int:
         print("rlvr-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     if res.interrupted:
-        print(f"rlvr-ray: interrupted: {res.n_units_kept} of {res.n_units} units are kept in "
-              f"{res.out}; rerun the same command to resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"rlvr-ray: interrupted: {res.n_units_kept} of {res.n_units} units are kept in "
+            f"{res.out}; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return res.exit_code
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)
     for msg in res.skipped[:20]:
         print(f"rlvr-ray: skipped {msg}", file=sys.stderr)
     if len(res.skipped) > 20:
-        print(f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
-              f"(SELECT * FROM tensors WHERE {NOT_COMPARED_SQL})", file=sys.stderr)  # fmt: skip
+        print(
+            f"rlvr-ray: ... and {len(res.skipped) - 20} more skipped tensors "
+            f"(SELECT * FROM tensors WHERE {NOT_COMPARED_SQL})",
+            file=sys.stderr,
+        )
     print(scan_line(res))
     if res.disk_full:  # no catalog query: the atlas cannot be written
-        print(f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "
-              f"{res.n_units} units are kept; free some space and rerun the same command to "
-              "resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"rlvr-ray: error: disk full writing to {res.out}: {res.n_units_kept} of "
+            f"{res.n_units} units are kept; free some space and rerun the same command to "
+            "resume",
+            file=sys.stderr,
+        )
         return res.exit_code
     if res.scan_ids:
         from rlvr_ray.io import catalog
@@ -208,8 +296,10 @@ def _scan(args) -> int:
     return res.exit_code
 
 
-FLAGGED_WHY = {"k_not_below_rank": "k > short side / 4",
-               "small_gap": "relative singular-value gap at k < 0.001"}  # fmt: skip
+FLAGGED_WHY = {
+    "k_not_below_rank": "k > short side / 4",
+    "small_gap": "relative singular-value gap at k < 0.001",
+}
 
 
 def geometry_warning(con, scan_ids: list[str]) -> str | None:
@@ -217,19 +307,25 @@ def geometry_warning(con, scan_ids: list[str]) -> str | None:
     ``con``: a connection to the atlas (:func:`rlvr_ray.io.catalog.connect`)."""
     from rlvr_ray.io import catalog
 
-    _, found = catalog.run(con, """
+    _, found = catalog.run(
+        con,
+        """
         SELECT geometry_status, count(DISTINCT group_name || '/' || tensor) FROM tensors_all
         WHERE list_contains(?, scan_id) AND geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')
-        GROUP BY ALL ORDER BY 2 DESC, 1""", [list(scan_ids)])  # fmt: skip
+        GROUP BY ALL ORDER BY 2 DESC, 1""",
+        [list(scan_ids)],
+    )
     counts = dict(found)
     flagged = [(s, n) for s, n in found if s != "ok"]
     if not flagged:
         return None
     why = ", ".join(f"{n} {s} ({FLAGGED_WHY[s]})" for s, n in flagged)
-    return (f"warning: geometry of {sum(n for _, n in flagged)} of {sum(counts.values())} "
-            f"decomposed matrices is no finding: {why}; summary and views leave their overlaps "
-            "and angles out (SELECT tensor, rows, cols, rank_k, sigma_gap, geometry_status FROM "
-            "tensors WHERE geometry_status <> 'ok')")  # fmt: skip
+    return (
+        f"warning: geometry of {sum(n for _, n in flagged)} of {sum(counts.values())} "
+        f"decomposed matrices is no finding: {why}; summary and views leave their overlaps "
+        "and angles out (SELECT tensor, rows, cols, rank_k, sigma_gap, geometry_status FROM "
+        "tensors WHERE geometry_status <> 'ok')"
+    )
 
 
 def size_skip_warning(con, scan_ids: list[str], max_svd_numel: int) -> str | None:
@@ -237,17 +333,23 @@ def size_skip_warning(con, scan_ids: list[str], max_svd_numel: int) -> str | Non
     ``con``: a connection to the atlas (:func:`rlvr_ray.io.catalog.connect`)."""
     from rlvr_ray.io import catalog
 
-    _, found = catalog.run(con, """
+    _, found = catalog.run(
+        con,
+        """
         SELECT DISTINCT group_name, tensor, rows, cols, numel FROM tensors_all
         WHERE list_contains(?, scan_id) AND geometry_status = 'skipped_size'
-        ORDER BY numel DESC, group_name, tensor""", [list(scan_ids)])  # fmt: skip
+        ORDER BY numel DESC, group_name, tensor""",
+        [list(scan_ids)],
+    )
     if not found:
         return None
     _, name, rows, cols, numel = found[0]
-    return (f"warning: no geometry for {len(found)} matrices of more than --max-svd-numel "
-            f"{max_svd_numel} elements (skipped_size), the largest {name} ({rows} x {cols} = "
-            f"{numel}); rerun with --max-svd-numel {numel} to include them (SELECT tensor, rows, "
-            "cols FROM tensors WHERE geometry_status = 'skipped_size')")  # fmt: skip
+    return (
+        f"warning: no geometry for {len(found)} matrices of more than --max-svd-numel "
+        f"{max_svd_numel} elements (skipped_size), the largest {name} ({rows} x {cols} = "
+        f"{numel}); rerun with --max-svd-numel {numel} to include them (SELECT tensor, rows, "
+        "cols FROM tensors WHERE geometry_status = 'skipped_size')"
+    )
 
 
 def _fmt(v) -> str:
@@ -288,10 +390,14 @@ def print_rows(cols: list[str], rows: list[tuple], fmt: str = "table", stream=No
     else:
         cells = [[_fmt(v) for v in r] for r in rows]
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-        stream.write("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")  # fmt: skip
+        stream.write(
+            "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n"
+        )
         stream.write("  ".join("-" * w for w in widths) + "\n")
         for r in cells:
-            stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")  # fmt: skip
+            stream.write(
+                "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
+            )
 
 
 def scan_line(res) -> str:
@@ -299,12 +405,16 @@ def scan_line(res) -> str:
     from rlvr_ray.engine.progress import size_text
 
     if res.n_units and res.n_units_resumed == res.n_units:
-        return (f"nothing new to scan: all {res.n_units} units ({res.n_tensors} tensors) were "
-                f"already done (--force redoes them) -> {res.out}")  # fmt: skip
+        return (
+            f"nothing new to scan: all {res.n_units} units ({res.n_tensors} tensors) were "
+            f"already done (--force redoes them) -> {res.out}"
+        )
     rate = f" ({size_text(res.n_bytes / res.unit_seconds)}/s)" if res.unit_seconds else ""
-    return (f"scanned {res.n_tensors} tensors in {res.n_units} units "
-            f"({res.n_units_resumed} already done), {size_text(res.n_bytes)} read in "
-            f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}")  # fmt: skip
+    return (
+        f"scanned {res.n_tensors} tensors in {res.n_units} units "
+        f"({res.n_units_resumed} already done), {size_text(res.n_bytes)} read in "
+        f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}"
+    )
 
 
 def _print_summary(
@@ -410,7 +520,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("query", help='SQL, e.g. "SELECT * FROM run_sparsity"')
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help=FORMAT_HELP)
     p.add_argument(
         "--allow-external",
@@ -426,7 +536,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description=SUMMARY_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")  # fmt: skip
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help=FORMAT_HELP)
     p.add_argument(
         "--table",

@@ -26,38 +26,59 @@ def _planted_sweep(root: Path) -> Path:
     for i, mt in enumerate(["qwen2", "llama", "mistral"]):
         runs = {"grpo-s1": 0.3, "grpo-s2": 0.3, "dapo": 0.35, "sft": 0.97}
         fam = planted_family(root / mt, mt, layers=4, runs=runs, seed=i)
-        groups.append({"name": f"{mt}-planted", "base": str(fam.base), "runs": [
-            {"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0],
-             "consistency": not n.startswith("sft")} for n, p in fam.runs.items()]})  # fmt: skip
+        groups.append(
+            {
+                "name": f"{mt}-planted",
+                "base": str(fam.base),
+                "runs": [
+                    {
+                        "name": n,
+                        "checkpoint": str(p),
+                        "algorithm": n.split("-")[0],
+                        "consistency": not n.startswith("sft"),
+                    }
+                    for n, p in fam.runs.items()
+                ],
+            }
+        )
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     return path
 
 
 HEADLINE = [
-    ("RL vs SFT, final checkpoints: sparsity (share of bf16 weights bitwise unchanged), share of "
-     "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
-     f"baseline 0.5 each; k = {RANK_FRAC} of each matrix's short side; matrices whose geometry_status "
-     "is not 'ok' left out), median NSS and median max principal angle (rad)", """
+    (
+        "RL vs SFT, final checkpoints: sparsity (share of bf16 weights bitwise unchanged), share of "
+        "changes that moved 1 ULP, update overlap with principal / low-magnitude weights (random "
+        f"baseline 0.5 each; k = {RANK_FRAC} of each matrix's short side; matrices whose geometry_status "
+        "is not 'ok' left out), median NSS and median max principal angle (rad)",
+        """
      SELECT group_name, algorithm, count(*) AS runs, round(avg(sparsity), 3) AS sparsity,
             round(avg(ulp1_share), 3) AS ulp1_share, round(avg(overlap_princ), 3) AS overlap_princ,
             round(avg(overlap_low), 3) AS overlap_low, avg(median_nss) AS nss,
             avg(median_max_angle) AS max_angle
      FROM summary_final GROUP BY group_name, algorithm
-     ORDER BY group_name, algorithm = 'sft', algorithm"""),
-    ("Cross-run consistency of the RL runs' update masks: mean pairwise Jaccard vs the "
-     "independent-Bernoulli baseline", """
+     ORDER BY group_name, algorithm = 'sft', algorithm""",
+    ),
+    (
+        "Cross-run consistency of the RL runs' update masks: mean pairwise Jaccard vs the "
+        "independent-Bernoulli baseline",
+        """
      SELECT group_name, n_runs, round(mean_jaccard, 3) AS mean_jaccard,
             round(jaccard_baseline, 3) AS baseline,
             round(mean_jaccard / jaccard_baseline, 2) AS lift
-     FROM group_summary ORDER BY group_name"""),
-    ("k-step sparsity: each saved step against the series' step before it (k steps apart), "
-     "averaged over the series of each algorithm", """
+     FROM group_summary ORDER BY group_name""",
+    ),
+    (
+        "k-step sparsity: each saved step against the series' step before it (k steps apart), "
+        "averaged over the series of each algorithm",
+        """
      SELECT group_name, algorithm, step_from, step_to, count(*) AS series,
             round(avg(sparsity), 3) AS sparsity, round(avg(ulp1_share), 3) AS ulp1_share
      FROM step_sparsity GROUP BY group_name, algorithm, step_from, step_to
-     ORDER BY group_name, algorithm = 'sft', algorithm, step_from"""),
-]  # fmt: skip
+     ORDER BY group_name, algorithm = 'sft', algorithm, step_from""",
+    ),
+]
 
 
 def cli_command() -> str:
@@ -134,9 +155,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="build demo checkpoints, scan them on an embedded Ray, print the headline")  # fmt: skip
-    p.add_argument("--out", default="demo-out", help="where checkpoints and results go (default: demo-out)")  # fmt: skip
-    p.add_argument("--planted", action="store_true", help="planted synthetic families instead of the trained lab")  # fmt: skip
-    p.add_argument("--preset", default="default", help="lab preset: default (minutes), tiny (seconds) or paper (wide; hours on a CPU) (default: default)")  # fmt: skip
+    p = sub.add_parser(
+        "demo", help="build demo checkpoints, scan them on an embedded Ray, print the headline"
+    )
+    p.add_argument(
+        "--out", default="demo-out", help="where checkpoints and results go (default: demo-out)"
+    )
+    p.add_argument(
+        "--planted",
+        action="store_true",
+        help="planted synthetic families instead of the trained lab",
+    )
+    p.add_argument(
+        "--preset",
+        default="default",
+        help="lab preset: default (minutes), tiny (seconds) or paper (wide; hours on a CPU) (default: default)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.set_defaults(func=run)

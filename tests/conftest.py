@@ -13,8 +13,14 @@ from rlvr_ray.lab.planted import planted_family
 def qwen_family(tmp_path_factory):
     """qwen2-shaped, sharded (2 shards + index), base + 4 runs with planted ULP updates."""
     root = tmp_path_factory.mktemp("qwen2")
-    return planted_family(root, "qwen2", layers=2, shards=2, seed=1,
-                          runs={"grpo-a": 0.2, "grpo-b": 0.25, "dapo": 0.3, "sft": 0.9})  # fmt: skip
+    return planted_family(
+        root,
+        "qwen2",
+        layers=2,
+        shards=2,
+        seed=1,
+        runs={"grpo-a": 0.2, "grpo-b": 0.25, "dapo": 0.3, "sft": 0.9},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +35,13 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        )
     yield ray
     if os.environ.get("RLVR_RAY_KEEP_RAY") != "1":
         ray.shutdown()

@@ -28,9 +28,13 @@ def snapshot(out) -> dict[str, list[tuple]]:
     """Every row of the statistic tables, all columns, sorted."""
     con = catalog.connect(str(out))
     try:
-        return {t: [tuple(_norm(v) for v in r) for r in
-                    con.execute(f"SELECT * FROM {t}_all ORDER BY ALL").fetchall()]
-                for t in KEYS}  # fmt: skip
+        return {
+            t: [
+                tuple(_norm(v) for v in r)
+                for r in con.execute(f"SELECT * FROM {t}_all ORDER BY ALL").fetchall()
+            ]
+            for t in KEYS
+        }
     finally:
         con.close()
 
@@ -39,8 +43,10 @@ def duplicates(out) -> dict[str, int]:
     """table -> rows beyond one per key (0 everywhere when nothing was written twice)."""
     con = catalog.connect(str(out))
     try:
-        return {t: con.execute(f"SELECT count(*) - count(DISTINCT ({k})) FROM {t}_all").fetchone()[0]
-                for t, k in KEYS.items()}  # fmt: skip
+        return {
+            t: con.execute(f"SELECT count(*) - count(DISTINCT ({k})) FROM {t}_all").fetchone()[0]
+            for t, k in KEYS.items()
+        }
     finally:
         con.close()
 
@@ -54,23 +60,31 @@ def assert_same_results(got, clean) -> None:
 
 
 def sweep_dict(fam, group: str = "g", geometry: bool = False) -> dict:
-    runs = [{"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0]}
-            for n, p in fam.runs.items()]  # fmt: skip
-    return {"groups": [{"name": group, "base": str(fam.base), "runs": runs}],
-            "params": {"geometry": geometry}}  # fmt: skip
+    runs = [
+        {"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0]} for n, p in fam.runs.items()
+    ]
+    return {
+        "groups": [{"name": group, "base": str(fam.base), "runs": runs}],
+        "params": {"geometry": geometry},
+    }
 
 
 def expected_changed(fam) -> dict[tuple[str, str], int]:
     """(run, tensor) -> bitwise-changed count from the planted bit patterns (+0 == -0)."""
     base = fam.bits["base"]
-    return {(r, k): int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
-            for r in fam.runs for k, b in fam.bits[r].items()}  # fmt: skip
+    return {
+        (r, k): int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
+        for r in fam.runs
+        for k, b in fam.bits[r].items()
+    }
 
 
 def changed_in(out) -> dict[tuple[str, str], int]:
     con = catalog.connect(str(out))
     try:
-        return {(r, t): n for r, t, n in
-                con.execute("SELECT run, tensor, n_changed FROM tensors_all").fetchall()}  # fmt: skip
+        return {
+            (r, t): n
+            for r, t, n in con.execute("SELECT run, tensor, n_changed FROM tensors_all").fetchall()
+        }
     finally:
         con.close()

@@ -160,9 +160,15 @@ def test_summary_csv_is_one_table_chosen_by_name(results, capsys):
     assert main(["summary", "--out", str(results), "--format", "csv", "--table", "runs"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == [
-        "group_name", "run", "algorithm", "step", "sparsity", "ulp1_share", "coverage",
+        "group_name",
+        "run",
+        "algorithm",
+        "step",
+        "sparsity",
+        "ulp1_share",
+        "coverage",
         "tensor_coverage",
-    ]  # fmt: skip
+    ]
     assert sorted(r[1] for r in rows[1:]) == ["grpo", "ppo"]
     assert {(r[6], r[7]) for r in rows[1:]} == {("1.0", "1.0")}  # every tensor compared
 
@@ -225,7 +231,10 @@ def test_sql_and_summary_help_describe_them(capsys):
 def test_demo_rejects_an_unknown_preset_in_one_line(tmp_path, capsys):
     assert main(["demo", "--preset", "tny", "--out", str(tmp_path / "d")]) == 2
     captured = capsys.readouterr()
-    assert captured.err == "rlvr-ray demo: error: unknown preset 'tny' (presets: default, paper, tiny)\n"
+    assert (
+        captured.err
+        == "rlvr-ray demo: error: unknown preset 'tny' (presets: default, paper, tiny)\n"
+    )
     assert not (tmp_path / "d").exists()
 
 

@@ -224,8 +224,12 @@ def _format(e: ValidationError, source: str) -> str:
     # a tuple whose items failed also reports itself too short (its valid items are counted):
     # only the items' own errors say what is wrong
     locs = [err["loc"] for err in e.errors()]
-    errs = [err for err in e.errors() if err["type"] != "too_short"
-            or not any(len(o) > len(err["loc"]) and o[: len(err["loc"])] == err["loc"] for o in locs)]  # fmt: skip
+    errs = [
+        err
+        for err in e.errors()
+        if err["type"] != "too_short"
+        or not any(len(o) > len(err["loc"]) and o[: len(err["loc"])] == err["loc"] for o in locs)
+    ]
     parts = []
     for err in errs[:3]:
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -245,20 +249,30 @@ def quick_run(spec: str, path, master=None) -> dict:
 def sweep_from_dict(data: object, root: Path, source: str = "<dict>") -> Sweep:
     """Validate a parsed sweep; relative checkpoint paths are taken from ``root``."""
     if not isinstance(data, dict):
-        raise SweepError(f"sweep {source}: expected a mapping with 'groups:', got {type(data).__name__}")  # fmt: skip
+        raise SweepError(
+            f"sweep {source}: expected a mapping with 'groups:', got {type(data).__name__}"
+        )
     try:
         sweep = Sweep.model_validate(data)
     except ValidationError as e:
         raise SweepError(_format(e, source)) from None
     groups = tuple(
-        g.model_copy(update={
-            "base": _resolve(g.base, root),
-            "runs": tuple(r.model_copy(update={"checkpoint": _resolve(r.checkpoint, root),
-                                               "master": r.master and _resolve(r.master, root)})
-                          for r in g.runs),
-        })
+        g.model_copy(
+            update={
+                "base": _resolve(g.base, root),
+                "runs": tuple(
+                    r.model_copy(
+                        update={
+                            "checkpoint": _resolve(r.checkpoint, root),
+                            "master": r.master and _resolve(r.master, root),
+                        }
+                    )
+                    for r in g.runs
+                ),
+            }
+        )
         for g in sweep.groups
-    )  # fmt: skip
+    )
     return sweep.model_copy(update={"groups": groups})
 
 

@@ -103,7 +103,9 @@ def pinned(ref: str, ck: Checkpoint) -> str:
     return ck.pinned or ref
 
 
-def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:  # fmt: skip
+def _open_group(
+    group, result: ScanResult
+) -> tuple[Checkpoint, list[tuple[RunSpec, Checkpoint]]] | None:
     """Open the base and every run of ``group``. Whatever goes wrong opening one checkpoint
     (a bad header, an unreadable config.json, a symlink loop, a bug) skips that checkpoint
     with one line and the others go on."""
@@ -123,36 +125,69 @@ def _open_group(group, result: ScanResult) -> tuple[Checkpoint, list[tuple[RunSp
             result.fail(Failure(failures.BAD_RUN, group.name, msg, run=r.name))
             continue
         ck.ref = pinned(r.checkpoint, ck)
-        spec = RunSpec(r.name, ck.ref, ck.fingerprint, r.algorithm, r.step, r.dataset,
-                       r.seed, r.series, r.consistency, r.master)  # fmt: skip
+        spec = RunSpec(
+            r.name,
+            ck.ref,
+            ck.fingerprint,
+            r.algorithm,
+            r.step,
+            r.dataset,
+            r.seed,
+            r.series,
+            r.consistency,
+            r.master,
+        )
         if r.master:  # a master that cannot be opened: the run is scanned, without the gate
             try:
                 open_checkpoint(r.master, fingerprint=False).close()
             except Exception as e:
                 why = one_line(e, r.master)
-                result.warnings.append(f"group {group.name}: run {r.name}: no precision gate: {why}")
+                result.warnings.append(
+                    f"group {group.name}: run {r.name}: no precision gate: {why}"
+                )
         runs.append((spec, ck))
     return base, runs
 
 
-def _scan_tables(plan: GroupPlan, run_cks: list[Checkpoint], params: Params) -> tuple[pa.Table, pa.Table]:  # fmt: skip
+def _scan_tables(
+    plan: GroupPlan, run_cks: list[Checkpoint], params: Params
+) -> tuple[pa.Table, pa.Table]:
     now = datetime.now(timezone.utc)
-    scans = pa.Table.from_pylist([{
-        "scan_id": plan.scan_id, "group_name": plan.group.name, "base_ref": plan.base.ref,
-        "base_fingerprint": plan.base.fingerprint, "family": plan.family,
-        "n_runs": len(plan.runs), "runs": [r.name for r in plan.runs],
-        "params": json.dumps(params.model_dump(), sort_keys=True), "n_units": len(plan.units),
-        "created_at": now, "rlvr_ray_version": __version__,
-    }], schema=SCANS)  # fmt: skip
+    scans = pa.Table.from_pylist(
+        [
+            {
+                "scan_id": plan.scan_id,
+                "group_name": plan.group.name,
+                "base_ref": plan.base.ref,
+                "base_fingerprint": plan.base.fingerprint,
+                "family": plan.family,
+                "n_runs": len(plan.runs),
+                "runs": [r.name for r in plan.runs],
+                "params": json.dumps(params.model_dump(), sort_keys=True),
+                "n_units": len(plan.units),
+                "created_at": now,
+                "rlvr_ray_version": __version__,
+            }
+        ],
+        schema=SCANS,
+    )
 
     def row(name, ck: Checkpoint, is_base: bool, spec: RunSpec | None) -> dict:
         labels = spec.labels() if spec else {}
-        return {"scan_id": plan.scan_id, "group_name": plan.group.name, "run": name,
-                "is_base": is_base, "ref": ck.ref, "fingerprint": ck.fingerprint,
-                "family": plan.family, **labels,
-                "consistency": spec.consistency if spec else None,
-                "n_tensors": len(ck.entries), "n_bytes": ck.n_bytes,
-                "dtypes": ",".join(sorted({e.dtype for e in ck.entries.values()}))}  # fmt: skip
+        return {
+            "scan_id": plan.scan_id,
+            "group_name": plan.group.name,
+            "run": name,
+            "is_base": is_base,
+            "ref": ck.ref,
+            "fingerprint": ck.fingerprint,
+            "family": plan.family,
+            **labels,
+            "consistency": spec.consistency if spec else None,
+            "n_tensors": len(ck.entries),
+            "n_bytes": ck.n_bytes,
+            "dtypes": ",".join(sorted({e.dtype for e in ck.entries.values()})),
+        }
 
     rows = [row("base", plan.base, True, None)]
     rows += [row(s.name, ck, False, s) for s, ck in zip(plan.runs, run_cks, strict=True)]
@@ -265,8 +300,14 @@ class Placement:
     options: dict
 
     @classmethod
-    def for_cluster(cls, out: str, n_units: int | None, workers: int | None,
-                    gpus_per_worker: float | None, memory_gb: float | None) -> Placement:  # fmt: skip
+    def for_cluster(
+        cls,
+        out: str,
+        n_units: int | None,
+        workers: int | None,
+        gpus_per_worker: float | None,
+        memory_gb: float | None,
+    ) -> Placement:
         import ray
 
         res = ray.cluster_resources()
@@ -404,11 +445,20 @@ def _no_unit_done(results: ResultsDir) -> bool:
         return False
 
 
-def run_scan(sweep: Sweep, out: str | ResultsDir, *, address: str | None = None, workers: int | None = None,
-             num_cpus: int | None = None, gpus_per_worker: float | None = None,
-             force: bool = False, progress: str | None = None,
-             unit_bytes: int = DEFAULT_UNIT_BYTES, memory_gb: float | None = None,
-             on_unit: Callable[[dict], None] | None = None) -> ScanResult:  # fmt: skip
+def run_scan(
+    sweep: Sweep,
+    out: str | ResultsDir,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    num_cpus: int | None = None,
+    gpus_per_worker: float | None = None,
+    force: bool = False,
+    progress: str | None = None,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    memory_gb: float | None = None,
+    on_unit: Callable[[dict], None] | None = None,
+) -> ScanResult:
     """Scan every group of ``sweep`` into the results directory ``out`` (a path or a URI).
 
     ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
@@ -501,11 +551,17 @@ def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:
     """A warning per run with no change in any compared tensor, saying how many were compared
     (rows of tensors that were not, e.g. an unsupported dtype, prove nothing) or that none was."""
     _, rows = catalog.query(
-        results, f"SELECT group_name, run, count(*) FILTER (WHERE {COMPARED_SQL}), "
+        results,
+        f"SELECT group_name, run, count(*) FILTER (WHERE {COMPARED_SQL}), "
         "count(*) FROM tensors_all WHERE scan_id IN (SELECT unnest(?)) GROUP BY group_name, run "
         f"HAVING coalesce(sum(n_changed) FILTER (WHERE {COMPARED_SQL}), 0) = 0 "
-        "ORDER BY group_name, run", [scan_ids])  # fmt: skip
-    return [f"group {g}: run {r}: no tensor compared (0 of {n} tensors)" if not k else
-            f"group {g}: run {r} is bitwise identical to its base in all {k} compared tensors"
-            + (f" ({n - k} of {n} not compared)" if n > k else "")
-            for g, r, k, n in rows]  # fmt: skip
+        "ORDER BY group_name, run",
+        [scan_ids],
+    )
+    return [
+        f"group {g}: run {r}: no tensor compared (0 of {n} tensors)"
+        if not k
+        else f"group {g}: run {r} is bitwise identical to its base in all {k} compared tensors"
+        + (f" ({n - k} of {n} not compared)" if n > k else "")
+        for g, r, k, n in rows
+    ]

@@ -128,8 +128,10 @@ def over_budget(units: list[Unit], memory_gb: float) -> tuple[list[Unit], list[s
     budget = memory_gb * 2**30
     fit, errors = [], []
     for u in units:
-        need, spec = max(((tensor_memory(t, len(u.runs) + 1, u.params), t) for t in u.tensors),
-                         key=lambda x: x[0])  # fmt: skip
+        need, spec = max(
+            ((tensor_memory(t, len(u.runs) + 1, u.params), t) for t in u.tensors),
+            key=lambda x: x[0],
+        )
         if need <= budget:
             fit.append(u)
             continue
@@ -137,5 +139,6 @@ def over_budget(units: list[Unit], memory_gb: float) -> tuple[list[Unit], list[s
         errors.append(
             f"group {u.group}: unit {u.index} refused: tensor {spec.name} needs {_size(need)} "
             f"({copies} copies x {_size(spec.nbytes / copies)} + scratch) > --memory-gb "
-            f"{memory_gb:g}; rerun with a larger --memory-gb (done units are kept)")  # fmt: skip
+            f"{memory_gb:g}; rerun with a larger --memory-gb (done units are kept)"
+        )
     return fit, errors

@@ -36,8 +36,13 @@ class RunSpec:
     master: str | None = None  # the run's fp32 master checkpoint (the precision gate)
 
     def labels(self) -> dict:
-        return {"algorithm": self.algorithm, "step": self.step, "dataset": self.dataset,
-                "seed": self.seed, "series": self.series or self.name}  # fmt: skip
+        return {
+            "algorithm": self.algorithm,
+            "step": self.step,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "series": self.series or self.name,
+        }
 
 
 @dataclass(frozen=True)
@@ -114,16 +119,23 @@ def plan_hash() -> str:
     return hashlib.sha256(f"{MIN_UNITS};{';'.join(parts)}".encode()).hexdigest()[:16]
 
 
-def scan_id_for(group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Params,
-                unit_bytes: int) -> str:  # fmt: skip
+def scan_id_for(
+    group: str, base_fp: str, runs: tuple[RunSpec, ...], params: Params, unit_bytes: int
+) -> str:
     """The scan's id: the same for the same inputs, tables and plan (a resumed scan finds its
     parts); another once any of them changes."""
     key = {
-        "schema": schema_hash(), "plan": plan_hash(), "group": group, "base": base_fp, "unit_bytes": unit_bytes,
-        "runs": [[r.name, r.fingerprint, r.labels(), r.consistency, *([r.master] if r.master else [])]
-                 for r in runs],
+        "schema": schema_hash(),
+        "plan": plan_hash(),
+        "group": group,
+        "base": base_fp,
+        "unit_bytes": unit_bytes,
+        "runs": [
+            [r.name, r.fingerprint, r.labels(), r.consistency, *([r.master] if r.master else [])]
+            for r in runs
+        ],
         "params": params.model_dump(),
-    }  # fmt: skip
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -151,8 +163,13 @@ def cut(tensors: list[TensorSpec], unit_bytes: int) -> list[list[TensorSpec]]:
     return pieces
 
 
-def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpoint]],
-               params: Params, unit_bytes: int) -> GroupPlan:  # fmt: skip
+def plan_group(
+    group: Group,
+    base: Checkpoint,
+    runs: list[tuple[RunSpec, Checkpoint]],
+    params: Params,
+    unit_bytes: int,
+) -> GroupPlan:
     """Units for one group whose checkpoints opened (runs that failed to open are left out).
     A step-pair group (`rlvr_ray.engine.config.step_pair_groups`) is scanned without geometry:
     its rows are the k-step sparsity, and the geometry of a step against its base is the main
@@ -181,7 +198,15 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
             one, piece = nbytes // shape[0], tuple(shape[1:])
             specs += [
                 TensorSpec(
-                    name, info.role, info.layer, info.depth, one, piece, expert=e, fused=True, **where
+                    name,
+                    info.role,
+                    info.layer,
+                    info.depth,
+                    one,
+                    piece,
+                    expert=e,
+                    fused=True,
+                    **where,
                 )
                 for e in range(shape[0])
             ]
@@ -195,4 +220,3 @@ def plan_group(group: Group, base: Checkpoint, runs: list[tuple[RunSpec, Checkpo
         for i, p in enumerate(cut(specs, unit_bytes))
     )
     return GroupPlan(sid, group, fam.name, base, run_specs, units, params)
-

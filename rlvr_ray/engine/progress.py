@@ -27,8 +27,14 @@ def size_text(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_tensors: int, total_bytes: int, mode: str | None = None,
-                 every: float = 10.0, stream=None):  # fmt: skip
+    def __init__(
+        self,
+        total_tensors: int,
+        total_bytes: int,
+        mode: str | None = None,
+        every: float = 10.0,
+        stream=None,
+    ):
         self.stream = stream or sys.stderr
         if mode is None:
             mode = "tty" if getattr(self.stream, "isatty", lambda: False)() else "quiet"
@@ -48,8 +54,10 @@ class Progress:
             pace = (self.done_b - self.first[1]) / (now - self.first[0])
             eta = _dur((self.total_b - self.done_b) / pace)
         scale, unit = _unit(self.total_b)
-        return (f"tensors {self.done_t}/{self.total_t}  {self.done_b / scale:.2f}/"
-                f"{self.total_b / scale:.2f} {unit}  {size_text(rate)}/s  ETA {eta}")  # fmt: skip
+        return (
+            f"tensors {self.done_t}/{self.total_t}  {self.done_b / scale:.2f}/"
+            f"{self.total_b / scale:.2f} {unit}  {size_text(rate)}/s  ETA {eta}"
+        )
 
     def update(self, tensors: int, nbytes: int) -> None:
         self.done_t += tensors

@@ -11,28 +11,78 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("watch", help="scan newly published RL fine-tunes of Hub bases",
-                       description=__doc__.splitlines()[0])  # fmt: skip
-    p.add_argument("--base", action="append", required=True, metavar="ORG/NAME",
-                   help="Hub base model to follow; repeatable")  # fmt: skip
-    p.add_argument("--out", default="results", help="results directory or s3:// URI (default: results)")  # fmt: skip
-    p.add_argument("--every", metavar="DURATION", help="run a round every DURATION (30m, 6h, 1d) forever (default: one round)")  # fmt: skip
-    p.add_argument("--limit", type=int, default=50, help="newest fine-tunes looked at per base and round (default: 50)")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true", help="list what would be scanned; download and record nothing")  # fmt: skip
+    p = sub.add_parser(
+        "watch",
+        help="scan newly published RL fine-tunes of Hub bases",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--base",
+        action="append",
+        required=True,
+        metavar="ORG/NAME",
+        help="Hub base model to follow; repeatable",
+    )
+    p.add_argument(
+        "--out", default="results", help="results directory or s3:// URI (default: results)"
+    )
+    p.add_argument(
+        "--every",
+        metavar="DURATION",
+        help="run a round every DURATION (30m, 6h, 1d) forever (default: one round)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        help="newest fine-tunes looked at per base and round (default: 50)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be scanned; download and record nothing",
+    )
     p.add_argument(
         "--download",
         action="store_true",
         help="download whole snapshots and scan those (default: read each tensor by HTTP range "
         "requests)",
     )
-    p.add_argument("--keep", action="store_true", help="with --download: keep downloads after the scan (default: delete them; cache: $RLVR_RAY_CACHE/hub or ~/.cache/rlvr-ray/hub)")  # fmt: skip
-    p.add_argument("--include-non-rl", action="store_true", help="also scan fine-tunes with no RL evidence (SFT, ...)")  # fmt: skip
-    p.add_argument("--retries", type=int, default=3, help="tries per Hub request on transient errors (default: 3)")  # fmt: skip
-    p.add_argument("--retry-wait", type=float, default=2.0, help="first retry backoff in seconds, doubling (default: 2)")  # fmt: skip
-    p.add_argument("--max-attempts", type=int, default=3, help="rounds a failing model is retried before giving up (default: 3)")  # fmt: skip
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")  # fmt: skip
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --download: keep downloads after the scan (default: delete them; cache: $RLVR_RAY_CACHE/hub or ~/.cache/rlvr-ray/hub)",
+    )
+    p.add_argument(
+        "--include-non-rl",
+        action="store_true",
+        help="also scan fine-tunes with no RL evidence (SFT, ...)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="tries per Hub request on transient errors (default: 3)",
+    )
+    p.add_argument(
+        "--retry-wait",
+        type=float,
+        default=2.0,
+        help="first retry backoff in seconds, doubling (default: 2)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="rounds a failing model is retried before giving up (default: 3)",
+    )
+    p.add_argument(
+        "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)"
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
-    p.add_argument("--workers", type=int, help="scan actors (default: one per GPU, else one per CPU)")  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, help="scan actors (default: one per GPU, else one per CPU)"
+    )
     p.add_argument("--no-geometry", action="store_true", help="skip SVD-based statistics")
     p.set_defaults(func=run)
 
@@ -41,11 +91,21 @@ def config_from_args(args):
     from rlvr_ray.hub.watch import WatchConfig
 
     return WatchConfig(
-        bases=tuple(args.base), out=args.out, limit=args.limit, dry_run=args.dry_run,
-        download=args.download, keep=args.keep, include_non_rl=args.include_non_rl, retries=max(args.retries, 1),
-        retry_wait=args.retry_wait, max_attempts=args.max_attempts, address=args.address,
-        num_cpus=args.num_cpus, workers=args.workers, geometry=not args.no_geometry,
-    )  # fmt: skip
+        bases=tuple(args.base),
+        out=args.out,
+        limit=args.limit,
+        dry_run=args.dry_run,
+        download=args.download,
+        keep=args.keep,
+        include_non_rl=args.include_non_rl,
+        retries=max(args.retries, 1),
+        retry_wait=args.retry_wait,
+        max_attempts=args.max_attempts,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        workers=args.workers,
+        geometry=not args.no_geometry,
+    )
 
 
 def run(args) -> int:

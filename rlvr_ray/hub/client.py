@@ -71,8 +71,15 @@ def is_permanent(e: BaseException) -> bool:
         SafetensorsParsingError,
     )
 
-    permanent = (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError,
-                 NotASafetensorsRepoError, SafetensorsParsingError, CheckpointError, ValueError)  # fmt: skip
+    permanent = (
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RemoteEntryNotFoundError,
+        NotASafetensorsRepoError,
+        SafetensorsParsingError,
+        CheckpointError,
+        ValueError,
+    )
     if isinstance(e, permanent):
         return True
     if isinstance(e, HfHubHTTPError) and e.response is not None:
@@ -81,8 +88,13 @@ def is_permanent(e: BaseException) -> bool:
     return False
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 3, wait: float = 2.0,
-                 log: Callable[[str], None] = print) -> T:  # fmt: skip
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 3,
+    wait: float = 2.0,
+    log: Callable[[str], None] = print,
+) -> T:
     """Call ``fn``; transient failures (5xx, 429, network, cut downloads) are retried
     ``attempts - 1`` times with exponential backoff starting at ``wait`` seconds."""
     for i in range(attempts):
@@ -92,7 +104,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 3, wait: float 
             if is_permanent(e) or i == attempts - 1:
                 raise
             delay = wait * 2**i
-            log(f"watch: {what}: {type(e).__name__}: {_first_line(e)}; retry {i + 1}/{attempts - 1} in {delay:g} s")  # fmt: skip
+            log(
+                f"watch: {what}: {type(e).__name__}: {_first_line(e)}; retry {i + 1}/{attempts - 1} in {delay:g} s"
+            )
     raise AssertionError("unreachable")
 
 
@@ -122,8 +136,10 @@ def refuse_pickle_only(name: str, siblings: list[str]) -> None:
     if st:
         return
     if pk:
-        raise CheckpointError(f"checkpoint {name}: pickle-only repo ({', '.join(pk[:3])}) refused: "
-                              "rlvr-ray never downloads or unpickles pickle weights")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {name}: pickle-only repo ({', '.join(pk[:3])}) refused: "
+            "rlvr-ray never downloads or unpickles pickle weights"
+        )
     raise CheckpointError(f"checkpoint {name}: no *.safetensors files in the repo")
 
 
@@ -193,8 +209,9 @@ def download(repo: str, sha: str, root: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     root = root or cache_dir()
-    path = snapshot_download(repo, revision=sha, cache_dir=str(root), endpoint=endpoint(),
-                             allow_patterns=ALLOW_PATTERNS)  # fmt: skip
+    path = snapshot_download(
+        repo, revision=sha, cache_dir=str(root), endpoint=endpoint(), allow_patterns=ALLOW_PATTERNS
+    )
     return Path(path)
 
 

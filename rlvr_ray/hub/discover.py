@@ -16,11 +16,20 @@ from rlvr_ray.hub.client import api
 
 #: tag -> algorithm label ('' when the tag says RL but not which algorithm)
 RL_TAGS: dict[str, str] = {
-    "grpo": "grpo", "dapo": "dapo", "ppo": "ppo", "rloo": "rloo", "gspo": "gspo",
-    "reinforce++": "reinforce++", "reinforce": "reinforce++", "rlvr": "", "rl": "",
-    "rlhf": "", "reinforcement-learning": "", "arxiv:2402.03300": "grpo",  # DeepSeekMath: GRPO
+    "grpo": "grpo",
+    "dapo": "dapo",
+    "ppo": "ppo",
+    "rloo": "rloo",
+    "gspo": "gspo",
+    "reinforce++": "reinforce++",
+    "reinforce": "reinforce++",
+    "rlvr": "",
+    "rl": "",
+    "rlhf": "",
+    "reinforcement-learning": "",
+    "arxiv:2402.03300": "grpo",  # DeepSeekMath: GRPO
     "arxiv:2503.14476": "dapo",  # DAPO
-}  # fmt: skip
+}
 _NAME_TOKENS = {"grpo", "dapo", "ppo", "rloo", "gspo", "rl", "rlvr", "zero"}
 _ALGO_ORDER = ("grpo", "dapo", "gspo", "rloo", "reinforce++", "ppo")
 
@@ -41,8 +50,12 @@ def base_filter(base: str) -> str:
 
 def list_finetunes(base: str, limit: int) -> list[Listed]:
     """The newest ``limit`` full fine-tunes of ``base`` on the Hub, newest first."""
-    models = api().list_models(filter=base_filter(base), sort="created_at", limit=limit,
-                               expand=["sha", "createdAt", "lastModified", "tags"])  # fmt: skip
+    models = api().list_models(
+        filter=base_filter(base),
+        sort="created_at",
+        limit=limit,
+        expand=["sha", "createdAt", "lastModified", "tags"],
+    )
     out = [Listed(m.id, m.sha, m.created_at, tuple(m.tags or ())) for m in models if m.id != base]
     # the Hub already sorts, but a mirror may not: the order is part of the contract
     return sorted(out, key=lambda m: m.created.timestamp() if m.created else 0.0, reverse=True)

@@ -110,11 +110,24 @@ def memory(out: str | ResultsDir) -> dict[tuple[str, str], tuple[str, int]]:
 def _record(out: str, cands: list[Candidate], base: str) -> None:
     now = datetime.now(timezone.utc)
     group = base_group(base)
-    rows = [{"repo": c.repo, "sha": c.sha, "base": c.base, "created": c.created,
-             "tags": list(c.tags), "rl_evidence": c.evidence, "status": c.status,
-             "reason": client.scrub(c.reason) if c.reason else None, "attempt": c.attempt,
-             "group_name": group, "run": c.run, "scan_id": c.scan_id, "scanned_at": now}
-            for c in cands]  # fmt: skip
+    rows = [
+        {
+            "repo": c.repo,
+            "sha": c.sha,
+            "base": c.base,
+            "created": c.created,
+            "tags": list(c.tags),
+            "rl_evidence": c.evidence,
+            "status": c.status,
+            "reason": client.scrub(c.reason) if c.reason else None,
+            "attempt": c.attempt,
+            "group_name": group,
+            "run": c.run,
+            "scan_id": c.scan_id,
+            "scanned_at": now,
+        }
+        for c in cands
+    ]
     part = f"{now:%Y%m%dT%H%M%S%f}-{group}-{uuid.uuid4().hex[:8]}"
     ResultsDir(out).write_table("watch", part, pa.Table.from_pylist(rows, schema=WATCH))
 
@@ -134,8 +147,10 @@ class _Round:
         return client.with_retries(fn, what, self.cfg.retries, self.cfg.retry_wait, self.log)
 
     def new_candidates(self, seen) -> list[Candidate]:
-        listed = self.call(lambda: discover.list_finetunes(self.base, self.cfg.limit),
-                           f"{self.base}: list fine-tunes")  # fmt: skip
+        listed = self.call(
+            lambda: discover.list_finetunes(self.base, self.cfg.limit),
+            f"{self.base}: list fine-tunes",
+        )
         out = []
         for m in listed:
             if m.sha is None:  # a mirror that ignores expand=sha
@@ -149,8 +164,9 @@ class _Round:
 
     def base_specs(self, base_sha: str) -> dict:
         if self._base_specs is None:
-            self._base_specs = self.call(lambda: client.tensor_specs(self.base, base_sha),
-                                         f"{self.base}: base headers")  # fmt: skip
+            self._base_specs = self.call(
+                lambda: client.tensor_specs(self.base, base_sha), f"{self.base}: base headers"
+            )
         return self._base_specs
 
     def check(self, c: Candidate, base_sha: str) -> None:
@@ -196,12 +212,26 @@ def _scan(cfg: WatchConfig, base: str, base_sha: str, cands: list[Candidate], lo
 
     group = base_group(base)
     opt = "?download" if cfg.download else ""
-    runs = [{"name": c.run, "checkpoint": f"hf://{c.repo}@{c.sha}{opt}",
-             **({"algorithm": c.algorithm} if c.algorithm else {})} for c in cands]  # fmt: skip
-    data = {"groups": [{"name": group, "base": f"hf://{base}@{base_sha}{opt}", "runs": runs}],
-            "params": {"geometry": cfg.geometry}}  # fmt: skip
-    res = run_scan(sweep_from_dict(data, Path.cwd(), "(watch)"), cfg.out, address=cfg.address,
-                   workers=cfg.workers, num_cpus=cfg.num_cpus, progress=cfg.progress)  # fmt: skip
+    runs = [
+        {
+            "name": c.run,
+            "checkpoint": f"hf://{c.repo}@{c.sha}{opt}",
+            **({"algorithm": c.algorithm} if c.algorithm else {}),
+        }
+        for c in cands
+    ]
+    data = {
+        "groups": [{"name": group, "base": f"hf://{base}@{base_sha}{opt}", "runs": runs}],
+        "params": {"geometry": cfg.geometry},
+    }
+    res = run_scan(
+        sweep_from_dict(data, Path.cwd(), "(watch)"),
+        cfg.out,
+        address=cfg.address,
+        workers=cfg.workers,
+        num_cpus=cfg.num_cpus,
+        progress=cfg.progress,
+    )
     if res.interrupted:  # Ctrl-C: the watch stops (what was written is kept)
         raise KeyboardInterrupt
     failed = [f for f in res.failures if f.group == group]
@@ -227,8 +257,10 @@ def _scan(cfg: WatchConfig, base: str, base_sha: str, cands: list[Candidate], lo
         log(f"watch: {base}: {len(units)} unit(s) failed; scanning {len(left)} candidates alone")
         for c in left:
             _scan(cfg, base, base_sha, [c], log)
-    log(f"watch: {base}: scanned {sum(c.status == 'scanned' for c in cands)} of {len(cands)} "
-        f"in {res.seconds:.1f} s")  # fmt: skip
+    log(
+        f"watch: {base}: scanned {sum(c.status == 'scanned' for c in cands)} of {len(cands)} "
+        f"in {res.seconds:.1f} s"
+    )
 
 
 def watch_base(cfg: WatchConfig, base: str, seen, report: RoundReport, log: Log) -> None:
@@ -310,8 +342,13 @@ def parse_duration(text: str) -> float:
     return secs
 
 
-def watch_forever(cfg: WatchConfig, every: float, log: Log = print, rounds: int | None = None,
-                  sleep: Callable[[float], None] = time.sleep) -> int:  # fmt: skip
+def watch_forever(
+    cfg: WatchConfig,
+    every: float,
+    log: Log = print,
+    rounds: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Run a round every ``every`` seconds (``rounds``: stop after that many; None: forever).
     A round that breaks is logged and the next one still runs. -> the last round's exit code."""
     code, n = 0, 0

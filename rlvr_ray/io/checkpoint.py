@@ -80,16 +80,23 @@ class Checkpoint:
     def n_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def read(self, name: str, device: str | torch.device = "cpu",
-             buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def read(
+        self, name: str, device: str | torch.device = "cpu", buf: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Read one tensor in its stored dtype into ``buf`` (a uint8 CPU tensor of at least its
         size, reused to spare page faults) or a fresh buffer; then move it to ``device``."""
         e = self.entries[name]
         rows = e.shape[0] if len(e.shape) >= 2 else 1
         return self.read_rows(name, 0, rows, device, buf)
 
-    def read_rows(self, name: str, a: int, b: int, device: str | torch.device = "cpu",
-                  buf: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def read_rows(
+        self,
+        name: str,
+        a: int,
+        b: int,
+        device: str | torch.device = "cpu",
+        buf: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rows [a, b) of a tensor's first dimension, shape [b - a, *shape[1:]] (a 0-d or 1-D
         tensor counts as one row: the whole of it). Read through the source's reader: safe
         from any thread."""
@@ -142,7 +149,6 @@ class Checkpoint:
         may do nothing -> whether it asked."""
         e = self.entries[name]
         return bool(e.nbytes) and self.reader.will_need(e.file, e.start, e.nbytes)
-
 
     def close(self) -> None:
         """Close the files or connections kept open for reading (they reopen on the next read)."""
@@ -221,7 +227,11 @@ def _open_listing(ref: str, listing: Listing, fingerprint: bool) -> Checkpoint:
                 fail(ref, f"index places tensor in {shard} but it is not there", shard, name)
         fp = listing.fingerprint
         if fp is None:
-            fp = fingerprint_files(listing.files, raws, ref, reader, listing.sizes) if fingerprint else ""
+            fp = (
+                fingerprint_files(listing.files, raws, ref, reader, listing.sizes)
+                if fingerprint
+                else ""
+            )
     finally:
         reader.close()  # a sweep opens many checkpoints: keep nothing open until they are read
     files = [Path(f) for f in listing.files]

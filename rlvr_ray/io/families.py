@@ -18,9 +18,29 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "gate", "up", "down",
-         "gate_up", "router", "embed", "lm_head", "norm", "bias", "scale", "sinks",
-         "other")  # fmt: skip
+ROLES = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "q_a",
+    "q_b",
+    "kv_a",
+    "kv_b",
+    "gate",
+    "up",
+    "down",
+    "gate_up",
+    "router",
+    "embed",
+    "lm_head",
+    "norm",
+    "bias",
+    "scale",
+    "sinks",
+    "other",
+)
 TOWERS = ("text", "vision", "projector")
 
 

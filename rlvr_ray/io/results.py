@@ -41,8 +41,13 @@ from rlvr_ray.io.schema import ALL_TABLES, TABLES
 #: settings forwarded to Ray workers so they reach the same store as the driver. Secrets are
 #: not: runtime_env is visible in the dashboard; give nodes credentials their own way (instance
 #: profile, IRSA, a Kubernetes secret in the pod env).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_EC2_METADATA_DISABLED")  # fmt: skip
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
 #: forwarded only when RLVR_RAY_FORWARD_AWS_CREDENTIALS=1 (a single-user cluster, a test)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: zstd where it pays, on the maps' floats (-30% against lz4); elsewhere lz4: as small on the
@@ -167,10 +172,17 @@ class ResultsDir:
         worker builds its long profile tables): it is written as such, with no string per row
         ever materialized, and reads back as the declared plain strings."""
         schema = ALL_TABLES[table]
-        coded = [f.name for f in data.schema
-                 if pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)]  # fmt: skip
-        plain = pa.schema([pa.field(f.name, f.type.value_type, f.nullable) if f.name in coded else f
-                           for f in data.schema])  # fmt: skip
+        coded = [
+            f.name
+            for f in data.schema
+            if pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)
+        ]
+        plain = pa.schema(
+            [
+                pa.field(f.name, f.type.value_type, f.nullable) if f.name in coded else f
+                for f in data.schema
+            ]
+        )
         # coded columns of the declared strings are kept (the Arrow schema is then not stored:
         # readers see the Parquet strings); anything else is cast to the declared schema
         if not (coded and plain.equals(schema)) and data.schema != schema:
@@ -212,9 +224,10 @@ class ResultsDir:
     def parts(self, table: str) -> list[str]:
         sel = pafs.FileSelector(self.path("tables", table), allow_not_found=True)
         return sorted(
-            i.path for i in self.fs.get_file_info(sel)
+            i.path
+            for i in self.fs.get_file_info(sel)
             if i.path.endswith(".parquet") and not os.path.basename(i.path).startswith(".")
-        )  # fmt: skip
+        )
 
     def unit_done(self, scan_id: str, unit: int) -> bool:
         return self.exists("units", scan_id, f"{unit:05d}.json")

@@ -32,11 +32,17 @@ def tensor_shapes(model_type: str, layers: int, dims=None) -> dict[str, tuple[in
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        out |= {p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-                p + "self_attn.k_proj.weight": (kv * hd, h), p + "self_attn.v_proj.weight": (kv * hd, h),
-                p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter)}  # fmt: skip
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv * hd, h),
+            p + "self_attn.v_proj.weight": (kv * hd, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
         if bias:
             for x in "qkv":
                 out[p + f"self_attn.{x}_proj.bias"] = (out[p + f"self_attn.{x}_proj.weight"][0],)
@@ -71,27 +77,43 @@ def move_ulps(bits: np.ndarray, mask: np.ndarray, steps: np.ndarray) -> np.ndarr
     return out.astype(np.uint16)
 
 
-def plant_update(base: np.ndarray, density: float, rng: np.random.Generator,
-                 row_pref: np.ndarray | None = None, max_ulp: int = 3) -> np.ndarray:  # fmt: skip
+def plant_update(
+    base: np.ndarray,
+    density: float,
+    rng: np.random.Generator,
+    row_pref: np.ndarray | None = None,
+    max_ulp: int = 3,
+) -> np.ndarray:
     """A run's bits: ~density of coordinates moved by +-1..max_ulp ULPs (mostly 1)."""
     p = np.full(base.shape, density)
     if row_pref is not None and base.ndim == 2:
         p = np.clip(p * row_pref[:, None], 0, 1)
     mask = rng.random(base.shape) < p
-    mags = rng.choice(np.arange(1, max_ulp + 1), size=base.shape,
-                      p=np.array([0.7] + [0.3 / (max_ulp - 1)] * (max_ulp - 1)) if max_ulp > 1 else None)  # fmt: skip
+    mags = rng.choice(
+        np.arange(1, max_ulp + 1),
+        size=base.shape,
+        p=np.array([0.7] + [0.3 / (max_ulp - 1)] * (max_ulp - 1)) if max_ulp > 1 else None,
+    )
     steps = mags * rng.choice([-1, 1], size=base.shape)
     return move_ulps(base, mask, steps)
 
 
-def write_checkpoint(path: Path, tensors: dict[str, np.ndarray], model_type: str,
-                     layers: int, shards: int = 1) -> Path:  # fmt: skip
+def write_checkpoint(
+    path: Path, tensors: dict[str, np.ndarray], model_type: str, layers: int, shards: int = 1
+) -> Path:
     """Write uint16-pattern arrays as a bf16 HF directory (sharded with an index if shards > 1)."""
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_type": model_type, "num_hidden_layers": layers, "torch_dtype": "bfloat16",
-           "architectures": [f"{model_type.capitalize()}ForCausalLM"]}  # fmt: skip
+    cfg = {
+        "model_type": model_type,
+        "num_hidden_layers": layers,
+        "torch_dtype": "bfloat16",
+        "architectures": [f"{model_type.capitalize()}ForCausalLM"],
+    }
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    as_t = {k: torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16) for k, v in tensors.items()}  # fmt: skip
+    as_t = {
+        k: torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16)
+        for k, v in tensors.items()
+    }
     if shards <= 1:
         save_file(as_t, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
@@ -102,8 +124,10 @@ def write_checkpoint(path: Path, tensors: dict[str, np.ndarray], model_type: str
         part = {k: as_t[k] for k in names[s::shards]}
         save_file(part, str(path / fname), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, fname)
-    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in as_t.values())},
-             "weight_map": weight_map}  # fmt: skip
+    index = {
+        "metadata": {"total_size": sum(t.numel() * 2 for t in as_t.values())},
+        "weight_map": weight_map,
+    }
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return path
 
@@ -115,16 +139,25 @@ class PlantedFamily:
     bits: dict[str, dict[str, np.ndarray]]  # "base" and each run name -> tensor -> uint16
 
 
-def planted_family(root: Path, model_type: str = "qwen2", layers: int = 2,
-                   runs: dict[str, float] | None = None, seed: int = 0, shards: int = 1,
-                   dims=None, stripes: bool = True) -> PlantedFamily:  # fmt: skip
+def planted_family(
+    root: Path,
+    model_type: str = "qwen2",
+    layers: int = 2,
+    runs: dict[str, float] | None = None,
+    seed: int = 0,
+    shards: int = 1,
+    dims=None,
+    stripes: bool = True,
+) -> PlantedFamily:
     """A base and runs (name -> update density) of one family, written under ``root``."""
     runs = runs or {"grpo-a": 0.3, "grpo-b": 0.3, "dapo": 0.4, "sft": 0.97}
     rng = np.random.default_rng(seed)
     shapes = tensor_shapes(model_type, layers, dims)
     base = {k: random_base(s, rng) for k, s in shapes.items()}
-    prefs = {k: rng.gamma(0.7, 1 / 0.7, size=s[0]) if stripes and len(s) == 2 else None
-             for k, s in shapes.items()}  # fmt: skip
+    prefs = {
+        k: rng.gamma(0.7, 1 / 0.7, size=s[0]) if stripes and len(s) == 2 else None
+        for k, s in shapes.items()
+    }
     bits = {"base": base}
     out = PlantedFamily(write_checkpoint(root / "base", base, model_type, layers, shards), {}, bits)
     for name, density in runs.items():

@@ -16,8 +16,23 @@ import duckdb
 #: qkv projection takes the place of q/k/v when a family has one
 DETAIL_ROLES = ("q", "k", "v", "qkv", "o", "down")
 #: display order of roles everywhere else
-ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "router", "embed",
-              "lm_head", "norm", "bias", "other")  # fmt: skip
+ROLE_ORDER = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "router",
+    "embed",
+    "lm_head",
+    "norm",
+    "bias",
+    "other",
+)
 #: groups drawn in the per-layer figures when --group is not given (the rest: say so)
 MAX_DETAIL_GROUPS = 4
 
@@ -58,20 +73,29 @@ class Scope:
         return list(self.layers)
 
 
-def scope(con: duckdb.DuckDBPyConnection, group: str | None = None,
-          layer: int | None = None) -> Scope:  # fmt: skip
+def scope(
+    con: duckdb.DuckDBPyConnection, group: str | None = None, layer: int | None = None
+) -> Scope:
     """The report's scope; ReportError when the results are empty or --group/--layer miss."""
-    found = rows(con, """SELECT group_name, any_value(family) AS family, max(layer) AS max_layer,
+    found = rows(
+        con,
+        """SELECT group_name, any_value(family) AS family, max(layer) AS max_layer,
                          count(DISTINCT run) AS n_runs FROM tensors GROUP BY group_name
-                         ORDER BY group_name""")  # fmt: skip
+                         ORDER BY group_name""",
+    )
     if not found:
         raise ReportError("no scanned tensors in these results (run `rlvr-ray scan` first)")
     if group is not None:
         found = [g for g in found if g["group_name"] == group]
         if not found:
-            names = ", ".join(g["group_name"] for g in rows(con, "SELECT DISTINCT group_name FROM tensors ORDER BY 1"))  # fmt: skip
+            names = ", ".join(
+                g["group_name"]
+                for g in rows(con, "SELECT DISTINCT group_name FROM tensors ORDER BY 1")
+            )
             raise ReportError(f"--group {group!r}: no such group in these results (have: {names})")
-    sc = Scope([g["group_name"] for g in found], families={g["group_name"]: g["family"] for g in found})  # fmt: skip
+    sc = Scope(
+        [g["group_name"] for g in found], families={g["group_name"]: g["family"] for g in found}
+    )
     # the groups with the most runs are the most informative maps
     detail = sorted(found, key=lambda g: (-g["n_runs"], g["group_name"]))
     for g in detail[:MAX_DETAIL_GROUPS]:
@@ -95,9 +119,12 @@ def detail_tensors(
     MoE experts are never drawn over each other: a role that has a matrix outside the experts
     (attention, a shared expert) shows only those; a role held by experts alone shows its
     lowest-numbered expert (``detail_label`` names it)."""
-    found = rows(con, """SELECT DISTINCT role, tensor, expert FROM tensors WHERE group_name = ?
+    found = rows(
+        con,
+        """SELECT DISTINCT role, tensor, expert FROM tensors WHERE group_name = ?
                          AND layer = ? AND list_contains(?, role) AND cols > 1""",
-                 [group, layer, list(DETAIL_ROLES)])  # fmt: skip
+        [group, layer, list(DETAIL_ROLES)],
+    )
     keep = []
     for role in {r["role"] for r in found}:
         of_role = [r for r in found if r["role"] == role]

@@ -31,9 +31,17 @@ from rlvr_ray.report.data import (  # noqa: E402
 )
 
 RL_COLOR, SFT_COLOR, BASE_COLOR = "#3b6ea8", "#d1495b", "#9aa0a6"
-STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-         "axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 10, "figure.dpi": 110,
-         "legend.frameon": False, "legend.fontsize": 8}  # fmt: skip
+STYLE = {
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.titlesize": 10,
+    "figure.dpi": 110,
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+}
 MAX_MAP_RUNS = 6  # mask maps per group; the consensus map summarises every run
 
 # Reference figures from the paper (DESIGN.md): bf16 sparsity, base -> tuned.
@@ -115,23 +123,61 @@ def _algo(a: str | None) -> str:
 # -- sparsity -----------------------------------------------------------------------------------
 def sparsity(con, sc: Scope) -> Section:
     """Table 1 of the paper for this scan, a bar chart by algorithm, and the paper's figures."""
-    sec = Section("sparsity", "Sparsity per run",
-                  "Share of bf16 weights left bitwise unchanged by each run (higher = sparser "
-                  "update); RL runs typically leave far more weights untouched than SFT.")  # fmt: skip
-    runs = rows(con, """SELECT group_name, family, run, algorithm, step, n_tensors, numel,
+    sec = Section(
+        "sparsity",
+        "Sparsity per run",
+        "Share of bf16 weights left bitwise unchanged by each run (higher = sparser "
+        "update); RL runs typically leave far more weights untouched than SFT.",
+    )
+    runs = rows(
+        con,
+        """SELECT group_name, family, run, algorithm, step, n_tensors, numel,
                         n_changed, sparsity, ulp1_share FROM run_sparsity
-                        WHERE list_contains(?, group_name)""", [sc.groups])  # fmt: skip
-    runs.sort(key=lambda r: (_algo(r["algorithm"]) == "sft", _algo(r["algorithm"]),
-                             r["group_name"], r["step"] or -1, r["run"]))  # fmt: skip
-    sec.tables.append(Table("sparsity-table",
-        ["Group", "Family", "Run", "Algorithm", "Step", "Sparsity", "Update density",
-         "1-ULP share", "Weights compared"],
-        [[r["group_name"], r["family"] or "", r["run"], r["algorithm"] or "",
-          "" if r["step"] is None else str(r["step"]), pct(r["sparsity"]),
-          num(1 - r["sparsity"]), pct(r["ulp1_share"], 1), f"{r['numel']:,}"] for r in runs],
-        [False] * 4 + [True] * 5,
-        "Sparsity = 1 - changed / compared over all scanned tensors of the run; 1-ULP share = "
-        "changed weights that moved by exactly one bf16 step."))  # fmt: skip
+                        WHERE list_contains(?, group_name)""",
+        [sc.groups],
+    )
+    runs.sort(
+        key=lambda r: (
+            _algo(r["algorithm"]) == "sft",
+            _algo(r["algorithm"]),
+            r["group_name"],
+            r["step"] or -1,
+            r["run"],
+        )
+    )
+    sec.tables.append(
+        Table(
+            "sparsity-table",
+            [
+                "Group",
+                "Family",
+                "Run",
+                "Algorithm",
+                "Step",
+                "Sparsity",
+                "Update density",
+                "1-ULP share",
+                "Weights compared",
+            ],
+            [
+                [
+                    r["group_name"],
+                    r["family"] or "",
+                    r["run"],
+                    r["algorithm"] or "",
+                    "" if r["step"] is None else str(r["step"]),
+                    pct(r["sparsity"]),
+                    num(1 - r["sparsity"]),
+                    pct(r["ulp1_share"], 1),
+                    f"{r['numel']:,}",
+                ]
+                for r in runs
+            ],
+            [False] * 4 + [True] * 5,
+            "Sparsity = 1 - changed / compared over all scanned tensors of the run; 1-ULP share = "
+            "changed weights that moved by exactly one bf16 step.",
+        )
+    )
     algos = rows(
         con,
         """SELECT s.algorithm, count(*) AS n_runs, avg(s.sparsity) AS sparsity,
@@ -179,10 +225,16 @@ def sparsity(con, sc: Scope) -> Section:
             "algorithm_summary view): intermediate steps would weigh in every average.",
         )
     )
-    sec.tables.append(Table("paper-sparsity", ["Base", "Tuned", "Algorithm", "Sparsity"],
-        [list(r) for r in PAPER_SPARSITY], [False, False, False, True],
-        "For reference: bf16 sparsity of published checkpoints reported by the paper "
-        "(arXiv 2511.08567)."))  # fmt: skip
+    sec.tables.append(
+        Table(
+            "paper-sparsity",
+            ["Base", "Tuned", "Algorithm", "Sparsity"],
+            [list(r) for r in PAPER_SPARSITY],
+            [False, False, False, True],
+            "For reference: bf16 sparsity of published checkpoints reported by the paper "
+            "(arXiv 2511.08567).",
+        )
+    )
     return sec
 
 
@@ -224,10 +276,13 @@ def _sparsity_bars(runs: list[dict], show_group: bool) -> bytes:
 # -- maps ---------------------------------------------------------------------------------------
 def maps(con, sc: Scope) -> Section:
     """Pooled update-mask maps per run and the consensus map of one layer per group."""
-    sec = Section("maps", "Update-mask and consensus maps",
-                  "Pooled share of changed weights in one layer's attention and MLP down "
-                  "projections: bright rows and columns are the stripes that RL updates "
-                  "concentrate in, and the consensus row shows they recur across runs.")  # fmt: skip
+    sec = Section(
+        "maps",
+        "Update-mask and consensus maps",
+        "Pooled share of changed weights in one layer's attention and MLP down "
+        "projections: bright rows and columns are the stripes that RL updates "
+        "concentrate in, and the consensus row shows they recur across runs.",
+    )
     for g, layer in sc.layers.items():
         img = _group_maps(con, g, layer)
         if img is None:
@@ -262,8 +317,12 @@ def _group_maps(con, g: str, layer: int) -> Image | None:
         )
     }
     # the runs of the consensus (final RL checkpoints) first, then SFT, then earlier steps
-    members = {r for (r,) in con.execute(
-        "SELECT DISTINCT unnest(runs) FROM consistency WHERE group_name = ?", [g]).fetchall()}  # fmt: skip
+    members = {
+        r
+        for (r,) in con.execute(
+            "SELECT DISTINCT unnest(runs) FROM consistency WHERE group_name = ?", [g]
+        ).fetchall()
+    }
 
     def rank(r: dict) -> int:
         return 0 if r["run"] in members else 1 if _algo(r["algorithm"]) == "sft" else 2
@@ -375,37 +434,65 @@ def _fit(m: np.ndarray, h: int, w: int) -> np.ndarray:
 # -- consistency --------------------------------------------------------------------------------
 def consistency(con, sc: Scope) -> Section:
     """Mean pairwise Jaccard of the runs' masks vs its independent-Bernoulli baseline, by role."""
-    sec = Section("consistency", "Cross-run Jaccard vs random baseline",
-                  "Mean pairwise Jaccard overlap of the runs' update masks against what "
-                  "independent masks of the same densities would give: observed well above "
-                  "baseline means different runs update the same weights.")  # fmt: skip
-    found = rows(con, """SELECT group_name, family, role, mean_jaccard, jaccard_baseline, lift, n
+    sec = Section(
+        "consistency",
+        "Cross-run Jaccard vs random baseline",
+        "Mean pairwise Jaccard overlap of the runs' update masks against what "
+        "independent masks of the same densities would give: observed well above "
+        "baseline means different runs update the same weights.",
+    )
+    found = rows(
+        con,
+        """SELECT group_name, family, role, mean_jaccard, jaccard_baseline, lift, n
                          FROM consistency_by_role WHERE list_contains(?, group_name)""",
-                 [sc.groups])  # fmt: skip
+        [sc.groups],
+    )
     if not found:
-        sec.notes.append("no cross-run consistency: it needs at least two runs in a group "
-                         "(with consistency on)")  # fmt: skip
+        sec.notes.append(
+            "no cross-run consistency: it needs at least two runs in a group (with consistency on)"
+        )
         return sec
     found.sort(key=lambda r: (r["group_name"], role_key(r["role"])))
-    sec.tables.append(Table("consistency-table",
-        ["Group", "Family", "Role", "Jaccard", "Baseline", "Lift", "Tensors"],
-        [[r["group_name"], r["family"] or "", r["role"], num(r["mean_jaccard"], 3),
-          num(r["jaccard_baseline"], 3), num(r["lift"], 2), str(r["n"])] for r in found],
-        [False] * 3 + [True] * 4,
-        "Averages over the group's tensors of each role; lift = observed / baseline. The "
-        "paper reports, for five RL runs of DS-R1-Distill-Qwen-1.5B at layer 13, e.g. "
-        "q .580 vs .430 and down .585 vs .453."))  # fmt: skip
+    sec.tables.append(
+        Table(
+            "consistency-table",
+            ["Group", "Family", "Role", "Jaccard", "Baseline", "Lift", "Tensors"],
+            [
+                [
+                    r["group_name"],
+                    r["family"] or "",
+                    r["role"],
+                    num(r["mean_jaccard"], 3),
+                    num(r["jaccard_baseline"], 3),
+                    num(r["lift"], 2),
+                    str(r["n"]),
+                ]
+                for r in found
+            ],
+            [False] * 3 + [True] * 4,
+            "Averages over the group's tensors of each role; lift = observed / baseline. The "
+            "paper reports, for five RL runs of DS-R1-Distill-Qwen-1.5B at layer 13, e.g. "
+            "q .580 vs .430 and down .585 vs .453.",
+        )
+    )
     groups = sorted({r["group_name"] for r in found})
-    n_runs = {r["group_name"]: r["n"] for r in rows(con, "SELECT group_name, max(n_runs) AS n "
-              "FROM consistency GROUP BY ALL")}  # fmt: skip
+    n_runs = {
+        r["group_name"]: r["n"]
+        for r in rows(con, "SELECT group_name, max(n_runs) AS n FROM consistency GROUP BY ALL")
+    }
     fig, axs = subplots(len(groups), 1, 7.5, 2.3 * len(groups), sharey=True)
     top = 1.15 * max(max(r["mean_jaccard"], r["jaccard_baseline"] or 0) for r in found)
     for ax, g in zip(axs[:, 0], groups, strict=True):
         rs = [r for r in found if r["group_name"] == g]
         x = np.arange(len(rs))
         ax.bar(x - 0.2, [r["mean_jaccard"] for r in rs], 0.4, color=RL_COLOR, label="observed")
-        ax.bar(x + 0.2, [r["jaccard_baseline"] for r in rs], 0.4, color=BASE_COLOR,
-               label="random baseline")  # fmt: skip
+        ax.bar(
+            x + 0.2,
+            [r["jaccard_baseline"] for r in rs],
+            0.4,
+            color=BASE_COLOR,
+            label="random baseline",
+        )
         ax.set_xticks(x, [r["role"] for r in rs])
         ax.set_ylabel("mean Jaccard")
         ax.set_title(f"{g} ({n_runs[g]} runs)")
@@ -428,10 +515,13 @@ def consistency(con, sc: Scope) -> Section:
 # -- cross-family -------------------------------------------------------------------------------
 def cross_family(con, sc: Scope) -> Section:
     """Update density by relative depth and role, one line per family (RL runs only)."""
-    sec = Section("cross-family", "Update density by relative depth across families",
-                  "Share of weights changed by RL runs at each relative depth (0 = first layer, "
-                  "1 = last), per role and family: similar curves mean the families concentrate "
-                  "their updates alike.")  # fmt: skip
+    sec = Section(
+        "cross-family",
+        "Update density by relative depth across families",
+        "Share of weights changed by RL runs at each relative depth (0 = first layer, "
+        "1 = last), per role and family: similar curves mean the families concentrate "
+        "their updates alike.",
+    )
     # one line per family, or per family and base where a family has several bases
     found = rows(
         con,
@@ -445,8 +535,9 @@ def cross_family(con, sc: Scope) -> Section:
         [sc.groups],
     )
     # the view spans groups; restrict to the families of the groups in scope
-    roles = sorted({r["role"] for r in found if r["role"] not in ("norm", "bias", "other")},
-                   key=role_key)  # fmt: skip
+    roles = sorted(
+        {r["role"] for r in found if r["role"] not in ("norm", "bias", "other")}, key=role_key
+    )
     if not roles:
         sec.notes.append("no RL runs with layered tensors in this scan (SFT runs are excluded)")
         return sec
@@ -459,8 +550,11 @@ def cross_family(con, sc: Scope) -> Section:
             ax.set_visible(False)
             continue
         for f in fams:
-            pts = sorted((r["depth_bin"], r["update_density"]) for r in found
-                         if r["role"] == roles[k] and r["family"] == f)  # fmt: skip
+            pts = sorted(
+                (r["depth_bin"], r["update_density"])
+                for r in found
+                if r["role"] == roles[k] and r["family"] == f
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f)
         ax.set_title(roles[k])

@@ -30,7 +30,7 @@ from rlvr_ray.report.figures import (
     Image,
     Section,
     Table,
-    png,  # fmt: skip
+    png,
     subplots,
 )
 
@@ -44,9 +44,13 @@ OVERLAPS = [  # (column, its random baseline, panel title)
 
 def _why_no_geometry(con, sc: Scope) -> str:
     """NO_GEOMETRY, plus the recorded geometry statuses when the scan left any."""
-    st = rows(con, """SELECT geometry_status AS s, count(*) AS n FROM tensors
+    st = rows(
+        con,
+        """SELECT geometry_status AS s, count(*) AS n FROM tensors
                       WHERE list_contains(?, group_name) AND geometry_status IS NOT NULL
-                      GROUP BY ALL ORDER BY n DESC LIMIT 3""", [sc.groups])  # fmt: skip
+                      GROUP BY ALL ORDER BY n DESC LIMIT 3""",
+        [sc.groups],
+    )
     extra = ", ".join(f"{r['s']}: {r['n']}" for r in st)
     return NO_GEOMETRY + (f" (geometry status of tensors: {extra})" if extra else "")
 
@@ -56,17 +60,23 @@ FLAGGED = {"k_not_below_rank": "k > short side / 4", "small_gap": "singular-valu
 
 def _flagged_note(con, sc: Scope) -> str | None:
     """A warning when decomposed matrices in scope have a geometry_status other than 'ok'."""
-    st = rows(con, """SELECT geometry_status AS s, count(DISTINCT group_name || '/' || tensor) AS n
+    st = rows(
+        con,
+        """SELECT geometry_status AS s, count(DISTINCT group_name || '/' || tensor) AS n
                       FROM tensors WHERE list_contains(?, group_name)
                       AND geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')
-                      GROUP BY ALL ORDER BY n DESC, s""", [sc.groups])  # fmt: skip
+                      GROUP BY ALL ORDER BY n DESC, s""",
+        [sc.groups],
+    )
     bad = [r for r in st if r["s"] != "ok"]
     if not bad:
         return None
     why = ", ".join(f"{r['n']} {r['s']} ({FLAGGED[r['s']]})" for r in bad)
-    return (f"Warning: the geometry of {sum(r['n'] for r in bad)} of {sum(r['n'] for r in st)} "
-            f"decomposed matrices is no finding ({why}); their overlaps and principal angles "
-            "are left out below, their NSS (which needs no k) is kept.")  # fmt: skip
+    return (
+        f"Warning: the geometry of {sum(r['n'] for r in bad)} of {sum(r['n'] for r in st)} "
+        f"decomposed matrices is no finding ({why}); their overlaps and principal angles "
+        "are left out below, their NSS (which needs no k) is kept."
+    )
 
 
 def _lines(found: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -85,18 +95,28 @@ def _styles(keys) -> dict:
 
 def overlaps(con, sc: Scope) -> Section:
     """Overlap of the update mask with M_princ, M_low and M_princ & not M_low, per layer."""
-    sec = Section("overlaps", "Overlap with principal and low-magnitude weights",
-                  "Share of changed weights that fall among the principal weights, the "
-                  "low-magnitude weights and the principal-but-not-low weights, against the "
-                  "random baseline (that mask's density): RL landing below baseline on "
-                  "principal weights is the 'off the principals' signature.")  # fmt: skip
-    cols = ", ".join(f"sum({o} * n_changed) / sum(n_changed) AS {o}, "
-                     f"sum({b} * n_changed) / sum(n_changed) AS {b}" for o, b, _ in OVERLAPS)  # fmt: skip
-    found = rows(con, f"""SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
+    sec = Section(
+        "overlaps",
+        "Overlap with principal and low-magnitude weights",
+        "Share of changed weights that fall among the principal weights, the "
+        "low-magnitude weights and the principal-but-not-low weights, against the "
+        "random baseline (that mask's density): RL landing below baseline on "
+        "principal weights is the 'off the principals' signature.",
+    )
+    cols = ", ".join(
+        f"sum({o} * n_changed) / sum(n_changed) AS {o}, "
+        f"sum({b} * n_changed) / sum(n_changed) AS {b}"
+        for o, b, _ in OVERLAPS
+    )
+    found = rows(
+        con,
+        f"""SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
                           AS algorithm, layer, {cols} FROM tensors
                           WHERE list_contains(?, group_name) AND layer IS NOT NULL
                           AND geometry_status = 'ok' AND n_changed > 0
-                          GROUP BY ALL ORDER BY layer""", [sc.groups])  # fmt: skip
+                          GROUP BY ALL ORDER BY layer""",
+        [sc.groups],
+    )
     flagged = _flagged_note(con, sc)
     if flagged:
         sec.notes.append(flagged)
@@ -145,43 +165,70 @@ def _overlap_reading(lines: dict[tuple[str, str], list[dict]]) -> str:
 
 def spectral(con, sc: Scope) -> Section:
     """NSS and the largest principal angle per layer, RL vs SFT, with a median summary."""
-    sec = Section("spectral", "Spectral shift and principal angles per layer",
-                  "Normalized spectral shift (NSS) and largest principal angle between the base's "
-                  "and the run's top singular subspaces: RL keeps both tiny (the paper reports "
-                  "NSS about 1e-5 to 6e-5) while SFT rotates and drifts them (NSS about 1e-1).")  # fmt: skip
-    found = rows(con, """SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
+    sec = Section(
+        "spectral",
+        "Spectral shift and principal angles per layer",
+        "Normalized spectral shift (NSS) and largest principal angle between the base's "
+        "and the run's top singular subspaces: RL keeps both tiny (the paper reports "
+        "NSS about 1e-5 to 6e-5) while SFT rotates and drifts them (NSS about 1e-1).",
+    )
+    found = rows(
+        con,
+        """SELECT group_name, CASE WHEN lower(algorithm) = 'sft' THEN 'sft' END
                          AS algorithm, layer, avg(nss) AS nss,
                          max(greatest(max_angle_left, max_angle_right)) FILTER
                            (WHERE geometry_status = 'ok') AS angle
                          FROM tensors WHERE list_contains(?, group_name) AND layer IS NOT NULL
-                         AND nss IS NOT NULL GROUP BY ALL ORDER BY layer""", [sc.groups])  # fmt: skip
+                         AND nss IS NOT NULL GROUP BY ALL ORDER BY layer""",
+        [sc.groups],
+    )
     flagged = _flagged_note(con, sc)
     if flagged:
         sec.notes.append(flagged)
     if not found:
         sec.notes.append(_why_no_geometry(con, sc))
         return sec
-    summary = rows(con, """SELECT CASE WHEN lower(algorithm) = 'sft' THEN 'SFT' ELSE 'RL' END
+    summary = rows(
+        con,
+        """SELECT CASE WHEN lower(algorithm) = 'sft' THEN 'SFT' ELSE 'RL' END
                            AS cls, count(*) AS n, median(nss) AS nss, max(nss) AS nss_max,
                            median(greatest(max_angle_left, max_angle_right)) FILTER
                              (WHERE geometry_status = 'ok') AS angle
                            FROM tensors WHERE list_contains(?, group_name) AND nss IS NOT NULL
-                           GROUP BY ALL ORDER BY cls""", [sc.groups])  # fmt: skip
-    sec.tables.append(Table("spectral-table",
-        ["Runs", "Matrices", "Median NSS", "Max NSS", "Median max angle (rad)"],
-        [[r["cls"], str(r["n"]), f"{r['nss']:.3g}", f"{r['nss_max']:.3g}",
-          "" if r["angle"] is None else f"{r['angle']:.3g}"] for r in summary],
-        [False] + [True] * 4, "Over every decomposed matrix of the runs in the report."))  # fmt: skip
+                           GROUP BY ALL ORDER BY cls""",
+        [sc.groups],
+    )
+    sec.tables.append(
+        Table(
+            "spectral-table",
+            ["Runs", "Matrices", "Median NSS", "Max NSS", "Median max angle (rad)"],
+            [
+                [
+                    r["cls"],
+                    str(r["n"]),
+                    f"{r['nss']:.3g}",
+                    f"{r['nss_max']:.3g}",
+                    "" if r["angle"] is None else f"{r['angle']:.3g}",
+                ]
+                for r in summary
+            ],
+            [False] + [True] * 4,
+            "Over every decomposed matrix of the runs in the report.",
+        )
+    )
     lines = _lines(found)
     style = _styles(lines)
     fig, axs = subplots(1, 2, 10, 3.2)
-    for ax, col, label in ((axs[0, 0], "nss", "NSS (mean over the layer)"),
-                           (axs[0, 1], "angle", "max principal angle (rad)")):  # fmt: skip
+    for ax, col, label in (
+        (axs[0, 0], "nss", "NSS (mean over the layer)"),
+        (axs[0, 1], "angle", "max principal angle (rad)"),
+    ):
         for key, rs in lines.items():
             color, ls = style[key]
             y = [np.nan if not r[col] else r[col] for r in rs]  # log axes: zero -> gap
-            ax.plot([r["layer"] for r in rs], y, ls, color=color, marker="o", ms=3,
-                    label=" ".join(key))  # fmt: skip
+            ax.plot(
+                [r["layer"] for r in rs], y, ls, color=color, marker="o", ms=3, label=" ".join(key)
+            )
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -241,10 +288,18 @@ def _layer_spectrum(con, g: str, layer: int) -> Image | None:
         for col, ls in (("angle_left", "-"), ("angle_right", ":")):
             a = np.array([r[col] or np.nan for r in rs], dtype=float)
             axs[0, 2].plot(i, a, ls, color=color, alpha=0.8, marker=".")
-    axs[0, 1].set(yscale="log", xlabel="i", ylabel=r"$|\sigma_{run} - \sigma_{base}|\ /\ \sigma_{base}$",
-                  title="relative singular value shift")  # fmt: skip
-    axs[0, 2].set(yscale="log", xlabel="i", ylabel="angle (rad)",
-                  title="principal angles (solid: left, dotted: right)")  # fmt: skip
+    axs[0, 1].set(
+        yscale="log",
+        xlabel="i",
+        ylabel=r"$|\sigma_{run} - \sigma_{base}|\ /\ \sigma_{base}$",
+        title="relative singular value shift",
+    )
+    axs[0, 2].set(
+        yscale="log",
+        xlabel="i",
+        ylabel="angle (rad)",
+        title="principal angles (solid: left, dotted: right)",
+    )
     # one legend entry per class (not per run), outside the axes
     handles = [
         Line2D([], [], color=CLASS_COLOR[c], label=f"{c} ({n} runs)")

@@ -21,8 +21,16 @@ from rlvr_ray.report import figures, geometry, precision, steps
 from rlvr_ray.report.data import Scope, rows, scope
 from rlvr_ray.report.figures import Section, Table
 
-SECTIONS = (figures.sparsity, precision.precision, figures.maps, steps.steps, figures.consistency,
-            geometry.overlaps, geometry.spectral, figures.cross_family)  # fmt: skip
+SECTIONS = (
+    figures.sparsity,
+    precision.precision,
+    figures.maps,
+    steps.steps,
+    figures.consistency,
+    geometry.overlaps,
+    geometry.spectral,
+    figures.cross_family,
+)
 
 CSS = """
 body{font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
@@ -55,55 +63,79 @@ document.body.setAttribute('data-images-decoded',ok);});"""
 
 def _table(t: Table) -> str:
     num = t.numeric or [False] * len(t.columns)
-    head = "".join(f'<th{" class=n" if n else ""}>{html.escape(c)}</th>'
-                   for c, n in zip(t.columns, num, strict=True))  # fmt: skip
-    body = "".join("<tr>" + "".join(f'<td{" class=n" if n else ""}>{html.escape(v)}</td>'
-                                    for v, n in zip(r, num, strict=True)) + "</tr>"
-                   for r in t.rows)  # fmt: skip
+    head = "".join(
+        f"<th{' class=n' if n else ''}>{html.escape(c)}</th>"
+        for c, n in zip(t.columns, num, strict=True)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=n' if n else ''}>{html.escape(v)}</td>"
+            for v, n in zip(r, num, strict=True)
+        )
+        + "</tr>"
+        for r in t.rows
+    )
     cap = f'<p class="tcap">{html.escape(t.caption)}</p>' if t.caption else ""
-    return (f'<table id="{t.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f"{cap}")  # fmt: skip
+    return f'<table id="{t.id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}'
 
 
 def _section(i: int, s: Section) -> str:
-    parts = [f'<section id="{s.key}"><h2>{i}. {html.escape(s.title)}</h2>',
-             f'<p class="lead">{html.escape(s.caption)}</p>']  # fmt: skip
+    parts = [
+        f'<section id="{s.key}"><h2>{i}. {html.escape(s.title)}</h2>',
+        f'<p class="lead">{html.escape(s.caption)}</p>',
+    ]
     for note in s.notes:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     for img in s.images:
         b64 = base64.b64encode(img.png).decode("ascii")
         cap = f"<figcaption>{html.escape(img.caption)}</figcaption>" if img.caption else ""
-        parts.append(f'<figure><img alt="{html.escape(img.name)}" '
-                     f'src="data:image/png;base64,{b64}">{cap}</figure>')  # fmt: skip
+        parts.append(
+            f'<figure><img alt="{html.escape(img.name)}" '
+            f'src="data:image/png;base64,{b64}">{cap}</figure>'
+        )
     for t in s.tables:
         if t.id.startswith("paper-"):  # context, not results: folded away
-            parts.append(f"<details><summary>Reference: the paper's figures</summary>{_table(t)}</details>")  # fmt: skip
+            parts.append(
+                f"<details><summary>Reference: the paper's figures</summary>{_table(t)}</details>"
+            )
         else:
             parts.append(_table(t))
     return "\n".join(parts) + "</section>"
 
 
 def _header(con, out: str, sc: Scope) -> str:
-    info = rows(con, """SELECT count(DISTINCT group_name) AS groups, count(DISTINCT family) AS
+    info = rows(
+        con,
+        """SELECT count(DISTINCT group_name) AS groups, count(DISTINCT family) AS
                         families, count(DISTINCT group_name || '/' || run) AS runs,
                         count(*) AS tensors, count(nss) AS geometry FROM tensors
-                        WHERE list_contains(?, group_name)""", [sc.groups])[0]  # fmt: skip
+                        WHERE list_contains(?, group_name)""",
+        [sc.groups],
+    )[0]
     fams = ", ".join(sorted({f for f in sc.families.values() if f}))
     layers = ", ".join(f"{g}: {n}" for g, n in sc.layers.items()) or "none"
-    kv = [("Results", out), ("Groups", f"{info['groups']} ({', '.join(sc.groups)})"),
-          ("Families", fams or "unknown"), ("Runs", str(info["runs"])),
-          ("Tensor rows", f"{info['tensors']:,}"),
-          ("Geometry", f"{info['geometry']:,} tensor rows" if info["geometry"] else "not computed"),
-          ("Detail layer", layers)]  # fmt: skip
+    kv = [
+        ("Results", out),
+        ("Groups", f"{info['groups']} ({', '.join(sc.groups)})"),
+        ("Families", fams or "unknown"),
+        ("Runs", str(info["runs"])),
+        ("Tensor rows", f"{info['tensors']:,}"),
+        ("Geometry", f"{info['geometry']:,} tensor rows" if info["geometry"] else "not computed"),
+        ("Detail layer", layers),
+    ]
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in kv)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f'<h1>rlvr-ray report</h1><p class="meta">Generated {when}. Every number below '
-            f"comes from the atlas of the results directory (<code>rlvr-ray sql</code> shows "
-            f'the same views).</p><dl class="kv">{dl}</dl>')  # fmt: skip
+    return (
+        f'<h1>rlvr-ray report</h1><p class="meta">Generated {when}. Every number below '
+        f"comes from the atlas of the results directory (<code>rlvr-ray sql</code> shows "
+        f'the same views).</p><dl class="kv">{dl}</dl>'
+    )
 
 
-def render(out: str | Path, *, layer: int | None = None,
-           group: str | None = None) -> tuple[str, list[Section]]:  # fmt: skip
+def render(
+    out: str | Path, *, layer: int | None = None, group: str | None = None
+) -> tuple[str, list[Section]]:
     """-> (the report's HTML, its sections); ReportError when there is nothing to report."""
     con = catalog.connect(open_results(out))
     try:
@@ -114,10 +146,12 @@ def render(out: str | Path, *, layer: int | None = None,
         con.close()
     toc = "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a></li>' for s in sections)
     body = "\n".join(_section(i + 1, s) for i, s in enumerate(sections))
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>rlvr-ray report</title><style>{CSS}</style></head><body><main>{head}"
-            f"<nav><ol>{toc}</ol></nav>{body}</main><script>{CHECK_JS}</script></body></html>")  # fmt: skip
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>rlvr-ray report</title><style>{CSS}</style></head><body><main>{head}"
+        f"<nav><ol>{toc}</ol></nav>{body}</main><script>{CHECK_JS}</script></body></html>"
+    )
     return page, sections
 
 
@@ -125,8 +159,14 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
 
 
-def write_report(out: str | Path, *, layer: int | None = None, group: str | None = None,
-                 fmt: str = "html", report: str | Path | None = None) -> list[str]:  # fmt: skip
+def write_report(
+    out: str | Path,
+    *,
+    layer: int | None = None,
+    group: str | None = None,
+    fmt: str = "html",
+    report: str | Path | None = None,
+) -> list[str]:
     """Write the report (default OUT/report.html) and, with fmt='png', each figure as
     OUT/report/NN-name.png (next to the report); -> the paths written, report first."""
     results = open_results(out)

@@ -6,32 +6,40 @@ from rlvr_ray.sql.status import NOT_COMPARED_SQL
 
 # (name, title, SQL): the name keys ``--format json`` and picks a table with ``--table``
 SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
-    ("runs",
-     "Per run: share of bf16 weights bitwise unchanged (sparsity), of changes that moved 1 ULP, "
-     "and of the run's weights (coverage) and tensors that were compared",
-     "SELECT group_name, run, algorithm, step, sparsity, ulp1_share, coverage, tensor_coverage "
-     "FROM summary"),
-    ("runs_geometry",
-     "Per run: overlap of the update with principal / low-magnitude weights vs random baseline, "
-     "median NSS and max principal angle (rad) over tensors; overlaps and angles over tensors "
-     "with geometry_status 'ok' only (geometry_flagged: the others)",
-     "SELECT group_name, run, algorithm, overlap_princ, princ_baseline, overlap_low, low_baseline, "
-     "median_nss, median_max_angle, geometry_flagged FROM summary WHERE median_nss IS NOT NULL"),
-    ("algorithms",
-     "Per algorithm, final checkpoints only (the latest step of each series): mean sparsity "
-     "(and its range over runs), 1-ULP share, overlaps, median NSS",
-     "SELECT algorithm, n_runs, round(sparsity, 4) AS sparsity, "
-     "round(min_sparsity, 4) AS min_sparsity, round(max_sparsity, 4) AS max_sparsity, "
-     "round(ulp1_share, 4) AS ulp1_share, round(overlap_princ, 4) AS overlap_princ, "
-     "round(overlap_low, 4) AS overlap_low, median_nss FROM algorithm_summary "
-     "ORDER BY algorithm = 'sft', algorithm"),
-    ("groups",
-     "Per group: mean pairwise Jaccard of update masks vs the independent-Bernoulli baseline",
-     "SELECT group_name, n_runs, round(mean_jaccard, 4) AS mean_jaccard, "
-     "round(jaccard_baseline, 4) AS jaccard_baseline, "
-     "round(mean_jaccard / nullif(jaccard_baseline, 0), 2) AS lift FROM group_summary "
-     "ORDER BY group_name"),
-]  # fmt: skip
+    (
+        "runs",
+        "Per run: share of bf16 weights bitwise unchanged (sparsity), of changes that moved 1 ULP, "
+        "and of the run's weights (coverage) and tensors that were compared",
+        "SELECT group_name, run, algorithm, step, sparsity, ulp1_share, coverage, tensor_coverage "
+        "FROM summary",
+    ),
+    (
+        "runs_geometry",
+        "Per run: overlap of the update with principal / low-magnitude weights vs random baseline, "
+        "median NSS and max principal angle (rad) over tensors; overlaps and angles over tensors "
+        "with geometry_status 'ok' only (geometry_flagged: the others)",
+        "SELECT group_name, run, algorithm, overlap_princ, princ_baseline, overlap_low, low_baseline, "
+        "median_nss, median_max_angle, geometry_flagged FROM summary WHERE median_nss IS NOT NULL",
+    ),
+    (
+        "algorithms",
+        "Per algorithm, final checkpoints only (the latest step of each series): mean sparsity "
+        "(and its range over runs), 1-ULP share, overlaps, median NSS",
+        "SELECT algorithm, n_runs, round(sparsity, 4) AS sparsity, "
+        "round(min_sparsity, 4) AS min_sparsity, round(max_sparsity, 4) AS max_sparsity, "
+        "round(ulp1_share, 4) AS ulp1_share, round(overlap_princ, 4) AS overlap_princ, "
+        "round(overlap_low, 4) AS overlap_low, median_nss FROM algorithm_summary "
+        "ORDER BY algorithm = 'sft', algorithm",
+    ),
+    (
+        "groups",
+        "Per group: mean pairwise Jaccard of update masks vs the independent-Bernoulli baseline",
+        "SELECT group_name, n_runs, round(mean_jaccard, 4) AS mean_jaccard, "
+        "round(jaccard_baseline, 4) AS jaccard_baseline, "
+        "round(mean_jaccard / nullif(jaccard_baseline, 0), 2) AS lift FROM group_summary "
+        "ORDER BY group_name",
+    ),
+]
 
 #: a run whose compared share of weights is below this gets a one-line warning
 COVERAGE_WARN = 0.99

@@ -71,8 +71,9 @@ class ConsistencyAccumulator:
     #: up to this many runs the 2^R pattern histogram is used; beyond, M M^T
     HIST_RUNS = 16
 
-    def __init__(self, n_runs: int, rows: int, cols: int, device=None,
-                 piece_numel: int | None = None):  # fmt: skip
+    def __init__(
+        self, n_runs: int, rows: int, cols: int, device=None, piece_numel: int | None = None
+    ):
         self.R, self.rows, self.cols = n_runs, rows, cols
         self.device = torch.device(device or "cpu")
         if piece_numel is None:
@@ -131,14 +132,20 @@ class ConsistencyAccumulator:
             return [ge[c] - ge[c + 1] for c in range(R + 1)], self.inter.cpu().numpy()
         return counts_from_hist(self.hist.cpu().numpy(), R)
 
-    def finish(self, row_sum: torch.Tensor, col_sum: torch.Tensor,
-               pooled_sum: torch.Tensor | None = None, block: torch.Tensor | None = None) -> ConsistencyStats:  # fmt: skip
+    def finish(
+        self,
+        row_sum: torch.Tensor,
+        col_sum: torch.Tensor,
+        pooled_sum: torch.Tensor | None = None,
+        block: torch.Tensor | None = None,
+    ) -> ConsistencyStats:
         """The members' summed row counts [rows], column counts [cols] (int64) and, for a map,
         summed pooled counts with the block sizes [map_rows, map_cols] -> ConsistencyStats."""
         if self.next_row != self.rows:
             raise ValueError(f"saw {self.next_row} of {self.rows} rows")
-        return stats_from_counts(self.R, self.rows, self.cols, *self._counts(), row_sum,
-                                 col_sum, pooled_sum, block)  # fmt: skip
+        return stats_from_counts(
+            self.R, self.rows, self.cols, *self._counts(), row_sum, col_sum, pooled_sum, block
+        )
 
 
 def counts_from_hist(h: np.ndarray, R: int) -> tuple[list[int], np.ndarray]:
@@ -152,10 +159,17 @@ def counts_from_hist(h: np.ndarray, R: int) -> tuple[list[int], np.ndarray]:
     return [int(x) for x in counts], inter
 
 
-def stats_from_counts(R: int, rows: int, cols: int, counts: list[int], inter: np.ndarray,
-                      row_sum: torch.Tensor, col_sum: torch.Tensor,
-                      pooled_sum: torch.Tensor | None = None,
-                      block: torch.Tensor | None = None) -> ConsistencyStats:  # fmt: skip
+def stats_from_counts(
+    R: int,
+    rows: int,
+    cols: int,
+    counts: list[int],
+    inter: np.ndarray,
+    row_sum: torch.Tensor,
+    col_sum: torch.Tensor,
+    pooled_sum: torch.Tensor | None = None,
+    block: torch.Tensor | None = None,
+) -> ConsistencyStats:
     """ConsistencyStats from the consensus counts, the intersections (sizes on the diagonal)
     and the members' summed row / column / pooled counts."""
     return ConsistencyStats(

@@ -45,9 +45,16 @@ class GroupAccumulator:
     least two); ``map_size``: the pooled density map's size (None: no map); ``piece_numel``:
     beyond 16 members, the coordinates per M M^T piece (``ConsistencyAccumulator``'s)."""
 
-    def __init__(self, rows: int, cols: int, n_runs: int, members: list[int],
-                 ulp_edges: tuple[int, ...], map_size: int | None = None,
-                 piece_numel: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        n_runs: int,
+        members: list[int],
+        ulp_edges: tuple[int, ...],
+        map_size: int | None = None,
+        piece_numel: int | None = None,
+    ):
         if cols > MAX_COLS:
             raise ValueError(f"rows of {cols} columns: the fused pass takes at most {MAX_COLS}")
         R, M = n_runs, len(members)
@@ -102,10 +109,27 @@ class GroupAccumulator:
             planes = self._no_planes
             if self.cons is not None:
                 planes = np.stack([p.numpy() for p in self.cons.planes(m)]).view(np.uint16)
-            kernels.group_rows(flat, off + a * self.cols, m, self.cols, self.next_row,
-                               self.edges, self.pbit, len(self.members), self.row_out,
-                               self.col_out, self.ge, self.iacc, self.facc, self.hist, planes,
-                               self.row_bin, self.col_edges, self.grid, self.cur)  # fmt: skip
+            kernels.group_rows(
+                flat,
+                off + a * self.cols,
+                m,
+                self.cols,
+                self.next_row,
+                self.edges,
+                self.pbit,
+                len(self.members),
+                self.row_out,
+                self.col_out,
+                self.ge,
+                self.iacc,
+                self.facc,
+                self.hist,
+                planes,
+                self.row_bin,
+                self.col_edges,
+                self.grid,
+                self.cur,
+            )
             if self.cons is not None:
                 self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
             self.next_row += m
@@ -171,13 +195,15 @@ class GroupAccumulator:
             for (a, b), x in zip(TALLY_PAIRS, self.hist[1], strict=True):
                 if b < M:
                     inter[a, b] = inter[b, a] = x
-            return stats_from_counts(M, self.rows, self.cols, counts, inter, row_sum, col_sum,
-                                     pooled, block)  # fmt: skip
+            return stats_from_counts(
+                M, self.rows, self.cols, counts, inter, row_sum, col_sum, pooled, block
+            )
         nv = 1 << len(m)
         h = self.hist[:4].sum(0)
         if self.hist.shape[0] == 5:  # pairs (lo | hi << M): each member pattern twice
             pairs = h.reshape(nv, nv)
             h = pairs.sum(0) + pairs.sum(1) + self.hist[4, :nv]
         counts, inter = counts_from_hist(h, len(m))
-        return stats_from_counts(len(m), self.rows, self.cols, counts, inter, row_sum, col_sum,
-                                 pooled, block)  # fmt: skip
+        return stats_from_counts(
+            len(m), self.rows, self.cols, counts, inter, row_sum, col_sum, pooled, block
+        )

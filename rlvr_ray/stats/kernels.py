@@ -45,11 +45,27 @@ def warm(device=None) -> None:
     ``device``: a worker does it at start rather than inside its first unit."""
     if enabled(device):
         i64 = np.zeros((1, 1), np.int64)
-        group_rows(np.zeros(2, np.int16), np.zeros(2, np.int64), 1, 1, 0, padded_edges((1, 2)),
-                   np.zeros(1, np.int64), 0, i64, i64, np.zeros((1, 4), np.int64),
-                   np.zeros((2, 3), np.int64), np.zeros(2, np.float64), np.zeros((4, 1), np.int64),
-                   np.zeros((0, 1, 1), np.uint16), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                   np.zeros((1, 0, 0), np.float64), np.zeros(1, np.int64))  # fmt: skip
+        group_rows(
+            np.zeros(2, np.int16),
+            np.zeros(2, np.int64),
+            1,
+            1,
+            0,
+            padded_edges((1, 2)),
+            np.zeros(1, np.int64),
+            0,
+            i64,
+            i64,
+            np.zeros((1, 4), np.int64),
+            np.zeros((2, 3), np.int64),
+            np.zeros(2, np.float64),
+            np.zeros((4, 1), np.int64),
+            np.zeros((0, 1, 1), np.uint16),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            np.zeros((1, 0, 0), np.float64),
+            np.zeros(1, np.int64),
+        )
 
 
 if njit is not None:
@@ -77,14 +93,35 @@ def padded_edges(edges: tuple[int, ...]) -> np.ndarray:
     The main loop counts steps >= 1, 2, 3 and 4 (as sums of min(steps, k)): the edges must
     start 1, 2, 3, 4 (or 1, 2 or 1, 2, 3); the ones after are counted where a row reaches them."""
     if len(edges) < 2 or tuple(edges[:4]) != (1, 2, 3, 4)[: len(edges)]:
-        raise ValueError(f"ULP bins must start 1, 2 (the first bin is the 1-ULP count) and go on "
-                         f"3, 4 in the fused pass, not {tuple(edges)}")  # fmt: skip
+        raise ValueError(
+            f"ULP bins must start 1, 2 (the first bin is the 1-ULP count) and go on "
+            f"3, 4 in the fused pass, not {tuple(edges)}"
+        )
     return np.array([*edges, *[_BIG] * max(0, 4 - len(edges))], dtype=np.int32)
 
 
 @_jit
-def group_rows(flat, off, n, c, row0, edges, pbit, members, rows_out, col_out, ge, iacc, facc,
-               hist, planes, row_bin, col_edges, grid, cur):  # pragma: no cover  # fmt: skip
+def group_rows(
+    flat,
+    off,
+    n,
+    c,
+    row0,
+    edges,
+    pbit,
+    members,
+    rows_out,
+    col_out,
+    ge,
+    iacc,
+    facc,
+    hist,
+    planes,
+    row_bin,
+    col_edges,
+    grid,
+    cur,
+):  # pragma: no cover
     """The base and R runs of n rows (n < 2^31) in one pass: every run's mask statistics and
     the runs' consensus pattern, with the base's row decoded once and every row buffer in L1.
 

@@ -155,7 +155,9 @@ def chunk_stats(b0: torch.Tensor, b1: torch.Tensor, edges: torch.Tensor):
         ge = torch.stack([(steps >= e).sum() for e in edges.tolist()])
     else:  # on a CPU: a pass per edge, float32 clamp-sums (bool reductions are slow there)
         sf = steps.float()
-        ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges.tolist()]).to(torch.int64)  # fmt: skip
+        ge = torch.stack([(sf - (e - 1)).clamp_(0, 1).sum() for e in edges.tolist()]).to(
+            torch.int64
+        )
     d = (b1.view(torch.bfloat16).double() - b0.view(torch.bfloat16).double()).flatten()
     nf = ((b1 & _MAG) >= _EXP).sum()
     if d.numel() == 0:
@@ -172,8 +174,9 @@ class RowBinPool:
     def __init__(self, rows: int, cols: int, map_size: int, device=None):
         self.row_edges = bin_edges(rows, min(map_size, rows))
         self.col_edges = bin_edges(cols, min(map_size, cols))
-        self.grid = torch.zeros(len(self.row_edges) - 1, len(self.col_edges) - 1,
-                                dtype=torch.float64, device=device)  # fmt: skip
+        self.grid = torch.zeros(
+            len(self.row_edges) - 1, len(self.col_edges) - 1, dtype=torch.float64, device=device
+        )
         self._col_edges = torch.tensor(self.col_edges, device=device)  # copied to it once
         self._bin_of_row: torch.Tensor | None = None
 
@@ -194,8 +197,12 @@ class RowBinPool:
             return col.to(torch.int64)
         if self._bin_of_row is None:
             sizes = torch.tensor(self.row_edges, device=m.device).diff()
-            self._bin_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=m.device), sizes)  # fmt: skip
-        seg = m.new_zeros(b1 - b0 + 1, m.shape[1]).index_add_(0, self._bin_of_row[r0 : r0 + r] - b0, m)  # fmt: skip
+            self._bin_of_row = torch.repeat_interleave(
+                torch.arange(len(sizes), device=m.device), sizes
+            )
+        seg = m.new_zeros(b1 - b0 + 1, m.shape[1]).index_add_(
+            0, self._bin_of_row[r0 : r0 + r] - b0, m
+        )
         self.grid[b0 : b1 + 1] += pool_vector(seg, self._col_edges)
         return seg.sum(0).to(torch.int64)
 
@@ -246,8 +253,14 @@ class MaskAccumulator:
     chunks may span several of its row bins.
     """
 
-    def __init__(self, rows: int, cols: int, ulp_edges: tuple[int, ...], device=None,
-                 map_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        ulp_edges: tuple[int, ...],
+        device=None,
+        map_size: int | None = None,
+    ):
         self.rows, self.cols = rows, cols
         if tuple(ulp_edges[:2]) != (1, 2):
             raise ValueError("ULP bins must start (1, 2): the first bin is the 1-ULP count")
@@ -265,8 +278,13 @@ class MaskAccumulator:
         self._amax = torch.zeros((), dtype=torch.float64, device=dev)
         self._nf = torch.zeros((), dtype=torch.int64, device=dev)
 
-    def add(self, bits0: torch.Tensor, bits1: torch.Tensor,
-            planes: list[torch.Tensor] | None = None, bit: int = -1) -> None:  # fmt: skip
+    def add(
+        self,
+        bits0: torch.Tensor,
+        bits1: torch.Tensor,
+        planes: list[torch.Tensor] | None = None,
+        bit: int = -1,
+    ) -> None:
         """The next r rows: int16 patterns [r, cols] x2. With ``planes`` (int16 bit planes
         [r, cols] from ``ConsistencyAccumulator.planes``) and ``bit`` >= 0, sets bit
         ``bit % 16`` of ``planes[bit // 16]`` where the weight changed. NaN/Inf in ``bits1``
@@ -324,8 +342,12 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def mask_stats(w0: torch.Tensor, w1: torch.Tensor, ulp_edges: tuple[int, ...] = (1, 2),
-               map_size: int | None = None) -> MaskStats:  # fmt: skip
+def mask_stats(
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    ulp_edges: tuple[int, ...] = (1, 2),
+    map_size: int | None = None,
+) -> MaskStats:
     """Whole-tensor form: bf16-valued w0, w1 [m, n] -> MaskStats (in chunks of at most 4M
     elements)."""
     b0 = as_matrix(bf16_bits(w0)[0])

@@ -31,12 +31,18 @@ def status(field: str) -> int:
 
 def main(cfg: dict) -> dict:
     runs = cfg["runs"]
-    cks = [(RunSpec(n, p, open_checkpoint(p).fingerprint), open_checkpoint(p)) for n, p in runs.items()]  # fmt: skip
-    group = Group(name="g", base=cfg["base"], runs=[Run(name=n, checkpoint=p) for n, p in runs.items()])  # fmt: skip
+    cks = [
+        (RunSpec(n, p, open_checkpoint(p).fingerprint), open_checkpoint(p)) for n, p in runs.items()
+    ]
+    group = Group(
+        name="g", base=cfg["base"], runs=[Run(name=n, checkpoint=p) for n, p in runs.items()]
+    )
     params = Params(**cfg.get("params", {}))
     plan = plan_group(group, open_checkpoint(cfg["base"]), cks, params, 1 << 40)
     worker = ScanWorker(cfg["out"], device="cpu")
-    estimate = max(tensor_memory(t, len(u.runs) + 1, u.params) for u in plan.units for t in u.tensors)  # fmt: skip
+    estimate = max(
+        tensor_memory(t, len(u.runs) + 1, u.params) for u in plan.units for t in u.tensors
+    )
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak resident memory starts again from here
     baseline = status("VmRSS")

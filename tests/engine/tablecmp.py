@@ -8,12 +8,28 @@ from rlvr_ray.engine.plan import RunSpec, plan_group
 from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io.checkpoint import open_checkpoint
 
-KEYS = {"tensors": ("run", "tensor"), "profiles": ("run", "tensor", "axis", "idx"),
-        "consistency": ("tensor",), "consensus_profiles": ("tensor", "axis", "idx"),
-        "maps": ("run", "tensor", "kind"), "spectra": ("run", "tensor", "i")}  # fmt: skip
+KEYS = {
+    "tensors": ("run", "tensor"),
+    "profiles": ("run", "tensor", "axis", "idx"),
+    "consistency": ("tensor",),
+    "consensus_profiles": ("tensor", "axis", "idx"),
+    "maps": ("run", "tensor", "kind"),
+    "spectra": ("run", "tensor", "i"),
+}
 #: geometry columns: float64 eigensolves differ between devices in the last bits
-CLOSE = {"nss", "max_angle_left", "max_angle_right", "rel_frob", "stripe_row", "stripe_col",
-         "sigma_base", "sigma_run", "angle_left", "angle_right", "angle_error_bound"}  # fmt: skip
+CLOSE = {
+    "nss",
+    "max_angle_left",
+    "max_angle_right",
+    "rel_frob",
+    "stripe_row",
+    "stripe_col",
+    "sigma_base",
+    "sigma_run",
+    "angle_left",
+    "angle_right",
+    "angle_error_bound",
+}
 CLOSE |= {
     "sigma_max_base",
     "sigma_max_run",
@@ -30,10 +46,18 @@ OVERLAPS = {"overlap_princ", "overlap_low", "overlap_princ_not_low"}
 
 def scan_tables(fam, out, device: str) -> dict:
     """Every unit of ``fam`` (geometry on) by one ScanWorker on ``device`` -> {table: {key: row}}."""
-    cks = [(RunSpec(n, str(p), open_checkpoint(str(p)).fingerprint), open_checkpoint(str(p)))
-           for n, p in fam.runs.items()]  # fmt: skip
-    group = Group(name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in fam.runs.items()])  # fmt: skip
-    plan = plan_group(group, open_checkpoint(str(fam.base)), cks, Params(rank_k=4, spectral_k=8), 1 << 28)  # fmt: skip
+    cks = [
+        (RunSpec(n, str(p), open_checkpoint(str(p)).fingerprint), open_checkpoint(str(p)))
+        for n, p in fam.runs.items()
+    ]
+    group = Group(
+        name="g",
+        base=str(fam.base),
+        runs=[Run(name=n, checkpoint=str(p)) for n, p in fam.runs.items()],
+    )
+    plan = plan_group(
+        group, open_checkpoint(str(fam.base)), cks, Params(rank_k=4, spectral_k=8), 1 << 28
+    )
     worker = ScanWorker(str(out), device=device)
     reports = [worker.run_unit(u) for u in plan.units]
     assert {r["device"] for r in reports} == {device}

@@ -17,7 +17,9 @@ def test_launcher_yaml_passes_rays_schema():
     import jsonschema
     import ray
 
-    schema = json.loads((Path(os.path.dirname(ray.__file__)) / "autoscaler/ray-schema.json").read_text())  # fmt: skip
+    schema = json.loads(
+        (Path(os.path.dirname(ray.__file__)) / "autoscaler/ray-schema.json").read_text()
+    )
     cfg = yaml.safe_load((REPO / "cluster/aws-gpu.yaml").read_text())
     jsonschema.validate(cfg, schema)
     assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
@@ -41,5 +43,12 @@ def test_kuberay_manifests_have_gpu_workers_token_auth_and_the_sweep_job():
 
 def test_sweep_job_defaults_to_log_progress_and_passes_scan_flags():
     job_argv = runpy.run_path(str(REPO / "jobs/sweep.py"))["job_argv"]
-    assert job_argv(["s.yaml", "--out", "s3://b/p"]) == ["scan", "s.yaml", "--out", "s3://b/p", "--progress", "log"]  # fmt: skip
+    assert job_argv(["s.yaml", "--out", "s3://b/p"]) == [
+        "scan",
+        "s.yaml",
+        "--out",
+        "s3://b/p",
+        "--progress",
+        "log",
+    ]
     assert job_argv(["s.yaml", "--progress=quiet"]) == ["scan", "s.yaml", "--progress=quiet"]

@@ -35,17 +35,37 @@ def head(tmp_path_factory):
     """A local head node (2 CPUs) with token authentication; -> its dashboard URL."""
     port, dash = _free_port(), _free_port()
     # every port explicit: other Ray heads on this machine hold the defaults (52365, 10001, ...)
-    more = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port")]  # fmt: skip
+    more = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", *more],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            *more,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         yield url, env
@@ -59,8 +79,14 @@ def head(tmp_path_factory):
 
 
 def _ray(env, *args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def _wait_ready(url: str, env: dict, seconds: float = 120) -> None:
@@ -77,9 +103,26 @@ def test_job_submit_runs_a_sweep_end_to_end(head, qwen_family, tmp_path):
     out = tmp_path / "results"
     _wait_ready(url, env)
     # the documented command, run from the repository root; it follows the logs to the end
-    cmd = ["job", "submit", "--address", url, "--working-dir", ".", "--submission-id",
-           "rlvr-test-sweep", "--", "python", "jobs/sweep.py", str(sweep), "--out", str(out),
-           "--workers", "2", "--unit-mb", "1"]  # fmt: skip
+    cmd = [
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        ".",
+        "--submission-id",
+        "rlvr-test-sweep",
+        "--",
+        "python",
+        "jobs/sweep.py",
+        str(sweep),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--unit-mb",
+        "1",
+    ]
     deadline = time.monotonic() + 90
     while "No available agent" in (r := _ray(env, *cmd)).stderr:  # the agent starts last
         assert time.monotonic() < deadline, r.stderr[-2000:]

@@ -49,8 +49,13 @@ def both_actors_up(rep: dict, seen: list) -> None:
 
     if not seen:
         deadline = time.monotonic() + 60
-        while sum(a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
-                  for a in state.actors().values()) < 2:  # fmt: skip
+        while (
+            sum(
+                a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
+                for a in state.actors().values()
+            )
+            < 2
+        ):
             assert time.monotonic() < deadline, "the second actor never came up"
             time.sleep(0.05)
         assert ray.is_initialized()
@@ -62,7 +67,9 @@ def clean(cluster, qwen_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "results"
     sweep = sweep_from_dict(sweep_dict(qwen_family), out.parent)
     seen: list = []
-    res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, on_unit=lambda r: both_actors_up(r, seen))  # fmt: skip
+    res = run_scan(
+        sweep, str(out), unit_bytes=UNIT_BYTES, on_unit=lambda r: both_actors_up(r, seen)
+    )
     return sweep, out, res
 
 

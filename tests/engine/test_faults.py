@@ -67,8 +67,10 @@ def test_memory_budget_refuses_units_by_tensor_and_a_rerun_finishes(clean, qwen_
     res = run_scan(sweep, str(out), unit_bytes=UNIT_BYTES, memory_gb=budget)
     refused = [e for e in res.errors if "refused" in e]
     assert len(refused) == 2 and res.exit_code == 3
-    assert any("tensor model.embed_tokens.weight needs 446.0 KiB (5 copies x 6.0 KiB + scratch)"
-               in e for e in refused)  # fmt: skip
+    assert any(
+        "tensor model.embed_tokens.weight needs 446.0 KiB (5 copies x 6.0 KiB + scratch)" in e
+        for e in refused
+    )
     assert any("tensor lm_head.weight needs 446.0 KiB" in e for e in refused)
     done = {t for _, t in changed_in(out)}
     assert "lm_head.weight" not in done and "model.layers.1.mlp.down_proj.weight" in done
@@ -85,7 +87,9 @@ def test_placement_asks_for_memory_spreads_and_forwards_store_settings(ray_local
     assert p.options["memory"] == 2**29 and p.options["scheduling_strategy"] == "SPREAD"
     assert "num_gpus" not in p.options
     arrow = {"ARROW_DEFAULT_MEMORY_POOL": "system"}  # not mimalloc (see worker_env)
-    assert p.options["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", **arrow}}  # fmt: skip
+    assert p.options["runtime_env"] == {
+        "env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", **arrow}
+    }
     local = Placement.for_cluster("/tmp/x", 1, None, None, None)
     # the store's endpoint (never its secrets) goes to actors whatever the results directory:
     # their checkpoints may be s3:// ones
@@ -110,7 +114,10 @@ def test_over_budget_names_the_tensor_that_cannot_fit(qwen_family, tmp_path):
     # (32 B x 2048 + 64 B x 32^2) = 438272 B
     fit, refused = over_budget(list(plan.units), 450_000 / 2**30)
     assert len(refused) == 2 and len(fit) == len(plan.units) - 2
-    assert "tensor model.embed_tokens.weight needs 446.0 KiB (5 copies x 6.0 KiB + scratch)" in refused[0] + refused[1]  # fmt: skip
+    assert (
+        "tensor model.embed_tokens.weight needs 446.0 KiB (5 copies x 6.0 KiB + scratch)"
+        in refused[0] + refused[1]
+    )
     fit, refused = over_budget(list(plan.units), 456704 / 2**30)
     assert not refused and len(fit) == len(plan.units)
 
@@ -150,11 +157,14 @@ def test_a_unit_that_kills_every_actor_is_given_up_alone(clean, tmp_path, monkey
 
     monkeypatch.setattr(driver, "actor_class", lambda: Poisoned)
     res = run_scan(sweep, str(tmp_path / "results"), unit_bytes=UNIT_BYTES)
-    assert res.errors == [f"group g: unit {victim} failed {pool.MAX_ATTEMPTS} times; "
-                          f"last: ActorDiedError"]  # fmt: skip
+    assert res.errors == [
+        f"group g: unit {victim} failed {pool.MAX_ATTEMPTS} times; last: ActorDiedError"
+    ]
     retried = [int(r.split("unit ")[1].split(":")[0]) for r in res.retried]
     assert retried.count(victim) == pool.MAX_ATTEMPTS - 1
     others = [u for u in retried if u != victim]
     assert len(others) == len(set(others)) <= pool.MAX_ATTEMPTS - 1  # one charge at most
-    assert sorted(r["unit"] for r in res.units) == [u for u in range(clean_res.n_units) if u != victim]  # fmt: skip
+    assert sorted(r["unit"] for r in res.units) == [
+        u for u in range(clean_res.n_units) if u != victim
+    ]
     assert res.exit_code != 0

@@ -59,17 +59,34 @@ def test_a_run_named_base_is_refused():
 def test_missing_local_paths_stop_before_ray_and_create_nothing(qwen_family, tmp_path):
     out = tmp_path / "results"
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"groups": [
-        {"name": "g", "base": str(qwen_family.base),
-         "runs": [{"name": "grpo", "checkpoint": str(qwen_family.runs["grpo-a"])},
-                  {"name": "typo", "checkpoint": "runs/grpo-typo"}]},
-        {"name": "h", "base": "bases/nope", "runs": [{"name": "a", "checkpoint": "hf://o/n"}]},
-    ]}))  # fmt: skip
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "base": str(qwen_family.base),
+                        "runs": [
+                            {"name": "grpo", "checkpoint": str(qwen_family.runs["grpo-a"])},
+                            {"name": "typo", "checkpoint": "runs/grpo-typo"},
+                        ],
+                    },
+                    {
+                        "name": "h",
+                        "base": "bases/nope",
+                        "runs": [{"name": "a", "checkpoint": "hf://o/n"}],
+                    },
+                ]
+            }
+        )
+    )
     t0 = time.monotonic()
     p = _cli("scan", str(sweep), "--out", str(out))
     assert p.returncode == 2, p.stderr
-    assert p.stderr == (f"rlvr-ray: error: no such checkpoint: group g: run typo: "
-                        f"{tmp_path}/runs/grpo-typo; group h: base: {tmp_path}/bases/nope\n")  # fmt: skip
+    assert p.stderr == (
+        f"rlvr-ray: error: no such checkpoint: group g: run typo: "
+        f"{tmp_path}/runs/grpo-typo; group h: base: {tmp_path}/bases/nope\n"
+    )
     assert p.stdout == "" and not out.exists()
     assert time.monotonic() - t0 < 15  # no Ray was started (an embedded Ray alone takes longer)
 
@@ -83,8 +100,10 @@ def _bad_config(root: Path, fam, name: str, config: bytes | str) -> Path:
 
 @pytest.mark.slow  # ~25 s: one CLI scan of three groups with its own Ray
 def test_each_broken_checkpoint_is_one_line_and_the_sweep_goes_on(tmp_path):
-    fams = {g: planted_family(tmp_path / g, "qwen2", layers=1, seed=i, runs={"grpo": 0.2, "dapo": 0.3})
-            for i, g in enumerate(("alpha", "mixed", "gamma"))}  # fmt: skip
+    fams = {
+        g: planted_family(tmp_path / g, "qwen2", layers=1, seed=i, runs={"grpo": 0.2, "dapo": 0.3})
+        for i, g in enumerate(("alpha", "mixed", "gamma"))
+    }
     mixed, bad = fams["mixed"], tmp_path / "bad"
     cfg = json.loads((mixed.base / "config.json").read_text())
     broken_runs = {
@@ -102,17 +121,23 @@ def test_each_broken_checkpoint_is_one_line_and_the_sweep_goes_on(tmp_path):
         "many": _bad_config(bad, mixed, "many", json.dumps(cfg | {"num_hidden_layers": "many"})),
         "huge": _bad_config(
             bad, mixed, "huge", json.dumps(cfg)[:-1] + ', "num_hidden_layers": 1e999}'
-        ),  # fmt: skip
+        ),
     }
-    groups = [{"name": g, "base": str(f.base), "runs": [
-        {"name": r, "checkpoint": str(p)} for r, p in f.runs.items()]} for g, f in fams.items()]  # fmt: skip
+    groups = [
+        {
+            "name": g,
+            "base": str(f.base),
+            "runs": [{"name": r, "checkpoint": str(p)} for r, p in f.runs.items()],
+        }
+        for g, f in fams.items()
+    ]
     groups[1]["runs"] += [{"name": r, "checkpoint": str(p)} for r, p in broken_runs.items()]
     groups += [
         {
             "name": f"base-{b}",
             "base": str(p),
             "runs": [{"name": "grpo", "checkpoint": str(mixed.runs["grpo"])}],
-        }  # fmt: skip
+        }
         for b, p in {**broken_bases, **odd_layers}.items()
     ]
     sweep = tmp_path / "sweep.yaml"
@@ -163,8 +188,18 @@ def test_consistency_compares_runs_of_one_class_by_default(tmp_path):
     assert got == {"grpo": True, "sft": False, "sft-in": True, "plain": True}
 
     def quick(*extra):
-        argv = ["scan", "--base", "b", "--run", "grpo:grpo=g", "--run", "ppo:ppo=p",
-                "--run", "sft:sft=s", *extra]  # fmt: skip
+        argv = [
+            "scan",
+            "--base",
+            "b",
+            "--run",
+            "grpo:grpo=g",
+            "--run",
+            "ppo:ppo=p",
+            "--run",
+            "sft:sft=s",
+            *extra,
+        ]
         return _sweep_from_args(build_parser("scan").parse_args(argv))
 
     got = {r.name: r.consistency for r in quick().groups[0].runs}

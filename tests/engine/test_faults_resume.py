@@ -46,9 +46,12 @@ def test_killed_driver_resumes_where_it_stopped(family, tmp_path, ray_local, cap
     assert main(["scan", str(sweep), "--out", str(clean), *FLAGS]) == 0
     total = _markers(clean)
     out = tmp_path / "results"
-    proc = subprocess.Popen([CLI, "scan", str(sweep), "--out", str(out), "--num-cpus", "1", *FLAGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [CLI, "scan", str(sweep), "--out", str(out), "--num-cpus", "1", *FLAGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while _markers(out) < 5:

@@ -66,9 +66,14 @@ def _alive(pid: int) -> bool:
 
 def _start(sweep: Path, out: Path) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([CLI, "scan", str(sweep), "--out", str(out), "--num-cpus", "1", *FLAGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [CLI, "scan", str(sweep), "--out", str(out), "--num-cpus", "1", *FLAGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _ours(stderr: str) -> list[str]:
@@ -105,8 +110,11 @@ def test_ctrl_c_mid_scan_is_one_line_stops_ray_and_a_rerun_resumes(family, tmp_p
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     (line,) = _ours(err)
-    m = re.fullmatch(rf"rlvr-ray: interrupted: (\d+) of (\d+) units are kept in {out}; "
-                     r"rerun the same command to resume", line)  # fmt: skip
+    m = re.fullmatch(
+        rf"rlvr-ray: interrupted: (\d+) of (\d+) units are kept in {out}; "
+        r"rerun the same command to resume",
+        line,
+    )
     assert m, line
     kept, total = int(m[1]), int(m[2])
     assert total == _markers(clean) and 5 <= kept < total
@@ -125,8 +133,11 @@ def small_disk(tmp_path):
     """A real 512 KiB tmpfs (root only); -> its mount point."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
     yield mnt
@@ -150,8 +161,11 @@ def test_disk_full_mid_scan_is_one_line_keeps_the_parts_and_a_rerun_resumes(
     assert proc.returncode == 3, err
     assert "Traceback" not in err
     (line,) = _ours(err)
-    m = re.fullmatch(rf"rlvr-ray: error: disk full writing to {out}: (\d+) of (\d+) units are "
-                     r"kept; free some space and rerun the same command to resume", line)  # fmt: skip
+    m = re.fullmatch(
+        rf"rlvr-ray: error: disk full writing to {out}: (\d+) of (\d+) units are "
+        r"kept; free some space and rerun the same command to resume",
+        line,
+    )
     assert m, line
     done = _markers(out)
     assert int(m[1]) == done and 0 < done < int(m[2]) == _markers(clean)

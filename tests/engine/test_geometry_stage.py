@@ -24,13 +24,17 @@ def top_alpha(score, alpha):
 def test_geometry_columns_match_float64_reference(qwen_family, tmp_path):
     fam = qwen_family
     params = Params(rank_k=4, spectral_k=6, alpha=0.5)
-    con, _, plan = scan(tmp_path, fam.base, {"sft": fam.runs["sft"], "grpo-a": fam.runs["grpo-a"]}, params)  # fmt: skip
+    con, _, plan = scan(
+        tmp_path, fam.base, {"sft": fam.runs["sft"], "grpo-a": fam.runs["grpo-a"]}, params
+    )
     name = "model.layers.1.mlp.gate_proj.weight"  # [64, 32]
     for run in ["sft", "grpo-a"]:
         row = con.execute(
             "SELECT geometry_status, overlap_princ, princ_density, overlap_low, low_density, "
             "overlap_princ_not_low, nss, max_angle_left, max_angle_right, spectral_k, rank_k "
-            "FROM tensors WHERE run = ? AND tensor = ?", [run, name]).fetchone()  # fmt: skip
+            "FROM tensors WHERE run = ? AND tensor = ?",
+            [run, name],
+        ).fetchone()
         b0, b1 = fam.bits["base"][name], fam.bits[run][name]
         w0, w1 = bf16_bits_to_f64(b0), bf16_bits_to_f64(b1)
         m = np_mask(b0, b1)
@@ -49,17 +53,23 @@ def test_geometry_columns_match_float64_reference(qwen_family, tmp_path):
         right = scipy.linalg.subspace_angles(vt0[:6].T, vt1[:6].T).max()
         assert row[7] == pytest.approx(left, rel=1e-2, abs=1e-9)
         assert row[8] == pytest.approx(right, rel=1e-2, abs=1e-9)
-        bound = con.execute("SELECT angle_error_bound FROM tensors WHERE run = ? AND tensor = ?",
-                            [run, name]).fetchone()[0]  # fmt: skip
+        bound = con.execute(
+            "SELECT angle_error_bound FROM tensors WHERE run = ? AND tensor = ?", [run, name]
+        ).fetchone()[0]
         assert abs(row[7] - left) <= bound + 1e-12 and abs(row[8] - right) <= bound + 1e-12
         assert bound < 2.01e-3 * max(left, right) or bound < 1e-9  # certified to the target
-    spectra = con.execute("SELECT i, sigma_base, sigma_run FROM read_parquet(?) WHERE run = 'sft' "
-                          "AND tensor = ? ORDER BY i", [str(tmp_path / "out/tables/spectra/*.parquet"), name]).fetchall()  # fmt: skip
+    spectra = con.execute(
+        "SELECT i, sigma_base, sigma_run FROM read_parquet(?) WHERE run = 'sft' "
+        "AND tensor = ? ORDER BY i",
+        [str(tmp_path / "out/tables/spectra/*.parquet"), name],
+    ).fetchall()
     s0 = np.linalg.svd(bf16_bits_to_f64(fam.bits["base"][name]), compute_uv=False)
     s1 = np.linalg.svd(bf16_bits_to_f64(fam.bits["sft"][name]), compute_uv=False)
     np.testing.assert_allclose([r[1] for r in spectra], s0[:6], rtol=1e-9)
     np.testing.assert_allclose([r[2] for r in spectra], s1[:6], rtol=1e-9)
-    statuses = dict(con.execute("SELECT tensor, geometry_status FROM tensors WHERE run = 'sft'").fetchall())  # fmt: skip
+    statuses = dict(
+        con.execute("SELECT tensor, geometry_status FROM tensors WHERE run = 'sft'").fetchall()
+    )
     assert statuses["model.norm.weight"] == "skipped_vector"
     assert statuses["model.embed_tokens.weight"] == "skipped_embedding"
     assert statuses["model.layers.0.self_attn.q_proj.bias"] == "skipped_vector"
@@ -75,7 +85,11 @@ def test_base_decompositions_are_cached_across_scans(qwen_family, tmp_path):
     w = ScanWorker(str(tmp_path / "out"))
     for u in plan2.units:
         w.run_unit(u)
-    n_matrices = sum(1 for k, v in fam.bits["base"].items() if v.ndim == 2 and "embed" not in k and "lm_head" not in k)  # fmt: skip
+    n_matrices = sum(
+        1
+        for k, v in fam.bits["base"].items()
+        if v.ndim == 2 and "embed" not in k and "lm_head" not in k
+    )
     assert (w.cache.hits, w.cache.misses) == (n_matrices, 0)
     cached = list((tmp_path / "out" / "cache").rglob("*.safetensors"))
     assert len(cached) == n_matrices

@@ -45,9 +45,18 @@ def write_group(root: Path, shape, R: int) -> dict:
 
 def probe(cfg: dict) -> dict:
     """The worker's peak above its baseline and the estimate (``memory_probe``)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "tests.engine.memory_probe", json.dumps(cfg)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.engine.memory_probe", json.dumps(cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=7200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -82,9 +91,9 @@ def test_many_runs_on_a_tensor_above_2_24_elements(R, tmp_path):
         inter = int(np.bitwise_count(packed[a] & packed[b]).sum(dtype=np.int64))
         js.append(inter / (sizes[a] + sizes[b] - inter))
     out = cfg["out"]
-    (n_runs, consensus, jaccard), = duckdb.sql(
+    ((n_runs, consensus, jaccard),) = duckdb.sql(
         f"SELECT n_runs, consensus_counts, mean_jaccard FROM '{out}/tables/consistency/*.parquet'"
-    ).fetchall()  # fmt: skip
+    ).fetchall()
     assert n_runs == R and consensus == counts
     assert jaccard == pytest.approx(sum(js) / len(js), rel=1e-15)
     check_bound(got)
@@ -98,8 +107,9 @@ def test_many_runs_on_a_narrow_tensor(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(1024, 1024), (3072, 1024), (2048, 2048), (4096, 4096),
-                                   (12288, 4096)])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape", [(1024, 1024), (3072, 1024), (2048, 2048), (4096, 4096), (12288, 4096)]
+)
 def test_geometry_of_layer_shapes(shape, tmp_path):
     """Two runs, geometry on, square and 3:1 layer shapes up to an 8B model's (q/o 4096 x 4096,
     gate/up 12288 x 4096): the estimate bounds the measured peak and is within 2x of it."""
@@ -108,8 +118,10 @@ def test_geometry_of_layer_shapes(shape, tmp_path):
 
 def test_the_estimate_is_pure_arithmetic():
     """The driver's estimate imports neither torch nor numba (nor numpy or pyarrow)."""
-    code = ("import sys, rlvr_ray.engine.memory, rlvr_ray.engine.config; "
-            "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'numba', 'numpy', 'pyarrow'}))")  # fmt: skip
+    code = (
+        "import sys, rlvr_ray.engine.memory, rlvr_ray.engine.config; "
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'numba', 'numpy', 'pyarrow'}))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

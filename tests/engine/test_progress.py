@@ -25,8 +25,11 @@ def test_small_scans_count_in_the_unit_that_reads():
     p.update(1, 1_250_000)
     assert out.getvalue().startswith("tensors 1/4  1.25/3.50 MB  ")
     assert [size_text(n) for n in (512, 2_048, 12_500_000, 3.02e9)] == [
-        "512 B", "2.05 kB", "12.50 MB", "3.02 GB"
-    ]  # fmt: skip
+        "512 B",
+        "2.05 kB",
+        "12.50 MB",
+        "3.02 GB",
+    ]
 
 
 def test_a_scan_with_everything_done_says_so():
@@ -35,8 +38,15 @@ def test_a_scan_with_everything_done_says_so():
         "nothing new to scan: all 3 units (27 tensors) were already done (--force redoes them) "
         "-> results/"
     )
-    res = SimpleNamespace(n_units=3, n_units_resumed=1, n_tensors=27, out="r", n_bytes=4_200_000,
-                          unit_seconds=2.0, seconds=9.04)  # fmt: skip
+    res = SimpleNamespace(
+        n_units=3,
+        n_units_resumed=1,
+        n_tensors=27,
+        out="r",
+        n_bytes=4_200_000,
+        unit_seconds=2.0,
+        seconds=9.04,
+    )
     assert scan_line(res) == (
         "scanned 27 tensors in 3 units (1 already done), 4.20 MB read in 2.0 s of units "
         "(2.10 MB/s), 9.0 s in all -> r"

@@ -15,22 +15,35 @@ from rlvr_ray.engine.driver import run_scan
 
 
 def np_changed(fam, run):
-    return sum(int(((fam.bits["base"][k] != b) & (((fam.bits["base"][k] | b) & 0x7FFF) != 0)).sum())
-               for k, b in fam.bits[run].items())  # fmt: skip
+    return sum(
+        int(((fam.bits["base"][k] != b) & (((fam.bits["base"][k] | b) & 0x7FFF) != 0)).sum())
+        for k, b in fam.bits[run].items()
+    )
 
 
 @pytest.fixture(scope="module")
 def two_families(qwen_family, llama_family, tmp_path_factory, ray_local):
     sweep = {
         "groups": [
-            {"name": "qwen", "base": str(qwen_family.base), "runs": [
-                {"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0], "step": 100}
-                for n, p in qwen_family.runs.items()]},
-            {"name": "llama", "base": str(llama_family.base), "runs": [
-                {"name": n, "checkpoint": str(p), "algorithm": n} for n, p in llama_family.runs.items()]},
+            {
+                "name": "qwen",
+                "base": str(qwen_family.base),
+                "runs": [
+                    {"name": n, "checkpoint": str(p), "algorithm": n.split("-")[0], "step": 100}
+                    for n, p in qwen_family.runs.items()
+                ],
+            },
+            {
+                "name": "llama",
+                "base": str(llama_family.base),
+                "runs": [
+                    {"name": n, "checkpoint": str(p), "algorithm": n}
+                    for n, p in llama_family.runs.items()
+                ],
+            },
         ],
         "params": {"geometry": False},
-    }  # fmt: skip
+    }
     out = tmp_path_factory.mktemp("scan") / "results"
     res = run_scan(sweep_from_dict(sweep, out.parent), str(out))
     return sweep, out, res
@@ -40,8 +53,12 @@ def test_sparsity_per_run_is_weighted_by_numel(two_families, qwen_family, llama_
     sweep, out, res = two_families
     assert res.exit_code == 0 and not res.errors and res.n_units_resumed == 0
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
-    got = dict(((g, r), (s, n)) for g, r, s, n in con.execute(
-        "SELECT group_name, run, sparsity, n_changed FROM run_sparsity").fetchall())  # fmt: skip
+    got = dict(
+        ((g, r), (s, n))
+        for g, r, s, n in con.execute(
+            "SELECT group_name, run, sparsity, n_changed FROM run_sparsity"
+        ).fetchall()
+    )
     for group, fam in [("qwen", qwen_family), ("llama", llama_family)]:
         total = sum(v.size for v in fam.bits["base"].values())
         for run in fam.runs:
@@ -62,25 +79,37 @@ def test_rerun_skips_done_units_and_force_never_duplicates(two_families):
     forced = run_scan(sweep_from_dict(sweep, out.parent), str(out), force=True)
     assert forced.n_units_resumed == 0
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
-    dup = con.execute("SELECT count(*) - count(DISTINCT (scan_id, run, tensor)) FROM tensors_all").fetchone()  # fmt: skip
+    dup = con.execute(
+        "SELECT count(*) - count(DISTINCT (scan_id, run, tensor)) FROM tensors_all"
+    ).fetchone()
     assert dup == (0,)
-    dup = con.execute("SELECT count(*) - count(DISTINCT (scan_id, run, tensor, axis, idx)) FROM profiles_all").fetchone()  # fmt: skip
+    dup = con.execute(
+        "SELECT count(*) - count(DISTINCT (scan_id, run, tensor, axis, idx)) FROM profiles_all"
+    ).fetchone()
     assert dup == (0,)
 
 
 def test_moved_results_directory_still_opens(two_families, tmp_path):
     _, out, _ = two_families
     moved = shutil.copytree(out, tmp_path / "elsewhere")
-    code = "import duckdb,sys; c=duckdb.connect(sys.argv[1], read_only=True); print(c.execute('SELECT count(*) FROM summary').fetchone()[0])"  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code, str(moved / "atlas.duckdb")],
-                       capture_output=True, text=True, cwd="/", check=True)  # fmt: skip
+    code = "import duckdb,sys; c=duckdb.connect(sys.argv[1], read_only=True); print(c.execute('SELECT count(*) FROM summary').fetchone()[0])"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(moved / "atlas.duckdb")],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=True,
+    )
     assert r.stdout.strip() == "6"
 
 
 def test_added_run_replaces_the_groups_current_view(llama_family, qwen_family, tmp_path, ray_local):
     out = tmp_path / "r"
-    g = {"name": "g", "base": str(llama_family.base),
-         "runs": [{"name": "grpo", "checkpoint": str(llama_family.runs["grpo"])}]}  # fmt: skip
+    g = {
+        "name": "g",
+        "base": str(llama_family.base),
+        "runs": [{"name": "grpo", "checkpoint": str(llama_family.runs["grpo"])}],
+    }
     run_scan(sweep_from_dict({"groups": [g], "params": {"geometry": False}}, tmp_path), str(out))
     g["runs"].append({"name": "ppo", "checkpoint": str(llama_family.runs["ppo"])})
     run_scan(sweep_from_dict({"groups": [g], "params": {"geometry": False}}, tmp_path), str(out))
@@ -92,17 +121,33 @@ def test_added_run_replaces_the_groups_current_view(llama_family, qwen_family, t
     assert con.execute("SELECT DISTINCT n_runs FROM consistency").fetchall() == [(2,)]
 
 
-def test_bad_run_is_skipped_others_scanned_and_exit_status_says_so(llama_family, tmp_path, ray_local, capsys):  # fmt: skip
+def test_bad_run_is_skipped_others_scanned_and_exit_status_says_so(
+    llama_family, tmp_path, ray_local, capsys
+):
     broken = shutil.copytree(llama_family.runs["ppo"], tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    code = main(["scan", "--base", str(llama_family.base), "--run", f"grpo:grpo={llama_family.runs['grpo']}",
-                 "--run", f"bad:ppo={broken}", "--out", str(out), "--no-geometry"])  # fmt: skip
+    code = main(
+        [
+            "scan",
+            "--base",
+            str(llama_family.base),
+            "--run",
+            f"grpo:grpo={llama_family.runs['grpo']}",
+            "--run",
+            f"bad:ppo={broken}",
+            "--out",
+            str(out),
+            "--no-geometry",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3
     assert "run bad skipped" in err and "model.safetensors" in err and "truncated" in err
-    code = main(["sql", "SELECT run, algorithm FROM run_sparsity", "--out", str(out), "--format", "json"])  # fmt: skip
+    code = main(
+        ["sql", "SELECT run, algorithm FROM run_sparsity", "--out", str(out), "--format", "json"]
+    )
     assert code == 0
     assert json.loads(capsys.readouterr().out) == [{"run": "grpo", "algorithm": "grpo"}]
 
@@ -117,12 +162,37 @@ def test_malformed_sweeps_name_the_field(tmp_path):
     bad.write_text("groups: [ {name: g, base: b, runs: [")
     with pytest.raises(SweepError, match="not valid YAML"):
         load_sweep(bad)
-    bad.write_text(yaml.safe_dump({"groups": [{"name": "g", "base": "b", "runs": [
-        {"name": "r", "checkpoint": "x"}, {"name": "r", "checkpoint": "y"}]}]}))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "base": "b",
+                        "runs": [
+                            {"name": "r", "checkpoint": "x"},
+                            {"name": "r", "checkpoint": "y"},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     with pytest.raises(SweepError, match="duplicate run names"):
         load_sweep(bad)
-    bad.write_text(yaml.safe_dump({"groups": [{"name": "g", "base": "b", "runs": [
-        {"name": "r", "checkpoint": "x", "step": -1}]}]}))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "base": "b",
+                        "runs": [{"name": "r", "checkpoint": "x", "step": -1}],
+                    }
+                ]
+            }
+        )
+    )
     with pytest.raises(SweepError, match=r"runs\.0\.step"):
         load_sweep(bad)
 
@@ -130,8 +200,19 @@ def test_malformed_sweeps_name_the_field(tmp_path):
 def test_sweep_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "sub").mkdir()
     f = tmp_path / "sub" / "s.yaml"
-    f.write_text(yaml.safe_dump({"groups": [{"name": "g", "base": "../b", "runs": [
-        {"name": "r", "checkpoint": "r1", "algorithm": "GRPO"}]}]}))  # fmt: skip
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "base": "../b",
+                        "runs": [{"name": "r", "checkpoint": "r1", "algorithm": "GRPO"}],
+                    }
+                ]
+            }
+        )
+    )
     s = load_sweep(f)
     assert s.groups[0].base == str(tmp_path / "b")
     assert s.groups[0].runs[0].checkpoint == str(tmp_path / "sub" / "r1")
@@ -143,8 +224,19 @@ def test_summary_and_sql_formats(two_families, capsys):
     assert main(["summary", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "sparsity" in text and "grpo-a" in text and "mean_jaccard" in text
-    assert main(["sql", "SELECT run FROM summary WHERE group_name = 'llama' ORDER BY run",
-                 "--out", str(out), "--format", "csv"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sql",
+                "SELECT run FROM summary WHERE group_name = 'llama' ORDER BY run",
+                "--out",
+                str(out),
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.split() == ["run", "grpo", "ppo"]
     assert main(["sql", "SELECT nope FROM summary", "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
@@ -154,11 +246,19 @@ def test_cli_flags_override_sweep_params_only_when_given(tmp_path):
     from rlvr_ray.cli import _sweep_from_args, build_parser
 
     f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump({"groups": [{"name": "g", "base": "b", "runs": [
-        {"name": "r", "checkpoint": "c"}]}], "params": {"rank_k": 8, "alpha": 0.25}}))  # fmt: skip
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [{"name": "g", "base": "b", "runs": [{"name": "r", "checkpoint": "c"}]}],
+                "params": {"rank_k": 8, "alpha": 0.25},
+            }
+        )
+    )
     s = _sweep_from_args(build_parser().parse_args(["scan", str(f)]))
     assert (s.params.rank_k, s.params.alpha, s.params.geometry) == (8, 0.25, True)
-    s = _sweep_from_args(build_parser().parse_args(["scan", str(f), "--rank-k", "16", "--no-geometry"]))  # fmt: skip
+    s = _sweep_from_args(
+        build_parser().parse_args(["scan", str(f), "--rank-k", "16", "--no-geometry"])
+    )
     assert (s.params.rank_k, s.params.alpha, s.params.geometry) == (16, 0.25, False)
     assert s.groups[0].base == str(tmp_path / "b")
     bad = build_parser().parse_args(["scan", str(f), "--alpha", "2"])

@@ -17,9 +17,21 @@ from rlvr_ray.engine.driver import run_scan
 from rlvr_ray.lab.planted import plant_update, random_base, tensor_shapes, write_checkpoint
 
 STEPS = (10, 20, 40)
-HEADLINE = ("run_sparsity", "summary", "summary_final", "algorithm_summary", "final_runs",
-            "cross_family", "group_summary", "density_by_role_depth", "consistency_by_role",
-            "run_geometry", "checkpoints", "tensors", "consistency")  # fmt: skip
+HEADLINE = (
+    "run_sparsity",
+    "summary",
+    "summary_final",
+    "algorithm_summary",
+    "final_runs",
+    "cross_family",
+    "group_summary",
+    "density_by_role_depth",
+    "consistency_by_role",
+    "run_geometry",
+    "checkpoints",
+    "tensors",
+    "consistency",
+)
 
 
 def _key(bits: np.ndarray) -> np.ndarray:
@@ -47,8 +59,16 @@ def series(tmp_path_factory):
 
 
 def _sweep(root, step_pairs) -> dict:
-    runs = [{"name": "grpo" if s == STEPS[-1] else f"grpo@{s}", "checkpoint": f"step-{s}",
-             "algorithm": "grpo", "step": s, "series": "grpo"} for s in STEPS]  # fmt: skip
+    runs = [
+        {
+            "name": "grpo" if s == STEPS[-1] else f"grpo@{s}",
+            "checkpoint": f"step-{s}",
+            "algorithm": "grpo",
+            "step": s,
+            "series": "grpo",
+        }
+        for s in STEPS
+    ]
     runs.append({"name": "other", "checkpoint": "other", "algorithm": "dapo", "step": 40})
     group = {"name": "lab", "base": "base", "runs": runs, "step_pairs": step_pairs}
     return {"groups": [group], "params": {"rank_frac": 0.25}}
@@ -107,10 +127,13 @@ def test_step_pair_groups_are_named_from_the_series_steps(series):
     [
         (lambda g: g["runs"][1].pop("step"), "series 'grpo' run 'grpo@20' has no step"),
         (lambda g: g["runs"][1].update(step=10), "duplicate steps in series 'grpo': ['10']"),
-        (lambda g: g.update(step_pairs=["dapo"]), "step_pairs: series ['dapo'] need at least two runs"),
+        (
+            lambda g: g.update(step_pairs=["dapo"]),
+            "step_pairs: series ['dapo'] need at least two runs",
+        ),
         (lambda g: [r.update(series="a/b") for r in g["runs"][:3]], "must match"),
     ],
-)  # fmt: skip
+)
 def test_bad_step_pairs_are_one_line_errors_naming_the_field(series, edit, message):
     root, _ = series
     data = _sweep(root, True)
@@ -128,11 +151,12 @@ def test_k_step_sparsity_equals_numpy_per_tensor_and_model(scans, series):
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
     rows = con.execute("""SELECT step_from, step_to, k, series, group_name, run, tensor, numel,
                                  n_changed, sparsity, ulp1_share, status
-                          FROM step_sparsity_by_tensor""").fetchall()  # fmt: skip
+                          FROM step_sparsity_by_tensor""").fetchall()
     pairs = [(10, 20), (20, 40)]
     assert {r[:6] for r in rows} == {
-        (10, 20, 10, "grpo", "lab", "grpo@20"), (20, 40, 20, "grpo", "lab", "grpo")
-    }  # fmt: skip
+        (10, 20, 10, "grpo", "lab", "grpo@20"),
+        (20, 40, 20, "grpo", "lab", "grpo"),
+    }
     assert len(rows) == 2 * len(bits["base"])
     model = {}
     for t0, t1, _, _, _, _, tensor, numel, n_changed, sparsity, ulp1, status in rows:
@@ -150,7 +174,7 @@ def test_k_step_sparsity_equals_numpy_per_tensor_and_model(scans, series):
         tot[1] += n
         tot[2] += int((moved == 1).sum())
     got = con.execute("""SELECT step_from, step_to, numel, n_changed, sparsity, ulp1_share,
-                                n_tensors, n_tensors_all FROM step_sparsity""").fetchall()  # fmt: skip
+                                n_tensors, n_tensors_all FROM step_sparsity""").fetchall()
     assert [g[:2] for g in got] == pairs
     for t0, t1, numel, n_changed, sparsity, ulp1, n_ok, n_all in got:
         numel_np, n_np, one_np = model[(t0, t1)]
@@ -158,8 +182,10 @@ def test_k_step_sparsity_equals_numpy_per_tensor_and_model(scans, series):
         assert sparsity == pytest.approx(1 - n_np / numel_np, rel=1e-12)
         assert ulp1 == pytest.approx(one_np / n_np, rel=1e-12)
     # step pairs are scanned without geometry (the main group's is kept)
-    geo = dict(con.execute("""SELECT contains(group_name, '/'), count(*) FILTER (WHERE
-                              geometry_status = 'ok') FROM tensors_all GROUP BY 1""").fetchall())  # fmt: skip
+    geo = dict(
+        con.execute("""SELECT contains(group_name, '/'), count(*) FILTER (WHERE
+                              geometry_status = 'ok') FROM tensors_all GROUP BY 1""").fetchall()
+    )
     assert geo[True] == 0 and geo[False] > 0
 
 

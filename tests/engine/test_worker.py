@@ -37,8 +37,12 @@ def scan(tmp_path, base, runs: dict, params=None, consistency=None):
         ck = open_checkpoint(str(path))
         flag = True if consistency is None else name in consistency
         cks.append((RunSpec(name, str(path), ck.fingerprint, consistency=flag), ck))
-    group = Group(name="g", base=str(base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()])  # fmt: skip
-    plan = plan_group(group, open_checkpoint(str(base)), cks, params or Params(geometry=False), 1 << 28)  # fmt: skip
+    group = Group(
+        name="g", base=str(base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()]
+    )
+    plan = plan_group(
+        group, open_checkpoint(str(base)), cks, params or Params(geometry=False), 1 << 28
+    )
     out = tmp_path / "out"
     worker = ScanWorker(str(out))
     reports = [worker.run_unit(u) for u in plan.units]
@@ -62,8 +66,10 @@ def test_every_tensor_matches_numpy(qwen_family, tmp_path):
     con, reports, plan = scan(tmp_path, fam.base, fam.runs)
     assert len(plan.units) >= 16 and sum(r["n_tensors"] for r in reports) == len(fam.bits["base"])
     assert all(r["seconds"] >= 0 and r["cpu_seconds"] > 0 for r in reports)  # a report's times
-    rows = con.execute("SELECT run, tensor, n_changed, numel, update_density, ulp1_share, ulp_hist,"
-                       " rel_frob, max_abs_update, status, stripe_row, stripe_col FROM tensors").fetchall()  # fmt: skip
+    rows = con.execute(
+        "SELECT run, tensor, n_changed, numel, update_density, ulp1_share, ulp_hist,"
+        " rel_frob, max_abs_update, status, stripe_row, stripe_col FROM tensors"
+    ).fetchall()
     assert len(rows) == 4 * len(fam.bits["base"])
     for run, tensor, n_changed, numel, dens, ulp1, hist, rel, mx, status, s_row, s_col in rows:
         b0, b1 = fam.bits["base"][tensor], fam.bits[run][tensor]
@@ -99,12 +105,17 @@ def test_profiles_and_consistency_match_numpy(qwen_family, tmp_path):
     m = {
         r: np_mask(fam.bits["base"][name], fam.bits[r][name]) for r in ["grpo-a", "grpo-b", "dapo"]
     }
-    ratios = con.execute("SELECT ratio FROM profiles WHERE run = 'grpo-b' AND tensor = ? "
-                         "AND axis = 'col' ORDER BY idx", [name]).fetchall()  # fmt: skip
+    ratios = con.execute(
+        "SELECT ratio FROM profiles WHERE run = 'grpo-b' AND tensor = ? "
+        "AND axis = 'col' ORDER BY idx",
+        [name],
+    ).fetchall()
     np.testing.assert_allclose([r[0] for r in ratios], m["grpo-b"].mean(axis=0), rtol=1e-6)
     n_runs, runs, counts, mj, base = con.execute(
         "SELECT n_runs, runs, consensus_counts, mean_jaccard, jaccard_baseline FROM consistency "
-        "WHERE tensor = ?", [name]).fetchone()  # fmt: skip
+        "WHERE tensor = ?",
+        [name],
+    ).fetchone()
     assert n_runs == 3 and sorted(runs) == sorted(m)
     total = sum(m.values())
     assert counts == [int((total == c).sum()) for c in range(4)]
@@ -116,7 +127,9 @@ def test_profiles_and_consistency_match_numpy(qwen_family, tmp_path):
     ref = np.mean([a * b / (a + b - a * b) for a, b in combinations(p.values(), 2)])
     assert base == pytest.approx(ref, rel=1e-12)
     assert mj > base  # the planted stripes are shared across runs
-    kinds = con.execute("SELECT kind, count(*) FROM maps WHERE tensor = ? GROUP BY kind ORDER BY kind", [name]).fetchall()  # fmt: skip
+    kinds = con.execute(
+        "SELECT kind, count(*) FROM maps WHERE tensor = ? GROUP BY kind ORDER BY kind", [name]
+    ).fetchall()
     assert kinds == [("consensus", 1), ("mask", 4)]
 
 
@@ -159,23 +172,40 @@ def test_statuses_for_defective_runs(defects, tmp_path):
     con, reports, _ = scan(tmp_path, base, runs)
     q = "model.layers.0.self_attn.q_proj.weight"
     st = dict(con.execute("SELECT run, status FROM tensors WHERE tensor = ?", [q]).fetchall())
-    assert st == {"missing": "missing_in_run", "shape": "shape_mismatch", "vocab": "ok",
-                  "nan": "nonfinite", "same": "ok", "fp32": "ok", "grpo": "ok"}  # fmt: skip
-    msg = con.execute("SELECT message FROM tensors WHERE run = 'nan' AND tensor = ?", [q]).fetchone()[0]  # fmt: skip
+    assert st == {
+        "missing": "missing_in_run",
+        "shape": "shape_mismatch",
+        "vocab": "ok",
+        "nan": "nonfinite",
+        "same": "ok",
+        "fp32": "ok",
+        "grpo": "ok",
+    }
+    msg = con.execute(
+        "SELECT message FROM tensors WHERE run = 'nan' AND tensor = ?", [q]
+    ).fetchone()[0]
     assert "1 NaN/Inf" in msg and q in msg and "nan" in msg
-    emb = con.execute("SELECT run, status, rows, n_changed, message FROM tensors "
-                      "WHERE tensor = 'model.embed_tokens.weight' ORDER BY run").fetchall()  # fmt: skip
+    emb = con.execute(
+        "SELECT run, status, rows, n_changed, message FROM tensors "
+        "WHERE tensor = 'model.embed_tokens.weight' ORDER BY run"
+    ).fetchall()
     vocab = [r for r in emb if r[0] == "vocab"][0]
     grpo = [r for r in emb if r[0] == "grpo"][0]
     assert vocab[1] == "vocab_resized" and vocab[2] == grpo[2] and vocab[3] == grpo[3]
     assert "common 80 rows" in vocab[4]
     same = con.execute("SELECT sum(n_changed) FROM tensors WHERE run = 'same'").fetchone()[0]
     assert same == 0
-    a = con.execute("SELECT tensor, n_changed, rounded_to_bf16 FROM tensors WHERE run = 'fp32' "
-                    "AND status = 'ok' ORDER BY tensor").fetchall()  # fmt: skip
-    b = con.execute("SELECT tensor, n_changed FROM tensors WHERE run = 'grpo' ORDER BY tensor").fetchall()  # fmt: skip
+    a = con.execute(
+        "SELECT tensor, n_changed, rounded_to_bf16 FROM tensors WHERE run = 'fp32' "
+        "AND status = 'ok' ORDER BY tensor"
+    ).fetchall()
+    b = con.execute(
+        "SELECT tensor, n_changed FROM tensors WHERE run = 'grpo' ORDER BY tensor"
+    ).fetchall()
     assert [(t, n) for t, n, _ in a] == b and all(r for _, _, r in a)
-    extra = con.execute("SELECT status, message FROM tensors WHERE tensor = 'extra.counter'").fetchone()  # fmt: skip
+    extra = con.execute(
+        "SELECT status, message FROM tensors WHERE tensor = 'extra.counter'"
+    ).fetchone()
     assert extra[0] == "missing_in_base"
     skipped = [s for r in reports for s in r["skipped"]]
     assert any(s.startswith("shape/") and "shape_mismatch" in s for s in skipped)
@@ -226,9 +256,13 @@ def test_a_file_cut_under_the_scan_gives_read_error_rows(qwen_family, tmp_path):
     cut_run = tmp_path / "cut"
     shutil.copytree(fam.runs["dapo"], cut_run)
     runs = {**fam.runs, "dapo": cut_run}
-    cks = [(RunSpec(n, str(p), open_checkpoint(str(p)).fingerprint), open_checkpoint(str(p)))
-           for n, p in runs.items()]  # fmt: skip
-    group = Group(name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()])  # fmt: skip
+    cks = [
+        (RunSpec(n, str(p), open_checkpoint(str(p)).fingerprint), open_checkpoint(str(p)))
+        for n, p in runs.items()
+    ]
+    group = Group(
+        name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in runs.items()]
+    )
     plan = plan_group(group, open_checkpoint(str(fam.base)), cks, Params(geometry=False), 1 << 28)
     out = tmp_path / "out"
     worker = ScanWorker(str(out))
@@ -240,12 +274,18 @@ def test_a_file_cut_under_the_scan_gives_read_error_rows(qwen_family, tmp_path):
     for u in plan.units:
         worker.run_unit(u)
     con = duckdb.connect()
-    rows = con.execute(f"SELECT run, tensor, status, message FROM read_parquet('{out}/tables/tensors/*.parquet')").fetchall()  # fmt: skip
+    rows = con.execute(
+        f"SELECT run, tensor, status, message FROM read_parquet('{out}/tables/tensors/*.parquet')"
+    ).fetchall()
     assert len(rows) == len(runs) * len(fam.bits["base"])  # a row for every run and tensor
     bad = [r for r in rows if r[2] != "ok"]
     assert bad and all(r[0] == "dapo" and r[2] == "read_error" for r in bad)
     assert all("short read" in r[3] and shard.name in r[3] and r[1] in r[3] for r in bad)
-    cons = dict(con.execute(f"SELECT tensor, n_runs FROM read_parquet('{out}/tables/consistency/*.parquet')").fetchall())  # fmt: skip
+    cons = dict(
+        con.execute(
+            f"SELECT tensor, n_runs FROM read_parquet('{out}/tables/consistency/*.parquet')"
+        ).fetchall()
+    )
     assert all(cons[t] == len(runs) - 1 for _, t, _, _ in bad)
     assert len(cons) == len(fam.bits["base"])  # one consistency row per tensor, none twice
 
@@ -256,10 +296,18 @@ def test_a_worker_keeps_only_the_current_groups_files_open(qwen_family, llama_fa
     import os
 
     def plan_for(fam):
-        cks = [(RunSpec(n, str(p), "fp"), open_checkpoint(str(p), fingerprint=False))
-               for n, p in fam.runs.items()]  # fmt: skip
-        group = Group(name="g", base=str(fam.base), runs=[Run(name=n, checkpoint=str(p)) for n, p in fam.runs.items()])  # fmt: skip
-        return plan_group(group, open_checkpoint(str(fam.base)), cks, Params(geometry=False), 1 << 28)  # fmt: skip
+        cks = [
+            (RunSpec(n, str(p), "fp"), open_checkpoint(str(p), fingerprint=False))
+            for n, p in fam.runs.items()
+        ]
+        group = Group(
+            name="g",
+            base=str(fam.base),
+            runs=[Run(name=n, checkpoint=str(p)) for n, p in fam.runs.items()],
+        )
+        return plan_group(
+            group, open_checkpoint(str(fam.base)), cks, Params(geometry=False), 1 << 28
+        )
 
     worker = ScanWorker(str(tmp_path / "out"))
 

@@ -33,8 +33,9 @@ def family(tmp_path_factory):
 def wide(tmp_path_factory):
     """A checkpoint of another shape (intermediate 80 instead of 64): not comparable."""
     dims = (32, 80, 4, 2, 96, True)
-    return planted_family(tmp_path_factory.mktemp("wide"), "qwen2", layers=2, seed=4, runs={},
-                          dims=dims).base  # fmt: skip
+    return planted_family(
+        tmp_path_factory.mktemp("wide"), "qwen2", layers=2, seed=4, runs={}, dims=dims
+    ).base
 
 
 @pytest.fixture

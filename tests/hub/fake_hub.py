@@ -89,8 +89,14 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def publish(self, repo_id: str, files: dict[str, bytes] | Path, tags=(), base: str | None = None,
-                card: dict | None = None) -> Repo:  # fmt: skip
+    def publish(
+        self,
+        repo_id: str,
+        files: dict[str, bytes] | Path,
+        tags=(),
+        base: str | None = None,
+        card: dict | None = None,
+    ) -> Repo:
         """Publish a repo (from a directory or name -> bytes); later ones are newer."""
         if isinstance(files, Path):
             files = {p.name: p.read_bytes() for p in sorted(files.iterdir()) if p.is_file()}
@@ -107,7 +113,11 @@ class FakeHub:
         self.faults.append([re.compile(pattern), "status", status, times, -1])
 
     def cut(
-        self, pattern: str, times: int = 1, after: int = 100, ranged: bool = False,
+        self,
+        pattern: str,
+        times: int = 1,
+        after: int = 100,
+        ranged: bool = False,
         longer_than: int = 4096,
     ) -> None:
         kind = "cut-range" if ranged else "cut"
@@ -126,7 +136,9 @@ class FakeHub:
         """Body bytes sent for files whose "repo/file" matches ``pattern``."""
         rx = re.compile(pattern)
         served = list(self.served)
-        return sum(n for repo, f, _, n, r in served if rx.search(f"{repo}/{f}") and ranged in (None, r))
+        return sum(
+            n for repo, f, _, n, r in served if rx.search(f"{repo}/{f}") and ranged in (None, r)
+        )
 
     def hits(self, pattern: str) -> list[tuple[str, str, dict]]:
         rx = re.compile(pattern)
@@ -145,10 +157,18 @@ def _sibling(repo: Repo, name: str, blobs: bool) -> dict:
 
 
 def _info(repo: Repo, expand: list[str] | None = None, blobs: bool = False) -> dict:
-    full = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha, "private": False,
-            "createdAt": _iso(repo.created), "lastModified": _iso(repo.created),
-            "tags": repo.tags, "cardData": repo.card or None, "library_name": "transformers",
-            "siblings": [_sibling(repo, n, blobs) for n in sorted(repo.files)]}  # fmt: skip
+    full = {
+        "id": repo.repo_id,
+        "modelId": repo.repo_id,
+        "sha": repo.sha,
+        "private": False,
+        "createdAt": _iso(repo.created),
+        "lastModified": _iso(repo.created),
+        "tags": repo.tags,
+        "cardData": repo.card or None,
+        "library_name": "transformers",
+        "siblings": [_sibling(repo, n, blobs) for n in sorted(repo.files)],
+    }
     if expand:
         return {"id": repo.repo_id, "_id": repo.repo_id} | {k: full[k] for k in expand if k in full}
     return full
@@ -186,8 +206,14 @@ def _handler(hub: FakeHub):
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
             if m:
                 repo = self._repo(m[1], m[2], method)
-                tree = [{"type": "file", "path": n, "size": len(b), "oid": repo.blob_ids[n]}
-                        for n, b in sorted(repo.files.items())] if repo else None  # fmt: skip
+                tree = (
+                    [
+                        {"type": "file", "path": n, "size": len(b), "oid": repo.blob_ids[n]}
+                        for n, b in sorted(repo.files.items())
+                    ]
+                    if repo
+                    else None
+                )
                 return tree is not None and self._json(tree, 200, method)
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if m:
@@ -219,8 +245,13 @@ def _handler(hub: FakeHub):
             if repo is None:
                 return
             if name not in repo.files:
-                return self._json({"error": "Entry not found"}, 404, method, code="EntryNotFound",
-                                  extra={"X-Repo-Commit": repo.sha})  # fmt: skip
+                return self._json(
+                    {"error": "Entry not found"},
+                    404,
+                    method,
+                    code="EntryNotFound",
+                    extra={"X-Repo-Commit": repo.sha},
+                )
             body = repo.files[name]
             start, end, status = 0, len(body), 200
             rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -255,8 +286,9 @@ def _handler(hub: FakeHub):
             hub.served.append((repo_id, name, start, end - start, bool(rng)))
             self.wfile.write(body[start:end])
 
-        def _json(self, obj, status: int, method: str, code: str | None = None,
-                  extra: dict | None = None) -> None:  # fmt: skip
+        def _json(
+            self, obj, status: int, method: str, code: str | None = None, extra: dict | None = None
+        ) -> None:
             data = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -278,7 +310,11 @@ def publish_family(hub: FakeHub, family, wide) -> None:
     hub.publish("lab/q-grpo", family.runs["grpo"], tags=["trl", "grpo"], base="org/base")
     hub.publish("lab/q-sft", family.runs["sft"], tags=["trl", "sft"], base="org/base")
     hub.publish("lab/q-dapo", family.runs["dapo"], base="org/base", card={"tags": ["dapo"]})
-    hub.publish("lab/q-pickle", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x04K\x01."},
-                tags=["grpo"], base="org/base")  # fmt: skip
+    hub.publish(
+        "lab/q-pickle",
+        {"config.json": b"{}", "pytorch_model.bin": b"\x80\x04K\x01."},
+        tags=["grpo"],
+        base="org/base",
+    )
     hub.publish("lab/q-wide-grpo", wide, tags=["grpo"], base="org/base")
     hub.publish("other/unrelated-grpo", family.runs["late"], tags=["grpo"], base="other/base")

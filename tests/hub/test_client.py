@@ -12,8 +12,14 @@ from rlvr_ray.lab.planted import tensor_shapes
 
 
 def test_hf_ref_resolves_to_commit_and_downloads_only_safetensors_and_json(hub, family):
-    repo = hub.publish("lab/q-grpo", {**{p.name: p.read_bytes() for p in family.runs["grpo"].iterdir()},
-                                      "pytorch_model.bin": b"\x80\x04K\x01.", "README.md": b"# card"})  # fmt: skip
+    repo = hub.publish(
+        "lab/q-grpo",
+        {
+            **{p.name: p.read_bytes() for p in family.runs["grpo"].iterdir()},
+            "pytorch_model.bin": b"\x80\x04K\x01.",
+            "README.md": b"# card",
+        },
+    )
     got = open_checkpoint("hf://lab/q-grpo@main?download")
     assert got.fingerprint == f"hf:{repo.sha}"
     assert got.pinned == f"hf://lab/q-grpo@{repo.sha}?download"
@@ -29,10 +35,15 @@ def test_hf_ref_resolves_to_commit_and_downloads_only_safetensors_and_json(hub, 
 
 def test_hf_ref_errors_are_one_line_checkpoint_errors(hub):
     hub.publish("lab/pickled", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x04K\x01."})
-    with pytest.raises(CheckpointError, match=r"^checkpoint hf://lab/pickled: pickle-only repo \(pytorch_model.bin\) refused"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint hf://lab/pickled: pickle-only repo \(pytorch_model.bin\) refused",
+    ):
         open_checkpoint("hf://lab/pickled")
     assert not hub.hits(r"/resolve/")  # decided from the file list: nothing was fetched
-    with pytest.raises(CheckpointError, match=r"^checkpoint hf://lab/nope: Hub error \(RepositoryNotFoundError"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint hf://lab/nope: Hub error \(RepositoryNotFoundError"
+    ):
         open_checkpoint("hf://lab/nope")
     with pytest.raises(CheckpointError, match="expected hf://ORG/NAME"):
         open_checkpoint("hf://no-slash")
@@ -44,15 +55,19 @@ def test_header_specs_come_from_range_reads(hub, family, wide):
     assert {k: v[1] for k, v in specs.items()} == tensor_shapes("qwen2", 2)
     assert {v[0] for v in specs.values()} == {"BF16"}
     gets = hub.hits(r"GET /org/base/resolve/.*/model\.safetensors")
-    assert gets and all(h.get("range", h.get("Range", "")).startswith("bytes=") for _, _, h in gets)  # fmt: skip
+    assert gets and all(h.get("range", h.get("Range", "")).startswith("bytes=") for _, _, h in gets)
     w = hub.publish("lab/wide", wide)
     why = client.compare_specs(specs, client.tensor_specs("lab/wide", w.sha))
-    assert why == ("shape mismatch: tensor model.layers.0.mlp.down_proj.weight is [32, 80] here, "
-                   "[32, 64] in the base")  # fmt: skip
+    assert why == (
+        "shape mismatch: tensor model.layers.0.mlp.down_proj.weight is [32, 80] here, "
+        "[32, 64] in the base"
+    )
     assert client.compare_specs(specs, specs) is None
     resized = dict(specs, **{"lm_head.weight": ("BF16", (100, 32))})
     assert client.compare_specs(specs, resized) is None  # vocabulary resize: compared by the engine
-    assert "unsupported dtype I8" in client.compare_specs(specs, dict(specs, **{"model.norm.weight": ("I8", (32,))}))  # fmt: skip
+    assert "unsupported dtype I8" in client.compare_specs(
+        specs, dict(specs, **{"model.norm.weight": ("I8", (32,))})
+    )
 
 
 def test_listing_filters_on_base_and_sorts_newest_first(hub, family, wide):
@@ -61,14 +76,20 @@ def test_listing_filters_on_base_and_sorts_newest_first(hub, family, wide):
     assert got == ["lab/q-wide-grpo", "lab/q-pickle", "lab/q-dapo", "lab/q-sft", "lab/q-grpo"]
     (query,) = [q for q in hub.raw if q.startswith("/api/models?")]
     assert "filter=base_model%3Afinetune%3Aorg%2Fbase" in query and "sort=createdAt" in query
-    assert [m.repo for m in discover.list_finetunes("org/base", limit=2)] == ["lab/q-wide-grpo", "lab/q-pickle"]  # fmt: skip
+    assert [m.repo for m in discover.list_finetunes("org/base", limit=2)] == [
+        "lab/q-wide-grpo",
+        "lab/q-pickle",
+    ]
 
 
 def test_rl_evidence():
     assert discover.rl_evidence("a/b", ("trl", "grpo"), {}) == ("tags: grpo, trl", "grpo")
     assert discover.rl_evidence("a/b", ("trl", "sft"), {}) == (None, None)
     assert discover.rl_evidence("a/Model-DAPO-7B", (), {}) == ("name: dapo", "dapo")
-    assert discover.rl_evidence("a/b", ("arxiv:2402.03300",), {}) == ("tags: arxiv:2402.03300", "grpo")  # fmt: skip
+    assert discover.rl_evidence("a/b", ("arxiv:2402.03300",), {}) == (
+        "tags: arxiv:2402.03300",
+        "grpo",
+    )
     assert discover.rl_evidence("a/b", (), {"tags": ["rlvr"]}) == ("tags: rlvr", None)
     assert discover.run_name("Org/Name v1.5") == "Org__Name-v1.5"
 
@@ -82,7 +103,9 @@ def test_dry_run_lists_and_scans_nothing(hub, family, wide, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "would scan lab/q-grpo@" in printed and "would not scan lab/q-sft@" in printed
     # only headers were read: no whole-file download of any weight file
-    assert not [r for r in hub.hits(r"GET .*\.safetensors$") if "range" not in {k.lower() for k in r[2]}]  # fmt: skip
+    assert not [
+        r for r in hub.hits(r"GET .*\.safetensors$") if "range" not in {k.lower() for k in r[2]}
+    ]
 
 
 def test_token_is_sent_but_never_printed(hub, family, wide, tmp_path, capsys, caplog, monkeypatch):
@@ -109,9 +132,16 @@ def test_scan_pins_branch_refs_to_the_resolved_commit(hub, family, tmp_path, ray
 
     base = hub.publish("org/base", {p.name: p.read_bytes() for p in family.base.iterdir()})
     run = hub.publish("lab/q-grpo", {p.name: p.read_bytes() for p in family.runs["grpo"].iterdir()})
-    sweep = {"groups": [{"name": "g", "base": "hf://org/base",
-                         "runs": [{"name": "grpo", "checkpoint": "hf://lab/q-grpo@main"}]}],
-             "params": {"geometry": False}}  # fmt: skip
+    sweep = {
+        "groups": [
+            {
+                "name": "g",
+                "base": "hf://org/base",
+                "runs": [{"name": "grpo", "checkpoint": "hf://lab/q-grpo@main"}],
+            }
+        ],
+        "params": {"geometry": False},
+    }
     res = run_scan(sweep_from_dict(sweep, tmp_path), str(tmp_path / "out"))
     assert res.exit_code == 0
     con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)

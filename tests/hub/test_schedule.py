@@ -16,8 +16,10 @@ from rlvr_ray.hub.watch import WatchConfig, parse_duration, watch_forever
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("text,secs", [("30m", 1800), ("6h", 21600), ("1d", 86400),
-                                       ("1h30m", 5400), ("90", 90), ("0.5h", 1800)])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,secs",
+    [("30m", 1800), ("6h", 21600), ("1d", 86400), ("1h30m", 5400), ("90", 90), ("0.5h", 1800)],
+)
 def test_parse_duration(text, secs):
     assert parse_duration(text) == secs
 
@@ -51,8 +53,20 @@ def test_cli_bad_arguments(capsys):
 def test_job_entrypoint_dry_run(hub, family, wide, tmp_path):
     publish_family(hub, family, wide)
     env = {**os.environ, "HF_ENDPOINT": hub.url}
-    p = subprocess.run([sys.executable, str(ROOT / "jobs/watch.py"), "--base", "org/base",
-                        "--out", str(tmp_path / "out"), "--dry-run"],
-                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/watch.py"),
+            "--base",
+            "org/base",
+            "--out",
+            str(tmp_path / "out"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "would scan lab/q-grpo@" in p.stdout and "would scan lab/q-dapo@" in p.stdout

@@ -13,13 +13,21 @@ from rlvr_ray.hub.watch import WatchConfig, watch_once
 
 
 def cfg(out, **kw) -> WatchConfig:
-    return WatchConfig(bases=("org/base",), out=str(out), retries=3, retry_wait=0.05,
-                       geometry=False, workers=1, **kw)  # fmt: skip
+    return WatchConfig(
+        bases=("org/base",),
+        out=str(out),
+        retries=3,
+        retry_wait=0.05,
+        geometry=False,
+        workers=1,
+        **kw,
+    )
 
 
 def expected_changed(family, run: str) -> dict[str, int]:
-    return {k: int(np.count_nonzero(v != family.bits["base"][k]))
-            for k, v in family.bits[run].items()}  # fmt: skip
+    return {
+        k: int(np.count_nonzero(v != family.bits["base"][k])) for k, v in family.bits[run].items()
+    }
 
 
 def rows(out, sql: str) -> list[tuple]:
@@ -46,12 +54,23 @@ def test_watch_scans_new_rl_finetunes_once(hub, family, wide, ray_local, tmp_pat
     assert w["lab/q-grpo"][4] == "tags: grpo, trl; name: grpo"
     assert w["lab/q-dapo"][4] == "tags: dapo; name: dapo"  # from the card's tags
     assert w["lab/q-sft"][:2] == ("skipped", "no RL evidence (tags, card or name)")
-    assert w["lab/q-pickle"][0] == "skipped" and "pickle-only repo (pytorch_model.bin)" in w["lab/q-pickle"][1]  # fmt: skip
+    assert (
+        w["lab/q-pickle"][0] == "skipped"
+        and "pickle-only repo (pytorch_model.bin)" in w["lab/q-pickle"][1]
+    )
     assert w["lab/q-wide-grpo"][0] == "skipped"
-    assert "shape mismatch: tensor model.layers.0.mlp.down_proj.weight is [32, 80] here, [32, 64]" in w["lab/q-wide-grpo"][1]  # fmt: skip
+    assert (
+        "shape mismatch: tensor model.layers.0.mlp.down_proj.weight is [32, 80] here, [32, 64]"
+        in w["lab/q-wide-grpo"][1]
+    )
     # the atlas: exact per-tensor change counts of the two RL runs, under the base's group
     for repo, run in (("lab__q-grpo", "grpo"), ("lab__q-dapo", "dapo")):
-        got = dict(rows(out, f"SELECT tensor, n_changed FROM tensors WHERE group_name = 'org__base' AND run = '{repo}'"))  # fmt: skip
+        got = dict(
+            rows(
+                out,
+                f"SELECT tensor, n_changed FROM tensors WHERE group_name = 'org__base' AND run = '{repo}'",
+            )
+        )
         assert got == expected_changed(family, run)
     algos = dict(rows(out, "SELECT run, algorithm FROM run_sparsity"))
     assert algos == {"lab__q-grpo": "grpo", "lab__q-dapo": "dapo"}
@@ -106,7 +125,7 @@ def test_failures_are_recorded_and_retried_next_round(hub, family, wide, ray_loc
     # the Hub recovers: the failed one is retried (attempt 2) and scanned; the other is not
     hub.faults.clear()
     rep = watch_once(cfg(out, download=True))
-    assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/down-grpo", "scanned", 2)]  # fmt: skip
+    assert [(c.repo, c.status, c.attempt) for c in rep.decided] == [("lab/down-grpo", "scanned", 2)]
     assert watch_table(out)["lab/down-grpo"][:1] == ("scanned",)
 
 
@@ -135,7 +154,9 @@ def _corrupt_config(family, run: str) -> dict[str, bytes]:
 def test_a_corrupt_candidate_fails_alone_and_is_retried(hub, family, ray_local, tmp_path):
     hub.publish("org/base", family.base)
     hub.publish("lab/good-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
-    bad = hub.publish("lab/bad-dapo", _corrupt_config(family, "dapo"), tags=["dapo"], base="org/base")  # fmt: skip
+    bad = hub.publish(
+        "lab/bad-dapo", _corrupt_config(family, "dapo"), tags=["dapo"], base="org/base"
+    )
     out = tmp_path / "out"
     rep = watch_once(cfg(out))
     assert rep.exit_code == 3 and rep.errors == []
@@ -181,7 +202,10 @@ def test_a_unit_failure_is_pinned_on_its_candidate_by_scanning_each_alone(
     watch_once(cfg(out))
     w = watch_table(out)
     assert w["lab/good-grpo"][0] == "scanned"
-    assert w["lab/poison-grpo"][:2] == ("failed", "unit failed: RuntimeError: cannot compare this checkpoint")  # fmt: skip
+    assert w["lab/poison-grpo"][:2] == (
+        "failed",
+        "unit failed: RuntimeError: cannot compare this checkpoint",
+    )
     got = dict(rows(out, "SELECT tensor, n_changed FROM tensors WHERE run = 'lab__good-grpo'"))
     assert got == expected_changed(family, "grpo")
 

@@ -15,7 +15,9 @@ from rlvr_ray.io.schema import ALL_TABLES
 
 def _scans(results: ResultsDir, scan_id: str, n_units: int) -> str:
     row = {"scan_id": scan_id, "group_name": "g", "n_units": n_units, "runs": ["a"]}
-    return results.write_table("scans", scan_id, pa.Table.from_pylist([row], schema=ALL_TABLES["scans"]))  # fmt: skip
+    return results.write_table(
+        "scans", scan_id, pa.Table.from_pylist([row], schema=ALL_TABLES["scans"])
+    )
 
 
 def test_truncated_and_foreign_parts_are_quarantined_and_the_rest_is_queryable(tmp_path, capsys):
@@ -36,18 +38,24 @@ def test_truncated_and_foreign_parts_are_quarantined_and_the_rest_is_queryable(t
     said = [x.removeprefix("rlvr-ray: ") for x in capsys.readouterr().err.splitlines()]
 
     assert catalog.query(out, "SELECT scan_id, n_units FROM scans ORDER BY 1")[1] == [
-        ("s0", 10), ("s2", 12), ("s3", 13)
-    ]  # fmt: skip
-    assert sorted(p.relative_to(out).as_posix() for p in (out / "quarantine").rglob("*")
-                  if p.is_file()) == ["quarantine/tables/scans/s1.parquet",
-                                      "quarantine/tables/scans/s9.parquet"]  # fmt: skip
+        ("s0", 10),
+        ("s2", 12),
+        ("s3", 13),
+    ]
+    assert sorted(
+        p.relative_to(out).as_posix() for p in (out / "quarantine").rglob("*") if p.is_file()
+    ) == ["quarantine/tables/scans/s1.parquet", "quarantine/tables/scans/s9.parquet"]
     assert (out / "quarantine/tables/scans/s1.parquet").read_bytes() == body[: len(body) // 2]
     assert not (out / "tables/scans/s1.parquet").exists()
     assert len(said) == 2
-    assert said[0].startswith("unreadable part tables/scans/s1.parquet moved to "
-                              "quarantine/tables/scans/s1.parquet and left out of the atlas (")  # fmt: skip
-    assert said[1].startswith("unreadable part tables/scans/s9.parquet moved to "
-                              "quarantine/tables/scans/s9.parquet and left out of the atlas (")  # fmt: skip
+    assert said[0].startswith(
+        "unreadable part tables/scans/s1.parquet moved to "
+        "quarantine/tables/scans/s1.parquet and left out of the atlas ("
+    )
+    assert said[1].startswith(
+        "unreadable part tables/scans/s9.parquet moved to "
+        "quarantine/tables/scans/s9.parquet and left out of the atlas ("
+    )
     # the next build has nothing to say and keeps the same rows
     again: list[str] = []
     catalog.refresh(out, warn=again.append)

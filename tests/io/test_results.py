@@ -19,13 +19,18 @@ def test_profiles_part_reads_back_plain_with_its_encodings(tmp_path):
     res.ensure()
     n = 1000
     ratio = np.arange(n, dtype=np.float32) / n
-    data = pa.table({
-        "scan_id": _coded(["s1"], [0] * n), "group_name": _coded(["g"], [0] * n),
-        "run": _coded(["a", "b"], [0] * 500 + [1] * 500),
-        "tensor": _coded(["t1", "t2"], [0] * 250 + [1] * 250 + [0] * 250 + [1] * 250),
-        "expert": pa.nulls(n, pa.int32()), "axis": _coded(["row"], [0] * n),
-        "idx": pa.array(np.tile(np.arange(250, dtype=np.int32), 4)), "ratio": pa.array(ratio),
-    })  # fmt: skip
+    data = pa.table(
+        {
+            "scan_id": _coded(["s1"], [0] * n),
+            "group_name": _coded(["g"], [0] * n),
+            "run": _coded(["a", "b"], [0] * 500 + [1] * 500),
+            "tensor": _coded(["t1", "t2"], [0] * 250 + [1] * 250 + [0] * 250 + [1] * 250),
+            "expert": pa.nulls(n, pa.int32()),
+            "axis": _coded(["row"], [0] * n),
+            "idx": pa.array(np.tile(np.arange(250, dtype=np.int32), 4)),
+            "ratio": pa.array(ratio),
+        }
+    )
     path = res.write_table("profiles", "p-00000", data)
     back = pq.read_table(path)
     assert back.schema == ALL_TABLES["profiles"]  # plain strings, the declared types
@@ -45,8 +50,10 @@ def test_small_tables_are_lz4_with_statistics(tmp_path):
     res = ResultsDir(str(tmp_path))
     res.ensure()
     schema = ALL_TABLES["consistency"]
-    rows = [{"scan_id": "s1", "group_name": "g", "tensor": t, "n_runs": 2, "status": "ok"}
-            for t in ("a", "b")]  # fmt: skip
+    rows = [
+        {"scan_id": "s1", "group_name": "g", "tensor": t, "n_runs": 2, "status": "ok"}
+        for t in ("a", "b")
+    ]
     path = res.write_table("consistency", "p-00000", pa.Table.from_pylist(rows, schema))
     back = pq.read_table(path)
     assert back.schema == schema and back.column("tensor").to_pylist() == ["a", "b"]

@@ -18,9 +18,13 @@ from rlvr_ray.io import catalog
 from rlvr_ray.io.results import ResultsDir
 
 BUCKET = "atlas"
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-       "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1"}  # fmt: skip
+ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,9 @@ def test_scan_writes_parts_markers_and_atlas_to_the_bucket(scanned, s3, qwen_fam
     assert changed_in(uri) == expected_changed(qwen_family)
 
 
-def test_sql_reads_s3_with_the_endpoint_from_the_environment(scanned, s3, qwen_family, capsys,
-                                                              monkeypatch):  # fmt: skip
+def test_sql_reads_s3_with_the_endpoint_from_the_environment(
+    scanned, s3, qwen_family, capsys, monkeypatch
+):
     endpoint, _ = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     capsys.readouterr()
@@ -118,6 +123,7 @@ def test_queries_on_s3_fetch_the_stored_atlas_once_and_build_nothing(
     monkeypatch.setattr(catalog, "build", lambda *a: pytest.fail("a connection built an atlas"))
     fetched: list[str] = []
     real = ResultsDir.read_file
+
     def read_file(self, rel, dest):
         fetched.append(rel)
         real(self, rel, dest)

@@ -44,21 +44,43 @@ def scans(tmp_path_factory, ray_local):
     q = planted_family(root / "qwen2", "qwen2", layers=3, runs=QWEN_RUNS, seed=11)
     ll = planted_family(root / "llama", "llama", layers=4, runs=LLAMA_RUNS, seed=12)
     one = planted_family(root / "one", "llama", layers=2, runs={"grpo": 0.2}, seed=13)
-    steps = [_run(f"grpo-s{s}", q.runs[f"grpo-s{s}"], algorithm="grpo", step=s, series="grpo-s1")
-             for s in (50, 100, 150)]  # fmt: skip
-    multi = {"groups": [
-        {"name": "qwen2-lab", "base": str(q.base), "runs": steps + [
-            _run("dapo", q.runs["dapo"], algorithm="dapo"),
-            _run("sft", q.runs["sft"], algorithm="sft", consistency=False)]},
-        {"name": "llama-lab", "base": str(ll.base), "runs": [
-            _run(n, p, algorithm=n) for n, p in ll.runs.items()]}]}  # fmt: skip
-    single = {"groups": [{"name": "solo", "base": str(one.base), "runs": [_run("grpo", one.runs["grpo"])]}],
-              "params": {"geometry": False}}  # fmt: skip
+    steps = [
+        _run(f"grpo-s{s}", q.runs[f"grpo-s{s}"], algorithm="grpo", step=s, series="grpo-s1")
+        for s in (50, 100, 150)
+    ]
+    multi = {
+        "groups": [
+            {
+                "name": "qwen2-lab",
+                "base": str(q.base),
+                "runs": steps
+                + [
+                    _run("dapo", q.runs["dapo"], algorithm="dapo"),
+                    _run("sft", q.runs["sft"], algorithm="sft", consistency=False),
+                ],
+            },
+            {
+                "name": "llama-lab",
+                "base": str(ll.base),
+                "runs": [_run(n, p, algorithm=n) for n, p in ll.runs.items()],
+            },
+        ]
+    }
+    single = {
+        "groups": [
+            {"name": "solo", "base": str(one.base), "runs": [_run("grpo", one.runs["grpo"])]}
+        ],
+        "params": {"geometry": False},
+    }
     out_multi, out_one = root / "multi", root / "one-run"
     for sweep, out in ((multi, out_multi), (single, out_one)):
         res = run_scan(sweep_from_dict(sweep, root), str(out), num_cpus=2)
         assert res.exit_code == 0 and not res.errors, res
-    return {"multi": out_multi, "one": out_one, "families": {"qwen2-lab": q, "llama-lab": ll, "solo": one}}  # fmt: skip
+    return {
+        "multi": out_multi,
+        "one": out_one,
+        "families": {"qwen2-lab": q, "llama-lab": ll, "solo": one},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +115,10 @@ def test_sparsity_table_matches_numpy(scans, multi_report):
         assert rec["Sparsity"] == f"{100 * (1 - changed / total):.2f}%"
         assert rec["Update density"] == f"{changed / total:.4f}"
         assert rec["Weights compared"] == f"{total:,}"
-    assert got[("qwen2-lab", "grpo-s100")]["Step"] == "100" and got[("qwen2-lab", "dapo")]["Step"] == ""  # fmt: skip
+    assert (
+        got[("qwen2-lab", "grpo-s100")]["Step"] == "100"
+        and got[("qwen2-lab", "dapo")]["Step"] == ""
+    )
     assert [r[2] for r in page.tables["paper-sparsity"][1:3]] == ["SFT", "GRPO"]
 
 
@@ -111,11 +136,15 @@ def test_consistency_table_matches_numpy_and_sql(scans, multi_report):
         ps = [(a.mean(), b.mean()) for a, b in pairs]
         base.append(np.mean([p * r / (p + r - p * r) for p, r in ps]))
     rec = got[("qwen2-lab", "q")]
-    assert (rec["Jaccard"], rec["Baseline"], rec["Tensors"]) == (f"{np.mean(jac):.3f}", f"{np.mean(base):.3f}", "3")  # fmt: skip
+    assert (rec["Jaccard"], rec["Baseline"], rec["Tensors"]) == (
+        f"{np.mean(jac):.3f}",
+        f"{np.mean(base):.3f}",
+        "3",
+    )
     # SQL over the raw table for every (group, role)
     con = duckdb.connect(str(scans["multi"] / "atlas.duckdb"), read_only=True)
     sql = con.execute("""SELECT group_name, role, avg(mean_jaccard), avg(jaccard_baseline), count(*)
-                         FROM consistency_all WHERE mean_jaccard IS NOT NULL GROUP BY ALL""").fetchall()  # fmt: skip
+                         FROM consistency_all WHERE mean_jaccard IS NOT NULL GROUP BY ALL""").fetchall()
     con.close()
     assert len(sql) == len(got)
     for g, role, j, b, n in sql:
@@ -168,11 +197,14 @@ def test_one_run_no_steps_no_geometry(scans):
     assert (rec["Run"], rec["Sparsity"]) == ("grpo", f"{100 * (1 - changed / total):.2f}%")
     assert page.notes["steps"] == [
         "no training series with several steps in this scan (label runs with series and step "
-        "to follow a run over training)"]  # fmt: skip
+        "to follow a run over training)"
+    ]
     assert page.notes["consistency"][0].startswith("no cross-run consistency")
     assert page.notes["overlaps"][0].startswith(NO_GEOMETRY)
     assert page.notes["spectral"][0].startswith(NO_GEOMETRY)
-    assert page.notes["cross-family"] == ["only one family (llama) in this scan: nothing to compare it with"]  # fmt: skip
+    assert page.notes["cross-family"] == [
+        "only one family (llama) in this scan: nothing to compare it with"
+    ]
     # maps: one run and no consensus (a single run has no cross-run statistics)
     assert page.images_by_section == {"sparsity": 1, "precision": 1, "maps": 1, "cross-family": 1}
     assert page.meta["Geometry"] == "not computed"
@@ -190,11 +222,19 @@ def test_layer_and_group_options(scans, tmp_path):
 
 def test_cli_report_and_bad_input(scans, tmp_path, capsys):
     dest = tmp_path / "sub" / "x.html"
-    assert main(["report", "--out", str(scans["multi"]), "--report", str(dest), "--format", "png"]) == 0  # fmt: skip
+    assert (
+        main(["report", "--out", str(scans["multi"]), "--report", str(dest), "--format", "png"])
+        == 0
+    )
     assert dest.exists() and len(list((tmp_path / "sub" / "x").glob("*.png"))) >= 6
     assert f"wrote {dest}" in capsys.readouterr().out
-    bad = [(["--group", "nope"], "--group 'nope': no such group in these results (have: llama-lab, qwen2-lab)"),
-           (["--layer", "9"], "--layer 9: no group has that layer (layers start at 0)")]  # fmt: skip
+    bad = [
+        (
+            ["--group", "nope"],
+            "--group 'nope': no such group in these results (have: llama-lab, qwen2-lab)",
+        ),
+        (["--layer", "9"], "--layer 9: no group has that layer (layers start at 0)"),
+    ]
     for args, msg in bad:
         assert main(["report", "--out", str(scans["multi"]), *args]) == 2
         assert capsys.readouterr().err.strip() == f"rlvr-ray: error: {msg}"
@@ -217,10 +257,21 @@ def _plant_geometry(out, flag: dict[str, str] | None = None) -> list[tuple[str, 
     for part in sorted((out / "tables" / "tensors").glob("*.parquet")):
         t = pq.read_table(part)
         d = t.to_pydict()
-        for k in ("nss", "max_angle_left", "max_angle_right", "overlap_princ", "princ_density",
-                  "overlap_low", "low_density", "overlap_princ_not_low", "princ_not_low_density"):  # fmt: skip
+        for k in (
+            "nss",
+            "max_angle_left",
+            "max_angle_right",
+            "overlap_princ",
+            "princ_density",
+            "overlap_low",
+            "low_density",
+            "overlap_princ_not_low",
+            "princ_not_low_density",
+        ):
             d[k] = [None] * t.num_rows
-        for i, (role, layer, algo) in enumerate(zip(d["role"], d["layer"], d["algorithm"], strict=True)):  # fmt: skip
+        for i, (role, layer, algo) in enumerate(
+            zip(d["role"], d["layer"], d["algorithm"], strict=True)
+        ):
             if role not in MATRIX_ROLES:
                 continue
             sft = algo == "sft"
@@ -234,12 +285,26 @@ def _plant_geometry(out, flag: dict[str, str] | None = None) -> list[tuple[str, 
         pq.write_table(pa.Table.from_pydict(d, schema=t.schema), part)
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
     scan_id, tensor = con.execute("""SELECT scan_id, tensor FROM tensors WHERE group_name =
-        'qwen2-lab' AND layer = 1 AND role = 'q' LIMIT 1""").fetchone()  # fmt: skip
+        'qwen2-lab' AND layer = 1 AND role = 'q' LIMIT 1""").fetchone()
     con.close()
-    spec = [{"scan_id": scan_id, "group_name": "qwen2-lab", "run": run, "tensor": tensor, "i": i,
-             "sigma_base": 8.0 - i, "sigma_run": (8.0 - i) * (1 + 1e-4), "angle_left": 1e-5 * (i + 1),
-             "angle_right": 2e-5 * (i + 1)} for run in QWEN_RUNS for i in range(8)]  # fmt: skip
-    ResultsDir(str(out)).write_table("spectra", "geometry-test", pa.Table.from_pylist(spec, schema=SPECTRA))  # fmt: skip
+    spec = [
+        {
+            "scan_id": scan_id,
+            "group_name": "qwen2-lab",
+            "run": run,
+            "tensor": tensor,
+            "i": i,
+            "sigma_base": 8.0 - i,
+            "sigma_run": (8.0 - i) * (1 + 1e-4),
+            "angle_left": 1e-5 * (i + 1),
+            "angle_right": 2e-5 * (i + 1),
+        }
+        for run in QWEN_RUNS
+        for i in range(8)
+    ]
+    ResultsDir(str(out)).write_table(
+        "spectra", "geometry-test", pa.Table.from_pylist(spec, schema=SPECTRA)
+    )
     catalog.refresh(str(out))
     return planted
 
@@ -274,9 +339,18 @@ def test_geometry_figures_when_present(scans, tmp_path):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--virtual-time-budget=10000"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=10000",
+]
 
 
 def test_report_renders_in_headless_chromium(scans, multi_report, tmp_path):
@@ -284,18 +358,34 @@ def test_report_renders_in_headless_chromium(scans, multi_report, tmp_path):
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
     page = multi_report[2]
     url = (scans["multi"] / "report.html").as_uri()
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     # set by the page's own script on load, from what the browser actually decoded
     n = len(page.images)
-    assert re.search(rf'data-images="{n}"', dom.stdout) and re.search(rf'data-images-decoded="{n}"', dom.stdout)  # fmt: skip
+    assert re.search(rf'data-images="{n}"', dom.stdout) and re.search(
+        rf'data-images-decoded="{n}"', dom.stdout
+    )
     for sec in ("sparsity", "maps", "steps", "consistency", "overlaps", "spectral", "cross-family"):
         assert f'<section id="{sec}">' in dom.stdout
     shot = tmp_path / "shot.png"
-    res = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p2'}",
-                          "--window-size=1200,2400", f"--screenshot={shot}", url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'p2'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and decode_png(shot.read_bytes()) == (1200, 2400)
     with PILImage.open(shot) as im:
         assert np.asarray(im.convert("L")).std() > 10  # a rendered page, not a blank one
@@ -306,14 +396,20 @@ def test_flagged_geometry_is_warned_about_and_left_out(scans, tmp_path):
     shutil.copytree(scans["multi"], out)
     _plant_geometry(out, {"k": "k_not_below_rank", "v": "small_gap"})
     con = duckdb.connect(str(out / "atlas.duckdb"), read_only=True)
-    n = dict(con.execute("SELECT role, count(DISTINCT group_name || tensor) FROM tensors "
-                         "WHERE role IN ('q', 'k', 'v', 'o', 'gate', 'up', 'down') GROUP BY role").fetchall())  # fmt: skip
+    n = dict(
+        con.execute(
+            "SELECT role, count(DISTINCT group_name || tensor) FROM tensors "
+            "WHERE role IN ('q', 'k', 'v', 'o', 'gate', 'up', 'down') GROUP BY role"
+        ).fetchall()
+    )
     con.close()
     total = sum(n.values())
-    warning = (f"Warning: the geometry of {n['k'] + n['v']} of {total} decomposed matrices is no "
-               f"finding ({n['k']} k_not_below_rank (k > short side / 4), {n['v']} small_gap "
-               "(singular-value gap at k < 0.001)); their overlaps and principal angles are left "
-               "out below, their NSS (which needs no k) is kept.")  # fmt: skip
+    warning = (
+        f"Warning: the geometry of {n['k'] + n['v']} of {total} decomposed matrices is no "
+        f"finding ({n['k']} k_not_below_rank (k > short side / 4), {n['v']} small_gap "
+        "(singular-value gap at k < 0.001)); their overlaps and principal angles are left "
+        "out below, their NSS (which needs no k) is kept."
+    )
     page = parse(Path(write_report(out)[0]).read_text())
     assert page.notes["overlaps"] == [warning] and page.notes["spectral"] == [warning]
     # the warning comes before the figures it is about

@@ -46,8 +46,12 @@ def _check_against_reference(w0, w1, k, angle_rtol, nss_rtol, method="krylov", d
     base = base_geometry(w0.to(device), rank_k=8, spectral_k=k)
     mask = w1.view(torch.int16) != w0.view(torch.int16)
     out = run_geometry(base, w1.to(device), mask.to(device), method)
-    out = replace(out, angle_left=out.angle_left.cpu(), angle_right=out.angle_right.cpu(),
-                  sigma_run=out.sigma_run.cpu())  # fmt: skip
+    out = replace(
+        out,
+        angle_left=out.angle_left.cpu(),
+        angle_right=out.angle_right.cpu(),
+        sigma_run=out.sigma_run.cpu(),
+    )
     nss, s1, left, right = _reference(w0, w1, k)
     assert out.nss == pytest.approx(nss, rel=nss_rtol)
     assert out.max_angle_left == pytest.approx(left[0], rel=angle_rtol)

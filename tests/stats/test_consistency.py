@@ -81,8 +81,10 @@ def int64_reference(masks):
     counts = np.bincount(count.reshape(-1), minlength=R + 1).astype(np.int64).tolist()
     packed = [np.packbits(m.reshape(-1)) for m in masks]
     sizes = [int(np.bitwise_count(p).sum(dtype=np.int64)) for p in packed]
-    inter = {(a, b): int(np.bitwise_count(packed[a] & packed[b]).sum(dtype=np.int64))
-             for a, b in combinations(range(R), 2)}  # fmt: skip
+    inter = {
+        (a, b): int(np.bitwise_count(packed[a] & packed[b]).sum(dtype=np.int64))
+        for a, b in combinations(range(R), 2)
+    }
     js = [i / (sizes[a] + sizes[b] - i) for (a, b), i in inter.items()]
     return counts, sizes, inter, sum(js) / len(js)
 

@@ -62,7 +62,12 @@ def test_gpu_mask_and_consistency_equal_cpu():
         cons.add(planes)
     assert not any(acc.nonfinite() for acc in accs)
     stats = [acc.finish() for acc in accs]
-    got = {"cuda": (stats, cons.finish(sum(a.row_counts for a in accs), sum(a.col_counts for a in accs)))}  # fmt: skip
+    got = {
+        "cuda": (
+            stats,
+            cons.finish(sum(a.row_counts for a in accs), sum(a.col_counts for a in accs)),
+        )
+    }
     group = GroupAccumulator(300, 257, 3, [0, 1, 2], edges, 16)
     flat = torch.cat([b0.reshape(-1), *(w.view(torch.int16).reshape(-1) for w in runs)]).numpy()
     off = np.arange(4, dtype=np.int64) * 300 * 257

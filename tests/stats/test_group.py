@@ -21,12 +21,21 @@ def bin_edges(n, k):
     return [i * n // k for i in range(k + 1)]
 
 
-@pytest.mark.parametrize("R,members,step,piece", [(2, [0, 1], 5, None), (4, [1, 2, 3], 2, None),
-                                            (5, [0, 2, 3, 4], 3, None), (6, [0, 1, 2, 3, 5], 4, None),
-                                            (6, list(range(6)), 9, None), (8, list(range(8)), 64, None),
-                                            (18, list(range(1, 18)), 7, None), (3, [], 4, None),
-                                            (18, list(range(1, 18)), 23, 100),
-                                            (33, list(range(1, 33)), 23, 50)])  # fmt: skip
+@pytest.mark.parametrize(
+    "R,members,step,piece",
+    [
+        (2, [0, 1], 5, None),
+        (4, [1, 2, 3], 2, None),
+        (5, [0, 2, 3, 4], 3, None),
+        (6, [0, 1, 2, 3, 5], 4, None),
+        (6, list(range(6)), 9, None),
+        (8, list(range(8)), 64, None),
+        (18, list(range(1, 18)), 7, None),
+        (3, [], 4, None),
+        (18, list(range(1, 18)), 23, 100),
+        (33, list(range(1, 33)), 23, 50),
+    ],
+)
 def test_group_pass_matches_numpy(R, members, step, piece):
     """Tallies (<= 4 members), pairs of patterns per increment (5-6), one per increment
     (7-16), bit planes and M M^T (> 16), no consensus; windows of ``step`` rows straddling
@@ -35,10 +44,14 @@ def test_group_pass_matches_numpy(R, members, step, piece):
     (and of 1 row, narrower than a row) as a tensor above 2^18 elements is."""
     rows, cols = 23, 41
     b0, _ = hard_pair((rows, cols), R)
-    runs = [hard_pair((rows, cols), R)[1] if k % 3 else hard_pair((rows, cols), 100 + k)[1]
-            for k in range(R)]  # fmt: skip
-    runs = [np.where(np.random.default_rng(k).random((rows, cols)) < 0.5, r, b0).astype(np.uint16)
-            for k, r in enumerate(runs)]  # fmt: skip
+    runs = [
+        hard_pair((rows, cols), R)[1] if k % 3 else hard_pair((rows, cols), 100 + k)[1]
+        for k in range(R)
+    ]
+    runs = [
+        np.where(np.random.default_rng(k).random((rows, cols)) < 0.5, r, b0).astype(np.uint16)
+        for k, r in enumerate(runs)
+    ]
     acc = GroupAccumulator(rows, cols, R, members, EDGES, map_size=4, piece_numel=piece)
     assert (acc.hist.shape == (2, 6)) == (2 <= len(members) <= 4)  # the tallies' path
     flat = np.empty((R + 1) * step * cols, dtype=np.int16)
@@ -58,13 +71,17 @@ def test_group_pass_matches_numpy(R, members, step, piece):
         d = bf16_bits_to_f64(b1) - bf16_bits_to_f64(b0)
         st = acc.mask_stats(r)
         assert st.n_changed == int(m.sum())
-        assert st.ulp_hist == [int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(EDGES, [*EDGES[1:], 1 << 40])]  # fmt: skip
+        assert st.ulp_hist == [
+            int(((s >= lo) & (s < hi)).sum()) for lo, hi in zip(EDGES, [*EDGES[1:], 1 << 40])
+        ]
         assert st.ulp_max == int(s.max())
         assert st.max_abs_update == float(np.abs(d).max())
         assert st.update_sumsq == pytest.approx(float((d * d).sum()), rel=1e-13)
         np.testing.assert_array_equal(st.row_counts, m.sum(1))
         np.testing.assert_array_equal(st.col_counts, m.sum(0))
-        pooled = [[m[re[i] : re[i + 1], ce[j] : ce[j + 1]].mean() for j in range(4)] for i in range(4)]  # fmt: skip
+        pooled = [
+            [m[re[i] : re[i + 1], ce[j] : ce[j + 1]].mean() for j in range(4)] for i in range(4)
+        ]
         np.testing.assert_allclose(st.pooled.numpy(), pooled, rtol=1e-15)
     assert acc.base_sumsq == pytest.approx(float((bf16_bits_to_f64(b0) ** 2).sum()), rel=1e-13)
     assert acc.nonfinite(0) == 0 and not any(acc.nonfinite(k + 1) for k in range(R))

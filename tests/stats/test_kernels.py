@@ -23,7 +23,9 @@ def hard_pair(shape, seed):
     b0.flat[1::97] = 0x8000
     b0.flat[2::97] = 0x0001  # smallest subnormal
     mask = rng.random(shape) < 0.35
-    steps = rng.choice([1, 1, 1, 2, 3, 4, 7, 12, 40, 300], size=shape) * rng.choice([-1, 1], size=shape)  # fmt: skip
+    steps = rng.choice([1, 1, 1, 2, 3, 4, 7, 12, 40, 300], size=shape) * rng.choice(
+        [-1, 1], size=shape
+    )
     b1 = move_ulps(b0, mask, steps)
     b1.flat[::97] = 0x8000  # +0 -> -0: unchanged
     b1.flat[3::89] ^= 0x8000  # sign flips of nonzero values

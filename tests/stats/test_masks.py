@@ -12,7 +12,7 @@ from rlvr_ray.stats.masks import (
     nonfinite_count,
     ulp_steps,
     update_mask,
-)  # fmt: skip
+)
 
 
 def t16(a: np.ndarray) -> torch.Tensor:
@@ -63,8 +63,12 @@ def test_mask_stats_match_numpy(shape):
     k = lambda b: np.where(b >= 0x8000, -(b.astype(np.int64) & 0x7FFF), b.astype(np.int64))  # noqa: E731
     s = np.abs(k(b1) - k(b0))[m]
     assert st.ulp1 == int((s == 1).sum())
-    assert st.ulp_hist == [int((s == 1).sum()), int((s == 2).sum()), int(((s >= 3) & (s < 5)).sum()),
-                           int((s >= 5).sum())]  # fmt: skip
+    assert st.ulp_hist == [
+        int((s == 1).sum()),
+        int((s == 2).sum()),
+        int(((s >= 3) & (s < 5)).sum()),
+        int((s >= 5).sum()),
+    ]
     assert st.ulp_max == int(s.max())
     d = bf16_bits_to_f64(b1) - bf16_bits_to_f64(b0)
     assert st.update_sumsq == pytest.approx(float((d**2).sum()), rel=1e-12)
@@ -73,7 +77,7 @@ def test_mask_stats_match_numpy(shape):
     rows, cols = m.shape
     re_ = [i * rows // min(8, rows) for i in range(min(8, rows) + 1)]
     ce = [j * cols // min(8, cols) for j in range(min(8, cols) + 1)]
-    ref = np.array([[m[a:b, c:d].mean() for c, d in zip(ce, ce[1:])] for a, b in zip(re_, re_[1:])])  # fmt: skip
+    ref = np.array([[m[a:b, c:d].mean() for c, d in zip(ce, ce[1:])] for a, b in zip(re_, re_[1:])])
     np.testing.assert_allclose(st.pooled.numpy(), ref, rtol=1e-12)
 
 
@@ -93,8 +97,13 @@ def test_gini_of_counts_is_exact():
     from fractions import Fraction
 
     rng = np.random.default_rng(3)
-    for c in (rng.integers(0, 900, 4864), rng.integers(0, 3, 17), np.array([0, 0, 0, 5]),
-              np.array([7, 7, 7]), np.array([0, 1])):  # fmt: skip
+    for c in (
+        rng.integers(0, 900, 4864),
+        rng.integers(0, 3, 17),
+        np.array([0, 0, 0, 5]),
+        np.array([7, 7, 7]),
+        np.array([0, 1]),
+    ):
         xs = sorted(int(v) for v in c)
         n, total = len(xs), sum(xs)
         exact = Fraction(2 * sum((i + 1) * v for i, v in enumerate(xs)), n * total) - Fraction(
