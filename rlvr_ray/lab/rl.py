@@ -19,8 +19,8 @@ against the master's log-probs before the first of them.
 Losses are token means (all answers have the same length, so this equals the sequence mean).
 Everything runs on the master's device; the prompt order comes from a CPU generator (the same
 order on every device), the samples from a generator on the device (on the CPU the same one).
-A step reads nothing back from the device but DAPO's kept-group count; the curve's rewards and
-KLs are read once, at the end of the run.
+Between evaluations a step reads nothing back from the device but DAPO's dynamic-sampling
+counts; the curve's rewards and KLs are read at the end of the run.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def rl_train(
 
 def _read_back(curve: list[dict]) -> None:
     """Replace the curve's device tensors by floats, in place: the mean reward as is, the KL
-    as the mean of its minibatches' values; one read from the device for the whole run."""
+    as the mean of its minibatches' values; two reads from the device for the whole run."""
     rewarded = [p for p in curve[1:] if isinstance(p["mean_reward"], torch.Tensor)]
     if rewarded:
         values = torch.stack([p["mean_reward"] for p in rewarded]).tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -98,7 +99,8 @@ def sft(
     order = torch.randperm(len(pool), generator=gen).to(device)
     pos = 0
     save_at = set(s.save_steps(s.sft_steps))
-    curve: list[dict[str, float | None]] = [{"step": 0, "loss": None, "accuracy": evaluate(model)}]
+    # losses stay on the device until the end of the run
+    curve: list[dict[str, Any]] = [{"step": 0, "loss": None, "accuracy": evaluate(model)}]
     for step in range(1, s.sft_steps + 1):
         if pos + s.sft_batch > len(order):
             order, pos = torch.randperm(len(pool), generator=gen).to(device), 0
