@@ -19,7 +19,13 @@ model.safetensors):
 
 Every run's fp32 master starts from the bf16 base values (as a pipeline that loads a bf16
 checkpoint does) and its reference model is that bf16 base. The build is cached: the manifest
-stores a hash of the settings and ``CODE_VERSION``; the same settings return at once.
+stores a hash of the settings and ``CODE_VERSION`` (and the device, for a CUDA build); the same
+settings return at once.
+
+Device: ``device="auto"`` trains on CUDA when torch sees a device, else on the CPU. A CPU build's
+bytes are fixed by its settings (its thread count included); a CUDA build follows the same
+recipe from the same initial weights and data, but its kernels round differently, so its bytes
+differ from the CPU's (and are not promised bit for bit across GPU models or library versions).
 """
 
 from __future__ import annotations
@@ -46,9 +52,13 @@ CODE_VERSION = "lab-1"
 Log = Callable[[str], None]
 
 
-def settings_key(s: LabSettings) -> str:
-    """Cache key of a build: sha256 of the settings and ``CODE_VERSION`` (16 hex digits)."""
-    blob = json.dumps({"code": CODE_VERSION, "settings": s.to_dict()}, sort_keys=True)
+def settings_key(s: LabSettings, device: str = "cpu") -> str:
+    """Cache key of a build: sha256 of the settings, ``CODE_VERSION`` and, unless ``cpu``, the
+    device (16 hex digits)."""
+    keyed: dict[str, Any] = {"code": CODE_VERSION, "settings": s.to_dict()}
+    if device != "cpu":
+        keyed["device"] = device
+    blob = json.dumps(keyed, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -63,14 +73,21 @@ def _final_accuracy(curve: list[dict[str, Any]]) -> float | None:
 
 
 def train_run(
-    fam: Path, cfg: Any, base: dict[str, torch.Tensor], s: LabSettings, run: RunSpec, log: Log
+    fam: Path,
+    cfg: Any,
+    base: dict[str, torch.Tensor],
+    s: LabSettings,
+    run: RunSpec,
+    log: Log,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train one run from the bf16 ``base`` state; write its checkpoints, curve and log."""
+    """Train one run on ``device`` from the bf16 ``base`` state; write its checkpoints, curve
+    and log."""
     t0 = time.perf_counter()
     run_dir = fam / "runs" / run.name
-    master = models.new_model(cfg, seed=0)
+    master = models.new_model(cfg, seed=0, device=device)
     models.load_rounded(master, base)
-    evaluate = train.Evaluator(s, cfg)
+    evaluate = train.Evaluator(s, cfg, device)
     saved: list[int] = []
 
     def save(step: int, model: torch.nn.Module) -> None:
@@ -85,7 +102,7 @@ def train_run(
         curve = train.sft(master, s, run, evaluate, save)
         lr, steps = s.sft_lr, s.sft_steps
     else:
-        ref = models.new_model(cfg, seed=0)
+        ref = models.new_model(cfg, seed=0, device=device)
         models.load_rounded(ref, base)
         ref.requires_grad_(False)
         curve = rl.rl_train(master, ref, s, run, evaluate, save)
@@ -102,13 +119,16 @@ def train_run(
     return entry
 
 
-def build_family(out: Path, arch: str, s: LabSettings, log: Log) -> dict[str, Any]:
-    """Pretrain ``arch``'s base, then train all of ``s.runs`` from it; returns the family log."""
+def build_family(
+    out: Path, arch: str, s: LabSettings, log: Log, device: str = "cpu"
+) -> dict[str, Any]:
+    """Pretrain ``arch``'s base on ``device``, then train all of ``s.runs`` from it; returns the
+    family log."""
     t0 = time.perf_counter()
     fam = out / arch
     cfg = models.make_config(arch, s.hidden, s.layers)
-    model = models.new_model(cfg, seed=zlib.crc32(arch.encode()) + s.seed)
-    curve = train.pretrain(model, s, train.Evaluator(s, cfg), seed=s.seed)
+    model = models.new_model(cfg, seed=zlib.crc32(arch.encode()) + s.seed, device=device)
+    curve = train.pretrain(model, s, train.Evaluator(s, cfg, device), seed=s.seed)
     models.save_checkpoint(model, fam / "base")
     base = models.bf16_state(model)
     pre = {"steps": curve[-1]["step"], "accuracy": curve[-1]["accuracy"]}
@@ -118,28 +138,34 @@ def build_family(out: Path, arch: str, s: LabSettings, log: Log) -> dict[str, An
     log(
         f"{arch}: base acc {pre['accuracy']:.3f} after {pre['steps']} steps ({pre['wall_s']:.0f} s)"
     )
-    runs = [train_run(fam, cfg, base, s, run, log) for run in s.runs]
+    runs = [train_run(fam, cfg, base, s, run, log, device) for run in s.runs]
     return {"pretrain": pre, "runs": runs}
 
 
-def _family_in_process(out: Path, arch: str, s: LabSettings) -> dict[str, Any]:
+def _family_in_process(out: Path, arch: str, s: LabSettings, device: str) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
-    return build_family(out, arch, s, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    return build_family(out, arch, s, log, device)
 
 
-def _build_families(out: Path, s: LabSettings, log: Log, jobs: int | None) -> dict[str, dict]:
+def _build_families(
+    out: Path, s: LabSettings, log: Log, jobs: int | None, device: str = "cpu"
+) -> dict[str, dict]:
     """Train every architecture's family, ``jobs`` at a time (processes: one GIL each)."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(s.archs)))
     if jobs == 1:
         prev = torch.get_num_threads()
         torch.set_num_threads(s.threads)
         try:
-            return {arch: build_family(out, arch, s, log) for arch in s.archs}
+            return {arch: build_family(out, arch, s, log, device) for arch in s.archs}
         finally:
             torch.set_num_threads(prev)
     ctx = multiprocessing.get_context("spawn")  # no forked torch/Ray state in the children
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {arch: pool.submit(_family_in_process, out, arch, s) for arch in s.archs}
+        futures = {arch: pool.submit(_family_in_process, out, arch, s, device) for arch in s.archs}
         return {arch: f.result() for arch, f in futures.items()}
 
 
@@ -205,6 +231,7 @@ def build_lab(
     settings: LabSettings | None = None,
     log: Log | None = None,
     jobs: int | None = None,
+    device: str = "auto",
 ) -> Path:
     """Build (or reuse) the lab under ``out``; returns the path of its sweep YAML.
 
@@ -212,6 +239,8 @@ def build_lab(
     when ``out/manifest.json`` records the same settings key, unless ``force``. ``jobs``
     families train at once in separate processes (default: one per CPU core, at most one per
     architecture); each family is seeded on its own, so the checkpoints do not depend on it.
+    ``device``: ``auto`` (CUDA when available, else the CPU), ``cpu`` or ``cuda`` (a ValueError
+    when torch sees no CUDA device).
     """
     out = Path(out)
     s = settings or lab_settings(
@@ -225,8 +254,9 @@ def build_lab(
         seed=seed,
         threads=threads,
     )
+    device = models.resolve_device(device)
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    key, sweep = settings_key(s), out / "sweep.yaml"
+    key, sweep = settings_key(s, device), out / "sweep.yaml"
     manifest = out / "manifest.json"
     cached = not force and manifest.exists() and sweep.exists()
     if cached and (recorded := json.loads(manifest.read_text())).get("key") == key:
@@ -238,7 +268,7 @@ def build_lab(
         return sweep
     _clear_previous(out)
     t0 = time.perf_counter()
-    families = _build_families(out, s, log, jobs)
+    families = _build_families(out, s, log, jobs, device)
     import yaml
 
     sweep.write_text(yaml.safe_dump({"groups": sweep_groups(s, families)}, sort_keys=False))
@@ -248,6 +278,7 @@ def build_lab(
             "code_version": CODE_VERSION,
             "key": key,
             "settings": s.to_dict(),
+            "device": device,
             "sweep": sweep.name,
             "outputs": [*s.archs, sweep.name],
             "families": families,

@@ -2,6 +2,7 @@
 
     rlvr-ray lab --out lab-out                 # default preset (~10 minutes on 2 CPU cores)
     rlvr-ray lab --out /tmp/lab --preset tiny  # seconds
+    rlvr-ray lab --out lab-out --preset paper  # 512 wide x 8 blocks: on a GPU (--device auto)
     python -m rlvr_ray.lab --out lab-out       # the same without the main CLI
 
 ``add_parser(subparsers)`` registers the subcommand on an argparse subparsers object and sets
@@ -23,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "lab",
         help="train small Qwen2/Llama/Mistral checkpoint families (base, RL and SFT runs)",
-        description="Train the lab's checkpoint families on CPU and write a sweep YAML.",
+        description="Train the lab's checkpoint families (on CUDA when available, else on the "
+        "CPU) and write a sweep YAML.",
     )
     p.add_argument(
         "--out", type=Path, default=Path("lab-out"), help="output directory (default: ./lab-out)"
@@ -33,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=sorted(PRESETS),
         default="default",
         help="size preset: default (~10 minutes on 2 cores), tiny (seconds) or paper (512 wide, "
-        "8 blocks: hours) (default: default)",
+        "8 blocks: for a GPU; hours on a CPU) (default: default)",
     )
     p.add_argument(
         "--archs",
@@ -69,6 +71,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=None,
         help=f"optimizer steps of the SFT run (default: the preset's; {d.sft_steps} in default)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to train: cuda, cpu, or auto = cuda when torch sees a CUDA device; a CUDA "
+        "build's bytes differ from a CPU build's and are cached apart (default: auto)",
     )
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument(
@@ -112,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             force=args.force,
             jobs=args.jobs,
+            device=args.device,
         )
     except ValueError as err:
         print(f"rlvr-ray lab: error: {err}", file=sys.stderr)

@@ -11,6 +11,10 @@ Precision, as in real pipelines: training keeps fp32 master weights (and fp32 Ad
 every saved checkpoint is ``master.to(torch.bfloat16)``, written with safetensors under the
 Hugging Face tensor names next to a ``config.json`` (``torch_dtype: bfloat16``). transformers is
 imported inside the functions so that ``import rlvr_ray.lab`` stays cheap.
+
+Device: a model is initialised on the CPU from its seed (the same initial weights on every
+device) and then moved to the training device (``resolve_device``: ``auto`` is CUDA when
+available); checkpoints are copied back to the CPU only when written.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ __all__ = [
     "load_rounded",
     "make_config",
     "new_model",
+    "resolve_device",
     "rollout_copy",
     "save_checkpoint",
 ]
+DEVICES = ("auto", "cpu", "cuda")
 HEAD_DIM = 16
 
 
@@ -68,8 +74,24 @@ def make_config(arch: str, hidden: int, layers: int, max_positions: int = 32) ->
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
-def new_model(config: Any, seed: int) -> torch.nn.Module:
-    """A freshly initialised fp32 ``*ForCausalLM`` for ``config`` (init seeded by ``seed``)."""
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; ``cpu`` as is; ``cuda``
+    when available, else a ValueError naming why."""
+    if device not in DEVICES:
+        raise ValueError(f"device: unknown {device!r}; expected one of {list(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device found"
+    raise ValueError(f"device cuda: CUDA is not available ({why}); use --device cpu or auto")
+
+
+def new_model(config: Any, seed: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A freshly initialised fp32 ``*ForCausalLM`` for ``config`` (init seeded by ``seed``, on
+    the CPU) on ``device``."""
     import transformers
 
     cls = {
@@ -78,7 +100,7 @@ def new_model(config: Any, seed: int) -> torch.nn.Module:
         "mistral": transformers.MistralForCausalLM,
     }[config.model_type]
     torch.manual_seed(seed)
-    model = cls(config).float()
+    model = cls(config).float().to(device)
     model.train()
     return model
 
@@ -100,12 +122,13 @@ def save_checkpoint(
 ) -> None:
     """Write ``model`` as a Hugging Face directory: config.json + model.safetensors in ``dtype``.
 
-    Tensors are ``param.to(dtype)``: for bf16 that is the rounding of the fp32 master weights.
+    Tensors are ``param.to(dtype)``: for bf16 that is the rounding of the fp32 master weights
+    (rounded on the model's device, then copied to the CPU).
     """
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")

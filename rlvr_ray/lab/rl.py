@@ -17,6 +17,10 @@ against the master's log-probs before the first of them.
   end, then whitened over the whole batch (global normalisation); symmetric clip, no KL loss.
 
 Losses are token means (all answers have the same length, so this equals the sequence mean).
+Everything runs on the master's device; the prompt order comes from a CPU generator (the same
+order on every device), the samples from a generator on the device (on the CPU the same one).
+Between evaluations a step reads nothing back from the device but DAPO's dynamic-sampling
+counts; the curve's rewards and KLs are read at the end of the run.
 """
 
 from __future__ import annotations
@@ -86,22 +90,30 @@ class Batch:
 class Sampler:
     """Draws rollout batches from a subset pool with a run-seeded order and generator."""
 
-    def __init__(self, s: LabSettings, run: RunSpec) -> None:
+    def __init__(self, s: LabSettings, run: RunSpec, device: torch.device | str = "cpu") -> None:
         self.s = s
-        self.pool = task.subset(run.dataset, s.n_digits, s.pool_size)
-        self.gen = task.named_generator(f"rl-{run.algorithm}-{s.seed}", run.seed)
-        self.order = torch.randperm(len(self.pool), generator=self.gen)
+        self.device = torch.device(device)
+        self.pool = task.subset(run.dataset, s.n_digits, s.pool_size).to(self.device)
+        name = f"rl-{run.algorithm}-{s.seed}"
+        self.gen = task.named_generator(name, run.seed)
+        # sampling draws from a generator on the device; on the CPU it is the order's own
+        on_cpu = self.device.type == "cpu"
+        self.sample_gen = self.gen if on_cpu else task.named_generator(name, run.seed, self.device)
+        self.order = self._permutation()
         self.pos = 0
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(len(self.pool), generator=self.gen).to(self.device)
 
     def __call__(self, policy: torch.nn.Module) -> Batch:
         s = self.s
         if self.pos + s.prompts_per_step > len(self.order):
-            self.order, self.pos = torch.randperm(len(self.pool), generator=self.gen), 0
+            self.order, self.pos = self._permutation(), 0
         idx = self.order[self.pos : self.pos + s.prompts_per_step]
         self.pos += s.prompts_per_step
         probs = self.pool.take(idx.repeat_interleave(s.group_size))
         out = rollout.generate(
-            policy, probs.prompts, probs.answers.shape[1], self.gen, s.temperature
+            policy, probs.prompts, probs.answers.shape[1], self.sample_gen, s.temperature
         )
         rewards = task.exact_match(out, probs.answers).view(-1, s.group_size)
         return Batch(probs.prompts, out, rewards)
@@ -148,11 +160,12 @@ def update(
     ref_logp: torch.Tensor,
     run: RunSpec,
     s: LabSettings,
-) -> float:
-    """The step's minibatch optimizer updates; returns the mean k3-KL to the reference."""
+) -> torch.Tensor:
+    """The step's minibatch optimizer updates; returns each minibatch's mean k3-KL to the
+    reference (FloatTensor[minibatches], on the device: read when the curve is written)."""
     high = s.clip_high if run.algorithm == "dapo" else s.clip_low
     kls = []
-    for rows in torch.arange(adv.shape[0]).chunk(s.minibatches):
+    for rows in torch.arange(adv.shape[0], device=adv.device).chunk(s.minibatches):
         logp = rollout.token_logprobs(master, batch.prompts[rows], batch.completions[rows])
         loss = clipped_loss(logp, old_logp[rows], adv[rows], s.clip_low, high)
         kl = kl_k3(logp, ref_logp[rows]).mean()
@@ -162,8 +175,8 @@ def update(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
         opt.step()
-        kls.append(float(kl.detach()))
-    return sum(kls) / len(kls)
+        kls.append(kl.detach())
+    return torch.stack(kls)
 
 
 def rl_train(
@@ -177,8 +190,9 @@ def rl_train(
     """Run ``run`` on ``master`` in place (``ref``: the frozen base); returns the reward curve."""
     if run.algorithm not in ALGORITHMS:
         raise ValueError(f"run {run.name}: unknown RL algorithm {run.algorithm!r}")
-    sampler = Sampler(s, run)
-    policy = models.new_model(master.config, seed=0)
+    device = train.device_of(master)
+    sampler = Sampler(s, run, device)
+    policy = models.new_model(master.config, seed=0, device=device)
     opt = train.make_optimizer(master, s.rl_lr, weight_decay=0.01)
     save_at = set(s.save_steps(s.rl_steps))
     curve: list[dict[str, float | int | None]] = [
@@ -192,7 +206,7 @@ def rl_train(
             )
         else:
             batch = sampler(policy)
-            mean_reward = float(batch.rewards.mean())
+            mean_reward = batch.rewards.mean()  # read at the end of the run
         point: dict[str, float | int | None] = {"step": step, "mean_reward": mean_reward}
         point["groups"] = int(batch.rewards.shape[0])
         if batch.rewards.shape[0]:
@@ -206,4 +220,20 @@ def rl_train(
         curve.append(point)
         if step in save_at:
             save(step, master)
+    _read_back(curve)
     return curve
+
+
+def _read_back(curve: list[dict]) -> None:
+    """Replace the curve's device tensors by floats, in place: the mean reward as is, the KL
+    as the mean of its minibatches' values; two reads from the device for the whole run."""
+    rewarded = [p for p in curve[1:] if isinstance(p["mean_reward"], torch.Tensor)]
+    if rewarded:
+        values = torch.stack([p["mean_reward"] for p in rewarded]).tolist()
+        for point, value in zip(rewarded, values, strict=True):
+            point["mean_reward"] = value
+    updated = [p for p in curve[1:] if "kl" in p]
+    if updated:
+        values = torch.stack([p["kl"] for p in updated]).tolist()
+        for point, kls in zip(updated, values, strict=True):
+            point["kl"] = sum(kls) / len(kls)

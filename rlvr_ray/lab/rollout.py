@@ -3,7 +3,8 @@
 Answers have a fixed length (``task``), so generation is a plain loop of full forwards (13
 tokens at most: a KV cache would not pay) and sampling draws from an explicit
 ``torch.Generator``, which makes rollouts reproducible bit for bit on a given machine and
-thread count.
+thread count. Tensors stay on the device of the model and the prompts; a sampling generator
+lives on that device too (``task.named_generator(..., device=...)``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def token_logprobs(
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, problems: Problems, batch: int = 512) -> float:
     """Greedy exact-match accuracy of ``model`` on ``problems`` (a float in [0, 1])."""
-    hits = 0.0
+    device = problems.prompts.device
+    hits = torch.zeros((), dtype=torch.long, device=device)  # read once, at the end
     for start in range(0, len(problems), batch):
-        part = problems.take(torch.arange(start, min(start + batch, len(problems))))
+        part = problems.take(torch.arange(start, min(start + batch, len(problems)), device=device))
         out = generate(model, part.prompts, part.answers.shape[1], gen=None)
-        hits += float(exact_match(out, part.answers).sum())
-    return hits / len(problems)
+        hits += exact_match(out, part.answers).sum().long()
+    return int(hits) / len(problems)

@@ -30,7 +30,8 @@ principal set the exact complement of the low-magnitude one). CPU cost per famil
 (measured): RL 0.46 s per step at 128 x 4 (0.11 at 64 x 2, 1.55 at 256 x 4); the default qwen2
 family took 390 CPU seconds in all (user + sys), so the three take ~10 minutes of 2 cores, and
 256 x 4 would take ~35. ``paper`` (512 wide, 8 blocks: k = 21)
-follows the same recipe; the lab trains on the CPU only, where it takes hours.
+follows the same recipe; it is meant for a GPU (``--device auto`` trains on CUDA when present):
+on the CPU it takes hours.
 
 The ``tiny`` preset is a smoke test: its learning rates are raised (RL 1e-4, SFT 1e-3) so that
 three steps visibly change weights; its figures mean nothing.

@@ -9,7 +9,9 @@ Data subsets (``arith-a``, ``arith-b``, ...) are fixed pools of problems drawn f
 seeded by the subset's name, so two runs on different subsets see different prompts and two runs
 on the same subset see the same pool (in an order set by the run's seed).
 
-Pure torch; no transformers. Shapes: prompts are ``LongTensor[N, prompt_len]``, answers and
+Pure torch; no transformers. Problems are drawn on the CPU from CPU generators (the same data
+on every device) and moved to the training device with ``Problems.to``; tokens and rewards are
+computed on the device of their inputs. Shapes: prompts are ``LongTensor[N, prompt_len]``, answers and
 completions ``LongTensor[N, answer_len]``.
 """
 
@@ -42,17 +44,21 @@ class Problems:
         """Rows ``idx`` (LongTensor[K]) of this batch."""
         return Problems(self.a[idx], self.b[idx], self.prompts[idx], self.answers[idx])
 
+    def to(self, device: torch.device | str) -> Problems:
+        """This batch with every tensor on ``device`` (itself when already there)."""
+        return Problems(*(t.to(device) for t in (self.a, self.b, self.prompts, self.answers)))
+
 
 def digits(x: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-padded decimal digit tokens of ``x`` (LongTensor[N]) -> LongTensor[N, width]."""
-    powers = 10 ** torch.arange(width - 1, -1, -1, dtype=torch.long)
+    powers = 10 ** torch.arange(width - 1, -1, -1, dtype=torch.long, device=x.device)
     return (x[:, None] // powers) % 10 + DIGIT0
 
 
 def make_problems(a: torch.Tensor, b: torch.Tensor, n_digits: int) -> Problems:
     """Token forms of ``a + b`` for operand tensors ``a``, ``b`` (LongTensor[N])."""
     n = a.shape[0]
-    col = torch.full((n, 1), 0, dtype=torch.long)
+    col = torch.full((n, 1), 0, dtype=torch.long, device=a.device)
     prompts = torch.cat(
         [col + BOS, digits(a, n_digits), col + PLUS, digits(b, n_digits), col + EQUALS], dim=1
     )
@@ -67,9 +73,11 @@ def sample_problems(n: int, n_digits: int, gen: torch.Generator) -> Problems:
     return make_problems(a, b, n_digits)
 
 
-def named_generator(name: str, seed: int = 0) -> torch.Generator:
-    """A CPU generator seeded by a stable hash of ``name`` and ``seed``."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{name}:{seed}".encode()))
+def named_generator(
+    name: str, seed: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) seeded by a stable hash of ``name``, ``seed``."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}:{seed}".encode()))
 
 
 def subset(name: str, n_digits: int, size: int) -> Problems:

@@ -1,6 +1,7 @@
 """The tiny lab: real HF bf16 checkpoints, a valid sweep, fp32 masters, caching, determinism."""
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from safetensors import safe_open
 
 from rlvr_ray.engine.config import Group, step_pair_groups
 from rlvr_ray.lab import build, cli
+from rlvr_ray.lab.settings import lab_settings
 
 pytest.importorskip("transformers")
 
@@ -192,3 +194,46 @@ def test_scan_of_the_lab_sweep_measures_the_gate_on_its_masters(lab, tmp_path, r
         "SELECT count(*) FROM precision_gate_all WHERE contains(group_name, '/steps/')"
     ).fetchone()
     assert pairs == (0,)
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda on this machine")
+
+
+@NO_CUDA
+def test_device_cpu_gives_the_default_builds_bytes(lab, tmp_path):
+    """``--device cpu`` trains the same checkpoints, curves and cache key as the default (auto,
+    which is the CPU here): the device reaches every tensor without changing a byte."""
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["lab", "--out", str(tmp_path), "--preset", "tiny", "--archs", "llama", "--jobs", "1"]
+    args = parser.parse_args([*argv, "--device", "cpu"])
+    assert args.func(args) == 0
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "llama").rglob("*.safetensors"))
+    assert len(files) == 1 + 5 * 3 + 5 * 3
+    for rel in files:
+        assert (tmp_path / rel).read_bytes() == (lab / rel).read_bytes(), rel
+    for rel in ["llama/curves/pretrain.json", "llama/curves/grpo-s1.json"]:
+        assert (tmp_path / rel).read_text() == (lab / rel).read_text(), rel
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["device"] == "cpu"
+    # a CPU build keeps the cache key it had before the lab knew devices; CUDA's differs
+    s = lab_settings("tiny", archs=("llama",))
+    blob = json.dumps({"code": build.CODE_VERSION, "settings": s.to_dict()}, sort_keys=True)
+    assert manifest["key"] == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert build.settings_key(s, "cuda") != manifest["key"]
+
+
+@NO_CUDA
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    out = tmp_path / "lab"
+    argv = ["-m", "rlvr_ray.cli", "lab", "--preset", "tiny", "--device", "cuda", "--out", str(out)]
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == (
+        "rlvr-ray lab: error: device cuda: CUDA is not available (torch was built without "
+        "CUDA); use --device cpu or auto\n"
+        if torch.version.cuda is None
+        else "rlvr-ray lab: error: device cuda: CUDA is not available (no CUDA device found); "
+        "use --device cpu or auto\n"
+    )
+    assert r.stdout == "" and not out.exists()
