@@ -49,8 +49,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key
-from rlvr_ray.io.schema import ALL_TABLES
-from rlvr_ray.sql.views import VIEWS
+from rlvr_ray.io.schema import ALL_TABLES, CURRENT
+from rlvr_ray.sql.views import views
+
+#: the atlas's views: each table's current view, from its declared rule, and the aggregates
+VIEWS = views(CURRENT)
 
 ATLAS = "atlas.duckdb"
 STORAGE_VERSION = "v1.0.0"
