@@ -120,7 +120,7 @@ def atlas(tmp_path_factory):
 
 
 def test_every_table_has_a_generated_current_view():
-    assert set(schema.CURRENT) == set(schema.ALL_TABLES) == set(HAND_WRITTEN)
+    assert set(schema.CURRENT) == set(schema.ALL_TABLES) >= set(HAND_WRITTEN)
     for table in schema.ALL_TABLES:
         assert catalog.VIEWS[table] == current_view(table, schema.CURRENT[table])
 
