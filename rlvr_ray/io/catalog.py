@@ -17,7 +17,8 @@ the whole atlas from every part (and is what runs when the tables' layout change
 
 Object storage: the atlas lives next to the parts (``s3://.../atlas.duckdb``); a reader keeps a
 copy in ``$RLVR_RAY_CACHE/atlas`` (default ``~/.cache/rlvr-ray/atlas``) and fetches it again only
-when the stored one changed, so no connection builds anything. An update there fetches, updates
+when the stored one changed, so no connection builds anything (:mod:`rlvr_ray.io.atlas_file`:
+the lock, the connection that waits out a writer, the copy). An update there fetches, updates
 and uploads the file; object stores have no lock, but every update also loads whatever parts the
 atlas lacks, so the next update heals an update lost to a concurrent one.
 
@@ -33,37 +34,39 @@ it: one bad file never makes the rest unqueryable.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
+from rlvr_ray.io.atlas_file import (
+    ATLAS,
+    BUSY_WAIT_S,
+    attach,
+    cache_folder,
+    cached,
+    note_stamp,
+    writer,
+)
 from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key
-from rlvr_ray.io.schema import ALL_TABLES
-from rlvr_ray.sql.views import VIEWS
+from rlvr_ray.io.schema import ALL_TABLES, CURRENT
+from rlvr_ray.sql.views import views
 
-ATLAS = "atlas.duckdb"
-STORAGE_VERSION = "v1.0.0"
+#: the atlas's views: each table's current view, from its declared rule, and the aggregates
+VIEWS = views(CURRENT)
+
 #: (tbl, name): the parts whose rows the atlas holds
 PARTS = "_atlas_parts"
 #: (key, value): the layout of the tables the atlas was built with
 META = "_atlas_meta"
 #: tables whose parts are not per scan (the watch's rounds): reloaded whole when one changes
 WHOLE_TABLES = ("watch",)
-#: how long a reader waits for an update of the atlas to end, seconds
-BUSY_WAIT_S = 60.0
-_LOCK = "atlas.lock"
-
 QUARANTINE = "quarantine"
 
 Warn = Callable[[str], None]
@@ -289,54 +292,9 @@ def _of_scans(names: list[str], keys: set[str]) -> list[str]:
     return found
 
 
-@contextlib.contextmanager
-def _writer(results: ResultsDir):
-    """One writer of the atlas at a time (a local results directory: ``atlas.lock``)."""
-    if not results.local:
-        yield
-        return
-    os.makedirs(results.root, exist_ok=True)
-    with open(results.path(_LOCK), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _attach(
-    path: str | os.PathLike,
-    *,
-    read_only: bool = False,
-    new: bool = False,
-    wait: float = BUSY_WAIT_S,
-) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with the atlas at ``path`` attached (and in use); waits up to
-    ``wait`` seconds while another process holds the file (an update in progress)."""
-    quoted = str(Path(path).resolve()).replace("'", "''")
-    # the storage format every DuckDB 1.x reader (the `duckdb` CLI) opens
-    option = (
-        f" (STORAGE_VERSION '{STORAGE_VERSION}')" if new else " (READ_ONLY)" if read_only else ""
-    )
-    deadline = time.monotonic() + wait
-    pause = 0.02
-    while True:
-        con = duckdb.connect()
-        try:
-            con.execute(f"ATTACH '{quoted}' AS atlas{option}")
-            con.execute("USE atlas")
-            return con
-        except duckdb.IOException as e:
-            con.close()
-            if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.5)
-
-
 def _build_file(results: ResultsDir, warn: Warn) -> Callable[[str], None]:
     def write(path: str) -> None:
-        con = _attach(path, new=True)
+        con = attach(path, new=True)
         try:
             build(con, results, warn)
             con.execute("CHECKPOINT atlas")
@@ -346,42 +304,11 @@ def _build_file(results: ResultsDir, warn: Warn) -> Callable[[str], None]:
     return write
 
 
-def _cache_folder(results: ResultsDir) -> Path:
-    root = os.environ.get("RLVR_RAY_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache/rlvr-ray"
-    return base / "atlas" / hashlib.sha256(results.uri.encode()).hexdigest()[:16]
-
-
-def _stored_stamp(results: ResultsDir) -> str | None:
-    """The stored atlas's size and modification time, or None when there is none."""
-    info = results.fs.get_file_info(results.path(ATLAS))
-    return None if info.type == pafs.FileType.NotFound else f"{info.size} {info.mtime_ns}"
-
-
-def _note_stamp(results: ResultsDir) -> None:
-    stamp = _stored_stamp(results) or ""
-    atomic_write(_cache_folder(results) / "stamp", lambda p: Path(p).write_text(stamp))
-
-
-def _cached(results: ResultsDir) -> Path | None:
-    """Object storage: the local copy of the stored atlas, fetched only when the stored one
-    changed (its size or modification time); None when there is none."""
-    want = _stored_stamp(results)
-    if want is None:
-        return None
-    folder = _cache_folder(results)
-    local, stamp = folder / ATLAS, folder / "stamp"
-    if not (local.exists() and stamp.exists() and stamp.read_text() == want):
-        results.read_file(ATLAS, str(local))
-        atomic_write(stamp, lambda p: Path(p).write_text(want))
-    return local
-
-
 def refresh(out: str | Path | ResultsDir, warn: Warn = _stderr) -> str:
     """(Re)build DIR/atlas.duckdb from every Parquet part; -> its path or URI. Unreadable parts
     are quarantined (see :func:`build`), each reported to ``warn`` in one line."""
     results = open_results(out)
-    with _writer(results):
+    with writer(results):
         return results.write_file(ATLAS, _build_file(results, warn))
 
 
@@ -404,7 +331,7 @@ def update(
     results = open_results(out)
 
     def apply(path: str | os.PathLike, wait: float = BUSY_WAIT_S) -> dict[str, int]:
-        con = _attach(path, wait=wait)
+        con = attach(path, wait=wait)
         try:
             if _layout_of(con) != layout():
                 raise _OtherLayout
@@ -423,10 +350,10 @@ def update(
         finally:
             con.close()
 
-    with _writer(results):
+    with writer(results):
         for scan_id in merge:
             results.compact_scan(scan_id)
-        local = Path(results.path(ATLAS)) if results.local else _cached(results)
+        local = Path(results.path(ATLAS)) if results.local else cached(results)
         try:
             if local is None or not local.exists():
                 raise _OtherLayout
@@ -435,9 +362,9 @@ def update(
                     done = apply(local)
                     results.write_file(ATLAS, lambda p: shutil.copyfile(local, p))
                 except BaseException:  # the copy is no longer the stored file: fetch it again
-                    (_cache_folder(results) / "stamp").unlink(missing_ok=True)
+                    (cache_folder(results) / "stamp").unlink(missing_ok=True)
                     raise
-                _note_stamp(results)  # the local copy is now the stored file
+                note_stamp(results)  # the local copy is now the stored file
                 return done
             try:
                 return apply(local, wait=1.0)
@@ -491,13 +418,13 @@ def connect(
     atlas and nothing else (see :func:`_lock`). The atlas is attached read-only to a private
     in-memory database, so locking it leaves other connections to the file alone."""
     results = open_results(out)
-    path = Path(results.path(ATLAS)) if results.local else _cached(results)
+    path = Path(results.path(ATLAS)) if results.local else cached(results)
     if path is None or not path.exists():
         if not results.exists("tables"):
             raise FileNotFoundError(f"{results.uri}: no results here (no tables/ directory)")
         refresh(results)
-        path = Path(results.path(ATLAS)) if results.local else _cached(results)
-    con = _attach(path, read_only=True)
+        path = Path(results.path(ATLAS)) if results.local else cached(results)
+    con = attach(path, read_only=True)
     if not external_access:
         _lock(con)
     return con

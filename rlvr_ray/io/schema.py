@@ -8,8 +8,8 @@ A column's producer is what fills it: for the per-unit tables, one of the row bu
 "values": the value statistics; "geometry"; "consensus"; "map": a pooled map); "driver" and
 "watch" write the scan tables. A test scans a varied sweep and checks that every column is set
 by its producer and by no other, and that nothing undeclared is written. A table's ``current``
-rule says which rows its current view keeps (``CURRENT``). ``schema_hash`` enters the scan id,
-so a scan resumed under other schemas starts afresh.
+rule says which rows its current view keeps (``CURRENT``; rlvr_ray.sql.views makes the view from
+it). ``schema_hash`` enters the scan id, so a scan resumed under other schemas starts afresh.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import hashlib
 import pyarrow as pa
 
 from rlvr_ray.sql.status import COMPARED, COMPARED_SQL, NOT_COMPARED_SQL, STATUSES  # noqa: F401
-
-#: current rules: which rows of a table its current view keeps
-CURRENT_ALL = "all"  # every row
-CURRENT_RUN = "run"  # the latest scan of each (group, run)
-CURRENT_GROUP = "group"  # the latest scan of each group
-CURRENT_RUN_OR_GROUP = "run_or_group"  # per run; rows of run '*' (the group's own) per group
-CURRENT_COMMIT = "commit"  # the latest decision about each (repo, sha)
+from rlvr_ray.sql.views import (
+    CURRENT_ALL,
+    CURRENT_COMMIT,
+    CURRENT_GROUP,
+    CURRENT_RUN,
+    CURRENT_RUN_AND_BASE,
+    CURRENT_RUN_OR_GROUP,
+)
 
 #: table -> column -> its producer
 PRODUCERS: dict[str, dict[str, str]] = {}
@@ -83,7 +84,7 @@ SCANS = _declare(
 
 CHECKPOINTS = _declare(
     "checkpoints",
-    CURRENT_RUN,
+    CURRENT_RUN_AND_BASE,
     _col("scan_id", pa.string(), "driver", nullable=False),
     _col("group_name", pa.string(), "driver", nullable=False),
     _col("run", pa.string(), "driver", nullable=False),  # the base's row has is_base = true

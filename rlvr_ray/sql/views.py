@@ -7,6 +7,15 @@ client.
 
 from rlvr_ray.sql.status import COMPARED_SQL
 
+#: current rules: which rows of a table its current view keeps (each table's rule is declared
+#: with its columns, ``rlvr_ray.io.schema.CURRENT``)
+CURRENT_ALL = "all"  # every row
+CURRENT_RUN = "run"  # the latest scan of each (group, run)
+CURRENT_RUN_AND_BASE = "run_and_base"  # per run; the base's row (is_base) with each current run
+CURRENT_GROUP = "group"  # the latest scan of each group
+CURRENT_RUN_OR_GROUP = "run_or_group"  # per run; rows of run '*' (the group's own) per group
+CURRENT_COMMIT = "commit"  # the latest decision about each (repo, sha)
+
 _OK = COMPARED_SQL
 _GEO_OK = "geometry_status = 'ok'"
 _GEO_DONE = "geometry_status IN ('ok', 'k_not_below_rank', 'small_gap')"  # decomposed
@@ -33,8 +42,48 @@ _SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
                sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
                  / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share"""
 
-VIEWS: dict[str, str] = {
-    "scans": "SELECT * FROM scans_all",
+#: a current rule -> the SELECT of a table's current view over
+#: ``{table}_all``. current_runs / current_groups are the latest scan of each (group, run) / group
+_CURRENT_SQL: dict[str, str] = {
+    CURRENT_ALL: "SELECT * FROM {table}_all",
+    CURRENT_RUN: (
+        "SELECT * FROM {table}_all SEMI JOIN current_runs USING (group_name, run, scan_id)"
+    ),
+    CURRENT_GROUP: (
+        "SELECT * FROM {table}_all SEMI JOIN current_groups USING (group_name, scan_id)"
+    ),
+    # the base's row belongs to every run of its scan: kept while any of them is current
+    CURRENT_RUN_AND_BASE: """
+        SELECT * FROM {table}_all c WHERE EXISTS (SELECT 1 FROM current_runs r
+          WHERE r.scan_id = c.scan_id AND r.group_name = c.group_name
+            AND (r.run = c.run OR c.is_base))""",
+    # run '*' holds the group's own rows (pooled over its runs): current with the group's scan
+    CURRENT_RUN_OR_GROUP: """
+        SELECT * FROM {table}_all m WHERE
+          (m.run <> '*' AND EXISTS (SELECT 1 FROM current_runs r WHERE r.scan_id = m.scan_id
+             AND r.group_name = m.group_name AND r.run = m.run))
+          OR (m.run = '*' AND EXISTS (SELECT 1 FROM current_groups g
+             WHERE g.scan_id = m.scan_id AND g.group_name = m.group_name))""",
+    # a retried decision has a later scanned_at, or the same one and a higher attempt
+    CURRENT_COMMIT: """
+        SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (
+          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM {table}_all)
+        WHERE rn = 1""",
+}
+
+
+def current_view(table: str, rule: str) -> str:
+    """The SELECT of ``table``'s current view, from its current rule."""
+    return _CURRENT_SQL[rule].format(table=table)
+
+
+def views(current: dict[str, str]) -> dict[str, str]:
+    """Every view of the atlas, name -> its SELECT, in creation order (a view after those it
+    reads): each table's current view from ``current`` (table -> its rule), then aggregates."""
+    return {**_LATEST, **{t: current_view(t, rule) for t, rule in current.items()}, **_AGGREGATES}
+
+
+_LATEST: dict[str, str] = {
     # latest scan of every (group, run), by the scan's creation time; step-pair groups (their
     # rows are the k-step sparsity, in the step_* views) are not runs of a base: left out
     "current_runs": f"{_LATEST_RUNS} AND NOT {_STEP_PAIR}",
@@ -45,22 +94,9 @@ VIEWS: dict[str, str] = {
           FROM (SELECT DISTINCT group_name, scan_id FROM consistency_all) c
           JOIN scans_all s USING (scan_id)) WHERE rn = 1 AND NOT {_STEP_PAIR}""",
     "current_step_runs": f"{_LATEST_RUNS} AND {_STEP_PAIR}",
-    "tensors": "SELECT * FROM tensors_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "profiles": "SELECT * FROM profiles_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "spectra": "SELECT * FROM spectra_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
-    "checkpoints": """
-        SELECT * FROM checkpoints_all c WHERE EXISTS (SELECT 1 FROM current_runs r
-          WHERE r.scan_id = c.scan_id AND r.group_name = c.group_name
-            AND (r.run = c.run OR c.is_base))""",
-    "consistency": "SELECT * FROM consistency_all SEMI JOIN current_groups USING (group_name, scan_id)",
-    "consensus_profiles": "SELECT * FROM consensus_profiles_all SEMI JOIN current_groups USING (group_name, scan_id)",
-    "maps": """
-        SELECT * FROM maps_all m WHERE
-          (m.run <> '*' AND EXISTS (SELECT 1 FROM current_runs r WHERE r.scan_id = m.scan_id
-             AND r.group_name = m.group_name AND r.run = m.run))
-          OR (m.run = '*' AND EXISTS (SELECT 1 FROM current_groups g
-             WHERE g.scan_id = m.scan_id AND g.group_name = m.group_name))""",
-    # -- aggregates ---------------------------------------------------------------------------
+}
+
+_AGGREGATES: dict[str, str] = {
     # coverage: the share of the run's weights (its tensors' elements) that were compared, and
     # of the tensors; sparsity is over the compared ones only
     "run_sparsity": f"""
@@ -213,7 +249,6 @@ VIEWS: dict[str, str] = {
     # the precision gate of runs given an fp32 master: per run, summed over its counted tensors
     # (erased_share = n_erased / n_moved, below_share = n_below / n_moved, gate_hist summed
     # bin by bin), with n_tensors_all the rows whatever their status
-    "precision_gate": "SELECT * FROM precision_gate_all SEMI JOIN current_runs USING (group_name, run, scan_id)",
     "run_precision_gate": f"""
         WITH hist AS (
           SELECT group_name, run, list(n ORDER BY i) AS gate_hist FROM (
@@ -235,9 +270,4 @@ VIEWS: dict[str, str] = {
                any_value(h.gate_hist) AS gate_hist, count(*) AS n_tensors_all
         FROM precision_gate LEFT JOIN hist h USING (group_name, run)
         GROUP BY group_name, run ORDER BY group_name, run""",
-    # the Hub watch: the latest decision about each (repo, commit) it has seen
-    "watch": """
-        SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (
-          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM watch_all)
-        WHERE rn = 1""",
 }

@@ -61,13 +61,13 @@ class GroupAccumulator:
         self.rows, self.cols, self.R, self.members = rows, cols, R, list(members)
         self.ulp_edges = tuple(ulp_edges)
         self.edges = kernels.padded_edges(self.ulp_edges)
-        self.row_out = np.zeros((R, rows), dtype=np.int64)
-        self.col_out = np.zeros((R, cols), dtype=np.int64)
-        self.ge = np.zeros((R, len(self.edges)), dtype=np.int64)
-        self.iacc = np.zeros((R + 1, 3), dtype=np.int64)
-        self.facc = np.zeros(R + 1, dtype=np.float64)
-        self.pbit = np.full(R, -1, dtype=np.int64)
-        self.pbit[self.members] = np.arange(M)
+        self.row_counts = np.zeros((R, rows), dtype=np.int64)
+        self.col_counts = np.zeros((R, cols), dtype=np.int64)
+        self.steps_at_least = np.zeros((R, len(self.edges)), dtype=np.int64)
+        self.int_stats = np.zeros((R + 1, 3), dtype=np.int64)
+        self.sumsq = np.zeros(R + 1, dtype=np.float64)
+        self.member_bit = np.full(R, -1, dtype=np.int64)
+        self.member_bit[self.members] = np.arange(M)
         # the torch accumulator takes > 16 members' bit planes (M M^T); fewer are histogrammed
         self.cons = None
         if M > ConsistencyAccumulator.HIST_RUNS:
@@ -116,13 +116,13 @@ class GroupAccumulator:
                 self.cols,
                 self.next_row,
                 self.edges,
-                self.pbit,
+                self.member_bit,
                 len(self.members),
-                self.row_out,
-                self.col_out,
-                self.ge,
-                self.iacc,
-                self.facc,
+                self.row_counts,
+                self.col_counts,
+                self.steps_at_least,
+                self.int_stats,
+                self.sumsq,
                 self.hist,
                 planes,
                 self.row_bin,
@@ -137,15 +137,15 @@ class GroupAccumulator:
     @property
     def any_nonfinite(self) -> bool:
         """Whether any copy held NaN/Inf values so far."""
-        return bool(self.iacc[:, 2].any())
+        return bool(self.int_stats[:, 2].any())
 
     def nonfinite(self, k: int) -> int:
         """NaN/Inf values seen so far in copy k (0: the base, r + 1: run r)."""
-        return int(self.iacc[k, 2])
+        return int(self.int_stats[k, 2])
 
     @property
     def base_sumsq(self) -> float:
-        return float(self.facc[0])
+        return float(self.sumsq[0])
 
     def _check(self) -> None:
         if self.next_row != self.rows:
@@ -157,21 +157,21 @@ class GroupAccumulator:
 
     def mask_stats(self, r: int) -> MaskStats:
         """Run r's statistics (after ``finish``)."""
-        ge = [int(x) for x in self.ge[r, : len(self.ulp_edges)]] + [0]
-        hist = [ge[b] - ge[b + 1] for b in range(len(self.ulp_edges))]
+        at_least = [int(x) for x in self.steps_at_least[r, : len(self.ulp_edges)]] + [0]
+        hist = [at_least[b] - at_least[b + 1] for b in range(len(self.ulp_edges))]
         blocks = self.blocks
         return MaskStats(
             numel=self.rows * self.cols,
             n_changed=sum(hist),
-            row_counts=self.row_out[r],
-            col_counts=self.col_out[r],
-            row_ratio=torch.from_numpy(self.row_out[r] / self.cols),
-            col_ratio=torch.from_numpy(self.col_out[r] / self.rows),
+            row_counts=self.row_counts[r],
+            col_counts=self.col_counts[r],
+            row_ratio=torch.from_numpy(self.row_counts[r] / self.cols),
+            col_ratio=torch.from_numpy(self.col_counts[r] / self.rows),
             ulp_hist=hist,
             ulp1=hist[0],
-            ulp_max=int(self.iacc[r + 1, 0]),
-            update_sumsq=float(self.facc[r + 1]),
-            max_abs_update=float(self.iacc[r + 1, 1:2].view(np.float64)[0]),
+            ulp_max=int(self.int_stats[r + 1, 0]),
+            update_sumsq=float(self.sumsq[r + 1]),
+            max_abs_update=float(self.int_stats[r + 1, 1:2].view(np.float64)[0]),
             pooled=torch.from_numpy(self.grid[r]) / blocks if blocks is not None else None,
         )
 
@@ -181,8 +181,8 @@ class GroupAccumulator:
             return None
         self._check()
         m = self.members
-        row_sum = torch.from_numpy(self.row_out[m].sum(0))
-        col_sum = torch.from_numpy(self.col_out[m].sum(0))
+        row_sum = torch.from_numpy(self.row_counts[m].sum(0))
+        col_sum = torch.from_numpy(self.col_counts[m].sum(0))
         pooled = torch.from_numpy(self.grid[m].sum(0)) if self.blocks is not None else None
         block = self.blocks
         if self.cons is not None:  # > 16 members: the bit planes went through M M^T
@@ -191,7 +191,7 @@ class GroupAccumulator:
             M = len(m)
             exact = [int(x) for x in self.hist[0, :M]]
             counts = [self.rows * self.cols - sum(exact), *exact]
-            inter = np.diag(self.row_out[m].sum(1))
+            inter = np.diag(self.row_counts[m].sum(1))
             for (a, b), x in zip(TALLY_PAIRS, self.hist[1], strict=True):
                 if b < M:
                     inter[a, b] = inter[b, a] = x

@@ -143,7 +143,7 @@ def test_a_unit_that_kills_every_actor_is_given_up_alone(clean, tmp_path, monkey
     """Actors hold two units at a time; a unit lost once runs alone afterwards, so a unit that
     kills every actor it meets is given up after MAX_ATTEMPTS runs, and every other unit,
     charged at most once for having shared an actor with it, is done exactly once."""
-    from rlvr_ray.engine import driver, pool
+    from rlvr_ray.engine import cluster, pool
     from rlvr_ray.engine.actor import ScanActor
 
     sweep, _, clean_res = clean
@@ -155,7 +155,7 @@ def test_a_unit_that_kills_every_actor_is_given_up_alone(clean, tmp_path, monkey
                 os._exit(1)  # the process dies, as under the OOM killer
             return super().run_unit(unit)
 
-    monkeypatch.setattr(driver, "actor_class", lambda: Poisoned)
+    monkeypatch.setattr(cluster, "actor_class", lambda: Poisoned)
     res = run_scan(sweep, str(tmp_path / "results"), unit_bytes=UNIT_BYTES)
     assert res.errors == [
         f"group g: unit {victim} failed {pool.MAX_ATTEMPTS} times; last: ActorDiedError"

@@ -185,7 +185,7 @@ def test_a_unit_failure_is_pinned_on_its_candidate_by_scanning_each_alone(
 ):
     """A unit fails (here: a worker that breaks on one candidate's tensors): the round's
     candidates are scanned alone, the good one is scanned and the other fails by itself."""
-    from rlvr_ray.engine import driver
+    from rlvr_ray.engine import cluster
     from rlvr_ray.engine.actor import ScanActor
 
     class Breaks(ScanActor):  # a local class: Ray ships it by value
@@ -194,7 +194,7 @@ def test_a_unit_failure_is_pinned_on_its_candidate_by_scanning_each_alone(
                 raise RuntimeError("cannot compare this checkpoint")
             return super().run_unit(unit)
 
-    monkeypatch.setattr(driver, "actor_class", lambda: Breaks)
+    monkeypatch.setattr(cluster, "actor_class", lambda: Breaks)
     hub.publish("org/base", family.base)
     hub.publish("lab/good-grpo", family.runs["grpo"], tags=["grpo"], base="org/base")
     hub.publish("lab/poison-grpo", family.runs["dapo"], tags=["grpo"], base="org/base")
