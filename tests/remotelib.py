@@ -3,9 +3,11 @@ and what each safetensors file of a directory holds (header and tensor-data byte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -109,3 +111,74 @@ def peer_pid(client_port: int, server_port: int) -> int | None:
         except OSError:  # a process that ended, or one not ours
             continue
     return None
+
+
+BUCKET = "ckpts"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
+}
+
+
+class Counting:
+    """WSGI middleware: (key, first byte, body bytes, ranged) of every object GET in ``served``;
+    with ``who`` (a function of the client's and the server's port), also in ``served_by`` with
+    whom ``who`` says the request came from (first entry)."""
+
+    def __init__(self, app, who=None):
+        self.app, self.who, self.lock = app, who, threading.Lock()
+        self.served: list[tuple[str, int, int, bool]] = []
+        self.served_by: list[tuple[object, str, int, int, bool]] = []
+
+    def __call__(self, environ, start_response):
+        body = b"".join(self.app(environ, start_response))
+        if environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == "":
+            rng = environ.get("HTTP_RANGE", "")
+            first = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            entry = (environ["PATH_INFO"], first, len(body), bool(rng))
+            peer = None
+            if self.who is not None:
+                peer = self.who(int(environ["REMOTE_PORT"]), int(environ["SERVER_PORT"]))
+            with self.lock:
+                self.served.append(entry)
+                self.served_by.append((peer, *entry))
+        return [body]
+
+
+@contextlib.contextmanager
+def counting_s3(bucket: str, who=None):
+    """A counting moto S3 server on 127.0.0.1 with ``bucket``; AWS_ENDPOINT_URL and test
+    credentials set while it runs -> (boto3 client, the :class:`Counting` middleware)."""
+    import boto3
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    counting = Counting(DomainDispatcherApplication(create_backend_app), who)
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self):
+            self._server = make_server(self._ip_address, self._port, counting, True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV)
+    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client, counting
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

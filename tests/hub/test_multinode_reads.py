@@ -13,7 +13,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from remotelib import UNIT_BYTES, layout, peer_pid, scan, sweep, tables, tensor_bytes
+from remotelib import (
+    BUCKET,
+    UNIT_BYTES,
+    counting_s3,
+    layout,
+    peer_pid,
+    scan,
+    sweep,
+    tables,
+    tensor_bytes,
+)
 
 from hub.fake_hub import FakeHub
 from rlvr_ray.engine.driver import ScanResult, _open_group
@@ -56,6 +66,18 @@ def hub(monkeypatch):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def local_tables(cluster, qwen_family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    res = scan(str(qwen_family.base), {r: str(qwen_family.runs[r]) for r in RUNS}, out)
+    assert res.exit_code == 0, res.failures
+    return tables(out)
+
+
+def _dirs(fam) -> dict:
+    return {"base": fam.base, **{r: fam.runs[r] for r in RUNS}}
+
+
 def both_actors_up(rep: dict, seen: list) -> None:
     """on_unit: at the first report, wait for the second actor to be up, so that both nodes
     run units (units take milliseconds; one actor could otherwise run them all)."""
@@ -75,28 +97,12 @@ def both_actors_up(rep: dict, seen: list) -> None:
     seen.append(rep)
 
 
-def test_each_node_fetches_its_units_tensors_only_and_a_cut_is_resumed(
-    cluster, hub, qwen_family, tmp_path
-):
-    _, workers = cluster
-    dirs = {"base": qwen_family.base, **{r: qwen_family.runs[r] for r in RUNS}}
-    local = scan(str(qwen_family.base), {r: str(qwen_family.runs[r]) for r in RUNS}, tmp_path / "l")
-    assert local.exit_code == 0, local.failures
-    for name, repo in REPOS.items():
-        hub.publish(repo, dirs[name])
-    # the first tensor read of lab/dapo longer than 3000 bytes is cut after 1000 bytes
-    hub.cut(r"GET /lab/dapo/resolve/", times=1, after=1000, ranged=True, longer_than=3000)
-    cache = list(client.cache_dir().glob("models--*"))
-    refs = {r: f"hf://{REPOS[r]}" for r in RUNS}
-    seen: list = []
-    out = tmp_path / "hf"
-    res = scan("hf://org/base", refs, out, on_unit=lambda r: both_actors_up(r, seen))
-    assert res.exit_code == 0 and not res.retried, res.failures
-    assert tables(out) == tables(tmp_path / "l")
-    assert [f[3] for f in hub.faults] == [0]  # the cut happened
-
+def node_shares(res, base_ref, refs, out, dirs, served, workers):
+    """Check what each node fetched against its units; -> (node -> tensor bytes fetched, node
+    -> the tensor bytes of the units it ran). ``served``: (pid, checkpoint name, file, first
+    byte, bytes, ranged) of every body the server sent."""
     # the plan of the same refs: unit -> its tensors; each tensor's bytes in each checkpoint
-    sw = sweep("hf://org/base", refs, out)
+    sw = sweep(base_ref, refs, out)
     (group,) = sw.scan_groups()
     base, runs = _open_group(group, ScanResult(str(out)))
     plan = plan_group(group, base, runs, sw.params, UNIT_BYTES)
@@ -116,26 +122,79 @@ def test_each_node_fetches_its_units_tensors_only_and_a_cut_is_resumed(
     share = {n: 0 for n in node_of.values()}
     for r in res.units:
         share[r["node_id"]] += unit_bytes[r["unit"]]
-    headers = {(REPOS[name], f): h for name, d in dirs.items() for f, (h, _) in layout(d).items()}
+    files = {(name, f): fl for name, d in dirs.items() for f, fl in layout(d).items()}
     fetched = {n: 0 for n in share}
-    for pid, repo, file, start, n, ranged in hub.served_by:
-        assert pid is not None, (repo, file, start)
+    for pid, name, file, start, n, ranged in served:
+        assert pid is not None, (name, file, start)
         if not file.endswith(".safetensors"):
             continue  # config.json and the index: read whole, as they are small
-        assert ranged and n < len(hub.repos[repo].files[file]), (pid, repo, file)  # never whole
-        if start >= headers[(repo, file)]:  # tensor data: only the actors read it
-            assert pid in node_of, (pid, repo, file, start, n)
+        header, data = files[(name, file)]
+        assert ranged and n < header + data, (pid, name, file)  # never a whole weights file
+        if start >= header:  # tensor data: only the actors read it
+            assert pid in node_of, (pid, name, file, start, n)
             fetched[node_of[pid]] += n
     assert fetched == share and all(fetched.values())
+    return fetched, share
 
+
+def report(what: str, fetched: dict, share: dict) -> None:
+    print(f"\n{what} tensor bytes per node (node: fetched by the server's count / its share):")
+    for n in sorted(share):
+        print(f"  {n[:12]}: {fetched[n]} / {share[n]}")
+
+
+def test_each_node_fetches_its_units_tensors_only_and_a_cut_is_resumed(
+    cluster, hub, qwen_family, local_tables, tmp_path
+):
+    _, workers = cluster
+    dirs = _dirs(qwen_family)
+    for name, repo in REPOS.items():
+        hub.publish(repo, dirs[name])
+    # the first tensor read of lab/dapo longer than 3000 bytes is cut after 1000 bytes
+    hub.cut(r"GET /lab/dapo/resolve/", times=1, after=1000, ranged=True, longer_than=3000)
+    cache = list(client.cache_dir().glob("models--*"))
+    refs = {r: f"hf://{REPOS[r]}" for r in RUNS}
+    base_ref = "hf://org/base"
+    seen: list = []
+    out = tmp_path / "hf"
+    res = scan(base_ref, refs, out, on_unit=lambda r: both_actors_up(r, seen))
+    assert res.exit_code == 0 and not res.retried, res.failures
+    assert tables(out) == local_tables
+    assert [f[3] for f in hub.faults] == [0]  # the cut happened
+
+    name_of = {repo: name for name, repo in REPOS.items()}
+    served = [(p, name_of[repo], f, a, n, r) for p, repo, f, a, n, r in hub.served_by]
+    fetched, share = node_shares(res, base_ref, refs, out, dirs, served, workers)
     # the cut response was resumed by the process it was cut on, from the byte it stopped at
     cut = [e for e in hub.served_by if e[1] == "lab/dapo" and e[4] == 1000]
     assert len(cut) == 1
     pid, _, file, start, _, _ = cut[0]
-    assert pid in node_of
+    assert pid in {r["pid"] for r in res.units}
     assert any(e[0] == pid and e[2] == file and e[3] == start + 1000 for e in hub.served_by)
     # nothing downloaded whole, no snapshot cache made (all nodes share this machine's disk)
     assert list(client.cache_dir().glob("models--*")) == cache
-    print("per-node tensor bytes (node: fetched / its units' share):")
-    for n in sorted(share):
-        print(f"  {n[:12]}: {fetched[n]} / {share[n]}")
+    report("hf://", fetched, share)
+
+
+def test_s3_each_node_fetches_its_units_tensors_only(cluster, qwen_family, local_tables, tmp_path):
+    pytest.importorskip("boto3")
+    _, workers = cluster
+    dirs = _dirs(qwen_family)
+    with counting_s3(BUCKET, who=peer_pid) as (s3, counting):
+        for name, d in dirs.items():
+            for p in sorted(d.iterdir()):
+                s3.upload_file(str(p), BUCKET, f"mn/{name}/{p.name}")
+        refs = {r: f"s3://{BUCKET}/mn/{r}" for r in RUNS}
+        base_ref = f"s3://{BUCKET}/mn/base"
+        seen: list = []
+        out = tmp_path / "s3"
+        res = scan(base_ref, refs, out, on_unit=lambda r: both_actors_up(r, seen))
+        assert res.exit_code == 0 and not res.retried, res.failures
+        assert tables(out) == local_tables
+        served = []
+        for pid, key, a, n, ranged in counting.served_by:
+            _, bucket, _, name, file = key.split("/")
+            assert bucket == BUCKET
+            served.append((pid, name, file, a, n, ranged))
+        fetched, share = node_shares(res, base_ref, refs, out, dirs, served, workers)
+    report("s3://", fetched, share)

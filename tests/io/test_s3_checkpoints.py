@@ -5,72 +5,18 @@ error for that checkpoint only."""
 
 from __future__ import annotations
 
-import os
-import threading
-
 import pytest
-from remotelib import layout, scan, tables
+from remotelib import BUCKET, counting_s3, layout, scan, tables
 
-BUCKET = "ckpts"
-ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
-}
 RUNS = ("grpo-a", "dapo")
-
-
-class Counting:
-    """WSGI middleware: (key, first byte, body bytes, ranged) of every object GET."""
-
-    def __init__(self, app):
-        self.app, self.served, self.lock = app, [], threading.Lock()
-
-    def __call__(self, environ, start_response):
-        body = b"".join(self.app(environ, start_response))
-        if environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == "":
-            rng = environ.get("HTTP_RANGE", "")
-            first = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-            with self.lock:
-                self.served.append((environ["PATH_INFO"], first, len(body), bool(rng)))
-        return [body]
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A counting moto S3 server on 127.0.0.1 with one bucket; AWS_ENDPOINT_URL points at it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    counting = Counting(DomainDispatcherApplication(create_backend_app))
-
-    class Server(ThreadedMotoServer):
-        def _server_entry(self):
-            self._server = make_server(self._ip_address, self._port, counting, True)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV)
-    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    pytest.importorskip("boto3")
+    with counting_s3(BUCKET) as (client, counting):
         yield client, counting
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _upload(client, directory, prefix: str) -> None:
