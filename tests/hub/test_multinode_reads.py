@@ -104,7 +104,9 @@ def node_shares(res, base_ref, refs, out, dirs, served, workers):
     # the plan of the same refs: unit -> its tensors; each tensor's bytes in each checkpoint
     sw = sweep(base_ref, refs, out)
     (group,) = sw.scan_groups()
-    base, runs = _open_group(group, ScanResult(str(out)))
+    opened = ScanResult(str(out))
+    base, runs = _open_group(group, opened) or (None, opened.failures)
+    assert base is not None and len(runs) == len(RUNS), runs
     plan = plan_group(group, base, runs, sw.params, UNIT_BYTES)
     assert [plan.scan_id] == res.scan_ids and len(plan.units) == res.n_units >= 4
     sizes = {name: tensor_bytes(d) for name, d in dirs.items()}
