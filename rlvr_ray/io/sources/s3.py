@@ -25,7 +25,7 @@ import threading
 from urllib.parse import quote, unquote
 
 from rlvr_ray.io.files import fail
-from rlvr_ray.io.sources import Listing, layout
+from rlvr_ray.io.sources import INDEX_NAME, Listing, layout
 from rlvr_ray.io.sources.ranges import Answer, Permanent, RangeReader
 
 #: error codes a retry cannot fix
@@ -160,6 +160,8 @@ def open_source(ref: str) -> Listing:
             "on the bucket to scan a prefix that is being written)",
         )
     listing.fingerprint = "s3:" + digest
+    used = {*listing.files, "config.json", INDEX_NAME}  # what a scan reads; not README etc.
+    versions = {n: v for n, v in versions.items() if n in used}
     if versions:
         listing.pinned = f"{body}?versions=" + ",".join(
             f"{quote(n, safe='')}:{quote(v, safe='')}" for n, v in sorted(versions.items())
