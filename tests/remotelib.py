@@ -3,7 +3,11 @@ and what each safetensors file of a directory holds (header and tensor-data byte
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import struct
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,8 +25,11 @@ KEYS = {
 }
 
 
-def scan(base: str, runs: dict[str, str], out: Path, **kw):
-    """Scan base + ``runs`` (name -> ref) on the session's local Ray with 2 actors."""
+UNIT_BYTES = 1 << 15
+
+
+def sweep(base: str, runs: dict[str, str], out: Path):
+    """The sweep of one group "g": base + ``runs`` (name -> ref), geometry off."""
     data = {
         "groups": [
             {
@@ -35,9 +42,12 @@ def scan(base: str, runs: dict[str, str], out: Path, **kw):
         ],
         "params": {"geometry": False},
     }
-    return run_scan(
-        sweep_from_dict(data, out.parent), str(out), workers=2, unit_bytes=1 << 15, **kw
-    )
+    return sweep_from_dict(data, out.parent)
+
+
+def scan(base: str, runs: dict[str, str], out: Path, **kw):
+    """Scan base + ``runs`` (name -> ref) on the session's local Ray with 2 actors."""
+    return run_scan(sweep(base, runs, out), str(out), workers=2, unit_bytes=UNIT_BYTES, **kw)
 
 
 def tables(out: Path) -> dict[str, dict[tuple, dict]]:
@@ -52,6 +62,19 @@ def tables(out: Path) -> dict[str, dict[tuple, dict]]:
     return got
 
 
+def tensor_bytes(directory: Path) -> dict[str, int]:
+    """tensor -> its data bytes, from the safetensors headers of ``directory``."""
+    out = {}
+    for p in sorted(directory.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                out[name] = t["data_offsets"][1] - t["data_offsets"][0]
+    return out
+
+
 def layout(directory: Path) -> dict[str, tuple[int, int]]:
     """safetensors file -> (bytes of its 8-byte length + header, bytes of its tensor data)."""
     out = {}
@@ -60,3 +83,102 @@ def layout(directory: Path) -> dict[str, tuple[int, int]]:
         (n,) = struct.unpack("<Q", raw[:8])
         out[p.name] = (8 + n, len(raw) - 8 - n)
     return out
+
+
+def peer_pid(client_port: int, server_port: int) -> int | None:
+    """The process on this machine that holds the TCP connection 127.0.0.1:``client_port`` ->
+    127.0.0.1:``server_port`` (read from /proc: the socket's inode, then the process with a file
+    descriptor on it); None if it is gone. How a local test server tells which process, hence
+    which Ray node, each request came from, without trusting anything the client sends."""
+    want_local, want_remote = f"0100007F:{client_port:04X}", f"0100007F:{server_port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[1] == want_local and cols[2] == want_remote:
+                inode = cols[9]
+                break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == target:
+                    return int(proc.name)
+        except OSError:  # a process that ended, or one not ours
+            continue
+    return None
+
+
+BUCKET = "ckpts"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
+}
+
+
+class Counting:
+    """WSGI middleware: (key, first byte, body bytes, ranged) of every object GET in ``served``;
+    with ``who`` (a function of the client's and the server's port), also in ``served_by`` with
+    whom ``who`` says the request came from (first entry)."""
+
+    def __init__(self, app, who=None):
+        self.app, self.who, self.lock = app, who, threading.Lock()
+        self.served: list[tuple[str, int, int, bool]] = []
+        self.served_by: list[tuple[object, str, int, int, bool]] = []
+
+    def __call__(self, environ, start_response):
+        body = b"".join(self.app(environ, start_response))
+        if environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == "":
+            rng = environ.get("HTTP_RANGE", "")
+            first = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            entry = (environ["PATH_INFO"], first, len(body), bool(rng))
+            peer = None
+            if self.who is not None:
+                peer = self.who(int(environ["REMOTE_PORT"]), int(environ["SERVER_PORT"]))
+            with self.lock:
+                self.served.append(entry)
+                self.served_by.append((peer, *entry))
+        return [body]
+
+
+@contextlib.contextmanager
+def counting_s3(bucket: str, who=None):
+    """A counting moto S3 server on 127.0.0.1 with ``bucket``; AWS_ENDPOINT_URL and test
+    credentials set while it runs -> (boto3 client, the :class:`Counting` middleware)."""
+    import boto3
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    counting = Counting(DomainDispatcherApplication(create_backend_app), who)
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self):
+            self._server = make_server(self._ip_address, self._port, counting, True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV)
+    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client, counting
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

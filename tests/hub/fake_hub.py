@@ -14,7 +14,9 @@ Fault injection: ``fail(pattern, status, times)`` answers matching requests with
 ``cut(pattern, times, after)`` sends the headers and ``after`` bytes of a matching download, then
 closes the connection (``ranged=True``: of a closed range request of more than ``longer_than``
 bytes instead). Every request is logged in ``requests`` (method, path, headers), and every file
-body sent in ``served`` (repo, file, first byte, bytes sent, whether a Range was asked).
+body sent in ``served`` (repo, file, first byte, bytes sent, whether a Range was asked); with
+``who`` (a function of the client's and the server's port), also in ``served_by`` with whom
+``who`` says each connection belongs to (first entry).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,7 +79,9 @@ def _iso(t: datetime) -> str:
 class FakeHub:
     """The server's state; ``publish`` adds or updates a repo (a new commit)."""
 
-    def __init__(self):
+    def __init__(self, who: Callable[[int, int], object] | None = None):
+        self.who = who
+        self.served_by: list[tuple[object, str, str, int, int, bool]] = []
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.raw: list[str] = []  # request targets as sent, query string included
@@ -288,14 +293,22 @@ def _handler(hub: FakeHub):
             cut = hub.fault(method, where, kinds=(kind,), length=end - start)
             if cut:  # send part of the body, then drop the connection
                 part = body[start : min(start + cut[1], end)]
-                hub.served.append((repo_id, name, start, len(part), bool(rng)))
+                self._sent(repo_id, name, start, len(part), bool(rng))
                 self.wfile.write(part)
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            hub.served.append((repo_id, name, start, end - start, bool(rng)))
+            self._sent(repo_id, name, start, end - start, bool(rng))
             self.wfile.write(body[start:end])
+
+        def _sent(self, repo_id: str, name: str, start: int, n: int, ranged: bool) -> None:
+            hub.served.append((repo_id, name, start, n, ranged))
+            if hub.who is not None:
+                if not hasattr(self, "peer"):  # one handler per connection: look it up once
+                    port = self.server.server_address[1]
+                    self.peer = hub.who(self.client_address[1], port)
+                hub.served_by.append((self.peer, repo_id, name, start, n, ranged))
 
         def _json(
             self, obj, status: int, method: str, code: str | None = None, extra: dict | None = None

@@ -5,72 +5,18 @@ error for that checkpoint only."""
 
 from __future__ import annotations
 
-import os
-import threading
-
 import pytest
-from remotelib import layout, scan, tables
+from remotelib import BUCKET, counting_s3, layout, scan, tables
 
-BUCKET = "ckpts"
-ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "RLVR_RAY_FORWARD_AWS_CREDENTIALS": "1",
-}
 RUNS = ("grpo-a", "dapo")
-
-
-class Counting:
-    """WSGI middleware: (key, first byte, body bytes, ranged) of every object GET."""
-
-    def __init__(self, app):
-        self.app, self.served, self.lock = app, [], threading.Lock()
-
-    def __call__(self, environ, start_response):
-        body = b"".join(self.app(environ, start_response))
-        if environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == "":
-            rng = environ.get("HTTP_RANGE", "")
-            first = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-            with self.lock:
-                self.served.append((environ["PATH_INFO"], first, len(body), bool(rng)))
-        return [body]
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A counting moto S3 server on 127.0.0.1 with one bucket; AWS_ENDPOINT_URL points at it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    counting = Counting(DomainDispatcherApplication(create_backend_app))
-
-    class Server(ThreadedMotoServer):
-        def _server_entry(self):
-            self._server = make_server(self._ip_address, self._port, counting, True)
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV)
-    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    pytest.importorskip("boto3")
+    with counting_s3(BUCKET) as (client, counting):
         yield client, counting
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _upload(client, directory, prefix: str) -> None:
@@ -136,3 +82,78 @@ def test_missing_bucket_or_object_fails_that_checkpoint_only(s3, qwen_family):
         f"checkpoint s3://{BUCKET}/one/base, file {e0.file}, tensor {name}: "
         f"S3 NoSuchKey for s3://{BUCKET}/one/base/{e0.file}"
     )
+
+
+def _read_all(ck) -> dict[str, bytes]:
+    out = {}
+    for name, e in ck.entries.items():
+        buf = bytearray(e.nbytes)
+        ck.read_exact(e, 0, memoryview(buf))
+        out[name] = bytes(buf)
+    return out
+
+
+def _on_disk(directory) -> dict[str, bytes]:
+    from rlvr_ray.io.checkpoint import open_checkpoint
+
+    return {
+        name: (directory / e.file).read_bytes()[e.start : e.end]
+        for name, e in open_checkpoint(str(directory)).entries.items()
+    }
+
+
+def test_a_versioned_bucket_pins_each_object_version_at_plan_time(s3, qwen_family):
+    """Every process that reopens the pinned ref reads the versions listed at plan time, even
+    after the objects were overwritten."""
+    from rlvr_ray.io.checkpoint import open_checkpoint
+
+    client, _ = s3
+    client.create_bucket(Bucket="versioned")
+    client.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+    base, run = qwen_family.base, qwen_family.runs["dapo"]
+    for p in sorted(base.iterdir()):
+        client.upload_file(str(p), "versioned", f"ck/{p.name}")
+    client.put_object(Bucket="versioned", Key="ck/README.md", Body=b"# not read by a scan")
+    ids = {
+        v["Key"].removeprefix("ck/"): v["VersionId"]
+        for v in client.list_object_versions(Bucket="versioned", Prefix="ck/")["Versions"]
+    }
+    ck = open_checkpoint("s3://versioned/ck")
+    assert ck.pinned == "s3://versioned/ck?versions=" + ",".join(
+        f"{n}:{ids[n]}" for n in sorted(ids) if n != "README.md"
+    )
+    for p in sorted(run.iterdir()):  # the run's files overwrite the base's, same names
+        client.upload_file(str(p), "versioned", f"ck/{p.name}")
+    again = open_checkpoint(ck.pinned)
+    assert _read_all(again) == _on_disk(base) != _on_disk(run)
+    assert again.fingerprint == ck.fingerprint
+    assert _read_all(open_checkpoint("s3://versioned/ck")) == _on_disk(run)
+
+
+def test_an_unversioned_bucket_pins_the_etags_and_refuses_changed_objects(s3, qwen_family):
+    from rlvr_ray.io.checkpoint import CheckpointError, open_checkpoint
+
+    client, _ = s3
+    base, run = qwen_family.base, qwen_family.runs["dapo"]
+    _upload(client, base, "pin/base")
+    ck = open_checkpoint(f"s3://{BUCKET}/pin/base")
+    assert ck.pinned == f"s3://{BUCKET}/pin/base?etags={ck.fingerprint.removeprefix('s3:')}"
+    assert _read_all(open_checkpoint(ck.pinned)) == _on_disk(base)
+    shard = "model-00002-of-00002.safetensors"
+    client.upload_file(str(run / shard), BUCKET, f"pin/base/{shard}")
+    # a process opening the pinned ref after the change: one line, nothing read
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(ck.pinned)
+    assert str(e.value) == (
+        f"checkpoint s3://{BUCKET}/pin/base: its objects changed since the scan was planned "
+        "(ETags differ; enable versioning on the bucket to scan a prefix that is being written)"
+    )
+    # one that opened it before: its next read of the changed object is refused
+    name, entry = next((n, e) for n, e in ck.entries.items() if e.file == shard)
+    with pytest.raises(CheckpointError) as e:
+        ck.read_exact(entry, 0, memoryview(bytearray(entry.nbytes)))
+    old = client.head_object(Bucket=BUCKET, Key=f"pin/base/{shard}")["ETag"]
+    assert str(e.value).startswith(
+        f"checkpoint s3://{BUCKET}/pin/base, file {shard}, tensor {name}: object changed since "
+        "it was listed (ETag "
+    ) and str(e.value).endswith(f"-> {old})")
