@@ -66,6 +66,22 @@ def _labels(producer: str) -> list[tuple[pa.Field, str]]:
     ]
 
 
+def _run_tensor_key(producer: str) -> list[tuple[pa.Field, str]]:
+    """The columns naming one run's tensor (the leading columns of a per-run, per-tensor row)."""
+    return [
+        _col("scan_id", pa.string(), producer, nullable=False),
+        _col("group_name", pa.string(), producer, nullable=False),
+        _col("run", pa.string(), producer, nullable=False),
+        *_labels(producer),
+        _col("family", pa.string(), producer),
+        _col("tensor", pa.string(), producer, nullable=False),
+        _col("expert", pa.int32(), producer),  # expert index of an MoE expert's matrix; else null
+        _col("layer", pa.int32(), producer),
+        _col("depth", pa.float64(), producer),  # layer / (n_layers - 1); null if not in a layer
+        _col("role", pa.string(), producer),
+    ]
+
+
 SCANS = _declare(
     "scans",
     CURRENT_ALL,
@@ -102,16 +118,7 @@ CHECKPOINTS = _declare(
 TENSORS = _declare(
     "tensors",
     CURRENT_RUN,
-    _col("scan_id", pa.string(), "key", nullable=False),
-    _col("group_name", pa.string(), "key", nullable=False),
-    _col("run", pa.string(), "key", nullable=False),
-    *_labels("key"),
-    _col("family", pa.string(), "key"),
-    _col("tensor", pa.string(), "key", nullable=False),
-    _col("expert", pa.int32(), "key"),  # expert index of an MoE expert's matrix; else null
-    _col("layer", pa.int32(), "key"),
-    _col("depth", pa.float64(), "key"),  # layer / (n_layers - 1); null if not in a layer
-    _col("role", pa.string(), "key"),
+    *_run_tensor_key("key"),
     _col("tower", pa.string(), "key"),  # 'text' | 'vision' | 'projector'; layer/depth within it
     _col("rows", pa.int64(), "mask"),
     _col("cols", pa.int64(), "mask"),
@@ -250,16 +257,7 @@ MAPS = _declare(
 PRECISION_GATE = _declare(
     "precision_gate",
     CURRENT_RUN,
-    _col("scan_id", pa.string(), "gate", nullable=False),
-    _col("group_name", pa.string(), "gate", nullable=False),
-    _col("run", pa.string(), "gate", nullable=False),
-    *_labels("gate"),
-    _col("family", pa.string(), "gate"),
-    _col("tensor", pa.string(), "gate", nullable=False),
-    _col("expert", pa.int32(), "gate"),
-    _col("layer", pa.int32(), "gate"),
-    _col("depth", pa.float64(), "gate"),
-    _col("role", pa.string(), "gate"),
+    *_run_tensor_key("gate"),
     _col("master", pa.string(), "gate"),  # the master checkpoint's reference
     _col("numel", pa.int64(), "gate"),  # coordinates compared
     _col("n_moved", pa.int64(), "gate"),  # master != base value (upcast to fp32)
