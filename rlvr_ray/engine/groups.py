@@ -65,18 +65,7 @@ def _open_group(
             result.fail(Failure(failures.BAD_RUN, group.name, msg, run=r.name))
             continue
         ck.ref = pinned(r.checkpoint, ck)
-        spec = RunSpec(
-            r.name,
-            ck.ref,
-            ck.fingerprint,
-            r.algorithm,
-            r.step,
-            r.dataset,
-            r.seed,
-            r.series,
-            r.consistency,
-            r.master,
-        )
+        spec = RunSpec.of(r, ck)
         if r.master:  # a master that cannot be opened: the run is scanned, without the gate
             try:
                 open_checkpoint(r.master, fingerprint=False).close()

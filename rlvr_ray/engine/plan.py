@@ -35,6 +35,12 @@ class RunSpec:
     consistency: bool = True
     master: str | None = None  # the run's fp32 master checkpoint (the precision gate)
 
+    @classmethod
+    def of(cls, run, ck) -> RunSpec:
+        """The spec of the sweep's ``run`` (an ``engine.config.Run``), opened as ``ck``."""
+        labels = (run.algorithm, run.step, run.dataset, run.seed, run.series)
+        return cls(run.name, ck.ref, ck.fingerprint, *labels, run.consistency, run.master)
+
     def labels(self) -> dict:
         return {
             "algorithm": self.algorithm,

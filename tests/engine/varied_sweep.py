@@ -244,18 +244,7 @@ def scan_groups(groups: list[Group], out: Path, kernels: str = "numba"):
         runs = []
         for r in g.runs:
             ck = open_checkpoint(r.checkpoint)
-            spec = RunSpec(
-                r.name,
-                ck.ref,
-                ck.fingerprint,
-                r.algorithm,
-                r.step,
-                r.dataset,
-                r.seed,
-                r.series,
-                r.consistency,
-                r.master,
-            )
+            spec = RunSpec.of(r, ck)
             runs.append((spec, ck))
         for unit in plan_group(g, base, runs, PARAMS, UNIT_BYTES).units:
             worker.run_unit(unit)
