@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from rlvr_ray.io import catalog
 
@@ -88,3 +89,25 @@ def changed_in(out) -> dict[tuple[str, str], int]:
         }
     finally:
         con.close()
+
+
+def both_actors_up(rep: dict, seen: list) -> None:
+    """on_unit: at the first report, wait for the second actor to be up. Units now take
+    milliseconds, and the first actor could otherwise finish the scan before the second one
+    has imported torch."""
+    import ray
+    from ray._private import state
+
+    if not seen:
+        deadline = time.monotonic() + 60
+        while (
+            sum(
+                a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
+                for a in state.actors().values()
+            )
+            < 2
+        ):
+            assert time.monotonic() < deadline, "the second actor never came up"
+            time.sleep(0.05)
+        assert ray.is_initialized()
+    seen.append(rep)

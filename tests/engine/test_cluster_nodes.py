@@ -10,7 +10,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from faultlib import assert_same_results, changed_in, expected_changed, sweep_dict
+from faultlib import (
+    assert_same_results,
+    both_actors_up,
+    changed_in,
+    expected_changed,
+    sweep_dict,
+)
 
 from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
@@ -38,28 +44,6 @@ def cluster():
         c.shutdown()
         if was_up:
             ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-
-
-def both_actors_up(rep: dict, seen: list) -> None:
-    """on_unit: at the first report, wait for the second actor to be up. Units now take
-    milliseconds, and the first actor could otherwise finish the scan before the second one
-    has imported torch."""
-    import ray
-    from ray._private import state
-
-    if not seen:
-        deadline = time.monotonic() + 60
-        while (
-            sum(
-                a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
-                for a in state.actors().values()
-            )
-            < 2
-        ):
-            assert time.monotonic() < deadline, "the second actor never came up"
-            time.sleep(0.05)
-        assert ray.is_initialized()
-    seen.append(rep)
 
 
 @pytest.fixture(scope="module")

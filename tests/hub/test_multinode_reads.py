@@ -10,9 +10,8 @@ a scan of the same files on disk row for row.
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from faultlib import both_actors_up
 from remotelib import (
     BUCKET,
     UNIT_BYTES,
@@ -76,25 +75,6 @@ def local_tables(cluster, qwen_family, tmp_path_factory):
 
 def _dirs(fam) -> dict:
     return {"base": fam.base, **{r: fam.runs[r] for r in RUNS}}
-
-
-def both_actors_up(rep: dict, seen: list) -> None:
-    """on_unit: at the first report, wait for the second actor to be up, so that both nodes
-    run units (units take milliseconds; one actor could otherwise run them all)."""
-    from ray._private import state
-
-    if not seen:
-        deadline = time.monotonic() + 60
-        while (
-            sum(
-                a["State"] == "ALIVE" and a["ActorClassName"].endswith("ScanActor")
-                for a in state.actors().values()
-            )
-            < 2
-        ):
-            assert time.monotonic() < deadline, "the second actor never came up"
-            time.sleep(0.05)
-    seen.append(rep)
 
 
 def node_shares(res, base_ref, refs, out, dirs, served, workers):
