@@ -97,11 +97,13 @@ def scan(
     force: bool = False,
     progress: str | None = None,
     download: bool = False,
+    executor: str | None = None,
 ) -> ScanResult:
     """Scan into the results directory ``out`` (a path or ``s3://`` URI), as ``rlvr-ray scan``.
 
     The sweep is given as in :func:`make_sweep`; the other arguments are the command's flags
-    (``unit_mb``: ``--unit-mb``, ``download``: ``--download``, ...). Returns the
+    (``unit_mb``: ``--unit-mb``, ``download``: ``--download``, ``executor``: ``--executor``,
+    ...). Returns the
     ``ScanResult``: ``errors`` lists the checkpoints that could not be scanned (the others
     are), ``exit_code`` is the command's.
     """
@@ -123,6 +125,7 @@ def scan(
         progress=progress,
         unit_bytes=unit_mb << 20,
         memory_gb=memory_gb,
+        executor=executor,
     )
 
 

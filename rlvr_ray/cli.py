@@ -77,6 +77,15 @@ def _add_scan(sub) -> None:
     )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.add_argument(
+        "--executor",
+        choices=("auto", "ray", "local"),
+        default=None,
+        help="where units run: 'ray' (actors), 'local' (threads of this process, no Ray; "
+        "--workers or --num-cpus of them) or 'auto': local for a scan of local files of at most "
+        "16 GiB on a machine without a GPU and no --address / $RAY_ADDRESS, else Ray "
+        "(default: $RLVR_RAY_EXECUTOR, else auto)",
+    )
+    p.add_argument(
         "--gpus-per-worker",
         type=float,
         help="GPU share per actor (default: 1 when the cluster has GPUs, else 0)",
@@ -244,6 +253,7 @@ def _scan(args) -> int:
             progress=args.progress,
             unit_bytes=args.unit_mb << 20,
             memory_gb=args.memory_gb,
+            executor=args.executor,
         )
     except SweepError as e:  # a local checkpoint path that does not exist
         print(f"rlvr-ray: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from rlvr_ray.engine.cluster import Placement, _init_ray, _start_pool, worker_en
 from rlvr_ray.engine.config import Sweep, SweepError
 from rlvr_ray.engine.failures import Failure, is_disk_full
 from rlvr_ray.engine.groups import _no_unit_done, _open_group, _plan, missing_refs, pinned  # noqa: F401
+from rlvr_ray.engine.local import LocalPool, choose, default_threads
 from rlvr_ray.engine.memory import over_budget
 from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.pool import ActorPool
@@ -75,12 +76,16 @@ def run_scan(
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     memory_gb: float | None = None,
     on_unit: Callable[[dict], None] | None = None,
+    executor: str | None = None,
 ) -> ScanResult:
     """Scan every group of ``sweep`` into the results directory ``out`` (a path or a URI).
 
     ``memory_gb``: memory per actor (Ray's ``memory`` resource); units with a tensor needing
     more are refused (see :func:`over_budget`). ``on_unit``: called in the driver with each
-    finished unit's report (``node_id``, ``pid``, ``seconds``, ...).
+    finished unit's report (``node_id``, ``pid``, ``seconds``, ...). ``executor``: "ray",
+    "local" (threads of this process, no Ray: ``workers`` or ``num_cpus`` threads) or "auto"
+    (the default, or ``$RLVR_RAY_EXECUTOR``): in-process for a small scan of local files on a
+    machine without a GPU that joins no cluster (:func:`rlvr_ray.engine.local.choose`).
 
     A local checkpoint path that does not exist raises :class:`SweepError` before anything is
     created or started. The results directory filling up, or an interrupt (SIGINT), stop the
@@ -91,9 +96,11 @@ def run_scan(
     if missing:
         raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
     results = open_results(out)
+    refs = [ref for g in sweep.groups for ref in _refs(g)]
+    local = choose(executor, refs, address, gpus_per_worker) == "local"
     # a new results directory (or force): every planned unit runs, so Ray and the actors
     # start while the headers are read and planned (an actor's imports take seconds)
-    start_early = force or _no_unit_done(results)
+    start_early = not local and (force or _no_unit_done(results))
     results.ensure()
     result = ScanResult(results.uri)
     pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
@@ -113,7 +120,10 @@ def run_scan(
                 result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
             todo = fit
         if todo and not result.disk_full:
-            if pool is None:
+            if local:
+                result.executor = "local"
+                pool = LocalPool(results.uri, default_threads(num_cpus, workers))
+            elif pool is None:
                 started, pool = _start_pool(results.uri, len(todo), *pool_args)
             n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)
             prog = Progress(n_tensors, n_bytes, progress)
@@ -162,6 +172,15 @@ def run_scan(
             stopping.join()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _refs(group) -> list[str]:
+    """Every checkpoint ``group`` reads: its base, its runs and their fp32 masters."""
+    return [
+        group.base,
+        *(r.checkpoint for r in group.runs),
+        *(r.master for r in group.runs if r.master),
+    ]
 
 
 def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ class ScanResult:
     failures: list[Failure] = field(default_factory=list)  # errors, by kind / group / run / unit
     disk_full: bool = False  # writing results ran out of space: the scan stopped early
     interrupted: bool = False  # Ctrl-C (SIGINT): the scan stopped early
+    executor: str = "ray"  # where the units ran: "ray" (actors) or "local" (threads, no Ray)
 
     @property
     def exit_code(self) -> int:
