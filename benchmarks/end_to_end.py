@@ -10,7 +10,9 @@ RL-like run at Qwen2-0.5B and at Qwen2.5-1.5B shapes: a real ``transformers`` Qw
 the entries by 1-3 bf16 ULPs (written with numpy: instantiating the models would take longer
 than the benchmark). Then, round by round, each method in turn in a fresh process (A B A B):
 
-  scan       `rlvr-ray scan --base B --run rl=R --out O --no-geometry` (a new O each time)
+  scan       `rlvr-ray scan --base B --run rl=R --out O --no-geometry` (a new O each time;
+             a pair this small runs in-process: ``--executor auto``)
+  scan_ray   the same on Ray's actors (``--executor ray``: an embedded Ray is started)
   scan_other the same CLI with PYTHONPATH=--other (another checkout, to compare code)
   naive      safetensors ``load_file`` of both checkpoints, then per tensor a bitwise compare
              and a count of changed entries (as sparsity_in_rl does)
@@ -188,6 +190,13 @@ def main() -> None:
         "--geometry-models", default=None, help="models with a geometry row (default: all)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    ap.add_argument(
+        "--pairs",
+        type=Path,
+        default=None,
+        help="reuse the pairs written earlier under this directory (MODEL-base, MODEL-rl; "
+        "written there, and kept, when missing)",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rlvr-e2e-", dir=args.dir))
     env = os.environ | {"PYTHONPATH": str(REPO)}
@@ -196,16 +205,18 @@ def main() -> None:
     try:
         for model in args.models.split(","):
             t = time.perf_counter()
-            base, run = write_pair(root, model)
+            kept = args.pairs is not None and (args.pairs / f"{model}-rl").exists()
+            if kept:
+                base, run = args.pairs / f"{model}-base", args.pairs / f"{model}-rl"
+            else:
+                base, run = write_pair(args.pairs or root, model)
             size = sum(
                 f.stat().st_size for f in [*base.glob("*.safetensors"), *run.glob("*.safetensors")]
             )
-            print(
-                f"{model}: wrote base + run, {size / 1e9:.2f} GB, in {time.perf_counter() - t:.0f} s",
-                flush=True,
-            )
+            what = "reused" if kept else f"wrote in {time.perf_counter() - t:.0f} s:"
+            print(f"{model}: {what} base + run, {size / 1e9:.2f} GB", flush=True)
             rows[model] = got = {}
-            methods = [("scan", env), ("naive", env)]
+            methods = [("scan", env), ("scan_ray", env), ("naive", env)]
             if other_env:
                 methods.insert(1, ("scan_other", other_env))
             for rnd in range(args.repeat):
@@ -221,6 +232,7 @@ def main() -> None:
                         ]
                     else:
                         cmd = scan_cmd(base, run, out, geometry=False)
+                        cmd += ["--executor", "ray"] if method == "scan_ray" else []
                     m = measure(cmd, menv, root)
                     got.setdefault(method, []).append(m)
                     shutil.rmtree(out, ignore_errors=True)
@@ -238,8 +250,9 @@ def main() -> None:
                     f"  geometry        {g['seconds']:7.2f} s  peak "
                     f"{g['peak_bytes'] / 2**30:6.2f} GiB  cpu {g['cpu_seconds']:6.1f} s"
                 )
-            shutil.rmtree(base)
-            shutil.rmtree(run)
+            if args.pairs is None:
+                shutil.rmtree(base)
+                shutil.rmtree(run)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\nmodel  method       wall s  peak GiB  CPU s  naive / method, wall (per round)")

@@ -1,4 +1,6 @@
-"""The driver: plan every group, run the units on Ray actors, write scan tables and the catalog.
+"""The driver: plan every group, run the units on Ray actors (or, for a small scan on one
+machine, on threads of this process: :mod:`~rlvr_ray.engine.local`), write scan tables and the
+catalog.
 
 Groups are opened and planned by :mod:`~rlvr_ray.engine.groups`; Ray and the actors are started
 by :mod:`~rlvr_ray.engine.cluster`. Actors are :class:`~rlvr_ray.engine.actor.ScanActor` (a
