@@ -16,6 +16,7 @@ force one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -53,13 +54,17 @@ def local_bytes(refs: Sequence[str]) -> int | None:
     for ref in set(refs):
         if "://" in ref:
             return None
-        if os.path.isdir(ref):
-            with os.scandir(ref) as it:
-                total += sum(
-                    e.stat().st_size for e in it if e.name.endswith(".safetensors") and e.is_file()
-                )
-        elif os.path.exists(ref):
-            total += os.path.getsize(ref)
+        try:
+            if os.path.isdir(ref):
+                with os.scandir(ref) as it:
+                    files = [e.path for e in it if e.name.endswith(".safetensors")]
+            else:
+                files = [ref]
+        except OSError:
+            continue  # the scan reports an unreadable checkpoint: nothing to count here
+        for f in files:
+            with contextlib.suppress(OSError):  # a broken link, a loop: the same
+                total += os.path.getsize(f)
     return total
 
 

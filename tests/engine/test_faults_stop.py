@@ -64,10 +64,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start(sweep: Path, out: Path) -> subprocess.Popen:
+def _start(sweep: Path, out: Path, executor: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    flags = ["--num-cpus", "1", "--executor", executor]
     return subprocess.Popen(
-        [CLI, "scan", str(sweep), "--out", str(out), "--num-cpus", "1", *FLAGS],
+        [CLI, "scan", str(sweep), "--out", str(out), *flags, *FLAGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -90,17 +91,21 @@ def _resume(sweep: Path, out: Path, clean: Path, done: int, capsys) -> None:
     assert_same_results(out, clean)
 
 
-def test_ctrl_c_mid_scan_is_one_line_stops_ray_and_a_rerun_resumes(family, tmp_path, capsys):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_ctrl_c_mid_scan_is_one_line_stops_ray_and_a_rerun_resumes(
+    family, tmp_path, capsys, executor
+):
+    """On Ray, its processes are stopped too; in-process, none was started."""
     fam, sweep, clean = family
     out = tmp_path / "results"
-    proc = _start(sweep, out)
+    proc = _start(sweep, out, executor)
     try:
         deadline = time.monotonic() + 180
         while _markers(out) < 5:
             assert proc.poll() is None and time.monotonic() < deadline, "scan ended too early"
             time.sleep(0.05)
         ray_procs = _descendants(proc.pid)  # the embedded Ray: GCS, raylet, workers
-        assert ray_procs
+        assert bool(ray_procs) == (executor == "ray")
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
