@@ -26,7 +26,7 @@ from rlvr_ray.engine.cluster import Placement, _init_ray, _start_pool, worker_en
 from rlvr_ray.engine.config import Sweep, SweepError
 from rlvr_ray.engine.failures import Failure, is_disk_full
 from rlvr_ray.engine.groups import _no_unit_done, _open_group, _plan, missing_refs, pinned  # noqa: F401
-from rlvr_ray.engine.local import LocalPool, choose, default_threads
+from rlvr_ray.engine.local import LocalPool, choose, default_threads, has_gpu
 from rlvr_ray.engine.memory import over_budget
 from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.pool import ActorPool
@@ -124,7 +124,9 @@ def run_scan(
         if todo and not result.disk_full:
             if local:
                 result.executor = "local"
-                pool = LocalPool(results.uri, default_threads(num_cpus, workers))
+                gpu = has_gpu()  # forced here on a GPU machine: one thread on the GPU
+                n = workers or (1 if gpu else default_threads(num_cpus, workers))
+                pool = LocalPool(results.uri, n, device=None if gpu else "cpu")
             elif pool is None:
                 started, pool = _start_pool(results.uri, len(todo), *pool_args)
             n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)

@@ -40,7 +40,7 @@ def _ray_running_here() -> bool:
     return ray is not None and bool(getattr(ray, "is_initialized", lambda: False)())
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     """Whether an NVIDIA GPU is visible, without importing torch (its device nodes)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
@@ -86,7 +86,7 @@ def choose(
         return executor
     if address or os.environ.get("RAY_ADDRESS") or _ray_running_here():
         return "ray"
-    if gpus_per_worker or _has_gpu():
+    if gpus_per_worker or has_gpu():
         return "ray"
     size = local_bytes(refs)
     return "local" if size is not None and size <= LOCAL_MAX_BYTES else "ray"
@@ -116,7 +116,7 @@ class LocalPool:
         out: str,
         n_threads: int,
         *,
-        device: str | None = "cpu",
+        device: str | None = "cpu",  # None: the GPU when there is one
         on_done: Callable[[Any, dict | None], None] | None = None,
     ) -> None:
         self.out, self.n_threads, self.device = out, max(1, n_threads), device

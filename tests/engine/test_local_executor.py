@@ -103,7 +103,7 @@ def test_choose(tmp_path, monkeypatch, executor, refs, address, env, want):
     (big / "model.safetensors").write_bytes(b"x" * 101)
     monkeypatch.setattr(local, "LOCAL_MAX_BYTES", 100)
     paths = [str(small) if r == "SMALL" else str(big) if r == "BIG" else r for r in refs]
-    if not local._has_gpu():
+    if not local.has_gpu():
         assert local.choose(executor, paths, address, None) == want
     assert local.choose("auto", [str(small)], None, 1.0) == "ray"  # a GPU asked for
 
