@@ -1,9 +1,10 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
 Pure torch (the fused CPU pass, ``rlvr_ray.stats.group``, counts the same histogram in its own
-kernel and finishes through ``counts_from_hist`` and ``stats_from_counts``). The R masks of a chunk arrive as bit
-planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them, so no
-run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
+kernel; both finish through ``counts_from_hist`` and ``stats_from_counts``, which live in the
+torch-free ``rlvr_ray.stats.records`` with ``ConsistencyStats``). The R masks of a chunk arrive
+as bit planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them,
+so no run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
 answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
 pairwise intersection a sum over the patterns holding those bits. Beyond 16 runs the planes are
 unpacked into a float32 0/1 matrix M [R, n] and one product M M^T gives every intersection.
