@@ -26,8 +26,8 @@ from .varied_sweep import read_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 #: scans, one after another, in one process: each (out, RLVR_RAY_KERNELS, geometry, runs) ->
-#: whether torch was imported before its worker's first unit and after its last, and whether
-#: the worker took the fused pass
+#: whether torch was imported before its worker's first unit and after its last, whether the
+#: worker took the fused pass, its units, and torch's threads (the worker asks for 1)
 SCAN = """
 import json, os, sys
 from rlvr_ray.engine.config import Group, Params, Run
@@ -44,12 +44,13 @@ for out, kernels, geometry, runs in jobs:
     cks = [(RunSpec.of(r, ck), ck) for r in group.runs for ck in [open_checkpoint(r.checkpoint)]]
     params = Params(geometry=geometry, rank_k=4, spectral_k=8)
     plan = plan_group(group, open_checkpoint(base), cks, params, 1 << 15)
-    worker = ScanWorker(out, device="cpu")
+    worker = ScanWorker(out, device="cpu", threads=1)
     before = "torch" in sys.modules
     for unit in plan.units:
         worker.run_unit(unit)
     after = "torch" in sys.modules
-    print(json.dumps([before, after, worker.fused, len(plan.units)]))
+    threads = sys.modules["torch"].get_num_threads() if after else None
+    print(json.dumps([before, after, worker.fused, len(plan.units), threads]))
 """
 #: float64 sums of squares, which the fused and the torch pass add in different orders
 SUMS = ("rel_frob",)
@@ -73,7 +74,7 @@ def family(tmp_path_factory):
 def scan(fam, jobs: list[tuple], preload: bool = False) -> list[list]:
     """``jobs`` (out, kernels, geometry, runs or None: every run) scanned in order in one fresh
     process (``preload``: which imports torch first) -> per job [torch imported before its
-    units, after them, fused pass, units]."""
+    units, after them, fused pass, units, torch's threads]."""
     every = {n: str(p) for n, p in fam.runs.items()}
     jobs = [(str(out), kernels, geometry, runs or every) for out, kernels, geometry, runs in jobs]
     arg = json.dumps([str(fam.base), jobs, preload])
@@ -126,7 +127,7 @@ def test_geometry_and_an_f32_run_import_torch_when_needed(family, tmp_path):
     fam, f32 = family
     both = {"grpo": str(fam.runs["grpo"]), "grpo-f32": str(f32)}
     [geo] = scan(fam, [(tmp_path / "geo", "numba", True, None)])
-    assert geo[:3] == [False, True, True]
+    assert geo[:3] == [False, True, True] and geo[4] == 1  # torch came in with 1 thread
     as_f32, by_torch = scan(
         fam, [(tmp_path / "f32", "numba", False, both), (tmp_path / "ref", "torch", True, None)]
     )
