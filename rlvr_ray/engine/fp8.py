@@ -9,11 +9,13 @@ float64 on the CPU, where those products are exact, a chunk of whole scale block
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlvr_ray.engine.source import Source
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 #: names of an FP8 weight's scale tensor: ``<weight name><suffix>`` (W = fp8 value x scale)
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -25,6 +27,8 @@ def fp8_values(base: Source, runs: list[tuple[int, Source]]) -> dict[int, tuple]
     """-> {run index: (sum of squared updates, the base's sum of squares over the rows
     compared, max |update|, None)}, or (None, 0, None, why) for a run whose scales cannot be
     used (every run, when the base's cannot)."""
+    import torch
+
     quant = (base.ck.config or {}).get("quantization_config") or {}
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     scales, out = {}, {}
@@ -60,6 +64,8 @@ def block_scale(src: Source, block: list | None) -> tuple[torch.Tensor, int, int
     block cols), block sizes from ``block`` (the config's ``weight_block_size``) or from the
     shapes; no scale tensor: 1 (the stored values are the weights). Raises ValueError naming
     the scale tensor when its shape does not tile the weight."""
+    import torch
+
     rows, cols = src.stored_rows, src.shape[1]
     name = next((src.name + x for x in SCALE_SUFFIXES if src.name + x in src.ck.entries), None)
     if name is None:
@@ -93,6 +99,8 @@ def block_scale(src: Source, block: list | None) -> tuple[torch.Tensor, int, int
 def dequantized(src: Source, scale: tuple[torch.Tensor, int, int], a: int, b: int) -> torch.Tensor:
     """Rows [a, b) of an FP8 copy (a: a multiple of the block rows) as float64 values [b - a,
     cols]: each FP8 value times the scale of its block."""
+    import torch
+
     per_block, block_rows, block_cols = scale
     values = src.stored(a, b, ("value", src.slot)).to(torch.float64)
     rows_scale = per_block[a // block_rows : -(-b // block_rows)]

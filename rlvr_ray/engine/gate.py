@@ -6,21 +6,24 @@ window by window (a window of rows; one expert's matrix of a fused expert tensor
 tensor costs a window of each, never the whole. A master that cannot be opened, lacks the
 tensor, is not F32 or has another shape gives the run's rows a status saying so, and nothing
 else of the scan changes. Tensors the tensors table does not compare (missing, unsupported
-dtype, FP8, shapes that differ beyond the first dimension, empty) get no row.
+dtype, FP8, shapes that differ beyond the first dimension, empty) get no row. The counts are
+torch's (``rlvr_ray.stats.gate``), imported by the first tensor counted: a scan naming no master
+imports no torch here.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
 
 from rlvr_ray.engine.plan import TensorSpec, Unit
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.schema import GATE_BIN_EDGES, PRECISION_GATE
-from rlvr_ray.stats.gate import GateStats, gate_stats, merge
-from rlvr_ray.stats.masks import bf16_bits
+
+if TYPE_CHECKING:
+    from rlvr_ray.stats.gate import GateStats
 
 #: status -> meaning (also in the README's table docs)
 STATUSES = {
@@ -165,6 +168,11 @@ def _windows(shape: tuple[int, ...], n_rows: int, piece: int | None):
 
 def _count(base, name0, run, name1, master, name_m, n_rows, piece) -> GateStats:
     """The gate's counts over the tensor (or its expert ``piece``), window by window."""
+    import torch
+
+    from rlvr_ray.stats.gate import GateStats, gate_stats, merge
+    from rlvr_ray.stats.masks import bf16_bits
+
     total = GateStats(hist=[0] * len(GATE_BIN_EDGES))
     shape = base.entries[name0].shape
     for a, b in _windows(shape, n_rows, piece):

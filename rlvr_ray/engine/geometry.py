@@ -18,24 +18,27 @@ Per run, besides `RunGeometry`'s columns, the stage measures the update dW = W1 
 (`rlvr_ray.stats.update.update_geometry`: numerical, stable and effective rank, energy share in
 the base's top-k subspaces). The spectra table holds the top spectral_k singular values and
 angles, or every singular value with ``Params.full_spectrum`` (angles null past spectral_k).
+torch (and the torch statistics) are imported by the first tensor that gets geometry.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+import numpy as np
 
 from rlvr_ray.engine.config import Params
 from rlvr_ray.engine.memory import EMBEDDING_ROLES, skip_reason  # noqa: F401 (re-exported)
 from rlvr_ray.engine.source import FP8_DTYPES
 from rlvr_ray.io.results import ResultsDir
-from rlvr_ray.stats.masks import update_mask
-from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry, base_geometry, run_geometry
-from rlvr_ray.stats.update import UpdateGeometry, update_geometry
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlvr_ray.stats.spectral import BaseGeometry, RunGeometry
+    from rlvr_ray.stats.update import UpdateGeometry
 
 GEOMETRY_VERSION = 2  # bump when BaseGeometry's contents change: old cache entries are ignored
 #: decomposed, but the overlaps and angles are no finding (the views leave them out)
@@ -50,6 +53,8 @@ class BaseCache:
         self.hits = self.misses = 0
 
     def _key(self, bits0: torch.Tensor, params: Params) -> str:
+        import torch
+
         rank_k, spectral_k = params.ks(tuple(bits0.shape))
         h = hashlib.blake2b(digest_size=16)
         h.update(bits0.detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy
@@ -58,6 +63,12 @@ class BaseCache:
 
     def get(self, base_fp: str, bits0: torch.Tensor, params: Params) -> BaseGeometry:
         """bits0: int16 bf16 patterns [m, n] of the base tensor -> its BaseGeometry."""
+        import torch
+        from safetensors.torch import load as st_load
+        from safetensors.torch import save as st_save
+
+        from rlvr_ray.stats.spectral import BaseGeometry, base_geometry
+
         fp = base_fp.replace(":", "-").replace("/", "-") or "unknown"
         rel = f"cache/{fp}/{self._key(bits0, params)}.safetensors"
         path = self.results.path(rel)
@@ -96,17 +107,28 @@ def measure_geometry(
         reason = "skipped_fp8"  # the SVD of dequantized FP8 weights is not implemented
     if reason is not None:
         return {c.run: reason for c in compared}
+    import torch
+
+    from rlvr_ray.stats.masks import update_mask
+    from rlvr_ray.stats.spectral import run_geometry
+    from rlvr_ray.stats.update import update_geometry
+
+    def bits(src) -> torch.Tensor:  # read whole: into the fused pass's arena, or a tensor
+        return torch.from_numpy(src.full) if isinstance(src.full, np.ndarray) else src.full
+
     out: dict[int, Geometry | str] = {}
     base_geo = None
+    bits0 = bits(base)
     for c in compared:
         if c.status != "ok":
             out[c.run] = f"skipped_{c.status}"
             continue
         try:
             if base_geo is None:
-                base_geo = cache.get(unit.base_fingerprint, base.full, unit.params)
-            mask = update_mask(base.full, c.src.full)
-            w0, w1 = base.full.view(torch.bfloat16), c.src.full.view(torch.bfloat16)
+                base_geo = cache.get(unit.base_fingerprint, bits0, unit.params)
+            bits1 = bits(c.src)
+            mask = update_mask(bits0, bits1)
+            w0, w1 = bits0.view(torch.bfloat16), bits1.view(torch.bfloat16)
             run = run_geometry(base_geo, w1, mask)
             update = update_geometry(base_geo, w0, w1)
         except (ValueError, RuntimeError) as e:  # e.g. a degenerate matrix: keep the row

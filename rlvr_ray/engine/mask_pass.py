@@ -6,21 +6,24 @@ arena (``rlvr_ray.stats.group``). Elsewhere (a GPU, ``RLVR_RAY_KERNELS=torch``, 
 than the kernel counts) ``chunk_pass`` walks row chunks with sync-free torch ops that accumulate
 per-run mask statistics and the cross-run consensus. Either way scratch is a chunk or a window,
 not a tensor. Both raise ``NonFinite`` naming the first copy holding NaN/Inf and ``ReadFailed``
-for a copy that cannot be read: the caller drops that run and redoes the pass.
+for a copy that cannot be read: the caller drops that run and redoes the pass. The fused pass
+runs on numpy arrays; torch is imported by ``chunk_pass`` only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rlvr_ray.engine.source import Source, reading
 from rlvr_ray.io.schema import ULP_BIN_EDGES
-from rlvr_ray.stats.consistency import ConsistencyAccumulator, ConsistencyStats
 from rlvr_ray.stats.group import GroupAccumulator
-from rlvr_ray.stats.masks import MaskAccumulator, MaskStats, base_stats
+from rlvr_ray.stats.records import ConsistencyStats, MaskStats
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NonFinite(Exception):
@@ -71,6 +74,9 @@ def chunk_pass(
     and columns mean something (profiles, a pooled map of ``map_size``)."""
     if not runs:
         return MaskResult({}, None)
+    from rlvr_ray.stats.consistency import ConsistencyAccumulator
+    from rlvr_ray.stats.masks import MaskAccumulator, base_stats
+
     rows, cols = base.shape
     map_size = map_size if is_matrix else None
     device = ctx.device
@@ -138,7 +144,7 @@ def group_pass(
     acc = GroupAccumulator(rows, cols, len(runs), members, ULP_BIN_EDGES, map_size)
     sources = [base, *(src for _, src in runs)]
     buffers = ctx.buffers
-    flat = buffers.arena.numpy()
+    flat = buffers.arena
     offsets = np.array([s.slot * buffers.slot_numel for s in sources], dtype=np.int64)
     if base.full is not None:  # read whole (for the SVD): one pass over all of it
         acc.add(flat, offsets, rows)

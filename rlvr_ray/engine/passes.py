@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from rlvr_ray.engine.buffers import Buffers
+from rlvr_ray.engine.buffers import Buffers, Device
 from rlvr_ray.engine.fp8 import fp8_values
 from rlvr_ray.engine.geometry import BaseCache, Geometry, measure_geometry
 from rlvr_ray.engine.mask_pass import Consensus, MaskResult, NonFinite, chunk_pass, group_pass
@@ -33,7 +32,10 @@ from rlvr_ray.engine.source import (
 )
 from rlvr_ray.io.checkpoint import DTYPES, Checkpoint, CheckpointError
 from rlvr_ray.stats.group import MAX_COLS
-from rlvr_ray.stats.masks import MaskStats
+from rlvr_ray.stats.records import MaskStats
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -41,7 +43,7 @@ class PassContext:
     """What the passes use of the worker: where they compute, its buffers and reading pool,
     the base decomposition cache; ``n_bytes`` counts the bytes read."""
 
-    device: torch.device
+    device: Device | torch.device
     chunk_numel: int  # elements per row chunk of the torch pass
     buffers: Buffers
     io: ThreadPoolExecutor

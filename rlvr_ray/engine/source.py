@@ -11,6 +11,10 @@ read into the other of two buffers, so reading overlaps the statistics.
 Patterns are bf16's, or an FP8 copy's own 8-bit ones (``fp8_bits``); any other float dtype is
 rounded to bf16 first. A fused expert tensor [experts, rows, cols] is read one expert's matrix
 at a time: rows ``expert * rows`` onward of the tensor viewed as [experts * rows, cols].
+
+For the fused CPU pass a bf16 copy is read straight into its numpy slot of the arena, so it
+takes no torch; torch is imported where its tensors are built: another storage dtype's
+conversion (torch's rounding defines the bf16 patterns), and the torch pass's buffers.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from __future__ import annotations
 import bisect
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from rlvr_ray.engine.buffers import Buffers
+from rlvr_ray.engine.buffers import Buffers, Device
 from rlvr_ray.engine.memory import STREAM_WINDOW_NUMEL
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, torch_dtype
-from rlvr_ray.stats.masks import compare_bits, nonfinite_count
+
+if TYPE_CHECKING:
+    import torch
+
+_MAG, _EXP = 0x7FFF, 0x7F80  # a pattern's magnitude bits; all exponent bits: NaN or Inf
 
 #: FP8 storage dtypes: compared in their own 8-bit patterns, never rounded to bf16
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -89,7 +98,7 @@ class Source:
         self.dtype = entry.dtype  # storage dtype: BF16 is read as it is, anything else converted
         self.converted = entry.dtype != "BF16"
         self.rounded = entry.dtype not in ("BF16", *FP8_DTYPES)  # FP8 keeps its own patterns
-        self.full: torch.Tensor | None = None
+        self.full: torch.Tensor | np.ndarray | None = None  # numpy: in the fused pass's arena
         self.edges: list[int] = []  # the pass's chunk edges: windows end on them
         self.window: tuple[int, int, torch.Tensor, int] | None = None  # start, end, rows, buffer
         self.pending: tuple[int, int, Future, int] | None = None  # the next window, being read
@@ -104,7 +113,7 @@ class Source:
         return self._rows
 
     def stored(
-        self, a: int, b: int, key: tuple, device: torch.device | None = None
+        self, a: int, b: int, key: tuple, device: Device | torch.device | None = None
     ) -> torch.Tensor:
         """Rows [a, b) in the stored dtype, [b - a, cols], read into buffer ``key`` (then moved
         to ``device``, if a GPU)."""
@@ -121,19 +130,21 @@ class Source:
             self.buffers.copied(key)
         return t
 
-    def read_into(self, a: int, b: int, dst: torch.Tensor) -> int:
+    def read_into(self, a: int, b: int, dst: np.ndarray) -> int:
         """Rows [a, b) as int16 patterns into the flat int16 ``dst`` (any thread; the fused CPU
         pass) -> bytes read. A copy not stored as bf16 is read aside and converted into it."""
         n = (b - a) * self.shape[1]
         if not self.converted:
             start = (self.row0 + a) * 2 * self.shape[1]
-            self.ck.read_exact(self.entry, start, memoryview(dst[:n].numpy()).cast("B"))
+            self.ck.read_exact(self.entry, start, memoryview(dst[:n]).cast("B"))
             return 2 * n
+        from rlvr_ray.stats.masks import compare_bits
+
         raw = self.stored(a, b, ("raw", self.slot))
-        dst[:n].copy_(compare_bits(raw)[0].reshape(-1))
+        dst[:n] = compare_bits(raw)[0].reshape(-1).numpy()
         return self.nbytes(a, b)
 
-    def window_reader(self, dst: torch.Tensor):
+    def window_reader(self, dst: np.ndarray):
         """-> read(a, b): rows [a, b) into the start of ``dst`` (int16, flat) -> bytes read.
         The fused pass reads every window of every copy through it, so a bf16 copy's window is
         one positional read; anything unusual (a short read) takes ``read_into``, which says
@@ -142,7 +153,7 @@ class Source:
             return lambda a, b: self.read_into(a, b, dst)
         entry, row_bytes = self.entry, 2 * self.shape[1]
         start = self.row0 * row_bytes
-        view = memoryview(dst.numpy()).cast("B")
+        view = memoryview(dst).cast("B")
 
         def read(a: int, b: int) -> int:
             n = (b - a) * row_bytes
@@ -160,8 +171,10 @@ class Source:
             rows = self.stored_rows
             dst = self.buffers.slot(self.slot)
             n = self.read_into(0, rows, dst)
-            self.full = dst[: rows * self.shape[1]].view(rows, self.shape[1])[: self.shape[0]]
+            self.full = dst[: rows * self.shape[1]].reshape(rows, self.shape[1])[: self.shape[0]]
             return n
+        from rlvr_ray.stats.masks import compare_bits
+
         raw = self.stored(0, self.stored_rows, ("full", self.slot), self.buffers.device)
         self.full = compare_bits(raw)[0][: self.shape[0]]
         return self.nbytes(0, self.stored_rows)
@@ -195,6 +208,8 @@ class Source:
 
     def _read(self, a: int, end: int, buf: int) -> torch.Tensor:
         """Rows [a, end) into buffer ``buf`` (0 or 1), on the buffers' device (any thread)."""
+        from rlvr_ray.stats.masks import compare_bits
+
         data = self.stored(a, end, ("chunk", self.slot, buf), self.buffers.device)
         return compare_bits(data)[0]
 
@@ -251,6 +266,19 @@ class Source:
     def nonfinite(self, chunk_numel: int) -> int:
         """NaN/Inf count over the whole tensor, ``chunk_numel`` elements at a time (only asked
         for on the error path)."""
-        step = max(1, chunk_numel // max(self.shape[1], 1))
-        rows = self.shape[0]
+        rows, cols = self.shape
+        if self.fused and self.full is None:  # streamed: read again through its arena slot
+            dst = self.buffers.slot(self.slot)
+            step = max(1, dst.size // max(cols, 1))
+            count = 0
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                self.read_into(a, b, dst)
+                count += int(((dst[: (b - a) * cols] & _MAG) >= _EXP).sum())
+            return count
+        if isinstance(self.full, np.ndarray):  # read whole into the arena
+            return int(((self.full & _MAG) >= _EXP).sum())
+        from rlvr_ray.stats.masks import nonfinite_count
+
+        step = max(1, chunk_numel // max(cols, 1))
         return sum(nonfinite_count(self.rows(a, min(a + step, rows))) for a in range(0, rows, step))

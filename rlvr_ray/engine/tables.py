@@ -21,12 +21,15 @@ from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.engine.source import FP8_DTYPES
 from rlvr_ray.io.checkpoint import Checkpoint
 from rlvr_ray.io.schema import TABLES
-from rlvr_ray.stats.masks import gini_counts
-from rlvr_ray.stats.spectral import RunGeometry
+from rlvr_ray.stats.records import gini_counts
 
 #: RunGeometry's fields that are not tensors-table columns (the spectra table holds them)
 _NOT_COLUMNS = ("sigma_run", "sigma_run_all", "angle_left", "angle_right")
-_RUN_COLUMNS = [f.name for f in fields(RunGeometry) if f.name not in _NOT_COLUMNS]
+
+
+def _host(x) -> np.ndarray:
+    """A statistic's vector or grid (a numpy array, or a torch tensor on any device) -> numpy."""
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
 
 class UnitTables:
@@ -137,8 +140,8 @@ class UnitTables:
         self.rows["tensors"].append(row)
         if is_matrix:
             name = self.unit.runs[c.run].name
-            self._profile("profiles", name, spec, "row", ms.row_ratio.numpy())
-            self._profile("profiles", name, spec, "col", ms.col_ratio.numpy())
+            self._profile("profiles", name, spec, "row", _host(ms.row_ratio))
+            self._profile("profiles", name, spec, "col", _host(ms.col_ratio))
             self._add_map(name, spec, "mask", ms.pooled)
 
     def _add_consensus(self, spec: TensorSpec, result: TensorResult) -> None:
@@ -168,11 +171,9 @@ class UnitTables:
         )
         self.rows["consistency"].append(row)
         if cons.is_matrix:
-            row_consensus = stats.row_consensus.cpu().numpy()
+            row_consensus = _host(stats.row_consensus)
             self._profile("consensus_profiles", None, spec, "row", row_consensus)
-            self._profile(
-                "consensus_profiles", None, spec, "col", stats.col_consensus.cpu().numpy()
-            )
+            self._profile("consensus_profiles", None, spec, "col", _host(stats.col_consensus))
             self._add_map("*", spec, "consensus", stats.pooled)
 
     def _add_map(self, run: str, spec: TensorSpec, kind: str, pooled) -> None:
@@ -188,7 +189,7 @@ class UnitTables:
         grid = {
             "map_rows": pooled.shape[0],
             "map_cols": pooled.shape[1],
-            "values": pooled.cpu().numpy().astype(np.float32).ravel(),
+            "values": _host(pooled).astype(np.float32).ravel(),
         }
         self.rows["maps"].append(self._compose("maps", ("key", key), ("map", grid)))
 
@@ -308,7 +309,8 @@ def _geometry_columns(geometry: Geometry | str | None) -> dict:
     (whatever its status), else the status saying why not."""
     if isinstance(geometry, Geometry):
         g = geometry.run
-        return {**{n: getattr(g, n) for n in _RUN_COLUMNS}, **asdict(geometry.update)}
+        columns = {f.name: getattr(g, f.name) for f in fields(g) if f.name not in _NOT_COLUMNS}
+        return {**columns, **asdict(geometry.update)}
     return {"geometry_status": geometry}
 
 

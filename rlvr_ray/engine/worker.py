@@ -6,18 +6,22 @@ every run's, and measures them; ``rlvr_ray.engine.tables`` makes the results row
 at most (runs + 1) x the tensor's bytes are resident, and scratch is a chunk, not a tensor. A
 tensor that cannot be compared gets a row whose ``status`` says why (``rlvr_ray.io.schema``'s
 ``STATUSES``). Parts are written side by side, then the unit is marked done.
+
+A CPU worker with the numba kernels (device "cpu") scans bf16 tensors without importing torch:
+torch comes in with the first thing that needs it (geometry, FP8 values, another storage
+dtype's conversion, a master's precision gate, the torch pass), and with device None (which
+asks torch whether there is a GPU) or a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from rlvr_ray.engine.buffers import Buffers
+from rlvr_ray.engine.buffers import Buffers, Device
 from rlvr_ray.engine.gate import PrecisionGate
 from rlvr_ray.engine.geometry import BaseCache
 from rlvr_ray.engine.memory import CHUNK_NUMEL, GPU_CHUNK_NUMEL, MMAP_THRESHOLD
@@ -51,6 +55,17 @@ def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
                     return  # only advice: a real read reports the problem
 
 
+def _device(device: str | None) -> Device:
+    """The worker's device: ``device`` as torch spells it; None: a GPU when torch sees one."""
+    if device is not None and str(device) == "cpu":
+        return Device("cpu")
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Device(str(torch.device(device)))  # a name torch does not know fails here
+
+
 class ScanWorker:
     """Scans work units of any group; keeps opened checkpoint headers between units."""
 
@@ -66,21 +81,31 @@ class ScanWorker:
         # the base's and every run's copy of a tensor are read side by side (reads and the
         # numba kernels release the GIL, so reads also overlap the statistics)
         self.io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="rlvr-read")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if threads:
-            torch.set_num_threads(threads)
+        self.device = _device(device)
+        self.threads = threads  # torch's threads, set once torch is imported
         self._open: dict[str, Checkpoint] = {}
         self.buffers = Buffers(self.device)
         self.chunk_numel = CHUNK_NUMEL if self.device.type == "cpu" else GPU_CHUNK_NUMEL
         # on a CPU with the numba kernels, one fused pass takes the base and every run at once
         self.fused = kernels.enabled(self.device)
         kernels.warm(self.device)  # load the compiled kernels now, not in the first unit
+        self._torch_threads(need=not self.fused)
         if self.device.type == "cuda":  # create the CUDA context now too
+            import torch
+
             torch.zeros(1, device=self.device)
         self.cache = BaseCache(self.results)
         #: table -> column -> the producers that set it, over every unit scanned
         self.produced: dict[str, dict[str, set[str]]] = {}
         self.gate = PrecisionGate()  # runs given an fp32 master: the precision_gate table
+
+    def _torch_threads(self, need: bool = False) -> None:
+        """Give torch ``threads`` threads once it is imported (``need``: import it now)."""
+        if self.threads and (need or "torch" in sys.modules):
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.threads = None
 
     def checkpoint(self, ref: str) -> Checkpoint:
         if ref not in self._open:
@@ -103,7 +128,9 @@ class ScanWorker:
             self.device, self.chunk_numel, self.buffers, self.io, self.cache, self.fused
         )
         out = UnitTables(unit, runs)
+        self._torch_threads(need=unit.params.geometry)  # the SVDs are torch's
         for spec in unit.tensors:
+            self._torch_threads()
             out.add_tensor(spec, measure(ctx, unit, spec, base, runs))
             if (gate := self.gate.table(unit, spec, base, runs)) is not None:
                 out.add_gate(gate)

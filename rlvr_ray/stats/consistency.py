@@ -1,9 +1,10 @@
 """Cross-run consistency of update masks over R runs of one base: consensus and Jaccard.
 
 Pure torch (the fused CPU pass, ``rlvr_ray.stats.group``, counts the same histogram in its own
-kernel and finishes through ``counts_from_hist`` and ``stats_from_counts``). The R masks of a chunk arrive as bit
-planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them, so no
-run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
+kernel; both finish through ``counts_from_hist`` and ``stats_from_counts``, which live in the
+torch-free ``rlvr_ray.stats.records`` with ``ConsistencyStats``). The R masks of a chunk arrive
+as bit planes: bit r % 16 of ``planes[r // 16][i, j]`` is M_r[i, j] (the mask passes set them,
+so no run's mask is ever materialized on its own). Up to 16 runs, one histogram of the 2^R patterns
 answers everything exactly: the consensus histogram is its sum by popcount, every mask size and
 pairwise intersection a sum over the patterns holding those bits. Beyond 16 runs the planes are
 unpacked into a float32 0/1 matrix M [R, n] and one product M M^T gives every intersection.
@@ -18,13 +19,16 @@ summed, so they cost nothing here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import combinations
-
 import numpy as np
 import torch
 
-from rlvr_ray.stats.masks import EXACT_NUMEL
+from rlvr_ray.stats.records import (  # noqa: F401 (re-exported)
+    EXACT_NUMEL,
+    HIST_RUNS,
+    ConsistencyStats,
+    counts_from_hist,
+    stats_from_counts,
+)
 
 #: coordinates per piece of a chunk (CPU: the R x piece float32 product stays in the caches;
 #: a GPU: a few launches per chunk), both within EXACT_NUMEL
@@ -32,44 +36,10 @@ CPU_PIECE_NUMEL = 1 << 18
 GPU_PIECE_NUMEL = 1 << 22
 
 
-@dataclass
-class ConsistencyStats:
-    n_runs: int
-    numel: int
-    consensus_counts: list[int]  # [c] = coordinates changed by exactly c runs, c = 0..R
-    sizes: list[int]  # |M_r|
-    intersections: dict[tuple[int, int], int]  # |M_r & M_s|, r < s
-    row_consensus: torch.Tensor  # [rows] mean of C_ij over j (float64)
-    col_consensus: torch.Tensor  # [cols] mean of C_ij over i
-    pooled: torch.Tensor | None  # [map_rows, map_cols] mean consensus per block
-
-    def _pairs(self):
-        for (r, s), inter in self.intersections.items():
-            union = self.sizes[r] + self.sizes[s] - inter
-            if union:
-                yield r, s, inter / union
-
-    @property
-    def mean_jaccard(self) -> float | None:
-        """Mean over run pairs of |A & B| / |A | B| (pairs with an empty union left out)."""
-        vals = [j for _, _, j in self._pairs()]
-        return sum(vals) / len(vals) if vals else None
-
-    @property
-    def jaccard_baseline(self) -> float | None:
-        """Mean over the same pairs of pq / (p + q - pq): independent Bernoulli masks."""
-        vals = []
-        for r, s, _ in self._pairs():
-            p, q = self.sizes[r] / self.numel, self.sizes[s] / self.numel
-            vals.append(p * q / (p + q - p * q))
-        return sum(vals) / len(vals) if vals else None
-
-
 class ConsistencyAccumulator:
     """Consumes the R runs' masks of a [rows, cols] tensor, as bit planes, chunk by chunk."""
 
-    #: up to this many runs the 2^R pattern histogram is used; beyond, M M^T
-    HIST_RUNS = 16
+    HIST_RUNS = HIST_RUNS  # up to this many runs the 2^R pattern histogram is used
 
     def __init__(
         self, n_runs: int, rows: int, cols: int, device=None, piece_numel: int | None = None
@@ -146,42 +116,6 @@ class ConsistencyAccumulator:
         return stats_from_counts(
             self.R, self.rows, self.cols, *self._counts(), row_sum, col_sum, pooled_sum, block
         )
-
-
-def counts_from_hist(h: np.ndarray, R: int) -> tuple[list[int], np.ndarray]:
-    """A histogram of the 2^R member patterns (int64) -> (consensus counts [R + 1],
-    intersections int64 [R, R] with the sizes on the diagonal)."""
-    bits = (np.arange(1 << R)[:, None] >> np.arange(R)) & 1  # [2^R, R]: runs in a pattern
-    # float64 BLAS is exact here: integer terms and sums below numel < 2^53
-    inter = np.rint((bits * h[:, None].astype(np.float64)).T @ bits).astype(np.int64)
-    counts = np.zeros(R + 1, dtype=np.int64)
-    np.add.at(counts, bits.sum(1), h)
-    return [int(x) for x in counts], inter
-
-
-def stats_from_counts(
-    R: int,
-    rows: int,
-    cols: int,
-    counts: list[int],
-    inter: np.ndarray,
-    row_sum: torch.Tensor,
-    col_sum: torch.Tensor,
-    pooled_sum: torch.Tensor | None = None,
-    block: torch.Tensor | None = None,
-) -> ConsistencyStats:
-    """ConsistencyStats from the consensus counts, the intersections (sizes on the diagonal)
-    and the members' summed row / column / pooled counts."""
-    return ConsistencyStats(
-        n_runs=R,
-        numel=rows * cols,
-        consensus_counts=counts,
-        sizes=[int(inter[i, i]) for i in range(R)],
-        intersections={(a, b): int(inter[a, b]) for a, b in combinations(range(R), 2)},
-        row_consensus=row_sum.cpu().to(torch.float64) / (R * cols),
-        col_consensus=col_sum.cpu().to(torch.float64) / (R * rows),
-        pooled=pooled_sum / (block * R) if pooled_sum is not None else None,
-    )
 
 
 def consistency(masks: list[torch.Tensor]) -> ConsistencyStats:

@@ -9,21 +9,24 @@ the coordinates changed in exactly c members and each pair's intersection; up to
 a histogram of the 2^R member patterns (two coordinates per increment for R <= 6, which halves
 the increments); beyond 16 members it sets bit planes, a piece of rows per kernel call, and
 ``ConsistencyAccumulator`` multiplies them out (M M^T, exact in pieces), as on a GPU.
+
+Everything here is numpy (the statistics come back as numpy arrays): torch is imported only for
+a consensus of more than 16 members, whose product is torch's.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from rlvr_ray.stats import kernels
-from rlvr_ray.stats.consistency import (
-    ConsistencyAccumulator,
+from rlvr_ray.stats.records import (
+    HIST_RUNS,
     ConsistencyStats,
+    MaskStats,
+    bin_edges,
     counts_from_hist,
     stats_from_counts,
 )
-from rlvr_ray.stats.masks import MaskStats, bin_edges
 
 #: up to this many members, the kernel tallies exact counts and pair intersections in int32
 #: lanes (no histogram); up to PAIR_MEMBERS, two coordinates' patterns share one increment
@@ -70,7 +73,9 @@ class GroupAccumulator:
         self.member_bit[self.members] = np.arange(M)
         # the torch accumulator takes > 16 members' bit planes (M M^T); fewer are histogrammed
         self.cons = None
-        if M > ConsistencyAccumulator.HIST_RUNS:
+        if M > HIST_RUNS:
+            from rlvr_ray.stats.consistency import ConsistencyAccumulator
+
             self.cons = ConsistencyAccumulator(M, rows, cols, "cpu", piece_numel)
         self.by_hist = M >= 2 and self.cons is None
         if self.by_hist and M <= TALLY_MEMBERS:
@@ -83,14 +88,14 @@ class GroupAccumulator:
             self.hist = np.zeros((4, 1), dtype=np.int64)
         self._no_planes = np.zeros((0, 1, 1), dtype=np.uint16)
         self.has_consensus = M >= 2
-        self.blocks: torch.Tensor | None = None  # each map block's element count
+        self.blocks: np.ndarray | None = None  # each map block's element count
         if map_size:  # the map's grid, as RowBinPool cuts it (the torch path's)
             row_edges = np.array(bin_edges(rows, min(map_size, rows)), dtype=np.int64)
             self.col_edges = np.array(bin_edges(cols, min(map_size, cols)), dtype=np.int64)
             sizes = np.diff(row_edges), np.diff(self.col_edges)
             self.grid = np.zeros((R, len(sizes[0]), len(sizes[1])), dtype=np.float64)
             self.row_bin = np.repeat(np.arange(len(sizes[0])), sizes[0])
-            self.blocks = torch.from_numpy(np.outer(*sizes).astype(np.float64))
+            self.blocks = np.outer(*sizes).astype(np.float64)
         else:
             self.grid = np.zeros((R, 0, 0), dtype=np.float64)
             self.row_bin = np.zeros(rows, dtype=np.int64)
@@ -131,6 +136,8 @@ class GroupAccumulator:
                 self.cur,
             )
             if self.cons is not None:
+                import torch
+
                 self.cons.add([torch.from_numpy(p.view(np.int16)) for p in planes])
             self.next_row += m
 
@@ -165,14 +172,14 @@ class GroupAccumulator:
             n_changed=sum(hist),
             row_counts=self.row_counts[r],
             col_counts=self.col_counts[r],
-            row_ratio=torch.from_numpy(self.row_counts[r] / self.cols),
-            col_ratio=torch.from_numpy(self.col_counts[r] / self.rows),
+            row_ratio=self.row_counts[r] / self.cols,
+            col_ratio=self.col_counts[r] / self.rows,
             ulp_hist=hist,
             ulp1=hist[0],
             ulp_max=int(self.int_stats[r + 1, 0]),
             update_sumsq=float(self.sumsq[r + 1]),
             max_abs_update=float(self.int_stats[r + 1, 1:2].view(np.float64)[0]),
-            pooled=torch.from_numpy(self.grid[r]) / blocks if blocks is not None else None,
+            pooled=self.grid[r] / blocks if blocks is not None else None,
         )
 
     def consistency(self) -> ConsistencyStats | None:
@@ -181,9 +188,9 @@ class GroupAccumulator:
             return None
         self._check()
         m = self.members
-        row_sum = torch.from_numpy(self.row_counts[m].sum(0))
-        col_sum = torch.from_numpy(self.col_counts[m].sum(0))
-        pooled = torch.from_numpy(self.grid[m].sum(0)) if self.blocks is not None else None
+        row_sum = self.row_counts[m].sum(0)
+        col_sum = self.col_counts[m].sum(0)
+        pooled = self.grid[m].sum(0) if self.blocks is not None else None
         block = self.blocks
         if self.cons is not None:  # > 16 members: the bit planes went through M M^T
             return self.cons.finish(row_sum, col_sum, pooled, block)

@@ -17,15 +17,19 @@ whole tensor.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from rlvr_ray.stats.records import (  # noqa: F401 (re-exported)
+    EXACT_NUMEL,
+    MaskStats,
+    bin_edges,
+    gini_counts,
+)
+
 _MAG = 0x7FFF  # magnitude bits of a bf16 pattern
 _EXP = 0x7F80  # exponent bits: all ones means Inf or NaN
-#: float32 holds every integer up to 2^24: the most 0/1 values one float32 sum may cover
-EXACT_NUMEL = 1 << 24
 
 
 def bf16_bits(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -91,34 +95,6 @@ def base_stats(bits: torch.Tensor):
     """int16 patterns [r, c] -> (sum of squares of the values (float64), NaN/Inf count), as
     device scalars (no host sync)."""
     return bits.view(torch.bfloat16).double().square().sum(), ((bits & _MAG) >= _EXP).sum()
-
-
-def gini_counts(counts: np.ndarray) -> float | None:
-    """Gini coefficient of non-negative integer counts [n] (0: even, -> 1: all in one entry).
-
-    The stripe score: how concentrated a mask's changes are in few rows (columns); the Gini of
-    the row (column) ratios, which does not depend on their scale. Exact: sorted by counting,
-    the sum of ranks x values in integers, one correctly rounded division. None if all zero.
-    """
-    c = np.asarray(counts, dtype=np.int64).ravel()
-    n, total = c.size, int(c.sum())
-    if n == 0 or total <= 0:
-        return None
-    h = np.bincount(c)
-    v = np.nonzero(h)[0]
-    hv = h[v]
-    start = np.cumsum(hv) - hv  # values below v: ranks start + 1 .. start + hv hold v
-    # sum of ranks x values = sum_v v * hv * (2 start + hv + 1) / 2 <= n x total: in int64
-    # where that fits, else in Python ints (object arrays) from the first product on
-    if n * total >= 1 << 62:
-        v, hv, start = v.astype(object), hv.astype(object), start.astype(object)
-    s = int((v * hv * (2 * start + hv + 1)).sum()) // 2
-    return (2 * s - (n + 1) * total) / (n * total)
-
-
-def bin_edges(size: int, bins: int) -> list[int]:
-    """Edges of ``bins`` near-equal contiguous bins over ``size`` items (bins <= size)."""
-    return [i * size // bins for i in range(bins + 1)]
 
 
 def block_sizes(row_edges: list[int], col_edges: list[int]) -> torch.Tensor:
@@ -217,33 +193,6 @@ class RowBinPool:
     def finish(self) -> torch.Tensor:
         """-> float64 [row bins, col bins]: mean of the counted 0/1 values per block."""
         return self.sums() / self.blocks()
-
-
-@dataclass
-class MaskStats:
-    """Per (run, tensor) mask statistics; ratios are float64 CPU vectors (divided on the CPU,
-    so that every device writes the same bits)."""
-
-    numel: int
-    n_changed: int
-    row_counts: np.ndarray  # int64 [rows]: changed per row
-    col_counts: np.ndarray  # int64 [cols]: changed per column
-    row_ratio: torch.Tensor  # [rows]: rho_i = mean_j M_ij
-    col_ratio: torch.Tensor  # [cols]: kappa_j = mean_i M_ij
-    ulp_hist: list[int]  # counts per bin of ``edges``
-    ulp1: int
-    ulp_max: int
-    update_sumsq: float
-    max_abs_update: float
-    pooled: torch.Tensor | None  # [map_rows, map_cols] pooled density, if asked for
-
-    @property
-    def update_density(self) -> float:
-        return self.n_changed / self.numel if self.numel else float("nan")
-
-    @property
-    def ulp1_share(self) -> float | None:
-        return self.ulp1 / self.n_changed if self.n_changed else None
 
 
 class MaskAccumulator:

@@ -82,7 +82,7 @@ def test_group_pass_matches_numpy(R, members, step, piece):
         pooled = [
             [m[re[i] : re[i + 1], ce[j] : ce[j + 1]].mean() for j in range(4)] for i in range(4)
         ]
-        np.testing.assert_allclose(st.pooled.numpy(), pooled, rtol=1e-15)
+        np.testing.assert_allclose(st.pooled, pooled, rtol=1e-15)
     assert acc.base_sumsq == pytest.approx(float((bf16_bits_to_f64(b0) ** 2).sum()), rel=1e-13)
     assert acc.nonfinite(0) == 0 and not any(acc.nonfinite(k + 1) for k in range(R))
     cs = acc.consistency()
@@ -95,7 +95,7 @@ def test_group_pass_matches_numpy(R, members, step, piece):
     for a, b in combinations(range(len(members)), 2):
         assert cs.intersections[(a, b)] == int((mm[a] & mm[b]).sum())
     assert cs.sizes == [int(x.sum()) for x in mm]
-    np.testing.assert_allclose(cs.row_consensus.numpy(), count.mean(1) / len(members), rtol=1e-15)
+    np.testing.assert_allclose(cs.row_consensus, count.mean(1) / len(members), rtol=1e-15)
 
 
 def test_group_pass_counts_nonfinite_per_copy():
