@@ -420,10 +420,11 @@ def scan_line(res) -> str:
             f"already done (--force redoes them) -> {res.out}"
         )
     rate = f" ({size_text(res.n_bytes / res.unit_seconds)}/s)" if res.unit_seconds else ""
+    where = {"local": " in-process", "ray": " on Ray"}.get(getattr(res, "executor", ""), "")
     return (
         f"scanned {res.n_tensors} tensors in {res.n_units} units "
         f"({res.n_units_resumed} already done), {size_text(res.n_bytes)} read in "
-        f"{res.unit_seconds:.1f} s of units{rate}, {res.seconds:.1f} s in all -> {res.out}"
+        f"{res.unit_seconds:.1f} s of units{where}{rate}, {res.seconds:.1f} s in all -> {res.out}"
     )
 
 

@@ -46,11 +46,14 @@ def test_a_scan_with_everything_done_says_so():
         n_bytes=4_200_000,
         unit_seconds=2.0,
         seconds=9.04,
+        executor="local",
     )
     assert scan_line(res) == (
         "scanned 27 tensors in 3 units (1 already done), 4.20 MB read in 2.0 s of units "
-        "(2.10 MB/s), 9.0 s in all -> r"
+        "in-process (2.10 MB/s), 9.0 s in all -> r"
     )
+    res.executor = "ray"
+    assert "2.0 s of units on Ray (2.10 MB/s)" in scan_line(res)
 
 
 def test_quiet_when_not_a_terminal():
