@@ -50,6 +50,7 @@ EPS = torch.finfo(torch.float64).eps
 UNIT_ROUNDOFF = EPS / 2
 EIG_BACKWARD = 16.0  # c in the symmetric eigensolver's backward error c * p * u * ||G||_2
 RANK_MARGIN = 2.0  # the smallest singular value must clear this times numpy's tolerance
+METHODS = ("hybrid", "svdvals")
 
 
 def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
@@ -152,9 +153,16 @@ class UpdateGeometry:
     update_energy_right: float
 
 
-def update_geometry(base: BaseGeometry, w0: torch.Tensor, w1: torch.Tensor) -> UpdateGeometry:
+def update_geometry(
+    base: BaseGeometry, w0: torch.Tensor, w1: torch.Tensor, method: str = "hybrid"
+) -> UpdateGeometry:
     """BaseGeometry of W0, W0 and W1 [m, n] (bf16 or any float dtype) -> UpdateGeometry,
-    computed in float64 on the base's device; the top-k subspaces are the base's cached ones."""
+    computed in float64 on the base's device; the top-k subspaces are the base's cached ones.
+
+    method: 'hybrid' (`update_singular_values`: the certified Gram route, else ``svdvals``) or
+    'svdvals' (always ``svdvals``; the reference the benchmark compares against)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if tuple(w0.shape) != base.shape or tuple(w1.shape) != base.shape:
         raise ValueError(
             f"shape mismatch: base {base.shape}, W0 {tuple(w0.shape)}, W1 {tuple(w1.shape)}"
@@ -165,7 +173,10 @@ def update_geometry(base: BaseGeometry, w0: torch.Tensor, w1: torch.Tensor) -> U
     energy = float(tall.square().sum())
     if not math.isfinite(energy):
         raise ValueError("update W1 - W0 has NaN or Inf entries")
-    sigma = update_singular_values(tall, energy).sigma
+    if method == "hybrid":
+        sigma = update_singular_values(tall, energy).sigma
+    else:
+        sigma = torch.linalg.svdvals(tall)
     if energy > 0:
         tall_left = float((base.u.T @ tall).square().sum()) / energy
         tall_right = float((tall @ base.v[:, :k]).square().sum()) / energy

@@ -125,6 +125,14 @@ def test_gram_route_certifies_full_rank_within_its_bounds(shape):
     assert abs(got.update_stable_rank - stable) <= stable_bound * stable
     assert abs(got.update_effective_rank - effective) <= effective_bound * effective
     assert max(stable_bound, effective_bound) < 1e-10
+    ref = update_geometry(base_geometry(t0, rank_k=3, spectral_k=4), t0, t1, method="svdvals")
+    assert ref.update_rank == got.update_rank
+    assert (
+        abs(got.update_effective_rank - ref.update_effective_rank)
+        <= 2 * effective_bound * effective
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
+        update_geometry(base_geometry(t0, rank_k=3, spectral_k=4), t0, t1, method="gram")
 
 
 @pytest.mark.parametrize(
