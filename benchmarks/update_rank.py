@@ -17,7 +17,8 @@ processes hits every method alike:
 Totals per layer count each shape as often as the layer holds it (q and o, k and v, gate and up),
 for one RL-like run: the update old vs new, the whole per-run geometry (``run_geometry`` +
 update) with ``svdvals`` vs with the hybrid, and beside them the Gram + full ``eigh`` + ``svdvals``.
-``--planted`` adds an exactly rank-7 update per shape (the hybrid must fall back and count 7).
+``--planted`` adds an exactly rank-7 update per shape (the hybrid must fall back and count 7);
+``--draws N`` counts how many of N more bases and updates per shape the Gram route certifies.
 One thread by default (``--threads``): shared, loaded cores make multi-threaded timings erratic.
 
 Run (CPU, one thread; Qwen2.5-1.5B ~2 min, Qwen3-8B ~12 min on an idle core):
@@ -43,7 +44,12 @@ from benchmarks.geometry import (
     ulp_update,
 )
 from rlvr_ray.stats.spectral import base_geometry, run_geometry
-from rlvr_ray.stats.update import rank_error_bounds, update_geometry, update_singular_values
+from rlvr_ray.stats.update import (
+    gram_eigenvalues,
+    rank_error_bounds,
+    update_geometry,
+    update_singular_values,
+)
 
 
 def certified_bounds(base, w0: torch.Tensor, w1: torch.Tensor) -> tuple[str, float, float]:
@@ -65,6 +71,19 @@ def planted_rank7(base, w0: torch.Tensor, gen: torch.Generator) -> tuple[str, in
     return certified_bounds(base, zero, w1)[0], update_geometry(base, zero, w1).update_rank
 
 
+def certified_share(shape: tuple[int, int], draws: int, gen: torch.Generator, dev) -> str:
+    """How many of ``draws`` fresh bases with an RL-like (and an SFT-like) update the Gram
+    route certifies full rank, e.g. 'rl 3/4, sft 4/4'."""
+    hits = Counter()
+    for _ in range(draws):
+        w0 = powerlaw_bf16(*shape, gen)
+        for kind, w1 in (("rl", ulp_update(w0, gen)), ("sft", sft_update(w0, gen))):
+            dw = w1.to(dev, torch.float64) - w0.to(dev, torch.float64)
+            tall = dw.T if shape[0] < shape[1] else dw
+            hits[kind] += gram_eigenvalues(tall, float(tall.square().sum()))[2]
+    return f"rl {hits['rl']}/{draws}, sft {hits['sft']}/{draws}"
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
@@ -72,19 +91,21 @@ def rel(a: float, b: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=MODELS, default="qwen2.5-1.5b", help="layer shapes")
+    ap.add_argument("--only", nargs="*", help="these roles only (default: the whole layer)")
     ap.add_argument("--device", default="cpu", help="device for every method (default cpu)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1; 0: default)")
     ap.add_argument("--no-sft", action="store_true", help="RL-like runs only")
     ap.add_argument("--planted", action="store_true", help="also an exactly rank-7 update")
+    ap.add_argument("--draws", type=int, default=0, help="certified share of N more draws")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(args.seed)
-    counts = Counter(layer_shapes(args.model).values())
-    roles = {}
-    for role, shape in layer_shapes(args.model).items():
+    shapes = {r: s for r, s in layer_shapes(args.model).items() if not args.only or r in args.only}
+    counts, roles = Counter(shapes.values()), {}
+    for role, shape in shapes.items():
         roles.setdefault(shape, role)
     print(
         f"{'tensor':<10}{'shape':>11} {'run':<4}{'route':>6}{'upd old':>8}{'new':>7}{'ratio':>7}"
@@ -123,10 +144,13 @@ def main() -> None:
                 f"{'same' if new.update_rank == old.update_rank else 'DIFF':>6}",
                 flush=True,
             )
+        if args.draws:
+            share = certified_share(shape, args.draws, gen, dev)
+            print(f"{'':<10}{'':>11} Gram route certified on {share} more draws")
         if args.planted:
             route, rank = planted_rank7(base, w0d, gen)
             print(f"{'':<10}{'':>11} rank-7 update: route {route}, update_rank {rank}")
-    print(f"\nper layer ({args.model}, every matrix), one RL-like run:")
+    print(f"\nper layer ({args.model}, {' '.join(shapes)}), one RL-like run:")
     print(
         f"  update: svdvals {layer['old']:.1f} s, hybrid {layer['new']:.1f} s: "
         f"{layer['old'] / layer['new']:.1f}x"
