@@ -136,10 +136,11 @@ def main() -> None:
             if kind == "rl":
                 for key, t in (("old", t_old), ("new", t_new), ("run", t_run), ("eigh", t_eigh)):
                     layer[key] += count * t
+            whole_old, whole_new = t_run + t_old, t_run + t_new
             print(
                 f"{roles[shape]:<10}{f'{shape[0]}x{shape[1]}':>11} {kind:<4}{route:>6}"
                 f"{t_old:8.2f}{t_new:7.2f}{t_old / t_new:6.1f}x{t_run:8.2f}{t_eigh:8.2f}"
-                f"{t_run + t_old:10.2f}{t_run + t_new:7.2f}{(t_run + t_old) / (t_run + t_new):6.1f}x"
+                f"{whole_old:10.2f}{whole_new:7.2f}{whole_old / whole_new:6.1f}x"
                 f"{errs[0]:9.1e}/{stable_bound:8.1e}{errs[1]:8.1e}/{eff_bound:8.1e}"
                 f"{'same' if new.update_rank == old.update_rank else 'DIFF':>6}",
                 flush=True,

@@ -19,7 +19,8 @@ half-Gram G = dW^T dW on the short side (`rlvr_ray.stats.spectral.gram`) and ``e
 4-5x cheaper than ``svdvals`` of dW at Qwen3-8B shapes. It resolves singular values only down
 to ~sqrt(delta) (below), 1e-5-1e-4 s_1, so it cannot tell an exactly low-rank update from a
 full-rank one; but it can prove that an update is full rank. Every computed eigenvalue is
-within delta of the exact one (Weyl), delta = gamma_M || |dW| ||_2^2 + c p u ||fl(G)||_2 with u = eps / 2:
+within delta of the exact one (Weyl), delta = gamma_M || |dW| ||_2^2 + c p u ||fl(G)||_2,
+u = eps / 2:
 
 - forming G: |fl(G) - G| <= gamma_M |dW|^T |dW| elementwise (a dot product of M terms in any
   order, gamma_M = M u / (1 - M u)), so ||fl(G) - G||_2 <= gamma_M || |dW| ||_2^2 (monotone on
