@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from rlvr_ray.stats.spectral import base_geometry, run_geometry, stable_rank
-from rlvr_ray.stats.update import effective_rank, numerical_rank, update_geometry
+from rlvr_ray.stats.update import (
+    effective_rank,
+    numerical_rank,
+    rank_error_bounds,
+    update_geometry,
+    update_singular_values,
+)
 
 
 def np_effective_rank(s):
@@ -88,3 +94,70 @@ def test_unchanged_run_has_rank_zero_and_nan_ratios():
             got.update_energy_right,
         )
     )
+
+
+def planted(shape, sigma, rng):
+    """float64 [m, n] with singular values ``sigma`` (descending, length min(m, n))."""
+    m, n = shape
+    u = np.linalg.qr(rng.standard_normal((m, len(sigma))))[0]
+    v = np.linalg.qr(rng.standard_normal((n, len(sigma))))[0]
+    return (u * sigma) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (40, 72)])
+def test_gram_route_certifies_full_rank_within_its_bounds(shape):
+    """A dense bf16 update takes the Gram route; every bound holds against numpy float64."""
+    rng = np.random.default_rng(11)
+    w0 = integer_bf16(shape, rng)
+    dw = rng.integers(-3, 4, shape) / 16
+    t0, t1 = (torch.from_numpy(w).to(torch.bfloat16) for w in (w0, w0 + dw))
+    tall = torch.from_numpy(dw.T if shape[0] < shape[1] else dw)
+    energy = float(tall.square().sum())
+    spectrum = update_singular_values(tall, energy)
+    s = np.linalg.svd(dw, compute_uv=False)
+    assert spectrum.route == "gram"
+    assert np.abs(spectrum.sigma.numpy() ** 2 - s**2).max() <= spectrum.delta
+    assert (np.abs(spectrum.sigma.numpy() - s) <= spectrum.sigma_error().numpy()).all()
+    got = update_geometry(base_geometry(t0, rank_k=3, spectral_k=4), t0, t1)
+    assert got.update_rank == np.linalg.matrix_rank(dw) == min(shape)
+    stable_bound, effective_bound = rank_error_bounds(spectrum, energy, max(shape))
+    stable, effective = (s**2).sum() / s[0] ** 2, np_effective_rank(s)
+    assert abs(got.update_stable_rank - stable) <= stable_bound * stable
+    assert abs(got.update_effective_rank - effective) <= effective_bound * effective
+    assert max(stable_bound, effective_bound) < 1e-10
+    ref = update_geometry(base_geometry(t0, rank_k=3, spectral_k=4), t0, t1, method="svdvals")
+    assert ref.update_rank == got.update_rank
+    assert (
+        abs(got.update_effective_rank - ref.update_effective_rank)
+        <= 2 * effective_bound * effective
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
+        update_geometry(base_geometry(t0, rank_k=3, spectral_k=4), t0, t1, method="gram")
+
+
+@pytest.mark.parametrize(
+    ("smallest", "rank"),
+    [(1e-12, 48), (1e-15, 47), (0.0, 47)],  # numpy's tolerance here: 64 * eps = 1.4e-14
+)
+def test_update_rank_falls_back_to_svdvals_when_the_gram_cannot_decide(smallest, rank):
+    """Singular values below the Gram's resolution (~sqrt(eps) s_1): svdvals, numpy's count."""
+    rng = np.random.default_rng(2)
+    dw = planted((64, 48), np.r_[np.linspace(1.0, 0.5, 47), smallest], rng)
+    spectrum = update_singular_values(torch.from_numpy(dw), float((dw**2).sum()))
+    assert spectrum.route == "svd"
+    assert math.isnan(rank_error_bounds(spectrum, float((dw**2).sum()), 64)[0])
+    t0, t1 = torch.zeros(64, 48, dtype=torch.float64), torch.from_numpy(dw)
+    got = update_geometry(base_geometry(t1, rank_k=3, spectral_k=4), t0, t1)
+    assert got.update_rank == np.linalg.matrix_rank(dw) == rank
+
+
+def test_well_conditioned_float64_update_takes_the_gram_route():
+    """sigma_min / sigma_1 = 1e-3: resolved by the Gram, so certified; numpy's rank."""
+    rng = np.random.default_rng(4)
+    dw = planted((64, 48), np.geomspace(1.0, 1e-3, 48), rng)
+    spectrum = update_singular_values(torch.from_numpy(dw), float((dw**2).sum()))
+    assert spectrum.route == "gram"
+    np.testing.assert_allclose(
+        spectrum.sigma.numpy(), np.linalg.svd(dw, compute_uv=False), rtol=1e-9, atol=0
+    )
+    assert update_singular_values(torch.zeros(64, 48, dtype=torch.float64), 0.0).route == "zero"
