@@ -137,16 +137,16 @@ def test_gram_route_certifies_full_rank_within_its_bounds(shape):
 
 @pytest.mark.parametrize(
     ("smallest", "rank"),
-    [(1e-12, 48), (1e-15, 47), (0.0, 47)],  # numpy's tolerance here: 64 * eps = 1.4e-14
+    [(1e-12, 48), (1e-15, 47), (0.0, 47)],  # numpy's tolerance here: 96 * eps = 2.1e-14
 )
 def test_update_rank_falls_back_to_svdvals_when_the_gram_cannot_decide(smallest, rank):
     """Singular values below the Gram's resolution (~sqrt(eps) s_1): svdvals, numpy's count."""
     rng = np.random.default_rng(2)
-    dw = planted((64, 48), np.r_[np.linspace(1.0, 0.5, 47), smallest], rng)
+    dw = planted((96, 48), np.r_[np.linspace(1.0, 0.5, 47), smallest], rng)
     spectrum = update_singular_values(torch.from_numpy(dw), float((dw**2).sum()))
     assert spectrum.route == "svd"
-    assert math.isnan(rank_error_bounds(spectrum, float((dw**2).sum()), 64)[0])
-    t0, t1 = torch.zeros(64, 48, dtype=torch.float64), torch.from_numpy(dw)
+    assert math.isnan(rank_error_bounds(spectrum, float((dw**2).sum()), 96)[0])
+    t0, t1 = torch.zeros(96, 48, dtype=torch.float64), torch.from_numpy(dw)
     got = update_geometry(base_geometry(t1, rank_k=3, spectral_k=4), t0, t1)
     assert got.update_rank == np.linalg.matrix_rank(dw) == rank
 
@@ -154,10 +154,23 @@ def test_update_rank_falls_back_to_svdvals_when_the_gram_cannot_decide(smallest,
 def test_well_conditioned_float64_update_takes_the_gram_route():
     """sigma_min / sigma_1 = 1e-3: resolved by the Gram, so certified; numpy's rank."""
     rng = np.random.default_rng(4)
-    dw = planted((64, 48), np.geomspace(1.0, 1e-3, 48), rng)
+    dw = planted((96, 48), np.geomspace(1.0, 1e-3, 48), rng)
     spectrum = update_singular_values(torch.from_numpy(dw), float((dw**2).sum()))
     assert spectrum.route == "gram"
     np.testing.assert_allclose(
         spectrum.sigma.numpy(), np.linalg.svd(dw, compute_uv=False), rtol=1e-9, atol=0
     )
     assert update_singular_values(torch.zeros(64, 48, dtype=torch.float64), 0.0).route == "zero"
+
+
+def test_a_square_update_goes_to_svdvals_at_once():
+    """A square-ish dW (long side < GRAM_MIN_ASPECT x short side) skips the Gram: the same
+    well-conditioned update that certifies when tall takes 'svd' when square; numpy's values."""
+    rng = np.random.default_rng(4)
+    for shape, route in [((48, 48), "svd"), ((71, 48), "svd"), ((72, 48), "gram")]:
+        dw = planted(shape, np.geomspace(1.0, 1e-3, 48), rng)
+        spectrum = update_singular_values(torch.from_numpy(dw), float((dw**2).sum()))
+        assert spectrum.route == route, shape
+        np.testing.assert_allclose(
+            spectrum.sigma.numpy(), np.linalg.svd(dw, compute_uv=False), rtol=1e-9, atol=0
+        )
