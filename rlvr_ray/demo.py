@@ -29,11 +29,12 @@ def _planted_sweep(root: Path) -> Path:
         groups.append(
             {
                 "name": f"{mt}-planted",
-                "base": str(fam.base),
+                # relative to the sweep file, which is where a sweep's paths are resolved from
+                "base": os.path.relpath(fam.base, root),
                 "runs": [
                     {
                         "name": n,
-                        "checkpoint": str(p),
+                        "checkpoint": os.path.relpath(p, root),
                         "algorithm": n.split("-")[0],
                         "consistency": not n.startswith("sft"),
                     }
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"building the lab families in {out / 'lab'} (cached after the first run) ...")
         sweep = build_lab(out / "lab", preset=args.preset)
     results = out / "results"
-    print(f"scanning {sweep} on an embedded Ray ...")
+    print(f"scanning {sweep} ...")
     res = run_scan(load_sweep(sweep), str(results), num_cpus=args.num_cpus)
     for msg in res.errors + res.warnings:
         print(f"rlvr-ray: {msg}", file=sys.stderr)

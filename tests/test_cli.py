@@ -283,3 +283,29 @@ def test_the_end_of_a_scan_summarizes_its_own_groups(
     assert main(["summary", "--out", out, "--format", "csv", "--table", "runs"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split(",")[:2] for r in rows] == [["first", "grpo-a"], ["second", "grpo"]]
+
+
+def test_demo_planted_runs_from_a_fresh_directory_with_the_default_out(tmp_path, monkeypatch):
+    """`rlvr-ray demo --planted` in an empty directory (its relative default --out): every
+    run's changed count is numpy's on the same planted families, written elsewhere."""
+    import duckdb
+
+    from rlvr_ray.lab.planted import planted_family
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--planted"]) == 0
+    con = duckdb.connect("demo-out/results/atlas.duckdb", read_only=True)
+    got = dict(
+        con.execute("SELECT group_name || '/' || run, n_changed FROM run_sparsity").fetchall()
+    )
+    want = {}
+    runs = {"grpo-s1": 0.3, "grpo-s2": 0.3, "dapo": 0.35, "sft": 0.97}
+    for i, mt in enumerate(["qwen2", "llama", "mistral"]):
+        fam = planted_family(tmp_path / "ref" / mt, mt, layers=4, runs=runs, seed=i)
+        base = fam.bits["base"]
+        for run in runs:
+            want[f"{mt}-planted/{run}"] = sum(
+                int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
+                for k, b in fam.bits[run].items()
+            )
+    assert got == want and min(want.values()) > 0
