@@ -162,6 +162,8 @@ def test_scan_warns_of_a_token_file_others_can_read(qwen_family, tmp_path):
         "--num-cpus",
         "1",
         "--no-geometry",
+        "--executor",
+        "ray",  # a pair this small would run in-process, without an embedded Ray
     ]
     proc = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
