@@ -40,6 +40,8 @@ def main(cfg: dict) -> dict:
     params = Params(**cfg.get("params", {}))
     plan = plan_group(group, open_checkpoint(cfg["base"]), cks, params, 1 << 40)
     worker = ScanWorker(cfg["out"], device="cpu")
+    if params.geometry:  # the worker imports torch for the first SVD: library code, not scan
+        import torch  # noqa: F401  (memory: counted before the baseline, as numba's is)
     estimate = max(
         tensor_memory(t, len(u.runs) + 1, u.params) for u in plan.units for t in u.tensors
     )
