@@ -302,10 +302,5 @@ def test_demo_planted_runs_from_a_fresh_directory_with_the_default_out(tmp_path,
     runs = {"grpo-s1": 0.3, "grpo-s2": 0.3, "dapo": 0.35, "sft": 0.97}
     for i, mt in enumerate(["qwen2", "llama", "mistral"]):
         fam = planted_family(tmp_path / "ref" / mt, mt, layers=4, runs=runs, seed=i)
-        base = fam.bits["base"]
-        for run in runs:
-            want[f"{mt}-planted/{run}"] = sum(
-                int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
-                for k, b in fam.bits[run].items()
-            )
+        want |= {f"{mt}-planted/{run}": n_changed(fam, run) for run in runs}
     assert got == want and min(want.values()) > 0

@@ -12,6 +12,7 @@ from rlvr_ray.engine import local
 from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
 from tests.engine.varied_sweep import compare
+from tests.faultlib import expected_changed
 
 
 def family_sweep(fam, geometry: bool) -> dict:
@@ -25,17 +26,6 @@ def family_sweep(fam, geometry: bool) -> dict:
         ],
         "params": {"geometry": geometry},
     }
-
-
-def np_changed(fam) -> int:
-    """Changed bf16 coordinates over every run (+0 and -0 are the same value), by numpy."""
-    base = fam.bits["base"]
-    return sum(
-        int(((base[k] != b) & (((base[k] | b) & 0x7FFF) != 0)).sum())
-        for run, bits in fam.bits.items()
-        if run != "base"
-        for k, b in bits.items()
-    )
 
 
 def test_local_threads_write_the_same_tables_as_ray_actors(qwen_family, tmp_path, ray_local):
@@ -71,7 +61,7 @@ def test_auto_scans_a_small_local_pair_in_process_without_ray(qwen_family, tmp_p
     assert out.returncode == 0, out.stderr
     executor, code_, ray_imported, changed = json.loads(out.stdout.strip().splitlines()[-1])
     assert (executor, code_, ray_imported) == ("local", 0, False)
-    assert changed == np_changed(qwen_family)
+    assert changed == sum(expected_changed(qwen_family).values())
 
 
 @pytest.mark.parametrize(
