@@ -79,3 +79,12 @@ def remote_line(e: BaseException) -> str:
 def is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` (an OSError, or a Ray / DuckDB / Arrow error carrying one) is ENOSPC."""
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def unit_failure(unit, e: BaseException, message: str) -> Failure:
+    """The failure of ``unit``, which raised ``e`` (``message``: ``e`` as one line):
+    ``disk_full`` when the results directory filled up (every later unit would fail the same
+    way: the pool stops handing units out), else ``unit_error``."""
+    if is_disk_full(e):
+        return Failure(DISK_FULL, unit.group, "results directory full", unit=unit.index)
+    return Failure(UNIT_ERROR, unit.group, message, unit=unit.index)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlvr_ray.engine.failures import DISK_FULL, UNIT_ERROR, Failure, is_disk_full, one_line
+from rlvr_ray.engine.failures import DISK_FULL, Failure, one_line, unit_failure
 from rlvr_ray.engine.pool import UnitQueue
 
 EXECUTORS = ("auto", "ray", "local")
@@ -177,11 +177,7 @@ class LocalPool:
         try:
             report = worker.run_unit(unit) | {"node_id": None, "pid": pid}
         except Exception as e:  # a bug or an unreadable input: record it, keep going
-            report = None
-            if is_disk_full(e):
-                failure = Failure(DISK_FULL, unit.group, "results directory full", unit=unit.index)
-            else:
-                failure = Failure(UNIT_ERROR, unit.group, one_line(e), unit=unit.index)
+            report, failure = None, unit_failure(unit, e, one_line(e))
         with self._lock:
             if report is None:
                 self.failures.append(failure)

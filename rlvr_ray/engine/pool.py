@@ -26,10 +26,9 @@ from rlvr_ray.engine.failures import (
     DISK_FULL,
     GAVE_UP,
     NOT_PLACED,
-    UNIT_ERROR,
     Failure,
-    is_disk_full,
     remote_line,
+    unit_failure,
 )
 
 MAX_ATTEMPTS = 4  # runs of one unit before it is given up (actor, process or node lost)
@@ -184,15 +183,9 @@ class ActorPool:
             raise
         except Exception as e:  # a bug or an unreadable input: record it, keep going
             report = None
-            if is_disk_full(e):
-                self.failures.append(
-                    Failure(DISK_FULL, unit.group, "results directory full", unit=unit.index)
-                )
+            self.failures.append(failure := unit_failure(unit, e, remote_line(e)))
+            if failure.kind == DISK_FULL:
                 queue.clear()
-            else:
-                self.failures.append(
-                    Failure(UNIT_ERROR, unit.group, remote_line(e), unit=unit.index)
-                )
         else:
             self.n_done += 1
         self.last_back = time.perf_counter()
