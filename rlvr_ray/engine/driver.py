@@ -25,8 +25,15 @@ from rlvr_ray.engine import failures
 from rlvr_ray.engine.cluster import Placement, _init_ray, _start_pool, worker_env  # noqa: F401
 from rlvr_ray.engine.config import Sweep, SweepError
 from rlvr_ray.engine.failures import Failure, is_disk_full
-from rlvr_ray.engine.groups import _no_unit_done, _open_group, _plan, missing_refs, pinned  # noqa: F401
-from rlvr_ray.engine.local import LocalPool, choose, default_threads, has_gpu
+from rlvr_ray.engine.groups import (  # noqa: F401
+    _no_unit_done,
+    _open_group,
+    _plan,
+    checkpoint_refs,
+    missing_refs,
+    pinned,
+)
+from rlvr_ray.engine.local import LocalPool, choose
 from rlvr_ray.engine.memory import over_budget
 from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.pool import ActorPool
@@ -98,13 +105,13 @@ def run_scan(
     if missing:
         raise SweepError(f"no such checkpoint: {'; '.join(missing)}")
     results = open_results(out)
-    refs = [ref for g in sweep.groups for ref in _refs(g)]
+    refs = [ref for g in sweep.groups for _, ref in checkpoint_refs(g, masters=True)]
     local = choose(executor, refs, address, gpus_per_worker) == "local"
     # a new results directory (or force): every planned unit runs, so Ray and the actors
     # start while the headers are read and planned (an actor's imports take seconds)
     start_early = not local and (force or _no_unit_done(results))
     results.ensure()
-    result = ScanResult(results.uri)
+    result = ScanResult(results.uri, executor="local" if local else "ray")
     pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
     started, pool, stopping = False, None, None
     try:
@@ -123,10 +130,7 @@ def run_scan(
             todo = fit
         if todo and not result.disk_full:
             if local:
-                result.executor = "local"
-                gpu = has_gpu()  # forced here on a GPU machine: one thread on the GPU
-                n = workers or (1 if gpu else default_threads(num_cpus, workers))
-                pool = LocalPool(results.uri, n, device=None if gpu else "cpu")
+                pool = LocalPool.for_machine(results.uri, num_cpus, workers)
             elif pool is None:
                 started, pool = _start_pool(results.uri, len(todo), *pool_args)
             n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)
@@ -176,15 +180,6 @@ def run_scan(
             stopping.join()
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _refs(group) -> list[str]:
-    """Every checkpoint ``group`` reads: its base, its runs and their fp32 masters."""
-    return [
-        group.base,
-        *(r.checkpoint for r in group.runs),
-        *(r.master for r in group.runs if r.master),
-    ]
 
 
 def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:

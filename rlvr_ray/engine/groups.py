@@ -25,12 +25,22 @@ from rlvr_ray.io.results import ResultsDir
 from rlvr_ray.io.schema import CHECKPOINTS, SCANS
 
 
+def checkpoint_refs(group, masters: bool = False) -> list[tuple[str, str]]:
+    """(what, reference) of every checkpoint ``group`` scans: "base", "run R" (and with
+    ``masters``, "run R: master" for each fp32 master)."""
+    refs = [("base", group.base), *((f"run {r.name}", r.checkpoint) for r in group.runs)]
+    if masters:
+        refs += [(f"run {r.name}: master", r.master) for r in group.runs if r.master]
+    return refs
+
+
 def missing_refs(sweep: Sweep) -> list[str]:
     """Local checkpoint paths of ``sweep`` that do not exist, as "group G: run R: PATH"
-    (remote references, ``hf://`` or ``s3://``, are resolved by the scan)."""
+    (remote references, ``hf://`` or ``s3://``, are resolved by the scan; a missing master is
+    that run's precision-gate status)."""
     out = []
     for g in sweep.groups:
-        for what, ref in [("base", g.base), *((f"run {r.name}", r.checkpoint) for r in g.runs)]:
+        for what, ref in checkpoint_refs(g):
             if "://" not in ref and not os.path.exists(ref):
                 out.append(f"group {g.name}: {what}: {ref}")
     return out

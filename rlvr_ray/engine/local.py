@@ -37,7 +37,7 @@ JOIN_POLL_S = 0.2
 def _ray_running_here() -> bool:
     """Whether this process already joined a Ray (a notebook's ``ray.init``, a Ray job)."""
     ray = sys.modules.get("ray")
-    return ray is not None and bool(getattr(ray, "is_initialized", lambda: False)())
+    return ray is not None and ray.is_initialized()
 
 
 def has_gpu() -> bool:
@@ -128,6 +128,14 @@ class LocalPool:
         self.last_back: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    @classmethod
+    def for_machine(cls, out: str, num_cpus: int | None, workers: int | None) -> LocalPool:
+        """The pool for this machine: ``default_threads`` threads on the CPU; where a GPU is
+        visible (only a forced "local" runs here then), one thread on it unless ``workers``."""
+        if has_gpu():
+            return cls(out, workers or 1, device=None)
+        return cls(out, default_threads(num_cpus, workers))
 
     def run(self, units: Sequence) -> None:
         """Run ``units`` to the end (each reported or failed). An interrupt (KeyboardInterrupt
