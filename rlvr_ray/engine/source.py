@@ -29,11 +29,10 @@ import numpy as np
 from rlvr_ray.engine.buffers import Buffers, Device
 from rlvr_ray.engine.memory import STREAM_WINDOW_NUMEL
 from rlvr_ray.io.checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, torch_dtype
+from rlvr_ray.stats import kernels
 
 if TYPE_CHECKING:
     import torch
-
-_MAG, _EXP = 0x7FFF, 0x7F80  # a pattern's magnitude bits; all exponent bits: NaN or Inf
 
 #: FP8 storage dtypes: compared in their own 8-bit patterns, never rounded to bf16
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -274,10 +273,10 @@ class Source:
             for a in range(0, rows, step):
                 b = min(a + step, rows)
                 self.read_into(a, b, dst)
-                count += int(((dst[: (b - a) * cols] & _MAG) >= _EXP).sum())
+                count += int(kernels.count_nonfinite(dst[: (b - a) * cols]))
             return count
         if isinstance(self.full, np.ndarray):  # read whole into the arena
-            return int(((self.full & _MAG) >= _EXP).sum())
+            return int(kernels.count_nonfinite(self.full.ravel()))
         from rlvr_ray.stats.masks import nonfinite_count
 
         step = max(1, chunk_numel // max(cols, 1))

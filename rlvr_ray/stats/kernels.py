@@ -185,7 +185,7 @@ def group_rows(
             base_key[j] = base_x if base_x >= i32(0) else i32(-base_abs)
             base_bits[j] = i32(base_x << i32(16))  # the float32 whose upper half is the bf16 value
         if max_magnitude >= i32(0x7F80):
-            base_nonfinite += _count_nonfinite(base_row)
+            base_nonfinite += count_nonfinite(base_row)
         for j in range(cols):
             v = np.float64(base_f32[j])
             base_sumsq += v * v
@@ -227,7 +227,7 @@ def group_rows(
                 max_steps = i32(max(max_steps, steps))
                 run_bits[j] = i32(run_x << i32(16))
             if max_magnitude >= i32(0x7F80):  # NaN/Inf in this row of the run: count them
-                int_stats[r + 1, 2] += _count_nonfinite(run_row)
+                int_stats[r + 1, 2] += count_nonfinite(run_row)
             if b >= 0 and use_planes:  # > 16 members: bit planes
                 plane_bit = np.uint16(1 << (b % 16))
                 plane = b // 16
@@ -331,8 +331,9 @@ def group_rows(
 
 
 @_jit
-def _count_nonfinite(x):  # pragma: no cover - jitted
-    """NaN/Inf values among int16 bf16 patterns x."""
+def count_nonfinite(x):  # pragma: no cover - jitted
+    """NaN/Inf values among int16 bf16 patterns x [n] (also the worker's count over a copy's
+    arena slot, on the error path)."""
     nf = np.int64(0)
     for j in range(x.shape[0]):
         nf += np.int64((np.int32(x[j]) & np.int32(0x7FFF)) >= np.int32(0x7F80))
