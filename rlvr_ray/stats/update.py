@@ -16,9 +16,9 @@ The ratios are NaN when dW = 0.
 
 s comes from `update_singular_values`, a certified hybrid. The cheap route is the Gram: the
 half-Gram G = dW^T dW on the short side (`rlvr_ray.stats.spectral.gram`) and ``eigvalsh``,
-4-5x cheaper than ``svdvals`` of dW at Qwen3-8B shapes. It resolves singular values only down
-to ~sqrt(delta) (below), 1e-5-1e-4 s_1, so it cannot tell an exactly low-rank update from a
-full-rank one; but it can prove that an update is full rank. Every computed eigenvalue is
+several times cheaper than ``svdvals`` of dW (README, "Performance and accuracy"). It resolves
+singular values only down to ~sqrt(delta) (below), so it cannot tell an exactly low-rank update
+from a full-rank one; but it can prove that an update is full rank. Every computed eigenvalue is
 within delta of the exact one (Weyl), delta = gamma_M || |dW| ||_2^2 + c p u ||fl(G)||_2,
 u = eps / 2:
 
@@ -133,9 +133,8 @@ def update_singular_values(tall: torch.Tensor, energy: float) -> UpdateSpectrum:
 
     A square-ish dW (M < GRAM_MIN_ASPECT p) goes to ``svdvals`` at once: a dense square
     matrix's smallest singular value has no floor (a random one's is ~s_1 / p or smaller, often
-    below the Gram's resolution; 4 of 6 RL-like 4096 x 4096 updates did not certify), so its
-    Gram would mostly be wasted. A tall one's is ~(sqrt(M) - sqrt(p)) / (sqrt(M) + sqrt(p))
-    s_1, far above it: every tall update measured certified."""
+    below the Gram's resolution), so its Gram would mostly be wasted. A random tall one's is
+    ~(sqrt(M) - sqrt(p)) / (sqrt(M) + sqrt(p)) s_1, far above it."""
     if energy == 0:
         zero = torch.zeros(tall.shape[1], dtype=torch.float64, device=tall.device)
         return UpdateSpectrum(zero, "zero", 0.0)
