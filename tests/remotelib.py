@@ -149,6 +149,20 @@ class Counting:
 
 
 @contextlib.contextmanager
+def environ_kept(names):
+    """The variables ``names`` of os.environ as they were, again after the block."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def counting_s3(bucket: str, who=None):
     """A counting moto S3 server on 127.0.0.1 with ``bucket``; AWS_ENDPOINT_URL and test
     credentials set while it runs -> (boto3 client, the :class:`Counting` middleware)."""
@@ -165,20 +179,15 @@ def counting_s3(bucket: str, who=None):
             self._server_ready_event.set()
             self._server.serve_forever()
 
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV)
-    server = Server(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield client, counting
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ_kept([*S3_ENV, "AWS_ENDPOINT_URL"]):
+        os.environ.update(S3_ENV)
+        server = Server(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=bucket)
+        try:
+            yield client, counting
+        finally:
+            server.stop()

@@ -10,6 +10,7 @@ import os
 
 import pytest
 from faultlib import changed_in, duplicates, expected_changed, snapshot, sweep_dict
+from remotelib import environ_kept
 
 from rlvr_ray.cli import main
 from rlvr_ray.engine.config import sweep_from_dict
@@ -33,23 +34,18 @@ def s3():
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield endpoint, client
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ_kept([*ENV, "AWS_ENDPOINT_URL"]):
+        os.environ.update(ENV)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint, client
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
