@@ -18,9 +18,9 @@ from rlvr_ray.engine.driver import run_scan
 #: table -> the columns that key a row (one scan)
 KEYS = {
     "tensors": ("run", "tensor"),
-    "profiles": ("run", "tensor", "axis", "idx"),
+    "profiles": ("run", "tensor", "axis"),  # packed: one row per profile
     "consistency": ("tensor",),
-    "consensus_profiles": ("tensor", "axis", "idx"),
+    "consensus_profiles": ("tensor", "axis"),
     "maps": ("run", "tensor", "kind"),
 }
 

@@ -129,8 +129,9 @@ def run_scan(
                 result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
             todo = fit
         if todo and not result.disk_full:
-            if local:
-                pool = LocalPool.for_machine(results.uri, num_cpus, workers)
+            if local:  # the units' parts are kept for the merge and the atlas
+                results.keep_parts()
+                pool = LocalPool.for_machine(results, num_cpus, workers)
             elif pool is None:
                 started, pool = _start_pool(results.uri, len(todo), *pool_args)
             n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)

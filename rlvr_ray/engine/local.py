@@ -26,6 +26,7 @@ from typing import Any
 
 from rlvr_ray.engine.failures import DISK_FULL, Failure, one_line, unit_failure
 from rlvr_ray.engine.pool import UnitQueue
+from rlvr_ray.io.results import ResultsDir
 
 EXECUTORS = ("auto", "ray", "local")
 #: "auto" runs a scan in-process when its checkpoints' files add up to no more than this
@@ -106,14 +107,15 @@ def default_threads(num_cpus: int | None, workers: int | None) -> int:
 
 
 class LocalPool:
-    """Runs units on ``n_threads`` threads, each with its own ScanWorker on results ``out``;
+    """Runs units on ``n_threads`` threads, each with its own ScanWorker on results ``out`` (a
+    ResultsDir is shared by them: see :meth:`ResultsDir.keep_parts`);
     the same interface as :class:`~rlvr_ray.engine.pool.ActorPool` (``run``, ``on_done``,
     ``failures``, ``retried``, ``first_given``, ``last_back``, ``shutdown``). ``on_done(unit,
     report)`` is called with each unit, ``report`` None when it failed, one call at a time."""
 
     def __init__(
         self,
-        out: str,
+        out: str | ResultsDir,
         n_threads: int,
         *,
         device: str | None = "cpu",  # None: the GPU when there is one
@@ -130,7 +132,9 @@ class LocalPool:
         self._stop = threading.Event()
 
     @classmethod
-    def for_machine(cls, out: str, num_cpus: int | None, workers: int | None) -> LocalPool:
+    def for_machine(
+        cls, out: str | ResultsDir, num_cpus: int | None, workers: int | None
+    ) -> LocalPool:
         """The pool for this machine: ``default_threads`` threads on the CPU; where a GPU is
         visible (only a forced "local" runs here then), one thread on it unless ``workers``."""
         if has_gpu():

@@ -20,7 +20,7 @@ from rlvr_ray.engine.passes import Compared, TensorResult
 from rlvr_ray.engine.plan import RunSpec, TensorSpec, Unit
 from rlvr_ray.engine.source import FP8_DTYPES
 from rlvr_ray.io.checkpoint import Checkpoint
-from rlvr_ray.io.schema import TABLES
+from rlvr_ray.io.schema import PACKED, TABLES
 from rlvr_ray.stats.records import gini_counts
 
 #: RunGeometry's fields that are not tensors-table columns (the spectra table holds them)
@@ -240,56 +240,29 @@ class UnitTables:
         return pa.concat_tables(pieces) if pieces else schema.empty_table()
 
     def _profiles_table(self, table: str, schema: pa.Schema) -> pa.Table:
-        """One unit's profiles (row and column ratios, or consensus) as one table."""
-        pieces = self.profiles.get(table)
-        if not pieces:
-            return schema.empty_table()
-        counts = np.array([len(p[3]) for p in pieces], dtype=np.int64)
-        total = int(counts.sum())
-        starts = np.cumsum(counts) - counts
-        one = np.array([total])
-        unit = self.unit
-        key = {
-            "scan_id": _repeated([unit.scan_id], one),
-            "group_name": _repeated([unit.group], one),
-        }
+        """One unit's profiles (row and column ratios, or consensus), packed: a row per profile,
+        its values as one list (``rlvr_ray.io.schema.PACKED``)."""
+        pieces = self.profiles.get(table, [])
+        n, unit = len(pieces), self.unit
+        key = {"scan_id": [unit.scan_id] * n, "group_name": [unit.group] * n}
         if "run" in schema.names:
-            key["run"] = _repeated([p[0] for p in pieces], counts)
-        experts = np.array([-1 if p[4] is None else p[4] for p in pieces], dtype=np.int32)
+            key["run"] = [p[0] for p in pieces]
         key |= {
-            "tensor": _repeated([p[1] for p in pieces], counts),
-            "expert": pa.array(np.repeat(experts, counts), mask=np.repeat(experts < 0, counts)),
-            "axis": _repeated([p[2] for p in pieces], counts),
-            "idx": np.arange(total, dtype=np.int32) - np.repeat(starts.astype(np.int32), counts),
+            "tensor": [p[1] for p in pieces],
+            "expert": [p[4] for p in pieces],
+            "axis": [p[2] for p in pieces],
         }
-        values = np.concatenate([np.asarray(p[3], dtype=np.float32) for p in pieces])
+        values = {PACKED[table]: _lists([p[3] for p in pieces])}
         producer = "mask" if table == "profiles" else "consensus"
-        cols = self._compose(table, ("key", key), (producer, {schema.names[-1]: values}))
-        coded = pa.schema(
-            [
-                pa.field(f.name, cols[f.name].type, f.nullable) if pa.types.is_string(f.type) else f
-                for f in schema
-            ]
-        )
-        return pa.table([cols[f.name] for f in schema], schema=coded)
+        cols = self._compose(table, ("key", key), (producer, values)) if n else {}
+        return pa.table({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
 
     def _maps_table(self, table: str, schema: pa.Schema) -> pa.Table:
         """The unit's maps, column by column (the values as one list array, no Python floats)."""
         rows = self.rows["maps"]
-        if not rows:
-            return schema.empty_table()
-        values = [r["values"] for r in rows]
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in values], out=offsets[1:])
-        cols = {
-            f.name: pa.array([r[f.name] for r in rows], f.type)
-            for f in schema
-            if f.name != "values"
-        }
-        cols["values"] = pa.ListArray.from_arrays(
-            offsets, pa.array(np.concatenate(values), pa.float32())
-        )
-        return pa.table([cols[f.name] for f in schema], schema=schema)
+        cols = {f.name: [r[f.name] for r in rows] for f in schema if f.name != "values"}
+        cols["values"] = _lists([r["values"] for r in rows])
+        return pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
 #: unit table -> its builder
@@ -314,10 +287,9 @@ def _geometry_columns(geometry: Geometry | str | None) -> dict:
     return {"geometry_status": geometry}
 
 
-def _repeated(values: list[str], counts: np.ndarray) -> pa.Array:
-    """values[i] repeated counts[i] times: a dictionary-encoded string column (no string per
-    row is built; ``ResultsDir.write_table`` writes the codes as they are)."""
-    uniq = list(dict.fromkeys(values))
-    code = {v: i for i, v in enumerate(uniq)}
-    idx = np.repeat(np.array([code[v] for v in values], dtype=np.int32), counts)
-    return pa.DictionaryArray.from_arrays(idx, pa.array(uniq, pa.string()))
+def _lists(values: list) -> pa.Array:
+    """float32 vectors as one Arrow list array (one buffer of values, no Python floats)."""
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    flat = np.concatenate([np.asarray(v, dtype=np.float32) for v in values]) if values else []
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, pa.float32()))

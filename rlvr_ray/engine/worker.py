@@ -29,7 +29,7 @@ from rlvr_ray.engine.passes import PassContext, measure
 from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.tables import UnitTables
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from rlvr_ray.io.results import ResultsDir
+from rlvr_ray.io.results import ResultsDir, open_results
 from rlvr_ray.sql.status import COMPARED
 from rlvr_ray.stats import kernels
 
@@ -71,12 +71,12 @@ class ScanWorker:
 
     def __init__(
         self,
-        out: str,
+        out: str | ResultsDir,
         device: str | None = None,
         threads: int | None = None,
         io_threads: int = IO_THREADS,
     ):
-        self.results = ResultsDir(out)
+        self.results = open_results(out)  # the in-process pool's threads share one
         _map_large_allocations()
         # the base's and every run's copy of a tensor are read side by side (reads and the
         # numba kernels release the GIL, so reads also overlap the statistics)

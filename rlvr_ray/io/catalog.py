@@ -2,7 +2,8 @@
 
 DuckDB resolves relative file paths against the working directory, not the database file, so
 views over Parquet paths would break when a results directory is moved. The catalog therefore
-copies the Parquet parts into native tables (``<table>_all``: every scan ever written) and puts
+copies the Parquet parts into native tables (``<table>_all``: every scan ever written; a packed
+table's lists in ``<table>_packed``, under a view ``<table>_all`` of one row per value) and puts
 the views of :mod:`rlvr_ray.sql.views` on top, so ``duckdb DIR/atlas.duckdb`` works anywhere with
 no rlvr-ray code. Parts are read through pyarrow datasets, so local paths and object storage
 (``s3://``, no DuckDB extension needed) take the same path.
@@ -44,6 +45,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from rlvr_ray.io.atlas_file import (
     ATLAS,
@@ -55,11 +57,11 @@ from rlvr_ray.io.atlas_file import (
     writer,
 )
 from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key
-from rlvr_ray.io.schema import ALL_TABLES, CURRENT
+from rlvr_ray.io.schema import ALL_TABLES, CURRENT, PACKED, stored
 from rlvr_ray.sql.views import views
 
 #: the atlas's views: each table's current view, from its declared rule, and the aggregates
-VIEWS = views(CURRENT)
+VIEWS = views(CURRENT, PACKED)
 
 #: (tbl, name): the parts whose rows the atlas holds
 PARTS = "_atlas_parts"
@@ -113,24 +115,26 @@ def _load(
     create: bool = False,
     quarantine: bool = True,
 ) -> tuple[list[str], int]:
-    """Load the parts ``names`` of ``table`` into ``<table>_all`` (``create``: make the table);
-    -> (the names loaded, rows added). An unreadable part is quarantined and left out (with
-    ``quarantine=False``, the error is raised)."""
+    """Load the parts ``names`` of ``table`` into its native table (``<table>_all``, or
+    ``<table>_packed``; ``create``: make it); -> (the names loaded, rows added). An unreadable
+    part is quarantined and left out (with ``quarantine=False``, the error is raised)."""
     schema = ALL_TABLES[table]
     if create:
-        con.execute(f"CREATE TABLE {table}_all AS SELECT * FROM _empty")
+        con.execute(f"CREATE TABLE {stored(table)} AS SELECT * FROM _empty")
+    legacy: set[str] = set()  # parts of a packed table written one row per value
     for attempt in range(2):
-        before = con.execute(f"SELECT count(*) FROM {table}_all").fetchall()[0][0]
+        before = con.execute(f"SELECT count(*) FROM {stored(table)}").fetchall()[0][0]
         try:
             sources = results.scan_rows(table, names)
-            paths = [p for p in sources if isinstance(p, str)]
+            paths = [p for p in sources if isinstance(p, str) and p not in legacy]
             tables = [t for t in sources if not isinstance(t, str)]
+            tables += [_packed(con, table, results, p) for p in sorted(legacy)]
             if paths:
                 tables.insert(
                     0, pads.dataset(paths, schema=schema, format="parquet", filesystem=results.fs)
                 )
             _insert(con, table, tables)
-            after = con.execute(f"SELECT count(*) FROM {table}_all").fetchall()[0][0]
+            after = con.execute(f"SELECT count(*) FROM {stored(table)}").fetchall()[0][0]
             return names, after - before
         except (duckdb.Error, pa.ArrowException, OSError):
             if not quarantine:
@@ -145,13 +149,43 @@ def _load(
                 for p in paths
                 if p not in gone and (why := _unreadable(results, p, schema))
             ]
-            if attempt or not (bad or gone):
+            legacy = {p for p, _ in bad if _unpacked_part(results, table, p)}
+            bad = [(p, why) for p, why in bad if p not in legacy]
+            if attempt or not (bad or gone or legacy):
                 raise
             for p, why in bad:
                 _quarantine(results, p, why, warn)
             left = {os.path.basename(p) for p in gone} | {os.path.basename(p) for p, _ in bad}
             names = [n for n in names if n not in left]
     raise AssertionError("unreachable")
+
+
+def _unpacked_part(results: ResultsDir, table: str, part: str) -> bool:
+    """Whether ``part`` holds ``table``'s rows one per value (``idx``, a scalar value column), as
+    rlvr-ray wrote its packed tables before they were packed: they load packed."""
+    if table not in PACKED:
+        return False
+    try:
+        old = pq.read_schema(part, filesystem=results.fs)
+    except (pa.ArrowException, OSError):
+        return False
+    value = PACKED[table]
+    names = set(ALL_TABLES[table].names) | {"idx"}
+    return set(old.names) == names and not pa.types.is_list(old.field(value).type)
+
+
+def _packed(con: duckdb.DuckDBPyConnection, table: str, results: ResultsDir, part: str):
+    """The rows of an unpacked part (see :func:`_unpacked_part`) of ``table``, packed."""
+    schema, value = ALL_TABLES[table], PACKED[table]
+    keys = ", ".join(n for n in schema.names if n != value)
+    con.register("_unpacked", pq.read_table(part, filesystem=results.fs))
+    try:
+        rows = con.sql(
+            f"SELECT {keys}, list({value} ORDER BY idx) AS {value} FROM _unpacked GROUP BY ALL"
+        ).to_arrow_table()
+    finally:
+        con.unregister("_unpacked")
+    return rows.cast(schema)
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, sources: list) -> None:
@@ -162,7 +196,7 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, sources: list) -> None:
         con.register(f"_src{i}", src)
     try:
         union = " UNION ALL ".join(f"SELECT * FROM _src{i}" for i in range(len(sources)))
-        con.execute(f"INSERT INTO {table}_all {union}")
+        con.execute(f"INSERT INTO {stored(table)} {union}")
     finally:
         for i in range(len(sources)):
             con.unregister(f"_src{i}")
@@ -235,7 +269,7 @@ def sync(
             if not any(t == table for t, _ in changed):
                 continue
             names = listing[table]
-            con.execute(f"DELETE FROM {table}_all")
+            con.execute(f"DELETE FROM {stored(table)}")
             con.execute(f"DELETE FROM {PARTS} WHERE tbl = ?", [table])
         else:
             names = _of_scans(listing[table], keys)
@@ -246,7 +280,7 @@ def sync(
             if not names and not old:
                 continue
             con.execute(
-                f"DELETE FROM {table}_all WHERE scan_id IN (SELECT unnest(?))", [sorted(keys)]
+                f"DELETE FROM {stored(table)} WHERE scan_id IN (SELECT unnest(?))", [sorted(keys)]
             )
             con.execute(
                 f"DELETE FROM {PARTS} WHERE tbl = ? AND list_contains(?, name)",

@@ -24,6 +24,7 @@ workers unchanged; :func:`storage_env` lists the non-secret variables the driver
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -51,17 +52,12 @@ FORWARDED_ENV = (
 #: forwarded only when RLVR_RAY_FORWARD_AWS_CREDENTIALS=1 (a single-user cluster, a test)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: zstd where it pays, on the maps' floats (-30% against lz4); elsewhere lz4: as small on the
-#: tables of a few rows and many columns, and 9% larger on the profiles, in half the time
+#: tables of a few rows and many columns, in half the time
 _COMPRESSION = {"maps": "zstd"}
-#: min/max statistics on a long profile table's dictionary-coded strings cost as much as the
-#: rest of the table (Arrow finds the codes in use first, a hash pass over every row): they are
-#: kept on ``tensor`` only, the one that prunes parts (a unit holds neighbouring layers);
-#: the scan, group and run are the same few in every part of a scan, the axis is one of two
-_NO_STATISTICS = {
-    t: ("scan_id", "group_name", "run", "axis") for t in ("profiles", "consensus_profiles")
-}
 
 
+#: a merged part is written in row groups of this many bytes of units' rows (or one unit's)
+MERGE_BATCH_BYTES = 64 << 20
 #: key-value metadata of a merged part: JSON list of [unit, rows], in the order of its rows
 UNITS_KEY = "rlvr_ray.units"
 
@@ -93,20 +89,13 @@ def unit_of(part: str) -> int | None:
     return int(unit) if unit.isdigit() else None
 
 
-def _parquet_options(table: str, store_schema: bool = True) -> dict:
+def _parquet_options(table: str) -> dict:
     """How a part of ``table`` is written (``pq.write_table`` / ``pq.ParquetWriter`` options)."""
     schema = ALL_TABLES[table]
-    # dictionaries for the (repetitive) string columns only: dictionary-encoding the float
-    # profiles too made writing 1.6x slower, for no smaller files
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    # profile indices count up by one: delta-coded they take no space (files -45%)
-    deltas = {"idx": "DELTA_BINARY_PACKED"} if "idx" in schema.names else None
     return {
         "compression": _COMPRESSION.get(table, "lz4"),
-        "use_dictionary": strings,
-        "column_encoding": deltas,
-        "write_statistics": [n for n in schema.names if n not in _NO_STATISTICS.get(table, ())],
-        "store_schema": store_schema,
+        # dictionaries for the (repetitive) string columns only
+        "use_dictionary": [f.name for f in schema if pa.types.is_string(f.type)],
     }
 
 
@@ -139,6 +128,14 @@ class ResultsDir:
             self.root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
             self.local = True
         self.uri = uri if not self.local else self.root
+        #: part path -> the rows this object wrote there, while :meth:`keep_parts` is on
+        self.kept: dict[str, pa.Table] | None = None
+
+    def keep_parts(self) -> None:
+        """Keep in memory the rows of every part written through this object from now on, so
+        that merging a scan's parts and loading them into the atlas read none back: for a scan
+        whose units run in this process (they share this object), whose parts are small."""
+        self.kept = {}
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -166,35 +163,20 @@ class ResultsDir:
                 f.write(body)
 
     def write_table(self, table: str, part: str, data: pa.Table) -> str:
-        """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet.
-
-        A string column may come dictionary-encoded (codes + the distinct strings, as the
-        worker builds its long profile tables): it is written as such, with no string per row
-        ever materialized, and reads back as the declared plain strings."""
+        """Write ``data`` (cast to the declared schema) as tables/<table>/<part>.parquet."""
         schema = ALL_TABLES[table]
-        coded = [
-            f.name
-            for f in data.schema
-            if pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)
-        ]
-        plain = pa.schema(
-            [
-                pa.field(f.name, f.type.value_type, f.nullable) if f.name in coded else f
-                for f in data.schema
-            ]
-        )
-        # coded columns of the declared strings are kept (the Arrow schema is then not stored:
-        # readers see the Parquet strings); anything else is cast to the declared schema
-        if not (coded and plain.equals(schema)) and data.schema != schema:
-            data, coded = data.cast(schema), []
+        if data.schema != schema:
+            data = data.cast(schema)
         final = self.path("tables", table, f"{part}.parquet")
-        options = _parquet_options(table, store_schema=not coded)
+        options = _parquet_options(table)
         self._put(
             final,
             lambda p: pq.write_table(
                 data, p, filesystem=self.fs if isinstance(p, str) else None, **options
             ),
         )
+        if self.kept is not None:
+            self.kept[final] = data
         return final
 
     def write_bytes(self, rel: str, body: bytes) -> None:
@@ -282,7 +264,8 @@ class ResultsDir:
     def scan_rows(self, table: str, names: list[str]) -> list[str | pa.Table]:
         """What the parts ``names`` of ``table`` hold, as paths to read whole and tables: a
         merged part ``<scan_id>.parquet`` less the units that a unit part of the same scan
-        redoes (read into memory), and every other part as its path."""
+        redoes (read into memory), a part this object kept (:meth:`keep_parts`) as its rows, and
+        every other part as its path."""
         merged = {scan_key(n): n for n in names if unit_of(n) is None}
         redone: dict[str, set[int]] = {}
         for n in names:
@@ -290,14 +273,25 @@ class ResultsDir:
                 redone.setdefault(scan_key(n), set()).add(unit_of(n))
         out: list[str | pa.Table] = []
         for n in names:
-            key = scan_key(n)
+            key, path = scan_key(n), self.path("tables", table, n)
             if key in redone and n == merged[key]:
                 rows = self._merged_units(table, n)
                 kept = [rows[u] for u in sorted(rows) if u not in redone[key]]
                 out.append(pa.concat_tables(kept) if kept else ALL_TABLES[table].empty_table())
             else:
-                out.append(self.path("tables", table, n))
+                kept_rows = self._kept(path)
+                out.append(path if kept_rows is None else kept_rows)
         return out
+
+    def _kept(self, path: str) -> pa.Table | None:
+        return self.kept.get(path) if self.kept is not None else None
+
+    def _part_rows(self, table: str, path: str) -> pa.Table:
+        """The rows of the part ``path`` of ``table`` (from memory when kept)."""
+        rows = self._kept(path)
+        if rows is None:
+            rows = pads.dataset([path], schema=ALL_TABLES[table], filesystem=self.fs).to_table()
+        return rows
 
     def _merged_units(self, table: str, name: str) -> dict[int, pa.Table]:
         """unit -> its rows in the merged part ``name``."""
@@ -324,28 +318,46 @@ class ResultsDir:
                 continue
             old = f"{scan_id}.parquet"
             kept = self._merged_units(table, old) if old in names else {}
-            self._put(self.path("tables", table, old), self._merge_writer(table, kept, parts))
+            final = self.path("tables", table, old)
+            loads = {u: (lambda rows=rows: rows) for u, rows in kept.items()}
+            for unit, name in parts.items():  # read when written; a part kept is not read
+                path = self.path("tables", table, name)
+                loads[unit] = functools.partial(self._part_rows, table, path)
+            data: list[pa.Table] = []
+            self._put(
+                final, self._merge_writer(table, [(u, loads[u]) for u in sorted(loads)], data)
+            )
             for n in parts.values():
                 self.fs.delete_file(self.path("tables", table, n))
+                if self.kept is not None:
+                    self.kept.pop(self.path("tables", table, n), None)
             merged += len(parts)
+            if self.kept is not None:
+                self.kept[final] = pa.concat_tables(data)
         return merged
 
-    def _merge_writer(self, table: str, kept: dict[int, pa.Table], parts: dict[int, str]):
-        """A writer of the merged part: unit by unit (a unit part is read only when written)."""
+    def _merge_writer(self, table: str, units: list[tuple[int, Callable]], out: list):
+        """A writer of the merged part: ``units`` are (unit, a function returning its rows), in
+        order; each is loaded when written, and written with the next ones up to
+        ``MERGE_BATCH_BYTES`` (a row group). With :meth:`keep_parts`, ``out`` gets the rows."""
         schema = ALL_TABLES[table]
 
         def write(p) -> None:
-            counts = []
+            counts, pending, size = [], [], 0
             fs = self.fs if isinstance(p, str) else None
             with pq.ParquetWriter(p, schema, filesystem=fs, **_parquet_options(table)) as w:
-                for unit in sorted({*kept, *parts}):
-                    if unit in parts:
-                        path = self.path("tables", table, parts[unit])
-                        rows = pads.dataset([path], schema=schema, filesystem=self.fs).to_table()
-                    else:
-                        rows = kept[unit]
-                    w.write_table(rows)
+                for unit, load in units:
+                    rows = load()
                     counts.append([unit, rows.num_rows])
+                    pending.append(rows)
+                    size += rows.nbytes
+                    if self.kept is not None:
+                        out.append(rows)
+                    if size >= MERGE_BATCH_BYTES:
+                        w.write_table(pa.concat_tables(pending))
+                        pending, size = [], 0
+                if pending:
+                    w.write_table(pa.concat_tables(pending))
                 w.add_key_value_metadata({UNITS_KEY: json.dumps(counts)})
 
         return write

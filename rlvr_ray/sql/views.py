@@ -42,24 +42,20 @@ _SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
                sum(ulp1_share * n_changed) FILTER (WHERE {_OK})
                  / nullif(sum(n_changed) FILTER (WHERE {_OK}), 0) AS ulp1_share"""
 
-#: a current rule -> the SELECT of a table's current view over
-#: ``{table}_all``. current_runs / current_groups are the latest scan of each (group, run) / group
+#: a current rule -> the SELECT of a table's current view over ``{src}``, the table's rows of
+#: every scan. current_runs / current_groups are the latest scan of each (group, run) / group
 _CURRENT_SQL: dict[str, str] = {
-    CURRENT_ALL: "SELECT * FROM {table}_all",
-    CURRENT_RUN: (
-        "SELECT * FROM {table}_all SEMI JOIN current_runs USING (group_name, run, scan_id)"
-    ),
-    CURRENT_GROUP: (
-        "SELECT * FROM {table}_all SEMI JOIN current_groups USING (group_name, scan_id)"
-    ),
+    CURRENT_ALL: "SELECT * FROM {src}",
+    CURRENT_RUN: ("SELECT * FROM {src} SEMI JOIN current_runs USING (group_name, run, scan_id)"),
+    CURRENT_GROUP: ("SELECT * FROM {src} SEMI JOIN current_groups USING (group_name, scan_id)"),
     # the base's row belongs to every run of its scan: kept while any of them is current
     CURRENT_RUN_AND_BASE: """
-        SELECT * FROM {table}_all c WHERE EXISTS (SELECT 1 FROM current_runs r
+        SELECT * FROM {src} c WHERE EXISTS (SELECT 1 FROM current_runs r
           WHERE r.scan_id = c.scan_id AND r.group_name = c.group_name
             AND (r.run = c.run OR c.is_base))""",
     # run '*' holds the group's own rows (pooled over its runs): current with the group's scan
     CURRENT_RUN_OR_GROUP: """
-        SELECT * FROM {table}_all m WHERE
+        SELECT * FROM {src} m WHERE
           (m.run <> '*' AND EXISTS (SELECT 1 FROM current_runs r WHERE r.scan_id = m.scan_id
              AND r.group_name = m.group_name AND r.run = m.run))
           OR (m.run = '*' AND EXISTS (SELECT 1 FROM current_groups g
@@ -67,20 +63,41 @@ _CURRENT_SQL: dict[str, str] = {
     # a retried decision has a later scanned_at, or the same one and a higher attempt
     CURRENT_COMMIT: """
         SELECT * EXCLUDE (rn) FROM (SELECT *, row_number() OVER (
-          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM {table}_all)
+          PARTITION BY repo, sha ORDER BY scanned_at DESC, attempt DESC) AS rn FROM {src})
         WHERE rn = 1""",
 }
 
 
-def current_view(table: str, rule: str) -> str:
-    """The SELECT of ``table``'s current view, from its current rule."""
-    return _CURRENT_SQL[rule].format(table=table)
+def native(table: str, packed: bool = False) -> str:
+    """The atlas's table holding every scan's rows of ``table`` (``packed``: its lists)."""
+    return f"{table}_packed" if packed else f"{table}_all"
 
 
-def views(current: dict[str, str]) -> dict[str, str]:
+def unpacked(source: str, value: str) -> str:
+    """The rows of a packed relation (``rlvr_ray.io.schema.PACKED``), one per element of its list
+    column ``value``: the other columns, ``idx`` (the element's index, from 0) and the element."""
+    return (
+        f"SELECT * EXCLUDE ({value}), CAST(generate_subscripts({value}, 1) - 1 AS INTEGER) AS idx, "
+        f"unnest({value}) AS {value} FROM ({source})"
+    )
+
+
+def current_view(table: str, rule: str, packed: str | None = None) -> str:
+    """The SELECT of ``table``'s current view, from its current rule; ``packed``: the table's
+    list column, when it is stored packed (the rule picks lists, then they are unpacked)."""
+    rows = _CURRENT_SQL[rule].format(src=native(table, packed is not None))
+    return rows if packed is None else unpacked(rows, packed)
+
+
+def views(current: dict[str, str], packed: dict[str, str]) -> dict[str, str]:
     """Every view of the atlas, name -> its SELECT, in creation order (a view after those it
-    reads): each table's current view from ``current`` (table -> its rule), then aggregates."""
-    return {**_LATEST, **{t: current_view(t, rule) for t, rule in current.items()}, **_AGGREGATES}
+    reads): each packed table's ``<table>_all`` (``packed``: table -> its list column), each
+    table's current view from ``current`` (table -> its rule), then the aggregates."""
+    history = {
+        native(t): unpacked(f"SELECT * FROM {native(t, True)}", v) for t, v in packed.items()
+    }
+    tables = {t: current_view(t, rule, packed.get(t)) for t, rule in current.items()}
+    return {**_LATEST, **history, **tables, **_AGGREGATES}
 
 
 _LATEST: dict[str, str] = {

@@ -10,9 +10,9 @@ from rlvr_ray.io.checkpoint import open_checkpoint
 
 KEYS = {
     "tensors": ("run", "tensor"),
-    "profiles": ("run", "tensor", "axis", "idx"),
+    "profiles": ("run", "tensor", "axis"),  # packed: one row per profile
     "consistency": ("tensor",),
-    "consensus_profiles": ("tensor", "axis", "idx"),
+    "consensus_profiles": ("tensor", "axis"),
     "maps": ("run", "tensor", "kind"),
     "spectra": ("run", "tensor", "i"),
 }

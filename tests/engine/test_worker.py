@@ -12,8 +12,9 @@ from rlvr_ray.engine.config import Group, Params, Run
 from rlvr_ray.engine.plan import RunSpec, plan_group
 from rlvr_ray.engine.worker import ScanWorker
 from rlvr_ray.io.checkpoint import open_checkpoint
-from rlvr_ray.io.schema import ULP_BIN_EDGES
+from rlvr_ray.io.schema import PACKED, ULP_BIN_EDGES
 from rlvr_ray.lab.planted import bf16_bits_to_f64, write_checkpoint
+from rlvr_ray.sql.views import unpacked
 
 
 @pytest.fixture(params=["whole", "streamed"], autouse=True)
@@ -48,7 +49,8 @@ def scan(tmp_path, base, runs: dict, params=None, consistency=None):
     reports = [worker.run_unit(u) for u in plan.units]
     con = duckdb.connect()
     for t in ["tensors", "profiles", "consistency", "maps", "consensus_profiles"]:
-        con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{out}/tables/{t}/*.parquet')")
+        rows = f"SELECT * FROM read_parquet('{out}/tables/{t}/*.parquet')"
+        con.execute(f"CREATE VIEW {t} AS {unpacked(rows, PACKED[t]) if t in PACKED else rows}")
     return con, reports, plan
 
 
