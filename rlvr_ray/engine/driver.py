@@ -111,6 +111,8 @@ def run_scan(
     # start while the headers are read and planned (an actor's imports take seconds)
     start_early = not local and (force or _no_unit_done(results))
     results.ensure()
+    if local:  # the parts written here are kept for the merge and the atlas
+        results.keep_parts()
     result = ScanResult(results.uri, executor="local" if local else "ray")
     pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
     started, pool, stopping = False, None, None
@@ -129,8 +131,7 @@ def run_scan(
                 result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
             todo = fit
         if todo and not result.disk_full:
-            if local:  # the units' parts are kept for the merge and the atlas
-                results.keep_parts()
+            if local:
                 pool = LocalPool.for_machine(results, num_cpus, workers)
             elif pool is None:
                 started, pool = _start_pool(results.uri, len(todo), *pool_args)

@@ -28,7 +28,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from rlvr_ray.engine import failures
 from rlvr_ray.hub import client, discover
@@ -98,7 +97,7 @@ def memory(out: str | ResultsDir) -> dict[tuple[str, str], tuple[str, int]]:
     parts = results.parts("watch") if results.exists("tables", "watch") else []
     if not parts:
         return {}
-    t = pads.dataset(parts, schema=WATCH, format="parquet", filesystem=results.fs).to_table(
+    t = results.dataset("watch", parts).to_table(
         columns=["repo", "sha", "status", "attempt", "scanned_at"]
     )
     seen: dict[tuple[str, str], tuple[str, int, datetime]] = {}

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from rlvr_ray.io.atlas_file import (
@@ -78,10 +77,10 @@ def _stderr(msg: str) -> None:
     print(f"rlvr-ray: {msg}", file=sys.stderr)
 
 
-def _unreadable(results: ResultsDir, part: str, schema: pa.Schema) -> str | None:
-    """Why ``part`` cannot be loaded as ``schema`` (one line), or None when it can."""
+def _unreadable(results: ResultsDir, table: str, part: str) -> str | None:
+    """Why ``part`` cannot be loaded as a part of ``table`` (one line), or None when it can."""
     try:  # as the build reads it (a missing column reads as nulls)
-        pads.dataset([part], schema=schema, format="parquet", filesystem=results.fs).to_table()
+        results.dataset(table, [part]).to_table()
         return None
     except (pa.ArrowException, OSError, ValueError) as e:
         lines = str(e).strip().splitlines()
@@ -118,7 +117,6 @@ def _load(
     """Load the parts ``names`` of ``table`` into its native table (``<table>_all``, or
     ``<table>_packed``; ``create``: make it); -> (the names loaded, rows added). An unreadable
     part is quarantined and left out (with ``quarantine=False``, the error is raised)."""
-    schema = ALL_TABLES[table]
     if create:
         con.execute(f"CREATE TABLE {stored(table)} AS SELECT * FROM _empty")
     legacy: set[str] = set()  # parts of a packed table written one row per value
@@ -127,12 +125,12 @@ def _load(
         try:
             sources = results.scan_rows(table, names)
             paths = [p for p in sources if isinstance(p, str) and p not in legacy]
-            tables = [t for t in sources if not isinstance(t, str)]
+            tables = [t for t in sources if not isinstance(t, str) and t.num_rows]
             tables += [_packed(con, table, results, p) for p in sorted(legacy)]
             if paths:
-                tables.insert(
-                    0, pads.dataset(paths, schema=schema, format="parquet", filesystem=results.fs)
-                )
+                tables.insert(0, results.dataset(table, paths))
+            if not tables:  # nothing to add (parts kept in memory, all empty)
+                return names, 0
             _insert(con, table, tables)
             after = con.execute(f"SELECT count(*) FROM {stored(table)}").fetchall()[0][0]
             return names, after - before
@@ -145,9 +143,7 @@ def _load(
             paths = [results.path("tables", table, n) for n in names]
             gone = {p for p in paths if not results.fs.get_file_info(p).is_file}
             bad = [
-                (p, why)
-                for p in paths
-                if p not in gone and (why := _unreadable(results, p, schema))
+                (p, why) for p in paths if p not in gone and (why := _unreadable(results, table, p))
             ]
             legacy = {p for p, _ in bad if _unpacked_part(results, table, p)}
             bad = [(p, why) for p, why in bad if p not in legacy]
@@ -205,22 +201,43 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, sources: list) -> None:
 def build(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn = _stderr) -> None:
     """Load every part of every table and create every view in ``con``; an unreadable part is
     moved to ``quarantine/`` and ``warn`` gets one line naming it."""
+    # one transaction, one commit; a part that does not load aborts it, and the build
+    # statement by statement (each load its own commit) quarantines that part
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _build(con, results, warn, quarantine=False)
+        con.execute("COMMIT")
+    except (duckdb.Error, pa.ArrowException, OSError):
+        con.execute("ROLLBACK")
+        _build(con, results, warn, quarantine=True)
+
+
+def _build(con: duckdb.DuckDBPyConnection, results: ResultsDir, warn: Warn, quarantine: bool):
     con.execute(f"CREATE TABLE {META} (key VARCHAR PRIMARY KEY, value VARCHAR)")
     con.execute(f"INSERT INTO {META} VALUES ('layout', ?)", [layout()])
     con.execute(f"CREATE TABLE {PARTS} (tbl VARCHAR, name VARCHAR)")
+    loaded: dict[str, list[str]] = {}
     for table, schema in ALL_TABLES.items():
         con.register("_empty", schema.empty_table())
         try:
-            loaded, _ = _load(con, results, table, results.part_names(table), warn, create=True)
+            names = results.part_names(table)
+            loaded[table], _ = _load(
+                con, results, table, names, warn, create=True, quarantine=quarantine
+            )
         finally:
             con.unregister("_empty")
-        _record(con, table, loaded)
+    _record(con, loaded)
     _views(con)
 
 
-def _record(con: duckdb.DuckDBPyConnection, table: str, names: list[str]) -> None:
+def _record(con: duckdb.DuckDBPyConnection, loaded: dict[str, list[str]]) -> None:
+    """Record the parts each table holds (table -> the names of its parts loaded)."""
+    tables = [t for t, names in loaded.items() for _ in names]
     rows = pa.table(
-        {"tbl": pa.array([table] * len(names), pa.string()), "name": pa.array(names, pa.string())}
+        {
+            "tbl": pa.array(tables, pa.string()),
+            "name": pa.array([n for names in loaded.values() for n in names], pa.string()),
+        }
     )
     con.register("_names", rows)
     try:
@@ -287,7 +304,7 @@ def sync(
                 [table, [n for (n,) in old]],
             )
         loaded, rows = _load(con, results, table, names, warn, quarantine=quarantine)
-        _record(con, table, loaded)
+        _record(con, {table: loaded})
         done["parts"] += len(loaded)
         done["rows"] += rows
     return done

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -283,6 +282,14 @@ class ResultsDir:
                 out.append(path if kept_rows is None else kept_rows)
         return out
 
+    def dataset(self, table: str, paths: list[str]):
+        """The parts ``paths`` of ``table`` as one pyarrow dataset of its declared schema (a
+        column a part lacks reads as nulls). pyarrow.dataset is imported here, not with this
+        module: ~50 ms that a scan whose parts are kept in memory never spends."""
+        import pyarrow.dataset as pads
+
+        return pads.dataset(paths, schema=ALL_TABLES[table], format="parquet", filesystem=self.fs)
+
     def _kept(self, path: str) -> pa.Table | None:
         return self.kept.get(path) if self.kept is not None else None
 
@@ -290,7 +297,7 @@ class ResultsDir:
         """The rows of the part ``path`` of ``table`` (from memory when kept)."""
         rows = self._kept(path)
         if rows is None:
-            rows = pads.dataset([path], schema=ALL_TABLES[table], filesystem=self.fs).to_table()
+            rows = self.dataset(table, [path]).to_table()
         return rows
 
     def _merged_units(self, table: str, name: str) -> dict[int, pa.Table]:
@@ -298,7 +305,7 @@ class ResultsDir:
         path = self.path("tables", table, name)
         meta = pq.read_metadata(path, filesystem=self.fs).metadata or {}
         units = json.loads(meta.get(UNITS_KEY.encode(), b"[]"))
-        data = pads.dataset([path], schema=ALL_TABLES[table], filesystem=self.fs).to_table()
+        data = self.dataset(table, [path]).to_table()
         rows, start = {}, 0
         for unit, n in units:
             rows[unit] = data.slice(start, n)
