@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlvr_ray.stats.rank_rule import RANK_FRAC, rank_for
@@ -297,6 +296,8 @@ def downloaded(sweep: Sweep) -> Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep YAML file."""
+    import yaml  # only a sweep file needs it: not the command line's quick form
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
