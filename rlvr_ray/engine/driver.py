@@ -146,6 +146,7 @@ def run_scan(
         elif pool is not None:
             pool.shutdown()
     except BaseException:
+        results.forget_parts()
         if pool is not None:
             pool.shutdown()
         if started:
@@ -166,6 +167,7 @@ def run_scan(
             stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
             stopping.start()
     if result.interrupted:
+        results.forget_parts()
         result.seconds = time.perf_counter() - t0
         return result
     try:
@@ -178,6 +180,7 @@ def run_scan(
             raise
         result.disk_full = True
     finally:
+        results.forget_parts()  # a caller's ResultsDir does not hold them after the scan
         if stopping is not None:
             stopping.join()
     result.seconds = time.perf_counter() - t0

@@ -136,6 +136,10 @@ class ResultsDir:
         whose units run in this process (they share this object), whose parts are small."""
         self.kept = {}
 
+    def forget_parts(self) -> None:
+        """Stop keeping parts in memory, and drop those kept."""
+        self.kept = None
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 

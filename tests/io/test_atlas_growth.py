@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -194,3 +195,38 @@ def test_a_damaged_part_of_an_added_scan_is_quarantined_and_the_rest_added(tmp_p
         out, "SELECT scan_id, run, count(*) FROM tensors_all GROUP BY ALL ORDER BY ALL"
     )
     assert got[1] == [("s0", "r0", 3), ("s0", "r1", 3), ("s1", "r0", 3)]
+
+
+def test_parts_kept_in_memory_merge_and_load_as_the_files_do(tmp_path):
+    """An in-process scan keeps its parts' rows (ResultsDir.keep_parts): its merged part and its
+    atlas rows equal those of the same parts merged and loaded from the files, and neither the
+    merge nor the load reads a part back (the unit parts are gone from disk before either)."""
+    outs, merged_files = {}, None
+    for kept in (False, True):
+        out = tmp_path / ("kept" if kept else "files")
+        results = ResultsDir(out)
+        results.ensure()
+        if kept:
+            results.keep_parts()
+        _scan(results, "s0", units=3, rows=2)
+        if kept:  # what a merge or load would read back is not there any more
+            assert len(results.kept) == 4  # the scans part and three unit parts
+            for p in (out / "tables" / "tensors").iterdir():
+                p.write_bytes(b"not parquet")
+        assert results.compact_scan("s0") == 3
+        merged = results.path("tables", "tensors", "s0.parquet")
+        files = (pq.read_table(merged), pq.read_metadata(merged).metadata[UNITS_KEY.encode()])
+        if kept:
+            assert files == merged_files  # the same merged part on disk
+            assert list(results.kept) == [results.path("tables", "scans", "s0.parquet"), merged]
+            for p in (merged, results.path("tables", "scans", "s0.parquet")):
+                Path(p).write_bytes(b"not parquet")
+            assert catalog.update(results, ["s0"]) == {}  # a new atlas, from memory
+            results.forget_parts()
+            assert results.kept is None
+        else:
+            merged_files = files
+            catalog.update(results, ["s0"])
+        outs[kept] = (_all(out), catalog.query(out, "SELECT * FROM scans_all")[1])
+    assert outs[True] == outs[False] and len(outs[True][0]) == 6
+    assert merged_files[1] == b"[[0, 2], [1, 2], [2, 2]]"
