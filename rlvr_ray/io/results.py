@@ -24,7 +24,6 @@ workers unchanged; :func:`storage_env` lists the non-secret variables the driver
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
@@ -328,37 +327,37 @@ class ResultsDir:
             if not parts:
                 continue
             old = f"{scan_id}.parquet"
-            kept = self._merged_units(table, old) if old in names else {}
+            earlier = self._merged_units(table, old) if old in names else {}
             final = self.path("tables", table, old)
-            loads = {u: (lambda rows=rows: rows) for u, rows in kept.items()}
-            for unit, name in parts.items():  # read when written; a part kept is not read
-                path = self.path("tables", table, name)
-                loads[unit] = functools.partial(self._part_rows, table, path)
-            data: list[pa.Table] = []
-            self._put(
-                final, self._merge_writer(table, [(u, loads[u]) for u in sorted(loads)], data)
-            )
+            rows: list[pa.Table] = []  # what was written, unit by unit (kept parts only)
+            self._put(final, self._merge_writer(table, earlier, parts, rows))
             for n in parts.values():
                 self.fs.delete_file(self.path("tables", table, n))
                 if self.kept is not None:
                     self.kept.pop(self.path("tables", table, n), None)
             merged += len(parts)
             if self.kept is not None:
-                self.kept[final] = pa.concat_tables(data)
+                self.kept[final] = pa.concat_tables(rows)
         return merged
 
-    def _merge_writer(self, table: str, units: list[tuple[int, Callable]], out: list):
-        """A writer of the merged part: ``units`` are (unit, a function returning its rows), in
-        order; each is loaded when written, and written with the next ones up to
-        ``MERGE_BATCH_BYTES`` (a row group). With :meth:`keep_parts`, ``out`` gets the rows."""
+    def _merge_writer(
+        self, table: str, earlier: dict[int, pa.Table], parts: dict[int, str], out: list
+    ):
+        """A writer of the merged part: unit by unit, from ``earlier`` (unit -> its rows in the
+        merged part there was) or its unit part in ``parts`` (read only when written, and from
+        memory when kept), in row groups of up to ``MERGE_BATCH_BYTES``. With
+        :meth:`keep_parts`, ``out`` gets each unit's rows."""
         schema = ALL_TABLES[table]
 
         def write(p) -> None:
             counts, pending, size = [], [], 0
             fs = self.fs if isinstance(p, str) else None
             with pq.ParquetWriter(p, schema, filesystem=fs, **_parquet_options(table)) as w:
-                for unit, load in units:
-                    rows = load()
+                for unit in sorted({*earlier, *parts}):
+                    if unit in parts:
+                        rows = self._part_rows(table, self.path("tables", table, parts[unit]))
+                    else:
+                        rows = earlier[unit]
                     counts.append([unit, rows.num_rows])
                     pending.append(rows)
                     size += rows.nbytes
