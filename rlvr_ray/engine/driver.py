@@ -111,80 +111,78 @@ def run_scan(
     # start while the headers are read and planned (an actor's imports take seconds)
     start_early = not local and (force or _no_unit_done(results))
     results.ensure()
-    if local:  # the parts written here are kept for the merge and the atlas
-        results.keep_parts()
-    result = ScanResult(results.uri, executor="local" if local else "ray")
-    pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
-    started, pool, stopping = False, None, None
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-plan") as planner:
-            n_units: dict[str, int] = {}
-            planned = planner.submit(_plan, sweep, results, result, force, unit_bytes, n_units)
-            if start_early:
-                started, pool = _start_pool(results.uri, None, *pool_args)
-            todo = planned.result()
-        if memory_gb:
-            fit, refused = over_budget(todo, memory_gb)
-            fits = {id(u) for u in fit}
-            for u, line in zip([u for u in todo if id(u) not in fits], refused, strict=True):
-                why = line.split(" refused: ", 1)[1]  # the line names the group and unit too
-                result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
-            todo = fit
-        if todo and not result.disk_full:
-            if local:
-                pool = LocalPool.for_machine(results, num_cpus, workers)
-            elif pool is None:
-                started, pool = _start_pool(results.uri, len(todo), *pool_args)
-            n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)
-            prog = Progress(n_tensors, n_bytes, progress)
-            try:
-                _run_units(pool, todo, result, prog, on_unit)
-            except KeyboardInterrupt:  # what was written is kept: stop Ray and say so
-                result.interrupted = True
-            finally:
-                prog.close()
-        elif pool is not None:
-            pool.shutdown()
-    except BaseException:
-        results.forget_parts()
-        if pool is not None:
-            pool.shutdown()
+    # in-process, the parts written are kept in memory for the merge and the atlas until the
+    # scan ends (a caller's ResultsDir does not hold them after it)
+    with results.keeping_parts(local):
+        result = ScanResult(results.uri, executor="local" if local else "ray")
+        pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
+        started, pool, stopping = False, None, None
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-plan") as planner:
+                n_units: dict[str, int] = {}
+                planned = planner.submit(_plan, sweep, results, result, force, unit_bytes, n_units)
+                if start_early:
+                    started, pool = _start_pool(results.uri, None, *pool_args)
+                todo = planned.result()
+            if memory_gb:
+                fit, refused = over_budget(todo, memory_gb)
+                fits = {id(u) for u in fit}
+                for u, line in zip([u for u in todo if id(u) not in fits], refused, strict=True):
+                    why = line.split(" refused: ", 1)[1]  # the line names the group and unit too
+                    result.fail(Failure(failures.OVER_BUDGET, u.group, why, unit=u.index))
+                todo = fit
+            if todo and not result.disk_full:
+                if local:
+                    pool = LocalPool.for_machine(results, num_cpus, workers)
+                elif pool is None:
+                    started, pool = _start_pool(results.uri, len(todo), *pool_args)
+                n_tensors, n_bytes = sum(len(u.tensors) for u in todo), sum(u.nbytes for u in todo)
+                prog = Progress(n_tensors, n_bytes, progress)
+                try:
+                    _run_units(pool, todo, result, prog, on_unit)
+                except KeyboardInterrupt:  # what was written is kept: stop Ray and say so
+                    result.interrupted = True
+                finally:
+                    prog.close()
+            elif pool is not None:
+                pool.shutdown()
+        except BaseException:
+            if pool is not None:
+                pool.shutdown()
+            if started:
+                import ray
+
+                ray.shutdown()
+            raise
         if started:
             import ray
 
-            ray.shutdown()
-        raise
-    if started:
-        import ray
-
+            if result.interrupted:
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
+                try:
+                    ray.shutdown()
+                finally:
+                    signal.signal(signal.SIGINT, previous)
+            else:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
+                stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+                stopping.start()
         if result.interrupted:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
-            try:
-                ray.shutdown()
-            finally:
-                signal.signal(signal.SIGINT, previous)
-        else:  # an embedded Ray takes ~1 s to stop: let it, while the catalog is built
-            stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
-            stopping.start()
-    if result.interrupted:
-        results.forget_parts()
+            result.seconds = time.perf_counter() - t0
+            return result
+        try:
+            if result.scan_ids:
+                finished = [s for s in result.scan_ids if len(results.units_done(s)) == n_units[s]]
+                catalog.update(results, result.scan_ids, result.warnings.append, merge=finished)
+                result.warnings += _identical_runs(results, result.scan_ids)
+        except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
+            if not is_disk_full(e):
+                raise
+            result.disk_full = True
+        finally:
+            if stopping is not None:
+                stopping.join()
         result.seconds = time.perf_counter() - t0
         return result
-    try:
-        if result.scan_ids:
-            finished = [s for s in result.scan_ids if len(results.units_done(s)) == n_units[s]]
-            catalog.update(results, result.scan_ids, result.warnings.append, merge=finished)
-            result.warnings += _identical_runs(results, result.scan_ids)
-    except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
-        if not is_disk_full(e):
-            raise
-        result.disk_full = True
-    finally:
-        results.forget_parts()  # a caller's ResultsDir does not hold them after the scan
-        if stopping is not None:
-            stopping.join()
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:

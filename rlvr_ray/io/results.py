@@ -24,6 +24,7 @@ workers unchanged; :func:`storage_env` lists the non-secret variables the driver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -128,6 +129,17 @@ class ResultsDir:
         self.uri = uri if not self.local else self.root
         #: part path -> the rows this object wrote there, while :meth:`keep_parts` is on
         self.kept: dict[str, pa.Table] | None = None
+
+    @contextlib.contextmanager
+    def keeping_parts(self, keep: bool = True):
+        """While open, keep the parts written (:meth:`keep_parts`, when ``keep``); then drop
+        them."""
+        if keep:
+            self.keep_parts()
+        try:
+            yield self
+        finally:
+            self.forget_parts()
 
     def keep_parts(self) -> None:
         """Keep in memory the rows of every part written through this object from now on, so

@@ -11,6 +11,7 @@ import pytest
 from rlvr_ray.engine import local
 from rlvr_ray.engine.config import sweep_from_dict
 from rlvr_ray.engine.driver import run_scan
+from rlvr_ray.io.results import ResultsDir
 from tests.engine.varied_sweep import compare
 from tests.faultlib import expected_changed
 
@@ -31,9 +32,9 @@ def family_sweep(fam, geometry: bool) -> dict:
 def test_local_threads_write_the_same_tables_as_ray_actors(qwen_family, tmp_path, ray_local):
     sweep = sweep_from_dict(family_sweep(qwen_family, geometry=True), tmp_path)
     on_ray = run_scan(sweep, str(tmp_path / "ray"), executor="ray", unit_bytes=64 << 10)
-    here = run_scan(
-        sweep, str(tmp_path / "local"), executor="local", workers=2, unit_bytes=64 << 10
-    )
+    results = ResultsDir(tmp_path / "local")  # a caller's: it keeps no parts after the scan
+    here = run_scan(sweep, results, executor="local", workers=2, unit_bytes=64 << 10)
+    assert results.kept is None
     assert (on_ray.executor, here.executor) == ("ray", "local")
     assert on_ray.exit_code == here.exit_code == 0
     assert here.n_units == on_ray.n_units > 2  # several units, on two threads
