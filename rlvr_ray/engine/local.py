@@ -108,10 +108,10 @@ def default_threads(num_cpus: int | None, workers: int | None) -> int:
 
 class LocalPool:
     """Runs units on ``n_threads`` threads, each with its own ScanWorker on results ``out`` (a
-    ResultsDir is shared by them: see :meth:`ResultsDir.keep_parts`);
-    the same interface as :class:`~rlvr_ray.engine.pool.ActorPool` (``run``, ``on_done``,
-    ``failures``, ``retried``, ``first_given``, ``last_back``, ``shutdown``). ``on_done(unit,
-    report)`` is called with each unit, ``report`` None when it failed, one call at a time."""
+    ResultsDir is shared by them: see :meth:`ResultsDir.keep_parts`); the same interface as
+    :class:`~rlvr_ray.engine.pool.ActorPool` (``run``, ``on_done``, ``failures``, ``retried``,
+    ``first_given``, ``last_back``, ``shutdown``). ``on_done(unit, report)`` is called with each
+    unit, ``report`` None when it failed, one call at a time."""
 
     def __init__(
         self,

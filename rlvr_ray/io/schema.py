@@ -227,8 +227,8 @@ CONSENSUS_PROFILES = _declare(
 #: packed tables -> their list column: stored (Parquet, and the atlas's ``<table>_packed``)
 #: one row per run x tensor x axis with the values as one list, a row's (column's) value at its
 #: index; the atlas's views (``<table>``, ``<table>_all``) have one row per value, its index in
-#: ``idx``. A 1.5B model's profiles are 700 rows of lists instead of 1.3 M rows, each repeating
-#: its keys: 20-40x less to write, merge and load
+#: ``idx``. A 1.5B model's profiles are ~700 rows of lists instead of 1.3 M rows, each repeating
+#: its keys: measured, 6x faster to write as Parquet, 13x to read back, 7x to load into DuckDB
 PACKED: dict[str, str] = {"profiles": "ratio", "consensus_profiles": "consensus"}
 
 

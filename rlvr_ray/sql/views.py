@@ -46,8 +46,8 @@ _SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
 #: every scan. current_runs / current_groups are the latest scan of each (group, run) / group
 _CURRENT_SQL: dict[str, str] = {
     CURRENT_ALL: "SELECT * FROM {src}",
-    CURRENT_RUN: ("SELECT * FROM {src} SEMI JOIN current_runs USING (group_name, run, scan_id)"),
-    CURRENT_GROUP: ("SELECT * FROM {src} SEMI JOIN current_groups USING (group_name, scan_id)"),
+    CURRENT_RUN: "SELECT * FROM {src} SEMI JOIN current_runs USING (group_name, run, scan_id)",
+    CURRENT_GROUP: "SELECT * FROM {src} SEMI JOIN current_groups USING (group_name, scan_id)",
     # the base's row belongs to every run of its scan: kept while any of them is current
     CURRENT_RUN_AND_BASE: """
         SELECT * FROM {src} c WHERE EXISTS (SELECT 1 FROM current_runs r
