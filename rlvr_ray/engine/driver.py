@@ -15,6 +15,7 @@ numba: only the actors do.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -112,8 +113,10 @@ def run_scan(
     start_early = not local and (force or _no_unit_done(results))
     results.ensure()
     # in-process, the parts written are kept in memory for the merge and the atlas until the
-    # scan ends (a caller's ResultsDir does not hold them after it)
-    with results.keeping_parts(local):
+    # scan ends (a caller's ResultsDir does not hold them after it); a first scan of a local
+    # directory has its atlas's tables and views made while the units run
+    blank = catalog.Blank.for_scan(results)
+    with results.keeping_parts(local), _discarding(blank):
         result = ScanResult(results.uri, executor="local" if local else "ray")
         pool_args = (address, num_cpus, workers, gpus_per_worker, memory_gb, result.warnings)
         started, pool, stopping = False, None, None
@@ -172,7 +175,9 @@ def run_scan(
         try:
             if result.scan_ids:
                 finished = [s for s in result.scan_ids if len(results.units_done(s)) == n_units[s]]
-                catalog.update(results, result.scan_ids, result.warnings.append, merge=finished)
+                catalog.update(
+                    results, result.scan_ids, result.warnings.append, merge=finished, blank=blank
+                )
                 result.warnings += _identical_runs(results, result.scan_ids)
         except Exception as e:  # the parts are written; the catalog is rebuilt by the next scan
             if not is_disk_full(e):
@@ -183,6 +188,15 @@ def run_scan(
                 stopping.join()
         result.seconds = time.perf_counter() - t0
         return result
+
+
+@contextlib.contextmanager
+def _discarding(blank: catalog.Blank | None):
+    try:
+        yield
+    finally:
+        if blank is not None:
+            blank.discard()
 
 
 def _identical_runs(results: ResultsDir, scan_ids: list[str]) -> list[str]:

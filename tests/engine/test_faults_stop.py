@@ -129,6 +129,7 @@ def test_ctrl_c_mid_scan_is_one_line_stops_ray_and_a_rerun_resumes(
     assert not [p for p in ray_procs if _alive(p)]
     done = _markers(out)
     assert kept <= done < total  # (a unit may have been written as the signal came)
+    assert not list(out.rglob(".tmp-*"))  # the atlas made empty while the units ran is gone
     _resume(sweep, out, clean, done, capsys)
     assert changed_in(out) == expected_changed(fam)
 

@@ -230,3 +230,56 @@ def test_parts_kept_in_memory_merge_and_load_as_the_files_do(tmp_path):
         outs[kept] = (_all(out), catalog.query(out, "SELECT * FROM scans_all")[1])
     assert outs[True] == outs[False] and len(outs[True][0]) == 6
     assert merged_files[1] == b"[[0, 2], [1, 2], [2, 2]]"
+
+
+def _atlas_files(out: Path) -> list[str]:
+    return sorted(n for n in os.listdir(out) if "atlas" in n and n != "atlas.lock")
+
+
+def test_a_first_update_fills_a_blank_atlas_made_beforehand_as_a_build_would(tmp_path):
+    """A first scan's atlas is made empty (tables, views) while its units run (catalog.Blank)
+    and filled at its end: the same rows as a whole build of the parts, the blank's file moved
+    into place (nothing left under a temporary name) and no write-ahead log beside it."""
+    out = tmp_path / "results"
+    results = ResultsDir(out)
+    results.ensure()
+    blank = catalog.Blank(results)
+    _scan(results, "s0")
+    _scan(results, "s1", units=3, rows=2)
+    assert catalog.update(results, ["s0", "s1"], blank=blank) == {}
+    blank.discard()  # taken and moved: nothing to remove
+    assert _atlas_files(out) == ["atlas.duckdb"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / catalog.ATLAS).unlink()
+    catalog.refresh(copy)
+    assert _all(out) == _all(copy) and len(_all(out)) == 2 * 3 + 3 * 2
+    assert _all(out, "scans") == _all(copy, "scans")
+    names = "SELECT table_name FROM information_schema.tables ORDER BY ALL"
+    assert catalog.query(out, names)[1] == catalog.query(copy, names)[1]
+    # a second update adds to it as to any atlas, with a blank it leaves unused
+    _scan(results, "s2", units=1)
+    unused = catalog.Blank(results)
+    assert catalog.update(results, ["s2"], blank=unused) == {"scans": 1, "parts": 2, "rows": 4}
+    assert [n for n in _atlas_files(out) if not n.startswith(".tmp-")] == ["atlas.duckdb"]
+    assert os.path.exists(unused.path)
+    unused.discard()
+    assert _atlas_files(out) == ["atlas.duckdb"]
+    assert len(_all(out)) == 2 * 3 + 3 * 2 + 3
+
+
+def test_a_damaged_part_filling_a_blank_atlas_is_quarantined_and_the_rest_loaded(tmp_path):
+    out = tmp_path / "results"
+    results = ResultsDir(out)
+    results.ensure()
+    blank = catalog.Blank(results)
+    _scan(results, "s0", units=2)
+    cut = out / "tables/tensors/s0-00001.parquet"
+    cut.write_bytes(cut.read_bytes()[:100])
+    said: list[str] = []
+    assert catalog.update(results, ["s0"], warn=said.append, blank=blank) == {}
+    blank.discard()
+    assert len(said) == 1 and said[0].startswith("unreadable part tables/tensors/s0-00001.parquet")
+    got = catalog.query(out, "SELECT run, count(*) FROM tensors_all GROUP BY ALL ORDER BY ALL")
+    assert got[1] == [("r0", 3)]
+    assert _atlas_files(out) == ["atlas.duckdb"]
