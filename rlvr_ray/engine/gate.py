@@ -90,6 +90,8 @@ class PrecisionGate:
     def _row(self, unit: Unit, spec: TensorSpec, base: Checkpoint, i: int, run: Checkpoint):
         r = unit.runs[i]
         name0, name1 = spec.base_tensor or spec.name, spec.run_tensor(i)
+        if name1 != spec.name:  # the run's tied embedding, for its head: counted once, as itself
+            return None
         e0, e1 = base.entries.get(name0), run.entries.get(name1)
         if e0 is None or e1 is None or e0.numel == 0:
             return None

@@ -34,6 +34,11 @@ _LATEST_RUNS = """
           FROM (SELECT DISTINCT group_name, run, scan_id FROM tensors_all) t
           JOIN scans_all s USING (scan_id)) WHERE rn = 1"""
 
+# a row of the run's own tensor: not its tied embedding standing in for a head it does not store
+# (the row compares it with the base's head, and the run's totals count it once, as the
+# embedding: a tied run's numbers do not depend on an untied run beside it in its group)
+_OWN = "run_tensor IS NULL"
+
 # a model's sparsity: over its compared tensors, weighted by numel (run_sparsity, step_sparsity)
 _SPARSITY = f"""count(*) FILTER (WHERE {_OK}) AS n_tensors,
                sum(numel) FILTER (WHERE {_OK}) AS numel,
@@ -124,7 +129,7 @@ _AGGREGATES: dict[str, str] = {
                count(*) AS n_tensors_all, sum(run_numel) AS run_numel,
                coalesce(sum(numel) FILTER (WHERE {_OK}), 0) / nullif(sum(run_numel), 0) AS coverage,
                count(*) FILTER (WHERE {_OK}) / count(*) AS tensor_coverage
-        FROM tensors GROUP BY group_name, run""",
+        FROM tensors WHERE {_OWN} GROUP BY group_name, run""",
     "density_by_role_depth": f"""
         SELECT family, algorithm, coalesce(tower, 'text') AS tower, role,
                round(depth * 10) / 10 AS depth_bin, sum(n_changed) / sum(numel) AS update_density,
@@ -204,7 +209,7 @@ _AGGREGATES: dict[str, str] = {
                  AS median_max_angle,
                count(*) FILTER ({_GEO_OK}) AS n_tensors,
                count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
-        FROM tensors WHERE {_GEO_DONE} GROUP BY group_name, run""",
+        FROM tensors WHERE {_GEO_DONE} AND {_OWN} GROUP BY group_name, run""",
     "summary": """
         SELECT s.group_name, s.run, s.algorithm, s.step, round(s.sparsity, 4) AS sparsity,
                round(s.coverage, 4) AS coverage, round(s.tensor_coverage, 4) AS tensor_coverage,
@@ -253,7 +258,8 @@ _AGGREGATES: dict[str, str] = {
                CAST({_PAIR_NAME.format(4)} AS BIGINT) - CAST({_PAIR_NAME.format(3)} AS BIGINT) AS k,
                run, algorithm, family, tensor, role, layer, depth, status, numel, n_changed,
                CASE WHEN {_OK} THEN 1 - n_changed / numel END AS sparsity,
-               CASE WHEN {_OK} THEN ulp1_share END AS ulp1_share, group_name AS pair_group
+               CASE WHEN {_OK} THEN ulp1_share END AS ulp1_share, run_tensor,
+               group_name AS pair_group
         FROM tensors_all SEMI JOIN current_step_runs USING (group_name, run, scan_id)""",
     # per model: weighted by numel over the compared tensors, as run_sparsity
     "step_sparsity": f"""
@@ -261,7 +267,7 @@ _AGGREGATES: dict[str, str] = {
                any_value(algorithm) AS algorithm, any_value(family) AS family,
                {_SPARSITY},
                count(*) AS n_tensors_all
-        FROM step_sparsity_by_tensor GROUP BY group_name, series, step_from, step_to, k
+        FROM step_sparsity_by_tensor WHERE {_OWN} GROUP BY group_name, series, step_from, step_to, k
         ORDER BY group_name, series, step_from""",
     # the precision gate of runs given an fp32 master: per run, summed over its counted tensors
     # (erased_share = n_erased / n_moved, below_share = n_below / n_moved, gate_hist summed

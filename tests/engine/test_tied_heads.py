@@ -182,3 +182,63 @@ def test_a_scan_of_both_pairings_exits_clean(heads, tmp_path, ray_local):
         [HEAD],
     ).fetchall()
     assert got == [("tied-base", EMBED, None), ("untied-base", None, EMBED)]
+
+
+def test_a_tied_runs_totals_count_its_embedding_once_whatever_runs_sit_beside_it(heads, tmp_path):
+    """A tied run beside an untied one gets a head row (its embedding against the base's tied
+    embedding: the untied run's head is a tensor of the group), but its totals in run_sparsity
+    are over the tensors it stores, each once, as when it is scanned alone."""
+    from rlvr_ray.io import catalog
+
+    def totals(runs: list[str], out) -> dict:
+        sweep = {
+            "groups": [
+                {
+                    "name": "g",
+                    "base": str(heads / "base_tied"),
+                    "runs": [{"name": r, "checkpoint": str(heads / r)} for r in runs],
+                }
+            ],
+            "params": {"geometry": False},
+        }
+        res = run_scan(sweep_from_dict(sweep, tmp_path), str(out), executor="local")
+        assert (res.exit_code, res.skipped, res.errors) == (0, [], [])
+        _, rows = catalog.query(
+            out,
+            "SELECT run, n_tensors, numel, n_changed, sparsity, coverage, tensor_coverage, "
+            "n_tensors_all, run_numel FROM run_sparsity ORDER BY run",
+        )
+        return {r[0]: r[1:] for r in rows}
+
+    alone = totals(["run_tied"], tmp_path / "alone")
+    both = totals(["run_tied", "run_untied"], tmp_path / "both")
+    assert both["run_tied"] == alone["run_tied"]
+    with safe_open(str(heads / "run_tied" / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())
+    assert HEAD not in names
+    numel = sum(bits(heads / "run_tied", n).size for n in names)
+    changed = sum(
+        n_changed(bits(heads / "base_tied", n), bits(heads / "run_tied", n)) for n in names
+    )
+    assert changed > 0.04 * 1024 * 1536
+    want = (len(names), numel, changed, 1 - changed / numel, 1.0, 1.0, len(names), numel)
+    assert alone["run_tied"] == pytest.approx(want, rel=1e-15)
+    # the untied run's head is its own tensor: counted
+    assert both["run_untied"][0] == len(names) + 1
+    con = catalog.connect(tmp_path / "both")
+    got = con.execute(
+        "SELECT run, run_tensor, n_changed FROM tensors WHERE tensor = ? ORDER BY run", [HEAD]
+    ).fetchall()
+    con.close()
+    assert got == [
+        (
+            "run_tied",
+            EMBED,
+            n_changed(bits(heads / "base_tied", EMBED), bits(heads / "run_tied", EMBED)),
+        ),
+        (
+            "run_untied",
+            None,
+            n_changed(bits(heads / "base_tied", EMBED), bits(heads / "run_untied", HEAD)),
+        ),
+    ]

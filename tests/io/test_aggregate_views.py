@@ -25,11 +25,12 @@ def test_run_geometry_leaves_unchanged_matrices_out_of_the_overlaps():
         "CREATE TABLE tensors (group_name VARCHAR, run VARCHAR, algorithm VARCHAR, tensor VARCHAR, "
         "geometry_status VARCHAR, n_changed BIGINT, overlap_princ DOUBLE, princ_density DOUBLE, "
         "overlap_low DOUBLE, low_density DOUBLE, nss DOUBLE, max_angle_left DOUBLE, "
-        "max_angle_right DOUBLE)"
+        "max_angle_right DOUBLE, run_tensor VARCHAR)"
     )
     for t, status, n, op, pd, ol, ld, nss in ROWS:
         con.execute(
-            "INSERT INTO tensors VALUES ('g', 'r', 'grpo', ?, ?, ?, ?, ?, ?, ?, ?, 0.01, 0.02)",
+            "INSERT INTO tensors VALUES "
+            "('g', 'r', 'grpo', ?, ?, ?, ?, ?, ?, ?, ?, 0.01, 0.02, NULL)",
             [t, status, n, op, pd, ol, ld, nss],
         )
     got = con.execute(
