@@ -25,18 +25,15 @@ SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
         "algorithms",
         "Per algorithm, final checkpoints only (the latest step of each series): mean sparsity "
         "(and its range over runs), 1-ULP share, overlaps, median NSS",
-        "SELECT algorithm, n_runs, round(sparsity, 4) AS sparsity, "
-        "round(min_sparsity, 4) AS min_sparsity, round(max_sparsity, 4) AS max_sparsity, "
-        "round(ulp1_share, 4) AS ulp1_share, round(overlap_princ, 4) AS overlap_princ, "
-        "round(overlap_low, 4) AS overlap_low, median_nss FROM algorithm_summary "
+        "SELECT algorithm, n_runs, sparsity, min_sparsity, max_sparsity, ulp1_share, "
+        "overlap_princ, overlap_low, median_nss FROM algorithm_summary "
         "ORDER BY algorithm = 'sft', algorithm",
     ),
     (
         "groups",
         "Per group: mean pairwise Jaccard of update masks vs the independent-Bernoulli baseline",
-        "SELECT group_name, n_runs, round(mean_jaccard, 4) AS mean_jaccard, "
-        "round(jaccard_baseline, 4) AS jaccard_baseline, "
-        "round(mean_jaccard / nullif(jaccard_baseline, 0), 2) AS lift FROM group_summary "
+        "SELECT group_name, n_runs, mean_jaccard, jaccard_baseline, "
+        "mean_jaccard / nullif(jaccard_baseline, 0) AS lift FROM group_summary "
         "ORDER BY group_name",
     ),
 ]

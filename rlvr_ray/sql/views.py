@@ -211,11 +211,9 @@ _AGGREGATES: dict[str, str] = {
                count(*) FILTER (NOT {_GEO_OK}) AS n_flagged
         FROM tensors WHERE {_GEO_DONE} AND {_OWN} GROUP BY group_name, run""",
     "summary": """
-        SELECT s.group_name, s.run, s.algorithm, s.step, round(s.sparsity, 4) AS sparsity,
-               round(s.coverage, 4) AS coverage, round(s.tensor_coverage, 4) AS tensor_coverage,
-               round(s.ulp1_share, 4) AS ulp1_share, round(g.overlap_princ, 4) AS overlap_princ,
-               round(g.princ_density, 4) AS princ_baseline, round(g.overlap_low, 4) AS overlap_low,
-               round(g.low_density, 4) AS low_baseline, g.median_nss, g.median_max_angle,
+        SELECT s.group_name, s.run, s.algorithm, s.step, s.sparsity, s.coverage,
+               s.tensor_coverage, s.ulp1_share, g.overlap_princ, g.princ_density AS princ_baseline,
+               g.overlap_low, g.low_density AS low_baseline, g.median_nss, g.median_max_angle,
                g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
