@@ -158,8 +158,11 @@ def _overlap_reading(lines: dict[tuple[str, str], list[dict]]) -> str:
     for (g, cls), rs in lines.items():
         obs = np.mean([r["overlap_princ"] for r in rs])
         base = np.mean([r["princ_density"] for r in rs])
+        shown = f"{obs:.3f} vs baseline {base:.3f}"
         word = "below" if obs < base else "above"
-        parts.append(f"{g} {cls}: {obs:.3f} vs baseline {base:.3f} ({word})")
+        if f"{obs:.3f}" == f"{base:.3f}":  # apart by less than the digits shown
+            word = "level"
+        parts.append(f"{g} {cls}: {shown} ({word})")
     return "Overlap with the principal weights, mean over layers: " + "; ".join(parts) + "."
 
 

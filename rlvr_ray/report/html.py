@@ -137,11 +137,12 @@ def render(
     out: str | Path, *, layer: int | None = None, group: str | None = None
 ) -> tuple[str, list[Section]]:
     """-> (the report's HTML, its sections); ReportError when there is nothing to report."""
-    con = catalog.connect(open_results(out))
+    results = open_results(out)
+    con = catalog.connect(results)
     try:
         sc = scope(con, group, layer)
         sections = [fn(con, sc) for fn in SECTIONS]
-        head = _header(con, str(out), sc)
+        head = _header(con, results.uri, sc)
     finally:
         con.close()
     toc = "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a></li>' for s in sections)

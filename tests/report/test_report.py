@@ -122,6 +122,23 @@ def test_sparsity_table_matches_numpy(scans, multi_report):
     assert [r[2] for r in page.tables["paper-sparsity"][1:3]] == ["SFT", "GRPO"]
 
 
+def test_the_header_names_the_results_directory(scans, multi_report):
+    assert multi_report[2].meta["Results"] == str(scans["multi"])
+
+
+def test_an_overlap_level_with_its_baseline_at_the_digits_shown_reads_level():
+    from rlvr_ray.report.geometry import _overlap_reading
+
+    lines = {
+        ("g", "SFT"): [{"overlap_princ": 0.49996, "princ_density": 0.5}],
+        ("g", "RL"): [{"overlap_princ": 0.40, "princ_density": 0.5}],
+    }
+    assert _overlap_reading(lines) == (
+        "Overlap with the principal weights, mean over layers: "
+        "g SFT: 0.500 vs baseline 0.500 (level); g RL: 0.400 vs baseline 0.500 (below)."
+    )
+
+
 def test_consistency_table_matches_numpy_and_sql(scans, multi_report):
     page = multi_report[2]
     got = {(r["Group"], r["Role"]): r for r in page.records("consistency-table")}
