@@ -71,10 +71,13 @@ def _add_scan(sub) -> None:
         help=f"results directory or s3:// URI (default: {DEFAULT_OUT})",
     )
     p.add_argument(
-        "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start an embedded Ray)"
+        "--address",
+        help="Ray cluster to join (default: $RAY_ADDRESS, else none: see --executor)",
     )
     p.add_argument(
-        "--workers", type=int, help="number of actors (default: one per GPU, else one per CPU)"
+        "--workers",
+        type=int,
+        help="number of actors, or of threads in-process (default: one per GPU, else one per CPU)",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
     p.add_argument(
@@ -573,7 +576,7 @@ OPTIONAL_COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "demo": (
         "rlvr_ray.demo",
         None,
-        "build demo checkpoints, scan them on an embedded Ray, print the headline",
+        "build demo checkpoints, scan them, print the headline",
     ),
 }
 

@@ -3,7 +3,8 @@
     rlvr-ray demo --out demo-out            # lab families (needs the `lab` extra: transformers)
     rlvr-ray demo --out demo-out --planted  # planted synthetic families, no training stack
 
-Everything runs locally: an embedded Ray, a local results directory, checkpoints written here.
+Everything runs locally: the scan runs in-process (a small one) or on an embedded Ray, into a
+local results directory, from checkpoints written here.
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "demo", help="build demo checkpoints, scan them on an embedded Ray, print the headline"
+        "demo",
+        help="build demo checkpoints, scan them, print the headline",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
     )
     p.add_argument(
         "--out", default="demo-out", help="where checkpoints and results go (default: demo-out)"

@@ -221,8 +221,22 @@ def test_a_closed_pipe_ends_quietly(results):
     assert (p.wait(timeout=60), err) == (141, "")
 
 
-def test_sql_and_summary_help_describe_them(capsys):
-    for cmd, words in [("sql", "SHOW TABLES lists them"), ("summary", "keyed by table name")]:
+def test_every_commands_help_describes_it(capsys):
+    for cmd, words in [
+        ("sql", "SHOW TABLES lists them"),
+        ("summary", "keyed by table name"),
+        (
+            "demo",
+            "usage: rlvr-ray demo [-h] [--out OUT] [--planted] [--preset PRESET] "
+            "[--num-cpus NUM_CPUS] build the lab's checkpoint families (cached), scan them",
+        ),
+        ("watch", "[--no-geometry] scan newly published RL fine-tunes of Hub bases"),
+        (
+            "scan",
+            "--address ADDRESS Ray cluster to join (default: $RAY_ADDRESS, else none: see "
+            "--executor)",
+        ),
+    ]:
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert words in " ".join(capsys.readouterr().out.split())

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "watch",
         help="scan newly published RL fine-tunes of Hub bases",
-        description=__doc__.splitlines()[0],
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
     p.add_argument(
         "--base",
