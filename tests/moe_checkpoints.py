@@ -1,8 +1,9 @@
 """Mixture-of-experts checkpoints as transformers 5 saves them (``save_pretrained`` of a model
 built from the family's config class), at small widths or at the real hidden sizes.
 
-What transformers 5.x writes (checked for each, at both widths): Qwen3-MoE, Mixtral and
-DeepSeek-V3 save one tensor per expert (``mlp.experts.N.gate_proj.weight``,
+What transformers 5.x writes (checked for each, at both widths): Qwen3-MoE, Qwen2-MoE (with
+its shared expert and that expert's [1, hidden] gate), Mixtral and DeepSeek-V3 save one tensor
+per expert (``mlp.experts.N.gate_proj.weight``,
 ``block_sparse_moe.experts.N.w1.weight``); gpt-oss saves its experts fused:
 ``mlp.experts.gate_up_proj`` [experts, hidden, 2 x inter], ``mlp.experts.down_proj``
 [experts, inter, hidden] and their biases [experts, n].
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 #: family -> (config class name, small-width kwargs, real-width kwargs): real hidden sizes
-#: (Qwen3-30B-A3B 2048, Mixtral-8x7B 4096, DeepSeek-V3 7168, gpt-oss-20b 2880) with few layers,
+#: (Qwen3-30B-A3B 2048, Qwen1.5-MoE-A2.7B 2048, Mixtral-8x7B 4096, DeepSeek-V3 7168, gpt-oss-20b 2880) with few layers,
 #: 4 experts, a small vocabulary, and narrower MLPs / fewer heads where the real ones would
 #: make a test checkpoint gigabytes
 FAMILIES = {
@@ -34,6 +35,26 @@ FAMILIES = {
             num_attention_heads=32,
             num_key_value_heads=4,
             head_dim=128,
+        ),
+        dict(num_hidden_layers=1, num_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=1024,
+            num_attention_heads=16,
+            num_key_value_heads=16,
         ),
         dict(num_hidden_layers=1, num_experts=4, num_experts_per_tok=2),
     ),

@@ -143,3 +143,32 @@ def test_per_expert_tensors_carry_their_expert_id(tmp_path):
             assert role == parts[-2].removesuffix("_proj")
         assert n_changed == int(np_mask(b0[tensor], bits_of(runs[run])[tensor]).sum())
     assert json.loads((base / "config.json").read_text())["model_type"] == "qwen3_moe"
+
+
+def test_qwen2_moe_shared_expert_gate_is_a_router_row_with_no_decomposition(tmp_path):
+    """Qwen2-MoE as transformers saves it: its shared expert's projections take their roles, and
+    the shared expert's gate ([1, hidden]) is a router, compared, and not decomposed (rank 1:
+    no k can be below it), while the matrices beside it are."""
+    from rlvr_ray.engine.config import Params
+
+    base = save_family("qwen2_moe", tmp_path / "base", seed=3)
+    runs = planted_runs(base, tmp_path, 7, lambda rng, name, bits: rng.random(bits.shape) < 0.2)
+    con, _, _ = scan(tmp_path, base, {"rl-a": runs["rl-a"]}, params=Params())
+    rows = con.execute(
+        "SELECT tensor, role, status, geometry_status, n_changed, rows, cols FROM tensors "
+        "WHERE tensor LIKE '%shared_expert%' ORDER BY tensor"
+    ).fetchall()
+    b0, b1 = bits_of(base), bits_of(runs["rl-a"])
+    layer = "model.layers.0.mlp."
+    want = {
+        f"{layer}shared_expert.down_proj.weight": ("down", "ok"),
+        f"{layer}shared_expert.gate_proj.weight": ("gate", "ok"),
+        f"{layer}shared_expert.up_proj.weight": ("up", "ok"),
+        f"{layer}shared_expert_gate.weight": ("router", "skipped_vector"),
+    }
+    assert [r[0] for r in rows] == sorted(want)
+    for tensor, role, status, geometry, n, r, c in rows:
+        assert (role, status, geometry) == (*want[tensor][:1], "ok", want[tensor][1])
+        assert n == int(np_mask(b0[tensor], b1[tensor]).sum()) > 0
+        assert (r, c) == b0[tensor].shape
+    assert b0[f"{layer}shared_expert_gate.weight"].shape == (1, 64)

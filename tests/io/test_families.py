@@ -104,6 +104,11 @@ MOE_ROLES = {
     "mlp.shared_experts.down_proj.weight": "down",
     "mlp.gate.weight": "router",
     "mlp.gate.e_score_correction_bias": "router",
+    # Qwen2-MoE's shared expert and its sigmoid gate ([1, hidden])
+    "mlp.shared_expert.gate_proj.weight": "gate",
+    "mlp.shared_expert.up_proj.weight": "up",
+    "mlp.shared_expert.down_proj.weight": "down",
+    "mlp.shared_expert_gate.weight": "router",
     # Mixtral
     "block_sparse_moe.experts.#.w1.weight": "gate",
     "block_sparse_moe.experts.#.w3.weight": "up",
@@ -160,7 +165,7 @@ def _check_moe_family(family, path):
     return keys
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_moe_families_saved_tensors_get_role_layer_expert(family, tmp_path):
     from moe_checkpoints import save_family
 
@@ -172,7 +177,7 @@ def test_moe_families_saved_tensors_get_role_layer_expert(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_moe_families_at_real_hidden_sizes(family, tmp_path):
     from moe_checkpoints import save_family
 
