@@ -7,7 +7,7 @@
     res = rlvr_ray.scan(base="b", runs={"grpo": "ckpt/grpo"}, masters={"grpo": "ckpt/grpo-fp32"})
     con = rlvr_ray.open_atlas("results")  # a read-only DuckDB connection
     tbl = rlvr_ray.view("results", "run_sparsity")  # a pyarrow.Table
-    df = rlvr_ray.view("results", "run_sparsity", as_="pandas")  # needs pandas
+    df = rlvr_ray.view("results", "run_sparsity", as_="pandas")  # the pandas extra
 
 ``import rlvr_ray`` loads none of this; ``scan`` loads Ray, torch and numba when it is called.
 Sweeps are validated as ``rlvr-ray scan`` validates them: a bad one raises ``SweepError`` with
@@ -141,12 +141,12 @@ def open_atlas(out: str | os.PathLike = DEFAULT_OUT) -> duckdb.DuckDBPyConnectio
 def view(out: str | os.PathLike, name: str, as_: str = "arrow"):
     """The table or view ``name`` of the atlas of ``out``, whole, as a ``pyarrow.Table``
     (``as_="arrow"``), a pandas DataFrame (``"pandas"``) or a polars DataFrame (``"polars"``);
-    pandas and polars are optional and not installed with rlvr-ray."""
+    pandas and polars are optional: the ``pandas`` and ``polars`` extras."""
     if as_ not in FORMATS:
         raise ValueError(f"as_={as_!r}: expected one of {', '.join(FORMATS)}")
     module = FORMATS[as_]
     if module and importlib.util.find_spec(module) is None:
-        raise ImportError(f"view(as_={as_!r}) needs {module}: pip install {module}")
+        raise ImportError(f"view(as_={as_!r}) needs {module}: pip install 'rlvr-ray[{module}]'")
     con = open_atlas(out)
     try:
         names = [

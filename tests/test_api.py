@@ -70,7 +70,7 @@ def test_view_errors_are_one_line(scanned):
         if importlib.util.find_spec(lib) is None:
             with pytest.raises(ImportError) as e:
                 rlvr_ray.view(out, "summary", as_=lib)
-            assert str(e.value) == f"view(as_={lib!r}) needs {lib}: pip install {lib}"
+            assert str(e.value) == f"view(as_={lib!r}) needs {lib}: pip install 'rlvr-ray[{lib}]'"
         else:
             assert len(rlvr_ray.view(out, "summary", as_=lib)) == 2
     with pytest.raises(FileNotFoundError, match="no results here"):

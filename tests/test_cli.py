@@ -136,6 +136,24 @@ def test_query_commands_import_no_torch_ray_or_numba(results, tmp_path, argv):
     assert mods & HEAVY == set()
 
 
+def test_a_scan_imports_no_pandas_where_it_is_installed(llama_family, tmp_path):
+    """pyarrow would import pandas (~0.2 s) at its first conversion of a Python list."""
+    pytest.importorskip("pandas")
+    runs = [a for n, p in llama_family.runs.items() for a in ("--run", f"{n}={p}")]
+    argv = ["scan", "--base", str(llama_family.base), *runs, "--no-geometry"]
+    r = cli("-X", "importtime", "-m", "rlvr_ray.cli", *argv, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = imported(r)
+    assert "pyarrow" in mods and "numba" in mods
+    # pyarrow's one look finds none ("pandas" is named, its submodules never load)
+    names = [line.split("|")[-1].strip() for line in r.stderr.splitlines()]
+    assert not [n for n in names if n.startswith("pandas.")]
+    # and the rows are whole: the atlas holds every tensor of both runs
+    con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
+    n = con.execute("SELECT count(*) FROM tensors WHERE status = 'ok'").fetchone()[0]
+    assert n == 2 * len(llama_family.bits["base"])
+
+
 def test_summary_json_is_one_object_keyed_by_table(results, llama_family, capsys):
     assert main(["summary", "--out", str(results), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
