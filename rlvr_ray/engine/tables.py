@@ -67,9 +67,8 @@ class UnitTables:
         unit = self.unit
         for s in result.skipped:
             status = {"status": s.status, "message": s.message}
-            row = self._compose(
-                "tensors", ("key", self._key(spec, s.run)), ("status", status), ("mask", s.columns)
-            )
+            key = self._key(spec, s.run, result)
+            row = self._compose("tensors", ("key", key), ("status", status), ("mask", s.columns))
             self.rows["tensors"].append(row)
         if result.consensus is not None:
             self._add_consensus(spec, result)
@@ -78,8 +77,9 @@ class UnitTables:
                 self._add_spectra(spec, unit.runs[c.run].name, c.geometry)
             self._add_run(spec, result, c)
 
-    def _key(self, spec: TensorSpec, run: int) -> dict:
+    def _key(self, spec: TensorSpec, run: int, result: TensorResult) -> dict:
         r: RunSpec = self.unit.runs[run]
+        base = result.base  # None: the base has no copy to compare (missing, empty, ...)
         name = spec.run_tensor(run)
         entry = self.runs[run].entries.get(name)
         return {
@@ -97,6 +97,7 @@ class UnitTables:
             "base_tensor": spec.base_tensor,
             "run_tensor": name if name != spec.name else None,
             "run_numel": entry.numel if entry is not None else None,
+            "base_numel": base.shape[0] * base.shape[1] if base is not None else None,
         }
 
     def _add_run(self, spec: TensorSpec, result: TensorResult, c: Compared) -> None:
@@ -131,7 +132,7 @@ class UnitTables:
         }
         row = self._compose(
             "tensors",
-            ("key", self._key(spec, c.run)),
+            ("key", self._key(spec, c.run, result)),
             ("mask", mask),
             ("values", values),
             ("status", {"status": c.status, "message": message}),

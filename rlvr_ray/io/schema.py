@@ -125,6 +125,7 @@ TENSORS = _declare(
     _col("cols", pa.int64(), "mask"),
     _col("numel", pa.int64(), "mask"),  # coordinates compared
     _col("run_numel", pa.int64(), "key"),  # elements of the run's tensor; null: not in the run
+    _col("base_numel", pa.int64(), "key"),  # elements of the base's; null: no copy to compare
     _col("dtype_base", pa.string(), "mask"),
     _col("dtype_run", pa.string(), "mask"),
     _col("rounded_to_bf16", pa.bool_(), "mask"),

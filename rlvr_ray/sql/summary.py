@@ -9,7 +9,7 @@ SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
     (
         "runs",
         "Per run: share of bf16 weights bitwise unchanged (sparsity), of changes that moved 1 ULP, "
-        "and of the run's weights (coverage) and tensors that were compared",
+        "and of the model's weights (coverage) and tensors that were compared",
         "SELECT group_name, run, algorithm, step, sparsity, ulp1_share, coverage, tensor_coverage "
         "FROM summary",
     ),
@@ -63,7 +63,7 @@ def coverage_warning(group: str, run: str, coverage: float, n_tensors: int, n_al
         return "'" + v.replace("'", "''") + "'"
 
     return (
-        f"warning: group {group}, run {run}: only {pct:.1f}% of the run's weights were "
+        f"warning: group {group}, run {run}: only {pct:.1f}% of the model's weights were "
         f"compared ({n_tensors or 0} of {n_all} tensors); see SELECT tensor, status, message "
         f"FROM tensors WHERE group_name = {quoted(group)} AND run = {quoted(run)} "
         f"AND {NOT_COMPARED_SQL}"

@@ -119,15 +119,18 @@ _LATEST: dict[str, str] = {
 }
 
 _AGGREGATES: dict[str, str] = {
-    # coverage: the share of the run's weights (its tensors' elements) that were compared, and
-    # of the tensors; sparsity is over the compared ones only
+    # coverage: the share of the model's weights that were compared (numel_all: the elements of
+    # every tensor, the run's copy or, where the run lacks one, the base's), and of the
+    # tensors; sparsity is over the compared ones only
     "run_sparsity": f"""
         SELECT group_name, run, any_value(algorithm) AS algorithm, any_value(step) AS step,
                any_value(series) AS series, any_value(family) AS family,
                {_SPARSITY},
                sqrt(sum(rel_frob * rel_frob) FILTER (WHERE {_OK})) AS rel_frob_l2,
                count(*) AS n_tensors_all, sum(run_numel) AS run_numel,
-               coalesce(sum(numel) FILTER (WHERE {_OK}), 0) / nullif(sum(run_numel), 0) AS coverage,
+               sum(coalesce(run_numel, base_numel)) AS numel_all,
+               coalesce(sum(numel) FILTER (WHERE {_OK}), 0)
+                 / nullif(sum(coalesce(run_numel, base_numel)), 0) AS coverage,
                count(*) FILTER (WHERE {_OK}) / count(*) AS tensor_coverage
         FROM tensors WHERE {_OWN} GROUP BY group_name, run""",
     "density_by_role_depth": f"""
@@ -214,7 +217,8 @@ _AGGREGATES: dict[str, str] = {
         SELECT s.group_name, s.run, s.algorithm, s.step, s.sparsity, s.coverage,
                s.tensor_coverage, s.ulp1_share, g.overlap_princ, g.princ_density AS princ_baseline,
                g.overlap_low, g.low_density AS low_baseline, g.median_nss, g.median_max_angle,
-               g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel
+               g.n_flagged AS geometry_flagged, s.n_tensors, s.numel, s.n_tensors_all, s.run_numel,
+               s.numel_all
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
     # the final checkpoint of each training series: its latest step (a run without a step is

@@ -28,6 +28,13 @@ from rlvr_ray.lab.planted import planted_family, write_checkpoint
 UP1 = "model.layers.1.mlp.up_proj.weight"
 
 
+def load_bits(path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    return {k: v.view(torch.int16).numpy() for k, v in tensors.items()}
+
+
 def np_changed(b0: np.ndarray, b1: np.ndarray) -> int:
     return int(((b0 != b1) & (((b0 | b1) & 0x7FFF) != 0)).sum())
 
@@ -56,6 +63,21 @@ def phi3(root):
     return root / "phi3-base", root / "phi3-run"
 
 
+PHI_DOWN0 = "model.layers.0.mlp.down_proj.weight"
+
+
+def lacking_a_tensor(src, dest, name: str):
+    """A copy of the checkpoint ``src`` without tensor ``name`` (as a trainer that dropped it)."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir()
+    (dest / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 @pytest.fixture(scope="module")
 def scanned(qwen_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("coverage")
@@ -70,6 +92,7 @@ def scanned(qwen_family, tmp_path_factory):
         runs[name] = write_checkpoint(root / name, b, "qwen2", 2)
     other = planted_family(root / "other", "qwen2", layers=2, seed=7, runs={"grpo": 0.3})
     phi_base, phi_run = phi3(root)
+    lacking = lacking_a_tensor(phi_run, root / "phi3-lacking", PHI_DOWN0)
     sweep = {
         "groups": [
             {
@@ -86,6 +109,11 @@ def scanned(qwen_family, tmp_path_factory):
                 "name": "phi3",
                 "base": str(phi_base),
                 "runs": [{"name": "run", "checkpoint": str(phi_run)}],
+            },
+            {
+                "name": "phi3-lacking",
+                "base": str(phi_base),
+                "runs": [{"name": "lacking", "checkpoint": str(lacking)}],
             },
         ],
         "params": {"geometry": False},
@@ -112,14 +140,25 @@ def test_scan_and_summary_warn_once_per_run_below_99_percent(scanned, capsys):
     n = len(gap)
     warning = (
         f"rlvr-ray: warning: group g, run gap: only {math.floor(cov * 1000) / 10:.1f}% "
-        f"of the run's weights were compared ({n - 1} of {n} tensors); see SELECT tensor, "
+        f"of the model's weights were compared ({n - 1} of {n} tensors); see SELECT tensor, "
         "status, message FROM tensors WHERE group_name = 'g' AND run = 'gap' AND status "
         "NOT IN ('ok', 'vocab_resized')"
     )
-    assert [x for x in scan_err.splitlines() if "warning:" in x] == [warning]
+    # a run lacking a tensor of its base: that tensor's weights were not compared either
+    phi = load_bits(root / "phi3-base")
+    phi_total = sum(v.size for v in phi.values())
+    cov_lacking = (phi_total - phi[PHI_DOWN0].size) / phi_total
+    lacking = (
+        f"rlvr-ray: warning: group phi3-lacking, run lacking: only "
+        f"{math.floor(cov_lacking * 1000) / 10:.1f}% of the model's weights were compared "
+        f"({len(phi) - 1} of {len(phi)} tensors); see SELECT tensor, status, message FROM tensors "
+        "WHERE group_name = 'phi3-lacking' AND run = 'lacking' AND status NOT IN ('ok', "
+        "'vocab_resized')"
+    )
+    assert [x for x in scan_err.splitlines() if "warning:" in x] == [warning, lacking]
     assert main(["summary", "--out", out]) == 0
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == [warning]
+    assert captured.err.splitlines() == [warning, lacking]
     assert "coverage" in captured.out.splitlines()[2]
     con = duckdb.connect(str(root / "out" / "atlas.duckdb"), read_only=True)
     got = con.execute(
@@ -128,7 +167,20 @@ def test_scan_and_summary_warn_once_per_run_below_99_percent(scanned, capsys):
     assert got == (pytest.approx(cov, rel=1e-12), (n - 1) / n, total)
     cov_vocab = con.execute("SELECT coverage FROM summary WHERE run = 'vocab1'").fetchone()[0]
     base_total = sum(v.size for v in fam.bits["base"].values())
-    assert cov_vocab == round(1 - 2 * 2 * 32 / (base_total + 2 * 2 * 32), 4)  # 2 rows x 2 x 32
+    want = 1 - 2 * 2 * 32 / (base_total + 2 * 2 * 32)  # 2 rows x 2 x 32
+    assert cov_vocab == pytest.approx(want, rel=1e-15)
+    got = con.execute(
+        "SELECT coverage, tensor_coverage, run_numel, numel_all, numel FROM run_sparsity "
+        "WHERE run = 'lacking'"
+    ).fetchone()
+    kept = phi_total - phi[PHI_DOWN0].size
+    n = len(phi)
+    assert got == (pytest.approx(cov_lacking, rel=1e-15), (n - 1) / n, kept, phi_total, kept)
+    status = con.execute(
+        "SELECT status, run_numel, base_numel FROM tensors WHERE run = 'lacking' AND tensor = ?",
+        [PHI_DOWN0],
+    ).fetchone()
+    assert status == ("missing_in_run", None, phi[PHI_DOWN0].size)
     full = con.execute("SELECT coverage, tensor_coverage FROM run_sparsity WHERE run = 'full'")
     assert full.fetchone() == (1.0, 1.0)
 
