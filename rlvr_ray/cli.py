@@ -160,7 +160,8 @@ def _add_scan(sub) -> None:
     p.add_argument(
         "--progress",
         choices=["tty", "log", "quiet"],
-        help="progress display (default: tty on a terminal, else quiet)",
+        help="progress display: tty redraws one line, log prints one every 10 s (default: tty "
+        "on a terminal, else log)",
     )
     p.add_argument(
         "--download",

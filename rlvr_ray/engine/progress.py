@@ -1,7 +1,8 @@
 """Live progress of a scan: tensors done / total, GB scanned, GB/s, ETA.
 
-On a terminal it redraws one line; elsewhere it is quiet unless ``mode='log'`` (Ray jobs, where
-``ray job logs --follow`` shows a line every ``every`` seconds).
+On a terminal it redraws one line; elsewhere (a notebook, a log file, a Ray job, where ``ray job
+logs --follow`` shows it) it prints a line every ``every`` seconds, and a last one at the end of
+a scan that printed any: a scan shorter than ``every`` stays quiet.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ class Progress:
     ):
         self.stream = stream or sys.stderr
         if mode is None:
-            mode = "tty" if getattr(self.stream, "isatty", lambda: False)() else "quiet"
+            mode = "tty" if getattr(self.stream, "isatty", lambda: False)() else "log"
         self.mode, self.every = mode, every
         self.total_t, self.total_b = total_tensors, total_bytes
         self.done_t = self.done_b = 0
         self.t0 = self.last = time.perf_counter()
         self.first: tuple[float, int] | None = None  # (time, bytes done) at the first report
+        self.logged = False  # a log line was written
 
     def line(self) -> str:
         now = time.perf_counter()
@@ -68,10 +70,12 @@ class Progress:
         if self.mode == "tty":
             self.stream.write("\r\033[K" + self.line())
             self.stream.flush()
-        elif self.mode == "log" and (now - self.last >= self.every or self.done_t == self.total_t):
+        elif self.mode == "log" and (
+            now - self.last >= self.every or (self.logged and self.done_t == self.total_t)
+        ):
             self.stream.write(self.line() + "\n")
             self.stream.flush()
-            self.last = now
+            self.last, self.logged = now, True
 
     def close(self) -> None:
         if self.mode == "tty":

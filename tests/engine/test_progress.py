@@ -1,4 +1,4 @@
-"""The progress line: tensors, GB, GB/s and ETA; quiet off a terminal."""
+"""The progress line: tensors, GB, GB/s and ETA; off a terminal, a line every 10 s."""
 
 import io
 from types import SimpleNamespace
@@ -56,9 +56,20 @@ def test_a_scan_with_everything_done_says_so():
     assert "2.0 s of units on Ray (2.10 MB/s)" in scan_line(res)
 
 
-def test_quiet_when_not_a_terminal():
+def test_off_a_terminal_a_line_every_10_s_and_a_short_scan_says_nothing():
     out = io.StringIO()  # isatty() is False
     p = Progress(3, 300, stream=out)
-    p.update(3, 300)
+    assert (p.mode, p.every) == ("log", 10.0)
+    p.update(1, 100)
+    p.update(2, 200)  # the end, within 10 s of the start: no line at all
     p.close()
-    assert p.mode == "quiet" and out.getvalue() == ""
+    assert out.getvalue() == ""
+    p = Progress(3, 300, stream=out)
+    p.update(1, 100)
+    assert out.getvalue() == ""
+    p.last -= 10.0  # 10 s on
+    p.update(1, 100)
+    p.update(1, 100)  # the end: its line follows the one printed
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert [x.split("  ")[0] for x in lines] == ["tensors 2/3", "tensors 3/3"]
