@@ -5,7 +5,8 @@ across many runs and families, on Ray actors; writes Parquet and aggregates with
 
 Layers (imports point one way only): ``rlvr_ray.stats`` (torch; numba kernels on CPU) <-
 ``rlvr_ray.io`` (checkpoints, tables, catalog) <- ``rlvr_ray.engine`` (plan, workers, driver) <-
-``rlvr_ray.cli``.
+``rlvr_ray.cli``; ``rlvr_ray.probes`` (the third-party import probes a scan's own processes
+skip) imports none of them.
 
 The Python API (``rlvr_ray.api``), loaded on first use so that ``import rlvr_ray`` stays light:
 

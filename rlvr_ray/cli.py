@@ -232,37 +232,12 @@ def _sweep_from_args(args):
     return sweep_from_dict(data, Path.cwd(), "(command line)")
 
 
-class _NoPandas:
-    """An import finder under which pandas cannot be found (see _pyarrow_without_pandas)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "pandas":
-            raise ModuleNotFoundError("No module named 'pandas'", name=name)
-        return None
-
-
-def _pyarrow_without_pandas() -> None:
-    """pyarrow imports pandas, where it is installed, the first time it converts a Python list
-    (to look for pandas objects in it): ~0.2 s of a scan, which hands pyarrow none. The scan's
-    process has pyarrow look once and find none; pandas itself still imports, and pyarrow's
-    pandas conversions (to_pandas, from_pandas) import it when called."""
-    import pyarrow as pa
-
-    if "pandas" in sys.modules:
-        return
-    blocker = _NoPandas()
-    sys.meta_path.insert(0, blocker)
-    try:
-        pa.array([0])  # pyarrow tries pandas once per process, here
-    finally:
-        sys.meta_path.remove(blocker)
-
-
 def _scan(args) -> int:
     from rlvr_ray.engine.config import SweepError, downloaded
     from rlvr_ray.engine.driver import run_scan
+    from rlvr_ray.probes import own_process
 
-    _pyarrow_without_pandas()
+    own_process()  # no pandas or SciPy imported for nothing (see rlvr_ray.probes)
 
     try:
         sweep = _sweep_from_args(args)

@@ -136,18 +136,21 @@ def test_query_commands_import_no_torch_ray_or_numba(results, tmp_path, argv):
     assert mods & HEAVY == set()
 
 
-def test_a_scan_imports_no_pandas_where_it_is_installed(llama_family, tmp_path):
-    """pyarrow would import pandas (~0.2 s) at its first conversion of a Python list."""
+def test_a_scan_imports_no_pandas_nor_scipy_linalg_where_they_are_installed(llama_family, tmp_path):
+    """pyarrow would import pandas (~0.2 s) at its first conversion of a Python list, and
+    numba SciPy's BLAS bindings (scipy.linalg, 0.15-0.2 s) at its first kernel load."""
     pytest.importorskip("pandas")
+    pytest.importorskip("scipy")
     runs = [a for n, p in llama_family.runs.items() for a in ("--run", f"{n}={p}")]
     argv = ["scan", "--base", str(llama_family.base), *runs, "--no-geometry"]
     r = cli("-X", "importtime", "-m", "rlvr_ray.cli", *argv, "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
     mods = imported(r)
     assert "pyarrow" in mods and "numba" in mods
-    # pyarrow's one look finds none ("pandas" is named, its submodules never load)
+    # each library's one look finds none (the module is named, its submodules never load)
     names = [line.split("|")[-1].strip() for line in r.stderr.splitlines()]
-    assert not [n for n in names if n.startswith("pandas.")]
+    assert not [n for n in names if n.startswith(("pandas.", "scipy.linalg._", "numpy.f2py"))]
+    assert "scipy.linalg" in names and "pandas" in names  # (they were looked for)
     # and the rows are whole: the atlas holds every tensor of both runs
     con = duckdb.connect(str(tmp_path / "out" / "atlas.duckdb"), read_only=True)
     n = con.execute("SELECT count(*) FROM tensors WHERE status = 'ok'").fetchone()[0]

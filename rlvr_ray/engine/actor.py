@@ -11,6 +11,12 @@ from rlvr_ray.engine.worker import ScanWorker
 
 
 class ScanActor(ScanWorker):
+    def __init__(self, *args, **kwargs):
+        from rlvr_ray.probes import own_process
+
+        own_process()  # an actor's process is the scan's own: no pandas or SciPy imported
+        super().__init__(*args, **kwargs)
+
     def run_unit(self, unit: Unit) -> dict:
         import ray
 

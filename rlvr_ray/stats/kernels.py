@@ -40,6 +40,9 @@ def warm(device=None) -> None:
     """Compile the kernels, or load them from numba's cache (~0.4 s a process), if they serve
     ``device``: a worker does it at start rather than inside its first unit."""
     if enabled(device):
+        from rlvr_ray.probes import numba_without_blas_probe
+
+        numba_without_blas_probe()
         i64 = np.zeros((1, 1), np.int64)
         group_rows(
             np.zeros(2, np.int16),

@@ -1,0 +1,74 @@
+"""Imports that third-party libraries make to probe for optional others, which a scan's own
+processes (the ``rlvr-ray scan`` command, the scan actors) skip. Each probe imports a library a
+scan never uses, where it is installed, on the scan's critical path:
+
+- pyarrow imports pandas (~0.2 s) the first time it converts a Python list, to look for pandas
+  objects in it;
+- numba's first compile or cache load imports SciPy's BLAS bindings (``scipy.linalg``,
+  0.15-0.2 s) to know whether ``np.correlate`` / ``np.convolve`` can call BLAS.
+
+:func:`own_process` has each library look once with the other unimportable, so it finds none:
+pyarrow's pandas conversions (``to_pandas``, ``from_pandas``) still import pandas when called,
+and numba's ``np.dot`` still imports SciPy when compiled; numba's ``np.correlate`` and
+``np.convolve`` use its plain loop instead of BLAS in that process. A library's caller (a
+notebook) is not such a process: nothing here runs there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+
+#: set in a scan's own process (inherited by the processes it starts): the kernels' first
+#: load skips numba's BLAS probe
+OWN_PROCESS_ENV = "RLVR_RAY_OWN_PROCESS"
+
+_lock = threading.Lock()
+
+
+class _Unimportable:
+    """An import finder under which the top-level packages ``names`` cannot be found."""
+
+    def __init__(self, *names: str):
+        self.names = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+@contextlib.contextmanager
+def _without(*names: str):
+    blocker = _Unimportable(*names)
+    with _lock:
+        sys.meta_path.insert(0, blocker)
+        try:
+            yield
+        finally:
+            sys.meta_path.remove(blocker)
+
+
+def own_process() -> None:
+    """Mark this process as a scan's own, and have pyarrow probe for pandas now, finding none
+    (see the module's docstring)."""
+    os.environ[OWN_PROCESS_ENV] = "1"
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    with _without("pandas"):
+        pa.array([0])  # pyarrow looks for pandas once per process, here
+
+
+def numba_without_blas_probe() -> None:
+    """In a scan's own process, import numba's array math (which the kernels' first load
+    imports) with SciPy unimportable, so its BLAS probe finds none; elsewhere nothing."""
+    if os.environ.get(OWN_PROCESS_ENV) != "1" or "numba.np.arraymath" in sys.modules:
+        return
+    if "scipy.linalg" in sys.modules:  # already paid for
+        return
+    with _without("scipy"):
+        import numba.np.arraymath  # noqa: F401

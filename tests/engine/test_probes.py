@@ -1,0 +1,44 @@
+"""The probes a scan's own process skips (rlvr_ray.probes): pyarrow's look for pandas and
+numba's for SciPy's BLAS find nothing there, and what does use those libraries still works after
+(pyarrow's pandas conversions, numba's np.dot); a process that is not the scan's (a notebook's)
+is left alone. Each case runs in a fresh interpreter: the probes happen once per process."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("pandas")
+pytest.importorskip("scipy")
+
+OWN = """
+import sys
+from rlvr_ray.probes import own_process
+OWN
+import pyarrow as pa
+t = pa.Table.from_pylist([{"a": 1, "b": "x"}, {"a": 2, "b": None}])
+pandas_after_rows = "pandas" in sys.modules
+from rlvr_ray.stats import kernels
+kernels.warm()
+blas_after_kernels = "scipy.linalg" in sys.modules
+df = t.to_pandas()  # pandas imports when it is asked for
+import numpy as np, numba
+dot = numba.njit(lambda a, b: np.dot(a, b))(np.ones(3), np.arange(3.0))  # SciPy's BLAS, now
+print(pandas_after_rows, blas_after_kernels, list(df["a"]), bool(df["b"].isna()[1]), dot,
+      "scipy.linalg" in sys.modules)
+"""
+
+
+def _run(own: bool) -> str:
+    code = OWN.replace("OWN", "own_process()" if own else "")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+def test_a_scans_own_process_skips_both_probes_and_keeps_pandas_and_blas_working():
+    assert _run(own=True) == "False False [1, 2] True 3.0 True"
+
+
+def test_any_other_process_is_left_alone():
+    assert _run(own=False) == "True True [1, 2] True 3.0 True"
