@@ -232,12 +232,18 @@ def _sweep_from_args(args):
     return sweep_from_dict(data, Path.cwd(), "(command line)")
 
 
+#: main() runs as the program itself (the process is ours, not a caller's: see rlvr_ray.probes)
+_PROGRAM = False
+
+
 def _scan(args) -> int:
     from rlvr_ray.engine.config import SweepError, downloaded
     from rlvr_ray.engine.driver import run_scan
-    from rlvr_ray.probes import own_process
 
-    own_process()  # no pandas or SciPy imported for nothing (see rlvr_ray.probes)
+    if _PROGRAM:  # this process is the scan's: no pandas or SciPy imported for nothing
+        from rlvr_ray.probes import own_process
+
+        own_process()
 
     try:
         sweep = _sweep_from_args(args)
@@ -650,6 +656,8 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the program itself, not a caller (a test, a script) that goes on
+        global _PROGRAM
+        _PROGRAM = True
         try:
             return _main(sys.argv[1:])
         finally:

@@ -3,10 +3,13 @@ numba's for SciPy's BLAS find nothing there, and what does use those libraries s
 (pyarrow's pandas conversions, numba's np.dot); a process that is not the scan's (a notebook's)
 is left alone. Each case runs in a fresh interpreter: the probes happen once per process."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+from rlvr_ray.probes import OWN_PROCESS_ENV
 
 pytest.importorskip("pandas")
 pytest.importorskip("scipy")
@@ -31,7 +34,9 @@ print(pandas_after_rows, blas_after_kernels, list(df["a"]), bool(df["b"].isna()[
 
 def _run(own: bool) -> str:
     code = OWN.replace("OWN", "own_process()" if own else "")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # not inherited from this process (a scan run in it by another test marks it)
+    env = {k: v for k, v in os.environ.items() if k != OWN_PROCESS_ENV}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip()
 
