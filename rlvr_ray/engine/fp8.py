@@ -81,11 +81,9 @@ def block_scale(src: Source, block: list | None) -> tuple[torch.Tensor, int, int
     scale_rows, scale_cols = scale.shape
     if block:
         block_rows, block_cols = int(block[0]), int(block[1])
-    else:
-        block_rows, block_cols = -(-rows // scale_rows), -(-cols // scale_cols)
-    if -(-rows // block_rows) != scale_rows or -(-cols // block_cols) != scale_cols:
-        # the config's blocks do not fit: take them from the shapes
-        block_rows, block_cols = -(-rows // scale_rows), -(-cols // scale_cols)
+    if not block or -(-rows // block_rows) != scale_rows or -(-cols // block_cols) != scale_cols:
+        # no blocks in the config, or blocks that do not fit: take them from the shapes
+        block_rows, block_cols = block_size(rows, scale_rows), block_size(cols, scale_cols)
     if -(-rows // block_rows) != scale_rows or -(-cols // block_cols) != scale_cols:
         raise ValueError(
             f"checkpoint {src.ck.ref}, tensor {name}: scale shape "
@@ -94,6 +92,26 @@ def block_scale(src: Source, block: list | None) -> tuple[torch.Tensor, int, int
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"checkpoint {src.ck.ref}, tensor {name}: NaN/Inf scale")
     return scale, block_rows, block_cols
+
+
+#: the block size FP8 checkpoints use (DeepSeek-V3's and Qwen's weight_block_size [128, 128])
+USUAL_BLOCK = 128
+
+
+def block_size(n: int, n_blocks: int) -> int:
+    """The block size along a dimension of ``n`` elements cut into ``n_blocks`` blocks when the
+    config does not give it: every size b with ceil(n / b) = n_blocks tiles it, and they place
+    the edges differently unless n_blocks is 1. 128 where it tiles, else a power of two that
+    does, else the smallest size that does (n_blocks < 1, or too many: no size tiles; the
+    caller says so)."""
+    if n_blocks < 1 or n == 0:
+        return max(n, 1)
+    lo = -(-n // n_blocks)  # the smallest size that tiles
+    hi = (n - 1) // (n_blocks - 1) if n_blocks > 1 else max(n, USUAL_BLOCK)  # the largest
+    if lo <= USUAL_BLOCK <= hi:
+        return USUAL_BLOCK
+    power = 1 << max(lo - 1, 0).bit_length()  # the smallest power of two >= lo
+    return power if power <= hi else lo
 
 
 def dequantized(src: Source, scale: tuple[torch.Tensor, int, int], a: int, b: int) -> torch.Tensor:

@@ -73,6 +73,8 @@ def skip_reason(params: Params, role: str, shape: tuple[int, ...]) -> str | None
         return "skipped_vector" if len(shape) < 2 else "skipped_not_matrix"
     if min(shape) == 1:  # a row or a column (Qwen2-MoE's shared-expert gate): rank 1, no k
         return "skipped_vector"
+    if role == "scale":  # an FP8 weight's block scales: the weight's bookkeeping, not a layer
+        return "skipped_scale"
     if role in EMBEDDING_ROLES and not params.svd_embeddings:
         return "skipped_embedding"
     if shape[0] * shape[1] > params.max_svd_numel:

@@ -201,6 +201,49 @@ def test_fp8_compared_in_its_own_format(fp8_family, tmp_path):
     ]
 
 
+def test_fp8_blocks_taken_from_the_shapes_are_128_where_128_tiles(fp8_family, tmp_path):
+    """A checkpoint whose config.json gives no weight_block_size: the blocks are the usual 128
+    where 128 tiles the scales' shape ([2, 3] scales of a [200, 300] weight: 100 x 100 tiles
+    it too, and gave other values), and the values equal numpy's with 128 x 128 blocks. The
+    scale tensors get no geometry: they are the weights' bookkeeping, not layers."""
+    paths, base, runs = fp8_family
+    config = {k: v for k, v in CONFIG.items() if k != "quantization_config"}
+    copies = {}
+    for run in ("base", "rl"):
+        copies[run] = tmp_path / run
+        copies[run].mkdir()
+        (copies[run] / "config.json").write_text(json.dumps(config))
+        (copies[run] / "model.safetensors").symlink_to(paths[run] / "model.safetensors")
+    con, _, _ = scan(tmp_path, copies["base"], {"rl": copies["rl"]}, Params(geometry=True))
+    rows = {
+        t: (rel, max_abs, geo)
+        for t, rel, max_abs, geo in con.execute(
+            "SELECT tensor, rel_frob, max_abs_update, geometry_status FROM tensors"
+        ).fetchall()
+    }
+    for tensor, (fmt, shape) in WEIGHTS.items():
+        p0, p1 = base[tensor], runs["rl"][tensor]
+        w0 = decode(p0, fmt) * expand(base[tensor + "_scale_inv"].astype(np.float64), shape)
+        w1 = decode(p1, fmt) * expand(runs["rl"][tensor + "_scale_inv"].astype(np.float64), shape)
+        d = w1 - w0
+        rel, max_abs, geo = rows[tensor]
+        assert rel == pytest.approx(np.sqrt((d**2).sum() / (w0**2).sum()), rel=1e-12), tensor
+        assert (max_abs, geo) == (np.abs(d).max(), "skipped_fp8")
+        assert rows[tensor + "_scale_inv"][2] == "skipped_scale"
+    assert WEIGHTS[P + "mlp.experts.1.down_proj.weight"][1] == (200, 300)
+
+
+def test_fp8_block_size_from_the_shapes():
+    from rlvr_ray.engine.fp8 import block_size
+
+    # 128 where it tiles; else a power of two that does; else the smallest size that does
+    assert [block_size(n, k) for n, k in [(200, 2), (300, 3), (320, 3), (7168, 56)]] == [128] * 4
+    assert [block_size(n, k) for n, k in [(40, 3), (20, 2), (24, 2)]] == [16, 16, 16]
+    assert block_size(30, 4) == 8 and block_size(100, 9) == 12  # 12 alone tiles it
+    for n, k in [(40, 3), (100, 7), (100, 9), (300, 3), (7168, 56), (5, 5)]:
+        assert -(-n // block_size(n, k)) == k
+
+
 def test_fp8_value_statistics_without_scales_and_with_mismatched_dtypes(tmp_path):
     """No scale tensor: the FP8 values are the weights. A run storing the weight in bf16 is a
     dtype mismatch, not a comparison of unrelated bit patterns."""
