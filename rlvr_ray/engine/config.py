@@ -66,7 +66,8 @@ class Run(_Frozen):
     consistency: bool = Field(
         None,
         description="include in the group's cross-run consistency (default: yes for RL runs and "
-        "runs without an algorithm, no for SFT runs: consistency compares runs of one class)",
+        "runs without an algorithm, no for SFT runs: consistency compares runs of one class; "
+        "no for a series' steps before its last: they are one run's path, not other runs)",
     )
 
     @field_validator("name")
@@ -110,6 +111,27 @@ class Group(_Frozen):
     def _unique_runs(self) -> Group:
         _no_duplicates([r.name for r in self.runs], f"run names in group {self.name!r}")
         self.series_steps()  # step_pairs: every series asked for has distinct steps
+        return self
+
+    @model_validator(mode="after")
+    def _earlier_steps_out_of_consistency(self) -> Group:
+        """A series' steps before its last stay out of the group's consistency unless they ask
+        in: nested masks of one training run would read as agreement between runs."""
+        last: dict[str, int] = {}
+        for r in self.runs:
+            if r.series is not None and r.step is not None:
+                last[r.series] = max(last.get(r.series, r.step), r.step)
+        runs = tuple(
+            r.model_copy(update={"consistency": False})
+            if r.series in last
+            and r.step is not None
+            and r.step < last[r.series]
+            and "consistency" not in r.model_fields_set
+            else r
+            for r in self.runs
+        )
+        if runs != self.runs:
+            object.__setattr__(self, "runs", runs)  # frozen: set once, here
         return self
 
     def series_steps(self) -> dict[str, list[Run]]:

@@ -208,3 +208,34 @@ def test_consistency_compares_runs_of_one_class_by_default(tmp_path):
     assert got == {"grpo": True, "ppo": False, "sft": False}
     with pytest.raises(SweepError, match=r"^--no-consistency nope: no --run of that name$"):
         quick("--no-consistency", "nope")
+
+
+def test_a_series_earlier_steps_stay_out_of_consistency_by_default(tmp_path):
+    """One training run's saved steps are nested masks of one path, not other runs: all but a
+    series' last step stay out of the group's consistency unless they ask in; another series,
+    a run with no series and an SFT run are as before, and step pairs are still formed."""
+    runs = [
+        {"name": "a10", "checkpoint": "a10", "algorithm": "grpo", "series": "a", "step": 10},
+        {"name": "a30", "checkpoint": "a30", "algorithm": "grpo", "series": "a", "step": 30},
+        {"name": "a20", "checkpoint": "a20", "algorithm": "grpo", "series": "a", "step": 20},
+        {"name": "b5", "checkpoint": "b5", "algorithm": "dapo", "series": "b", "step": 5},
+        {"name": "b9", "checkpoint": "b9", "series": "b", "step": 9, "consistency": True},
+        {"name": "b7", "checkpoint": "b7", "series": "b", "step": 7, "consistency": True},
+        {"name": "solo", "checkpoint": "s", "algorithm": "ppo", "step": 3},
+        {"name": "sft", "checkpoint": "f", "algorithm": "sft", "series": "f", "step": 40},
+    ]
+    group = {"name": "g", "base": "b", "runs": runs, "step_pairs": True}
+    sweep = sweep_from_dict({"groups": [group]}, tmp_path)
+    got = {r.name: r.consistency for r in sweep.groups[0].runs}
+    assert got == {
+        "a10": False,
+        "a30": True,
+        "a20": False,
+        "b5": False,
+        "b9": True,
+        "b7": True,  # asked in
+        "solo": True,
+        "sft": False,
+    }
+    pairs = sorted(g.name for g in sweep.scan_groups() if "/steps/" in g.name)
+    assert pairs == ["g/steps/a/10-20", "g/steps/a/20-30", "g/steps/b/5-7", "g/steps/b/7-9"]
