@@ -536,7 +536,8 @@ def cross_family(con, sc: Scope) -> Section:
     )
     # the view spans groups; restrict to the families of the groups in scope
     roles = sorted(
-        {r["role"] for r in found if r["role"] not in ("norm", "bias", "other")}, key=role_key
+        {r["role"] for r in found if r["role"] not in ("norm", "bias", "scale", "other")},
+        key=role_key,
     )
     if not roles:
         sec.notes.append("no RL runs with layered tensors in this scan (SFT runs are excluded)")

@@ -119,6 +119,14 @@ _LATEST: dict[str, str] = {
 }
 
 _AGGREGATES: dict[str, str] = {
+    # the final checkpoint of each training series: its latest step (a run without a step is
+    # final). Intermediate steps are runs too, and would otherwise weigh in every average
+    "final_runs": """
+        SELECT group_name, run, series, step FROM (
+          SELECT group_name, run, coalesce(series, run) AS series, step,
+                 max(step) OVER (PARTITION BY group_name, coalesce(series, run)) AS last
+          FROM checkpoints WHERE NOT coalesce(is_base, false))
+        WHERE step IS NULL OR step = last""",
     # coverage: the share of the model's weights that were compared (numel_all: the elements of
     # every tensor, the run's copy or, where the run lacks one, the base's), and of the
     # tensors; sparsity is over the compared ones only
@@ -153,6 +161,7 @@ _AGGREGATES: dict[str, str] = {
         WITH t AS (
           SELECT t.*, coalesce(t.tower, 'text') AS tower_, s.base_fingerprint, s.base_ref
           FROM tensors t JOIN scans_all s USING (scan_id)
+          SEMI JOIN final_runs f ON f.group_name = t.group_name AND f.run = t.run
           WHERE {_OK} AND depth IS NOT NULL AND coalesce(algorithm, '') <> 'sft'),
         lined AS (
           SELECT *, role AS line_role, false AS pooled FROM t
@@ -221,14 +230,6 @@ _AGGREGATES: dict[str, str] = {
                s.numel_all
         FROM run_sparsity s LEFT JOIN run_geometry g USING (group_name, run)
         ORDER BY s.group_name, s.algorithm, s.run""",
-    # the final checkpoint of each training series: its latest step (a run without a step is
-    # final). Intermediate steps are runs too, and would otherwise weigh in every average
-    "final_runs": """
-        SELECT group_name, run, series, step FROM (
-          SELECT group_name, run, coalesce(series, run) AS series, step,
-                 max(step) OVER (PARTITION BY group_name, coalesce(series, run)) AS last
-          FROM checkpoints WHERE NOT coalesce(is_base, false))
-        WHERE step IS NULL OR step = last""",
     "summary_final": "SELECT * FROM summary SEMI JOIN final_runs USING (group_name, run)",
     # the headline per algorithm, over final checkpoints only
     "algorithm_summary": """
