@@ -16,6 +16,7 @@ the message the command prints.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -153,8 +154,10 @@ def view(out: str | os.PathLike, name: str, as_: str = "arrow"):
             n for (n,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
         ]
         if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(
-                f"{out}: no table or view {name!r} in the atlas (SHOW TABLES lists them)"
+                f"{out}: no table or view {name!r} in the atlas ({hint}SHOW TABLES lists them)"
             )
         rel = con.table(name)
         if as_ == "pandas":

@@ -51,6 +51,12 @@ def test_scan_through_the_api_writes_the_runs(scanned, llama_family):
         )
         assert rows[run]["sparsity"] == pytest.approx(1 - n / total, rel=1e-12)
     assert (rows["grpo"]["algorithm"], rows["ppo"]["algorithm"]) == ("grpo", None)
+    n_units = res.n_units
+    assert repr(res) == (
+        f"ScanResult(out={res.out!r}, exit_code=0, units={n_units} (0 already done), "
+        f"tensors={len(llama_family.bits['base'])}, errors=0, skipped=0, warnings=0, "
+        f"executor={res.executor!r}, seconds={res.seconds:.1f})"
+    )
     con = rlvr_ray.open_atlas(out)
     try:
         assert con.execute("SELECT count(*) FROM tensors").fetchone()[0] == 2 * len(
@@ -62,8 +68,14 @@ def test_scan_through_the_api_writes_the_runs(scanned, llama_family):
 
 def test_view_errors_are_one_line(scanned):
     _, out = scanned
-    with pytest.raises(ValueError, match=r"^.*: no table or view 'run_sparsty' in the atlas"):
+    with pytest.raises(
+        ValueError,
+        match=r"^.*: no table or view 'run_sparsty' in the atlas \(did you mean 'run_sparsity'\? "
+        r"SHOW TABLES lists them\)$",
+    ):
         rlvr_ray.view(out, "run_sparsty")
+    with pytest.raises(ValueError, match=r"no table or view 'zzz' in the atlas \(SHOW TABLES"):
+        rlvr_ray.view(out, "zzz")
     with pytest.raises(ValueError, match=r"^as_='excel': expected one of arrow, pandas, polars$"):
         rlvr_ray.view(out, "summary", as_="excel")
     for lib in ("pandas", "polars"):

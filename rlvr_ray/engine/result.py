@@ -41,6 +41,18 @@ class ScanResult:
         """Units whose results are in the results directory (resumed ones included)."""
         return self.n_units_resumed + len(self.units)
 
+    def __repr__(self) -> str:
+        """One line (a notebook shows it): what was scanned and how it ended; the unit reports
+        and messages are in the fields."""
+        ended = " interrupted" if self.interrupted else " disk full" if self.disk_full else ""
+        return (
+            f"ScanResult(out={self.out!r}, exit_code={self.exit_code}{ended}, "
+            f"units={self.n_units} ({self.n_units_resumed} already done), "
+            f"tensors={self.n_tensors}, errors={len(self.errors)}, skipped={len(self.skipped)}, "
+            f"warnings={len(self.warnings)}, executor={self.executor!r}, "
+            f"seconds={self.seconds:.1f})"
+        )
+
     def fail(self, failure: Failure) -> None:
         """Record a failure, and its line in ``errors`` (a full disk sets ``disk_full``)."""
         self.failures.append(failure)

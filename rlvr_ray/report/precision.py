@@ -105,8 +105,8 @@ def precision(con, sc: Scope) -> Section:
                 for r in runs
             ],
             [False] * 3 + [True] * (1 + len(labels)),
-            "Share of each run's changed weights per ULP-step bin (bins from ULP_BIN_EDGES; every "
-            "compared tensor, every saved step).",
+            "Share of each run's changed weights per ULP-step bin (the columns: how many "
+            "representable values a weight moved; every compared tensor, every saved step).",
         )
     )
     masters(con, sc, sec)
