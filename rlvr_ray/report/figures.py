@@ -126,8 +126,9 @@ def sparsity(con, sc: Scope) -> Section:
     sec = Section(
         "sparsity",
         "Sparsity per run",
-        "Share of bf16 weights left bitwise unchanged by each run (higher = sparser "
-        "update); RL runs typically leave far more weights untouched than SFT.",
+        "Share of weights left bitwise unchanged by each run, as stored (bf16, or an FP8 "
+        "format; higher = sparser update); RL runs typically leave far more weights untouched "
+        "than SFT.",
     )
     runs = rows(
         con,
@@ -175,7 +176,7 @@ def sparsity(con, sc: Scope) -> Section:
             ],
             [False] * 4 + [True] * 5,
             "Sparsity = 1 - changed / compared over all scanned tensors of the run; 1-ULP share = "
-            "changed weights that moved by exactly one bf16 step.",
+            "changed weights that moved by exactly one step of their format (bf16, FP8).",
         )
     )
     algos = rows(

@@ -8,7 +8,8 @@ from rlvr_ray.sql.status import NOT_COMPARED_SQL
 SUMMARY_SECTIONS: list[tuple[str, str, str]] = [
     (
         "runs",
-        "Per run: share of bf16 weights bitwise unchanged (sparsity), of changes that moved 1 ULP, "
+        "Per run: share of weights bitwise unchanged (sparsity; bf16, or FP8 as stored), of changes "
+        "that moved 1 ULP (one step of that format), "
         "and of the model's weights (coverage) and tensors that were compared",
         "SELECT group_name, run, algorithm, step, sparsity, ulp1_share, coverage, tensor_coverage "
         "FROM summary",
