@@ -16,6 +16,18 @@ from rlvr_ray.io.results import storage_env
 from rlvr_ray.io.sources import source_env
 
 
+def _join_failed(message: str) -> str:
+    """A failed join's first line, and where this client has no token authentication on (Ray
+    2.60's `ray start` turns it on: a client without it is refused), how to turn it on."""
+    line = message.strip().splitlines()[0] if message.strip() else "cannot join the cluster"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        line += (
+            "; a cluster started with token authentication (Ray 2.60's default) refuses a "
+            "client without it: set RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)"
+        )
+    return line
+
+
 def _init_ray(
     address: str | None,
     num_cpus: int | None,
@@ -35,7 +47,10 @@ def _init_ray(
     if msg and warnings is not None:
         warnings.append(msg)
     if joining:
-        ray.init(address=address, logging_level="WARNING")
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except ConnectionError as e:
+            raise ConnectionError(_join_failed(str(e))) from None
         return True
     # "local": a new Ray even when `ray start` left one recorded on this machine. Ray turns a
     # loopback node address into the machine's outward one (and its services then listen on

@@ -52,3 +52,17 @@ def test_sweep_job_defaults_to_log_progress_and_passes_scan_flags():
         "log",
     ]
     assert job_argv(["s.yaml", "--progress=quiet"]) == ["scan", "s.yaml", "--progress=quiet"]
+
+
+def test_a_refused_join_says_how_to_turn_token_authentication_on(monkeypatch):
+    from rlvr_ray.engine.cluster import _join_failed
+
+    refused = "Failed to connect to Ray cluster at 10.0.0.5:6379\nDetails: InvalidAuthToken"
+    hint = (
+        "; a cluster started with token authentication (Ray 2.60's default) refuses a client "
+        "without it: set RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)"
+    )
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert _join_failed(refused) == "Failed to connect to Ray cluster at 10.0.0.5:6379" + hint
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # on already: the first line alone
+    assert _join_failed(refused) == "Failed to connect to Ray cluster at 10.0.0.5:6379"
