@@ -2,7 +2,8 @@
 
 On a terminal it redraws one line; elsewhere (a notebook, a log file, a Ray job, where ``ray job
 logs --follow`` shows it) it prints a line every ``every`` seconds, and a last one at the end of
-a scan that printed any: a scan shorter than ``every`` stays quiet.
+a scan that printed any: a scan shorter than ``every`` stays quiet, unless ``mode='log'`` was
+asked for (``--progress log``, as the Ray job script does): then the last line always prints.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Progress:
         stream=None,
     ):
         self.stream = stream or sys.stderr
+        # asked for, log mode prints the last line of any scan; by default (off a terminal)
+        # only one that printed a line before, so a scan shorter than ``every`` stays quiet
+        self.logged = mode == "log"
         if mode is None:
             mode = "tty" if getattr(self.stream, "isatty", lambda: False)() else "log"
         self.mode, self.every = mode, every
@@ -44,7 +48,6 @@ class Progress:
         self.done_t = self.done_b = 0
         self.t0 = self.last = time.perf_counter()
         self.first: tuple[float, int] | None = None  # (time, bytes done) at the first report
-        self.logged = False  # a log line was written
 
     def line(self) -> str:
         now = time.perf_counter()

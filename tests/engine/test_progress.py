@@ -73,3 +73,9 @@ def test_off_a_terminal_a_line_every_10_s_and_a_short_scan_says_nothing():
     p.close()
     lines = out.getvalue().splitlines()
     assert [x.split("  ")[0] for x in lines] == ["tensors 2/3", "tensors 3/3"]
+    # asked for (--progress log): the last line of a short scan too
+    out = io.StringIO()
+    p = Progress(3, 300, mode="log", stream=out)
+    p.update(1, 100)
+    p.update(2, 200)
+    assert [x.split("  ")[0] for x in out.getvalue().splitlines()] == ["tensors 3/3"]
