@@ -27,8 +27,8 @@ def test_actors_start_while_planning_and_not_for_a_finished_scan(
     seen: list[int] = []
 
     def slow_plan(*args):  # as planning over a slow file system: wait for actors to show up
-        deadline = time.monotonic() + 20
-        while not live_scan_actors() and time.monotonic() < deadline and not seen:
+        deadline = time.monotonic() + 20  # (both: they start side by side, not at one instant)
+        while live_scan_actors() < 2 and time.monotonic() < deadline and not seen:
             time.sleep(0.05)
         seen.append(live_scan_actors())
         return plan(*args)
