@@ -41,7 +41,6 @@ import os
 import shutil
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from rlvr_ray.io.atlas_file import (
     note_stamp,
     writer,
 )
-from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key
+from rlvr_ray.io.results import ResultsDir, atomic_write, open_results, scan_key, temp_path
 from rlvr_ray.io.schema import ALL_TABLES, CURRENT, PACKED, stored
 from rlvr_ray.sql.views import views
 
@@ -427,8 +426,7 @@ class Blank:
         return cls(results) if disk.f_bavail * disk.f_frsize >= cls.MIN_FREE_BYTES else None
 
     def __init__(self, results: ResultsDir):
-        folder, name = os.path.split(results.path(ATLAS))
-        self.path = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        self.path = temp_path(results.path(ATLAS))
         self._con: duckdb.DuckDBPyConnection | None = None
         self._thread = threading.Thread(target=self._make, name="rlvr-atlas", daemon=True)
         self._thread.start()

@@ -61,14 +61,20 @@ MERGE_BATCH_BYTES = 64 << 20
 UNITS_KEY = "rlvr_ray.units"
 
 
+def temp_path(final: str | os.PathLike) -> str:
+    """A new temporary name next to the local file ``final``, hidden from listings of parts
+    (a leading dot): what is written there is renamed to ``final`` once whole."""
+    folder, name = os.path.split(os.fspath(final))
+    return os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+
+
 def atomic_write(final: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` with a temporary name next to the local file ``final``, then rename
     it into place: a reader sees the old file or the new one, never part of one, and a failed
     write leaves nothing behind. Every local file this package replaces goes through here."""
     final = os.fspath(final)
-    folder, name = os.path.split(final)
-    os.makedirs(folder or ".", exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+    tmp = temp_path(final)
     try:
         write(tmp)
         os.replace(tmp, final)
