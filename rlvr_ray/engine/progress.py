@@ -38,9 +38,10 @@ class Progress:
         stream=None,
     ):
         self.stream = stream or sys.stderr
-        # asked for, log mode prints the last line of any scan; by default (off a terminal)
-        # only one that printed a line before, so a scan shorter than ``every`` stays quiet
-        self.logged = mode == "log"
+        # whether the scan's end gets a log line: always when log mode was asked for; by
+        # default (off a terminal) once a line was printed, so a scan shorter than ``every``
+        # stays quiet
+        self.end_line = mode == "log"
         if mode is None:
             mode = "tty" if getattr(self.stream, "isatty", lambda: False)() else "log"
         self.mode, self.every = mode, every
@@ -74,11 +75,11 @@ class Progress:
             self.stream.write("\r\033[K" + self.line())
             self.stream.flush()
         elif self.mode == "log" and (
-            now - self.last >= self.every or (self.logged and self.done_t == self.total_t)
+            now - self.last >= self.every or (self.end_line and self.done_t == self.total_t)
         ):
             self.stream.write(self.line() + "\n")
             self.stream.flush()
-            self.last, self.logged = now, True
+            self.last, self.end_line = now, True
 
     def close(self) -> None:
         if self.mode == "tty":
