@@ -237,13 +237,13 @@ _PROGRAM = False
 
 
 def _scan(args) -> int:
-    from rlvr_ray.engine.config import SweepError, downloaded
-    from rlvr_ray.engine.driver import run_scan
-
-    if _PROGRAM:  # this process is the scan's: no pandas or SciPy imported for nothing
+    if _PROGRAM:  # this process is the scan's (before pyarrow is imported: its allocator)
         from rlvr_ray.probes import own_process
 
         own_process()
+
+    from rlvr_ray.engine.config import SweepError, downloaded
+    from rlvr_ray.engine.driver import run_scan
 
     try:
         sweep = _sweep_from_args(args)

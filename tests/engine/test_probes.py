@@ -1,7 +1,8 @@
 """The probes a scan's own process skips (rlvr_ray.probes): pyarrow's look for pandas and
 numba's for SciPy's BLAS find nothing there, and what does use those libraries still works after
-(pyarrow's pandas conversions, numba's np.dot); a process that is not the scan's (a notebook's)
-is left alone. Each case runs in a fresh interpreter: the probes happen once per process."""
+(pyarrow's pandas conversions, numba's np.dot); Arrow allocates with malloc there unless the
+user chose its allocator; a process that is not the scan's (a notebook's) is left alone. Each
+case runs in a fresh interpreter: the probes happen once per process."""
 
 import os
 import subprocess
@@ -28,22 +29,31 @@ df = t.to_pandas()  # pandas imports when it is asked for
 import numpy as np, numba
 dot = numba.njit(lambda a, b: np.dot(a, b))(np.ones(3), np.arange(3.0))  # SciPy's BLAS, now
 print(pandas_after_rows, blas_after_kernels, list(df["a"]), bool(df["b"].isna()[1]), dot,
-      "scipy.linalg" in sys.modules)
+      "scipy.linalg" in sys.modules, pa.default_memory_pool().backend_name)
 """
 
 
-def _run(own: bool) -> str:
+def _run(own: bool, pool: str | None = None) -> str:
     code = OWN.replace("OWN", "own_process()" if own else "")
     # not inherited from this process (a scan run in it by another test marks it)
-    env = {k: v for k, v in os.environ.items() if k != OWN_PROCESS_ENV}
+    mine = (OWN_PROCESS_ENV, "ARROW_DEFAULT_MEMORY_POOL")
+    env = {k: v for k, v in os.environ.items() if k not in mine}
+    if pool is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = pool
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip()
 
 
 def test_a_scans_own_process_skips_both_probes_and_keeps_pandas_and_blas_working():
-    assert _run(own=True) == "False False [1, 2] True 3.0 True"
+    assert _run(own=True) == "False False [1, 2] True 3.0 True system"
 
 
 def test_any_other_process_is_left_alone():
-    assert _run(own=False) == "True True [1, 2] True 3.0 True"
+    out = _run(own=False)
+    assert out.startswith("True True [1, 2] True 3.0 True ")
+    assert not out.endswith(" system")  # Arrow's own default pool (mimalloc or jemalloc)
+
+
+def test_an_allocator_the_user_chose_is_kept():
+    assert _run(own=True, pool="mimalloc").endswith(" mimalloc")
