@@ -39,9 +39,15 @@ IO_THREADS = 8
 
 def _map_large_allocations() -> None:
     """Have glibc map allocations of MMAP_THRESHOLD bytes or more on their own, so that freed
-    tensors go back to the system (elsewhere: nothing to do)."""
+    tensors go back to the system (elsewhere: nothing to do). Setting it fixes glibc's trim
+    threshold too, at 128 KiB unless set: every free at a heap's top then gave memory back and
+    the next allocation faulted it in again (DuckDB's commit of a 1.5B run's atlas in the same
+    process: 0.06 -> 0.095 s); it is set to twice the mapping threshold, as glibc's own rule
+    would have it."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 * MMAP_THRESHOLD)  # -1: M_TRIM_THRESHOLD
 
 
 def _will_need(cks: list[Checkpoint], names: list[str]) -> None:
