@@ -37,9 +37,13 @@ CHUNK_NUMEL = 1 << 18
 GPU_CHUNK_NUMEL = 1 << 22
 #: a streamed tensor is read this many elements (of each copy) at a time
 STREAM_WINDOW_NUMEL = 1 << 22
-#: the fused CPU pass reads every copy's rows this many elements at a time, straight into one
-#: buffer that stays in the caches (L2 + L3) while the pass walks it
+#: the fused CPU pass reads the copies' rows a window at a time, straight into one buffer that
+#: stays in the caches (L2 + L3) while the pass walks it: FUSED_ARENA_NUMEL elements over all
+#: copies (4 MiB), at least FUSED_WINDOW_NUMEL of each. A pair's windows are 2^20 elements: 0.94x
+#: the wall time of a 1.5B pair's scan in 2^18 windows (each window costs a kernel call and a
+#: read per copy from Python); a base and 4 runs' (2^19) were level with 2^18
 FUSED_WINDOW_NUMEL = 1 << 18
+FUSED_ARENA_NUMEL = 1 << 21
 #: tensors this large (bytes) that get no SVD are streamed rather than read whole
 STREAM_MIN_BYTES = 16 << 20
 EMBEDDING_ROLES = ("embed", "lm_head")

@@ -20,7 +20,7 @@ from rlvr_ray.engine.buffers import Buffers, Device
 from rlvr_ray.engine.fp8 import fp8_values
 from rlvr_ray.engine.geometry import BaseCache, Geometry, measure_geometry
 from rlvr_ray.engine.mask_pass import Consensus, MaskResult, NonFinite, chunk_pass, group_pass
-from rlvr_ray.engine.memory import FUSED_WINDOW_NUMEL, skip_reason, streams
+from rlvr_ray.engine.memory import FUSED_ARENA_NUMEL, FUSED_WINDOW_NUMEL, skip_reason, streams
 from rlvr_ray.engine.plan import TensorSpec, Unit
 from rlvr_ray.engine.source import (
     COMPARABLE_DTYPES,
@@ -120,7 +120,8 @@ def measure(
     sources = [src0, *(c.src for c in compared)]
     if fused:
         if stream:
-            numel = max(1, FUSED_WINDOW_NUMEL // max(cols, 1)) * cols
+            window = max(FUSED_WINDOW_NUMEL, FUSED_ARENA_NUMEL // (len(unit.runs) + 1))
+            numel = max(1, window // max(cols, 1)) * cols
         else:
             numel = max(s.stored_rows for s in sources) * cols
         ctx.buffers.layout(len(unit.runs) + 1, numel)

@@ -28,6 +28,7 @@ def read_mode(request, monkeypatch):
         monkeypatch.setattr(memory, "STREAM_MIN_BYTES", 0)
         monkeypatch.setattr(source, "STREAM_WINDOW_NUMEL", 97)
         monkeypatch.setattr(passes, "FUSED_WINDOW_NUMEL", 97)
+        monkeypatch.setattr(passes, "FUSED_ARENA_NUMEL", 97)
     return request.param
 
 
