@@ -105,11 +105,15 @@ def peer_pid(client_port: int, server_port: int) -> int | None:
         if not proc.name.isdigit():
             continue
         try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) == target:
-                    return int(proc.name)
+            fds = list((proc / "fd").iterdir())
         except OSError:  # a process that ended, or one not ours
             continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    return int(proc.name)
+            except OSError:  # a descriptor closed since the listing: the others still count
+                continue
     return None
 
 
@@ -134,14 +138,17 @@ class Counting:
         self.served_by: list[tuple[object, str, int, int, bool]] = []
 
     def __call__(self, environ, start_response):
+        object_get = environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == ""
+        peer = None
+        if object_get and self.who is not None:
+            # asked as the request arrives, while the client surely holds its connection (after
+            # the body is made, a client that gave up waiting on a loaded machine is gone)
+            peer = self.who(int(environ["REMOTE_PORT"]), int(environ["SERVER_PORT"]))
         body = b"".join(self.app(environ, start_response))
-        if environ["REQUEST_METHOD"] == "GET" and environ.get("QUERY_STRING", "") == "":
+        if object_get:
             rng = environ.get("HTTP_RANGE", "")
             first = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
             entry = (environ["PATH_INFO"], first, len(body), bool(rng))
-            peer = None
-            if self.who is not None:
-                peer = self.who(int(environ["REMOTE_PORT"]), int(environ["SERVER_PORT"]))
             with self.lock:
                 self.served.append(entry)
                 self.served_by.append((peer, *entry))
