@@ -18,6 +18,7 @@ allocate with malloc there, as the scan actors do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -27,6 +28,8 @@ import threading
 OWN_PROCESS_ENV = "RLVR_RAY_OWN_PROCESS"
 
 _lock = threading.Lock()
+#: own_process() turned the garbage collector off until settled()
+_gc_held = False
 
 
 class _Unimportable:
@@ -54,12 +57,18 @@ def _without(*names: str):
 
 def own_process() -> None:
     """Mark this process as a scan's own, have Arrow allocate with malloc, as the scan actors
-    do (``$ARROW_DEFAULT_MEMORY_POOL``, unless set; call this before pyarrow is imported), and
-    have pyarrow probe for pandas now, finding none (see the module's docstring). Arrow's
-    default pool (mimalloc) gives a unit's buffers back to the system and faults them in again
-    for the next one, zeroing huge pages (a 1.5B pair's scan in-process: 0.96x the wall time
-    with malloc, 8 runs side by side)."""
+    do (``$ARROW_DEFAULT_MEMORY_POOL``, unless set; call this before pyarrow is imported), hold
+    the garbage collector until :func:`settled`, and have pyarrow probe for pandas now,
+    finding none (see the module's docstring). Arrow's default pool (mimalloc) gives a unit's
+    buffers back to the system and faults them in again for the next one, zeroing huge pages
+    (a 1.5B pair's scan in-process: 0.96x the wall time with malloc, 8 runs side by side)."""
+    global _gc_held
     os.environ[OWN_PROCESS_ENV] = "1"
+    if gc.isenabled():
+        # the imports make objects that live as long as the process, and the collector went
+        # over them again and again: ~300 collections, 0.1 s of a 1.5B pair's 2 s scan
+        gc.disable()
+        _gc_held = True
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     if "pandas" in sys.modules:
         return
@@ -67,6 +76,17 @@ def own_process() -> None:
 
     with _without("pandas"):
         pa.array([0])  # pyarrow looks for pandas once per process, here
+
+
+def settled() -> None:
+    """The scan's own process is set up (its modules imported, its worker made): what exists
+    now lives as long as the process, so the garbage collector, turned on again, leaves it
+    alone (``gc.freeze``). Nothing where :func:`own_process` did not turn it off."""
+    global _gc_held
+    if _gc_held:
+        _gc_held = False
+        gc.freeze()
+        gc.enable()
 
 
 def numba_without_blas_probe() -> None:

@@ -43,6 +43,7 @@ from rlvr_ray.engine.result import ScanResult
 from rlvr_ray.io import catalog
 from rlvr_ray.io.results import ResultsDir, open_results
 from rlvr_ray.io.schema import COMPARED_SQL
+from rlvr_ray.probes import settled
 
 DEFAULT_UNIT_BYTES = 256 * 1024 * 1024
 
@@ -108,6 +109,8 @@ def run_scan(
     results = open_results(out)
     refs = [ref for g in sweep.groups for _, ref in checkpoint_refs(g, masters=True)]
     local = choose(executor, refs, address, gpus_per_worker) == "local"
+    if not local:  # this process makes no worker (the actors are in theirs): it is set up
+        settled()
     # a new results directory (or force): every planned unit runs, so Ray and the actors
     # start while the headers are read and planned (an actor's imports take seconds)
     start_early = not local and (force or _no_unit_done(results))

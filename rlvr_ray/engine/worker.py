@@ -30,6 +30,7 @@ from rlvr_ray.engine.plan import Unit
 from rlvr_ray.engine.tables import UnitTables
 from rlvr_ray.io.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from rlvr_ray.io.results import ResultsDir, open_results
+from rlvr_ray.probes import settled
 from rlvr_ray.sql.status import COMPARED
 from rlvr_ray.stats import kernels
 
@@ -104,6 +105,7 @@ class ScanWorker:
         #: table -> column -> the producers that set it, over every unit scanned
         self.produced: dict[str, dict[str, set[str]]] = {}
         self.gate = PrecisionGate()  # runs given an fp32 master: the precision_gate table
+        settled()  # a scan's own process: its set-up is over (the garbage collector's hold)
 
     def _torch_threads(self, need: bool = False) -> None:
         """Give torch ``threads`` threads once it is imported (``need``: import it now)."""

@@ -16,9 +16,12 @@ pytest.importorskip("pandas")
 pytest.importorskip("scipy")
 
 OWN = """
-import sys
-from rlvr_ray.probes import own_process
+import gc, sys
+from rlvr_ray.probes import own_process, settled
 OWN
+held = not gc.isenabled()
+settled()
+gc_after = (gc.isenabled(), gc.get_freeze_count() > 0)
 import pyarrow as pa
 t = pa.Table.from_pylist([{"a": 1, "b": "x"}, {"a": 2, "b": None}])
 pandas_after_rows = "pandas" in sys.modules
@@ -29,7 +32,7 @@ df = t.to_pandas()  # pandas imports when it is asked for
 import numpy as np, numba
 dot = numba.njit(lambda a, b: np.dot(a, b))(np.ones(3), np.arange(3.0))  # SciPy's BLAS, now
 print(pandas_after_rows, blas_after_kernels, list(df["a"]), bool(df["b"].isna()[1]), dot,
-      "scipy.linalg" in sys.modules, pa.default_memory_pool().backend_name)
+      "scipy.linalg" in sys.modules, pa.default_memory_pool().backend_name, held, *gc_after)
 """
 
 
@@ -46,14 +49,16 @@ def _run(own: bool, pool: str | None = None) -> str:
 
 
 def test_a_scans_own_process_skips_both_probes_and_keeps_pandas_and_blas_working():
-    assert _run(own=True) == "False False [1, 2] True 3.0 True system"
+    # the garbage collector is held until settled(), then on again over frozen objects
+    assert _run(own=True) == "False False [1, 2] True 3.0 True system True True True"
 
 
 def test_any_other_process_is_left_alone():
-    out = _run(own=False)
-    assert out.startswith("True True [1, 2] True 3.0 True ")
-    assert not out.endswith(" system")  # Arrow's own default pool (mimalloc or jemalloc)
+    out = _run(own=False).split()
+    assert out[:6] == ["True", "True", "[1,", "2]", "True", "3.0"] and out[6] == "True"
+    assert out[7] != "system"  # Arrow's own default pool (mimalloc or jemalloc)
+    assert out[8:] == ["False", "True", "False"]  # never held, nothing frozen
 
 
 def test_an_allocator_the_user_chose_is_kept():
-    assert _run(own=True, pool="mimalloc").endswith(" mimalloc")
+    assert _run(own=True, pool="mimalloc").split()[7] == "mimalloc"
