@@ -338,7 +338,13 @@ class ResultsDir:
         (with a merged part already there: its rows of the units not redone, then the redone
         units' parts), and delete the unit parts; -> the number of unit parts merged. Call it
         when every unit of the scan is done."""
-        merged = 0
+        return self.merge_scan(scan_id).write()
+
+    def merge_scan(self, scan_id: str) -> Merge:
+        """:meth:`compact_scan`, made ready and not yet written (:meth:`Merge.write` writes).
+        With :meth:`keep_parts`, the merged rows are kept now, before they are written: the
+        atlas can load them (under the names :meth:`Merge.names` gives) while they are."""
+        merge = Merge(self)
         for table in TABLES:
             names = [n for n in self.part_names(table) if scan_key(n) == scan_id]
             parts = {unit_of(n): n for n in names if unit_of(n) is not None}
@@ -347,40 +353,47 @@ class ResultsDir:
             old = f"{scan_id}.parquet"
             earlier = self._merged_units(table, old) if old in names else {}
             final = self.path("tables", table, old)
-            rows: list[pa.Table] = []  # what was written, unit by unit (kept parts only)
-            self._put(final, self._merge_writer(table, earlier, parts, rows))
-            for n in parts.values():
-                self.fs.delete_file(self.path("tables", table, n))
-                if self.kept is not None:
-                    self.kept.pop(self.path("tables", table, n), None)
-            merged += len(parts)
+            rows = None  # unit -> its rows, when kept: read only when written otherwise
             if self.kept is not None:
-                self.kept[final] = pa.concat_tables(rows)
-        return merged
+                rows = {
+                    u: earlier[u]
+                    if u not in parts
+                    else self._part_rows(table, self.path("tables", table, parts[u]))
+                    for u in sorted({*earlier, *parts})
+                }
+                self.kept[final] = pa.concat_tables(list(rows.values()))
+            merge.tables[table] = (old, parts, earlier, rows)
+        return merge
 
     def _merge_writer(
-        self, table: str, earlier: dict[int, pa.Table], parts: dict[int, str], out: list
+        self,
+        table: str,
+        earlier: dict[int, pa.Table],
+        parts: dict[int, str],
+        rows: dict[int, pa.Table] | None,
     ):
-        """A writer of the merged part: unit by unit, from ``earlier`` (unit -> its rows in the
-        merged part there was) or its unit part in ``parts`` (read only when written, and from
-        memory when kept), in row groups of up to ``MERGE_BATCH_BYTES``. With
-        :meth:`keep_parts`, ``out`` gets each unit's rows."""
+        """A writer of the merged part: unit by unit, from ``rows`` (unit -> its rows) when
+        given, else from ``earlier`` (unit -> its rows in the merged part there was) or its
+        unit part in ``parts`` (read only when written), in row groups of up to
+        ``MERGE_BATCH_BYTES``."""
         schema = ALL_TABLES[table]
+
+        def unit_rows(unit: int) -> pa.Table:
+            if rows is not None:
+                return rows[unit]
+            if unit in parts:
+                return self._part_rows(table, self.path("tables", table, parts[unit]))
+            return earlier[unit]
 
         def write(p) -> None:
             counts, pending, size = [], [], 0
             fs = self.fs if isinstance(p, str) else None
             with pq.ParquetWriter(p, schema, filesystem=fs, **_parquet_options(table)) as w:
                 for unit in sorted({*earlier, *parts}):
-                    if unit in parts:
-                        rows = self._part_rows(table, self.path("tables", table, parts[unit]))
-                    else:
-                        rows = earlier[unit]
-                    counts.append([unit, rows.num_rows])
-                    pending.append(rows)
-                    size += rows.nbytes
-                    if self.kept is not None:
-                        out.append(rows)
+                    got = unit_rows(unit)
+                    counts.append([unit, got.num_rows])
+                    pending.append(got)
+                    size += got.nbytes
                     if size >= MERGE_BATCH_BYTES:
                         w.write_table(pa.concat_tables(pending))
                         pending, size = [], 0
@@ -389,3 +402,32 @@ class ResultsDir:
                 w.add_key_value_metadata({UNITS_KEY: json.dumps(counts)})
 
         return write
+
+
+class Merge:
+    """One scan's unit parts, to be merged into one part per table (:meth:`ResultsDir.merge_scan`):
+    table -> (the merged part's name, unit -> its part's name, unit -> its rows in the merged
+    part there was, unit -> its rows when kept in memory)."""
+
+    def __init__(self, results: ResultsDir):
+        self.results = results
+        self.tables: dict[str, tuple] = {}
+
+    def names(self, table: str, listing: list[str]) -> list[str]:
+        """The part names of ``table`` once written, from its ``listing`` before."""
+        if table not in self.tables:
+            return listing
+        merged, parts, _, _ = self.tables[table]
+        return sorted({*(n for n in listing if n not in parts.values()), merged})
+
+    def write(self) -> int:
+        """Write the merged parts and delete the unit parts; -> the number of unit parts."""
+        results = self.results
+        for table, (merged, parts, earlier, rows) in self.tables.items():
+            final = results.path("tables", table, merged)
+            results._put(final, results._merge_writer(table, earlier, parts, rows))
+            for n in parts.values():
+                results.fs.delete_file(results.path("tables", table, n))
+                if results.kept is not None:
+                    results.kept.pop(results.path("tables", table, n), None)
+        return sum(len(parts) for _, parts, _, _ in self.tables.values())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from rlvr_ray.io import catalog
 from rlvr_ray.io.results import UNITS_KEY, ResultsDir
@@ -283,3 +284,54 @@ def test_a_damaged_part_filling_a_blank_atlas_is_quarantined_and_the_rest_loaded
     got = catalog.query(out, "SELECT run, count(*) FROM tensors_all GROUP BY ALL ORDER BY ALL")
     assert got[1] == [("r0", 3)]
     assert _atlas_files(out) == ["atlas.duckdb"]
+
+
+def test_a_new_atlas_loads_kept_rows_while_their_merge_is_written(tmp_path):
+    """An in-process scan's parts are kept in memory: into a new atlas, its merged rows load
+    under the merged parts' names while the merge is written (catalog.fill). The atlas then
+    records exactly the parts on disk (a later update finds nothing to do) and holds the rows a
+    rebuild from the files gets; an earlier scan's parts are read from their files."""
+    out = tmp_path / "results"
+    results = ResultsDir(out)
+    results.ensure()
+    _scan(results, "old", units=2)
+    catalog.update(results, merge=["old"])
+    (out / catalog.ATLAS).unlink()  # parts of an earlier scan, and no atlas
+    blank = catalog.Blank(results)
+    with results.keeping_parts():
+        _scan(results, "s0", units=3, rows=2)
+        assert catalog.update(results, ["s0"], merge=["s0"], blank=blank) == {}
+    blank.discard()
+    assert _atlas_files(out) == ["atlas.duckdb"]
+    assert sorted(os.listdir(out / "tables/tensors")) == ["old.parquet", "s0.parquet"]
+    meta = pq.read_metadata(out / "tables/tensors/s0.parquet").metadata
+    assert meta[UNITS_KEY.encode()] == b"[[0, 2], [1, 2], [2, 2]]"
+    recorded = catalog.query(out, f"SELECT tbl, name FROM {catalog.PARTS} ORDER BY ALL")[1]
+    on_disk = sorted((t, n) for t in ALL_TABLES for n in results.part_names(t))
+    assert recorded == on_disk
+    assert catalog.update(results) == {"scans": 0, "parts": 0, "rows": 0}
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / catalog.ATLAS).unlink()
+    catalog.refresh(copy)
+    assert _all(out) == _all(copy) and len(_all(out)) == 2 * 3 + 3 * 2
+    assert _all(out, "scans") == _all(copy, "scans")
+
+
+def test_a_merge_that_fails_while_a_new_atlas_loads_leaves_no_atlas(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    results = ResultsDir(out)
+    results.ensure()
+    blank = catalog.Blank(results)
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(catalog.Merge, "write", full)
+    with results.keeping_parts():
+        _scan(results, "s0", units=2)
+        with pytest.raises(OSError, match="No space left"):
+            catalog.update(results, ["s0"], merge=["s0"], blank=blank)
+    blank.discard()
+    assert _atlas_files(out) == []
+    assert sorted(os.listdir(out / "tables/tensors")) == ["s0-00000.parquet", "s0-00001.parquet"]
