@@ -664,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
             # what was made lives until exit: spare the interpreter's teardown its collections
             # over every object (0.2-0.3 s once numba's kernels are loaded)
             gc.freeze()
-        if _command_of(sys.argv[1:]) == "scan" and "ray" not in sys.modules:
+        # not after an interrupt: a unit thread may still be writing, and keeps the usual exit
+        if code != 130 and _command_of(sys.argv[1:]) == "scan" and "ray" not in sys.modules:
             _exit_now(code)
         return code
     return _main(list(argv))
@@ -673,8 +674,8 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_now(code: int) -> None:
     """End a scan run in-process at once: everything it wrote is closed and renamed into place,
     so the interpreter's teardown (unloading numba, DuckDB and Arrow: ~35 ms) has nothing left
-    to do. Not after Ray was loaded (its own exit hooks run) or when the output cannot be
-    flushed (a closed pipe: the usual exit reports it)."""
+    to do. Not after Ray was loaded (its own exit hooks run), after an interrupt, or when the
+    output cannot be flushed (a closed pipe: the usual exit reports it)."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
