@@ -233,6 +233,14 @@ def test_parts_kept_in_memory_merge_and_load_as_the_files_do(tmp_path):
     assert merged_files[1] == b"[[0, 2], [1, 2], [2, 2]]"
 
 
+def _rebuilt_copy(out: Path, copy: Path) -> Path:
+    """A copy of the results ``out`` whose atlas is rebuilt from its parts."""
+    shutil.copytree(out, copy)
+    (copy / catalog.ATLAS).unlink()
+    catalog.refresh(copy)
+    return copy
+
+
 def _atlas_files(out: Path) -> list[str]:
     return sorted(n for n in os.listdir(out) if "atlas" in n and n != "atlas.lock")
 
@@ -250,10 +258,7 @@ def test_a_first_update_fills_a_blank_atlas_made_beforehand_as_a_build_would(tmp
     assert catalog.update(results, ["s0", "s1"], blank=blank) == {}
     blank.discard()  # taken and moved: nothing to remove
     assert _atlas_files(out) == ["atlas.duckdb"]
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / catalog.ATLAS).unlink()
-    catalog.refresh(copy)
+    copy = _rebuilt_copy(out, tmp_path / "copy")
     assert _all(out) == _all(copy) and len(_all(out)) == 2 * 3 + 3 * 2
     assert _all(out, "scans") == _all(copy, "scans")
     names = "SELECT table_name FROM information_schema.tables ORDER BY ALL"
@@ -310,10 +315,7 @@ def test_a_new_atlas_loads_kept_rows_while_their_merge_is_written(tmp_path):
     on_disk = sorted((t, n) for t in ALL_TABLES for n in results.part_names(t))
     assert recorded == on_disk
     assert catalog.update(results) == {"scans": 0, "parts": 0, "rows": 0}
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / catalog.ATLAS).unlink()
-    catalog.refresh(copy)
+    copy = _rebuilt_copy(out, tmp_path / "copy")
     assert _all(out) == _all(copy) and len(_all(out)) == 2 * 3 + 3 * 2
     assert _all(out, "scans") == _all(copy, "scans")
 
