@@ -12,7 +12,8 @@ pyarrow's pandas conversions (``to_pandas``, ``from_pandas``) still import panda
 and numba's ``np.dot`` still imports SciPy when compiled; numba's ``np.correlate`` and
 ``np.convolve`` use its plain loop instead of BLAS in that process. A library's caller (a
 notebook) is not such a process: nothing here runs there. :func:`own_process` also has Arrow
-allocate with malloc there, as the scan actors do.
+allocate with malloc there, and holds the garbage collector until the process is set up
+(:func:`settled`).
 """
 
 from __future__ import annotations
