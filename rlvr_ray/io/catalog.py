@@ -224,11 +224,16 @@ def fill(
 ) -> None:
     """Load every part into the empty atlas in ``con`` (:func:`_create`'s tables, as
     :class:`Blank` makes them), as :func:`build` does. ``merges``: scans' parts to merge
-    (:meth:`ResultsDir.merge_scan`, with the parts kept in memory), written in a thread while
-    the rows load from memory under the merged parts' names; both are done when this returns,
-    and an error of either is raised. (A merge is ~0.05 s of a 1.5B pair's scan, the load and
-    commit ~0.1 s: both work with Python's lock released.)"""
+    (:meth:`ResultsDir.merge_scan`): with the parts kept in memory, written in a thread while
+    the rows load from memory under the merged parts' names, else written first (a merge then
+    reads the parts it merges); both are done when this returns, and an error of either is
+    raised. (A merge is ~0.05 s of a 1.5B pair's scan, the load and commit ~0.1 s: both work
+    with Python's lock released.)"""
     merges = list(merges)
+    if results.kept is None:
+        for merge in merges:
+            merge.write()
+        merges = []
     if not merges:
         _one_transaction(con, lambda quarantine: _fill(con, results, warn, quarantine))
         return
@@ -555,12 +560,8 @@ def update(
         if local is not None and not local.exists() and blank is not None and results.local:
             con = blank.take()
         if con is not None:
-            # kept in memory, the merged rows load into the new atlas while they are written
-            overlap = results.kept is not None
             try:
-                for m in [] if overlap else merges:
-                    m.write()
-                fill(con, results, warn, merges if overlap else ())
+                fill(con, results, warn, merges)
                 con.execute("CHECKPOINT atlas")
             finally:
                 con.close()
