@@ -119,12 +119,13 @@ def measure(
     compared = _comparable(unit, spec, base_entry, runs, stream, ctx.buffers, fused, out)
     sources = [src0, *(c.src for c in compared)]
     if fused:
+        copies = len(unit.runs) + 1
         if stream:
-            window = max(FUSED_WINDOW_NUMEL, FUSED_ARENA_NUMEL // (len(unit.runs) + 1))
+            window = max(FUSED_WINDOW_NUMEL, FUSED_ARENA_NUMEL // copies)
             numel = max(1, window // max(cols, 1)) * cols
         else:
             numel = max(s.stored_rows for s in sources) * cols
-        ctx.buffers.layout(len(unit.runs) + 1, numel)
+        ctx.buffers.layout(copies, numel)
     if not _load(ctx, unit, src0, compared, out):
         return out
     result = _masks(ctx, unit, spec, src0, compared, fused, out)
